@@ -1,0 +1,53 @@
+"""`agent`: the command line. Parses flags, builds the edges (source, credentials, sink), runs a mode."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from agent import options
+from agent.credentials import options as credential_options
+from agent.credentials.errors import CredentialError
+from agent.metering.subject import SubjectError
+from agent.sink.jsonl import JsonLinesSink
+from agent.source.capture_file import CaptureError
+
+log = logging.getLogger("agent")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agent",
+        description="Passive API metering for Kong Gateway: one usage CloudEvent per billable request.",
+        epilog="`agent events --help` shows the events kept in the local store.",
+    )
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--read", metavar="FILE", help="replay a pcap/pcapng capture (optionally .gz)")
+    parser.add_argument("--output", metavar="PATH", help="write events as JSON Lines to PATH ('-': stdout)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    options.add_arguments(parser)
+    credential_options.add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="agent: %(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        credentials = credential_options.credentials_from_args(args)
+        sink = JsonLinesSink(args.output or "-")
+        from agent.replay import replay
+
+        return replay(args, credentials, sink)
+    except (CaptureError, CredentialError, SubjectError, OSError) as error:
+        print(f"agent: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

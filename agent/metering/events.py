@@ -1,0 +1,84 @@
+"""The CloudEvent for one billed exchange, with the fields and names of Kong's Metering & Billing plugin."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import uuid
+from datetime import datetime, timezone
+
+from cloudevents.core.v1.event import CloudEvent
+
+from agent.http.exchanges import Exchange
+from agent.metering.keyauth import hide_credentials
+
+EVENT_TYPE = "kong.api_request"
+
+
+def event_id(exchange: Exchange) -> str:
+    """Deterministic and unique per request: the connection and the sequence number of the request's first byte.
+
+    Replaying a capture, or capturing the same traffic live, gives the same id, so the ingest side's
+    de-duplication on (source, id) counts a re-sent event once.
+    """
+    connection, request = exchange.connection, exchange.request
+    assert request is not None and connection.to_server.base_seq is not None
+    first_byte = connection.to_server.base_seq + request.position
+    identity = f"{connection.client.hex()}:{connection.client_port}>{connection.server.hex()}:{connection.server_port}/{first_byte}"
+    return str(uuid.UUID(bytes=hashlib.sha256(identity.encode()).digest()[:16], version=5))
+
+
+def ip_text(address: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET if len(address) == 4 else socket.AF_INET6, address)
+
+
+def request_host(exchange: Exchange) -> str:
+    """Like Kong's `request_host` (nginx's $host): from an absolute URI or the Host header, lower case, no port."""
+    request = exchange.request
+    assert request is not None
+    target = request.target
+    if "://" in target:
+        host = target.split("://", 1)[1].split("/", 1)[0].rpartition("@")[2]
+    else:
+        host = request.header("host") or ip_text(exchange.connection.server)
+    if host.startswith("["):
+        return host.partition("]")[0].lstrip("[").lower()
+    return host.rpartition(":")[0].lower() if host.count(":") == 1 else host.lower()
+
+
+def rfc3339(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def build_event(exchange: Exchange, subject: str, subject_type: str, source: str, key_names: tuple[str, ...]) -> dict:
+    """A structured-mode CloudEvent dict, built and validated with the CloudEvents SDK."""
+    request = exchange.request
+    assert request is not None
+    latency = round((exchange.response_end - request.start_time) * 1000) if exchange.status else None
+    data = {
+        "request_method": request.method,
+        "request_uri": hide_credentials(request.target, key_names),
+        "request_host": request_host(exchange),
+        "client_ip": ip_text(exchange.connection.client),
+        "request_user_agent": request.header("user-agent"),
+        "request_size_bytes": request.size,
+        "response_http_status": exchange.status,
+        "response_size_bytes": exchange.response_size,
+        "subject_type": subject_type,
+        "latency_ms": latency,
+    }
+    event = CloudEvent(
+        {
+            "id": event_id(exchange),
+            "source": source,
+            "type": EVENT_TYPE,
+            "subject": subject,
+            "time": datetime.fromtimestamp(request.start_time, timezone.utc),
+            "datacontenttype": "application/json",
+        },
+        data,
+    )
+    structured = dict(event.get_attributes())
+    structured["time"] = rfc3339(request.start_time)
+    structured["data"] = event.get_data()
+    return structured

@@ -1,0 +1,76 @@
+"""The metering options shared by replay and live capture, and the pipeline they configure."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from collections.abc import Callable
+
+from agent.credentials.key_auth import KeyAuthConfig
+from agent.credentials.sync import CredentialSync
+from agent.metering.meter import Meter
+from agent.metering.subject import SubjectError, SubjectResolver, SubjectRule
+from agent.pipeline import Pipeline
+from agent.tcp.reassembly import ReassemblyLimits
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("metering")
+    group.add_argument("--port", type=port_number, action="append", metavar="N",
+                       help="the gateway's proxy port, repeatable (default 8000)")
+    group.add_argument("--key-names", metavar="NAME[,NAME]",
+                       help="key-auth's key_names (default: the gateway's, else apikey)")
+    group.add_argument("--no-key-in-header", action="store_true", help="as key-auth's key_in_header=false")
+    group.add_argument("--no-key-in-query", action="store_true", help="as key-auth's key_in_query=false")
+    group.add_argument("--subject", default="consumer", metavar="consumer|header:NAME|query:NAME",
+                       help="Kong's subject.look_up_value_in with subject.field (default consumer)")
+    group.add_argument("--source", default=socket.gethostname(),
+                       help="the events' CloudEvents source, stable per gateway host (default: the host name)")
+    group.add_argument("--response-timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="capture time after which a request still unanswered is emitted with status 0")
+    group.add_argument("--max-connections", type=int, default=100_000, help="connections tracked at once")
+    group.add_argument("--idle-timeout", type=float, default=300.0, metavar="SECONDS",
+                       help="capture time after which a silent connection is closed out")
+    group.add_argument("--max-head-bytes", type=int, default=65536,
+                       help="largest request or response head buffered (default 64 KiB)")
+
+
+def port_number(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port")
+    return int(text)
+
+
+def key_auth_from_args(args: argparse.Namespace, credentials: CredentialSync | None) -> Callable[[], KeyAuthConfig]:
+    """Flags win; otherwise what the gateway's key-auth says (Admin API or decK), else key-auth's defaults."""
+
+    def effective(gateway: KeyAuthConfig | None) -> KeyAuthConfig:
+        gateway = gateway or KeyAuthConfig()
+        names = tuple(n.strip() for n in args.key_names.split(",") if n.strip()) if args.key_names else ()
+        return KeyAuthConfig(
+            key_names=names or gateway.key_names,
+            key_in_header=gateway.key_in_header and not args.no_key_in_header,
+            key_in_query=gateway.key_in_query and not args.no_key_in_query,
+            key_in_body=gateway.key_in_body,
+        )
+
+    last: list = [object(), None]  # (the gateway's config it was made from, the effective config)
+
+    def current() -> KeyAuthConfig:
+        gateway = credentials.key_auth if credentials is not None else None
+        if last[0] is not gateway:
+            last[:] = [gateway, effective(gateway)]
+        return last[1]
+
+    return current
+
+
+def pipeline_from_args(args: argparse.Namespace, credentials: CredentialSync | None) -> Pipeline:
+    key_auth = key_auth_from_args(args, credentials)
+    rule = SubjectRule.parse(args.subject, args.subject_field, key_auth().key_names)
+    if rule.look_up_value_in == "consumer" and credentials is None:
+        raise SubjectError("--subject consumer needs --credentials (a decK file or the Admin API)")
+    resolver = SubjectResolver(rule, key_auth, lambda: credentials.table if credentials is not None else None)
+    meter = Meter(resolver, args.source, key_auth)
+    limits = ReassemblyLimits(max_connections=args.max_connections, idle_timeout=args.idle_timeout)
+    return Pipeline(set(args.port or [8000]), meter, limits, args.response_timeout, args.max_head_bytes)

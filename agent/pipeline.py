@@ -1,0 +1,102 @@
+"""The stages wired together: frames in, events out. Still no I/O: sources and sinks stay at the edges."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+from agent.http.exchanges import Exchange, HttpExchanges
+from agent.metering.meter import Meter
+from agent.source.frames import FrameDecoder
+from agent.tcp.reassembly import ReassemblyLimits, TcpReassembler
+
+HOUSEKEEPING_INTERVAL = 1.0  # seconds of capture time between idle and response-timeout sweeps
+
+
+class Pipeline:
+    def __init__(self, ports: set[int], meter: Meter, limits: ReassemblyLimits | None = None,
+                 response_timeout: float = 60.0, max_head_bytes: int = 65536) -> None:
+        self.decoder = FrameDecoder()
+        self.reassembler = TcpReassembler(ports, limits)
+        self.http = HttpExchanges(response_timeout, max_head_bytes)
+        self.meter = meter
+        self.packets = 0
+        self.last_time = 0.0
+        self._next_housekeeping = 0.0
+
+    def feed(self, frames: Iterable[tuple[float, int, bytes]]) -> list[dict]:
+        """Process a batch of frames; returns the events it completed."""
+        decode = self.decoder.decode
+        reassemble = self.reassembler.feed
+        to_http = self.http.feed
+        exchanges: list[Exchange] = []
+        packets = 0
+        time = self.last_time
+        for time, linktype, frame in frames:
+            packets += 1
+            segment = decode(linktype, frame)
+            if segment is None:
+                continue
+            if time >= self._next_housekeeping:
+                self._housekeeping(time, exchanges)
+            for event in reassemble(time, segment):
+                to_http(event, exchanges)
+        self.packets += packets
+        self.last_time = max(self.last_time, time)
+        return self.meter.meter(exchanges)
+
+    def tick(self, now: float) -> list[dict]:
+        """Let time pass without packets (a quiet live interface): expire what has waited too long."""
+        exchanges: list[Exchange] = []
+        self._housekeeping(now, exchanges)
+        return self.meter.meter(exchanges)
+
+    def finish(self) -> list[dict]:
+        """The capture is over: close every connection, so requests still in flight are emitted too."""
+        exchanges: list[Exchange] = []
+        for event in self.reassembler.close_all(self.last_time):
+            self.http.feed(event, exchanges)
+        return self.meter.meter(exchanges)
+
+    def _housekeeping(self, now: float, exchanges: list[Exchange]) -> None:
+        self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
+        for event in self.reassembler.expire(now):
+            self.http.feed(event, exchanges)
+        self.http.expire(now, exchanges)
+
+    def counters(self) -> dict[str, int]:
+        """Everything counted along the way, by stage; the summary line is made from it."""
+        tcp = self.reassembler.counters
+        parser = self.http.parser_counters
+        http = self.http.counters
+        meter = self.meter.counters
+        return {
+            "packets": self.packets,
+            "connections": tcp.connections,
+            "requests": http.requests,
+            "events": meter.events,
+            "rejected": meter.rejected,
+            "unresolved": meter.unresolved,
+            "unanswered": http.unanswered,
+            "gaps": tcp.gaps,
+            "gap_bytes": tcp.gap_bytes,
+            "lost_exchanges": http.lost_exchanges,
+            "parse_errors": parser.parse_errors,
+            "corrupt_packets": self.decoder.counters.corrupt,
+            "unmatched_responses": http.unmatched_responses,
+            "late_responses": http.late_responses,
+            "duplicate_segments": tcp.duplicate_segments,
+            "oversized_heads": parser.oversized_heads,
+            "pending_overflows": tcp.pending_overflows,
+            "expired_connections": tcp.expired_connections,
+            "evicted_connections": tcp.evicted_connections,
+            "ip_fragments": self.decoder.counters.fragments,
+            "held_overflow": meter.held_overflow,
+        }
+
+
+def summary_line(counters: dict[str, int]) -> str:
+    return "summary: " + " ".join(f"{name}={value}" for name, value in counters.items())
+
+
+

@@ -1,0 +1,75 @@
+"""Capture files: pcap or pcapng, optionally gzip-compressed, read with dpkt."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+import zlib
+from collections.abc import Iterator
+from typing import BinaryIO
+
+import dpkt
+
+GZIP_MAGIC = b"\x1f\x8b"
+PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
+PCAP_MAGICS = {
+    b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4",  # microsecond, either byte order
+    b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d",  # nanosecond
+}
+
+
+class CaptureError(Exception):
+    """A capture that cannot be read at all; its message is one line meant for the user."""
+
+
+class CaptureFile:
+    """Iterates `(timestamp, linktype, frame)` over a capture file.
+
+    A record cut short at the end of the file (a capture still being written, a truncated copy) ends the
+    iteration and is counted in `truncated_records` rather than raised: what came before it is good.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.truncated_records = 0
+        self._stream = _open_decompressed(path)
+        magic = self._stream.read(4)
+        self._stream.seek(0)
+        try:
+            if magic == PCAPNG_MAGIC:
+                self._reader = dpkt.pcapng.Reader(self._stream)
+            elif magic in PCAP_MAGICS:
+                self._reader = dpkt.pcap.Reader(self._stream)
+            else:
+                raise CaptureError(f"{path}: not a pcap or pcapng capture")
+        except (ValueError, dpkt.UnpackError, EOFError, OSError, zlib.error) as error:
+            raise CaptureError(f"{path}: unreadable capture header ({_one_line(error)})") from None
+        self.linktype: int = self._reader.datalink()
+
+    def __iter__(self) -> Iterator[tuple[float, int, bytes]]:
+        linktype = self.linktype
+        try:
+            for timestamp, frame in self._reader:
+                yield float(timestamp), linktype, frame
+        except (dpkt.UnpackError, ValueError, struct.error, EOFError, zlib.error, OSError):
+            self.truncated_records += 1
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def _open_decompressed(path: str) -> BinaryIO:
+    try:
+        raw = open(path, "rb")
+    except OSError as error:
+        raise CaptureError(f"{path}: cannot open ({error.strerror or _one_line(error)})") from None
+    if raw.read(2) == GZIP_MAGIC:
+        raw.seek(0)
+        return io.BufferedReader(gzip.GzipFile(fileobj=raw), buffer_size=1 << 20)  # type: ignore[arg-type]
+    raw.seek(0)
+    return raw
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__

@@ -1,0 +1,1 @@
+"""TCP reassembly: segments in, ordered byte streams per connection and direction out."""
