@@ -1,0 +1,201 @@
+"""Reading Kong's Admin API (through the contract-following double): pages, workspaces, RBAC token, ttl,
+and every failure turned into one line that names no key and no token."""
+
+import logging
+
+import pytest
+
+from agent.credentials.admin_api import AdminApiSource, split_admin_url
+from agent.credentials.errors import CredentialError
+from agent.credentials.key_auth import KeyAuthConfig
+from tests.doubles.kong_admin import FakeClock, KongAdminDouble
+
+TOKEN = "rbac-token-d41d8cd98f"
+
+
+@pytest.fixture
+def kong():
+    with KongAdminDouble() as double:
+        yield double
+
+
+def test_thousands_of_consumers_over_several_pages(kong):
+    for n in range(3500):
+        kong.add_consumer(username=f"user-{n}", custom_id=f"cust-{n}")
+        kong.add_key(f"user-{n}", f"key-{n}")
+    snapshot = AdminApiSource(kong.url).load()
+    assert len(snapshot.table) == 3500
+    assert all(snapshot.table.lookup(f"key-{n}").username == f"user-{n}" for n in (0, 999, 1000, 2001, 3499))
+    key_auth_pages = [r for r in kong.requests if r.path == "/key-auths"]
+    assert len(key_auth_pages) == 4 and all(r.query["size"] == "1000" for r in key_auth_pages)
+    assert "offset" not in key_auth_pages[0].query and all("offset" in r.query for r in key_auth_pages[1:])
+
+
+def test_workspace_prefix_reads_only_that_workspace(kong):
+    kong.add_consumer(username="default-user")
+    kong.add_key("default-user", "default-key")
+    kong.add_consumer(username="team-user", workspace="team-a")
+    kong.add_key("team-user", "team-key", workspace="team-a")
+    snapshot = AdminApiSource(kong.url + "/team-a/").load()
+    assert snapshot.table.lookup("team-key").username == "team-user"
+    assert snapshot.table.lookup("default-key") is None
+    assert {r.path for r in kong.requests} == {"/team-a/consumers", "/team-a/key-auths", "/team-a/plugins"}
+
+
+def test_key_auth_settings_are_read_from_plugins(kong):
+    kong.add_plugin("key-auth", {"key_names": ["x-api-key"], "key_in_header": True, "key_in_query": False,
+                                 "key_in_body": False, "hide_credentials": True, "anonymous": None})
+    kong.add_plugin("key-auth", {"key_names": ["apikey"], "key_in_header": True, "key_in_query": True,
+                                 "key_in_body": False}, enabled=False)
+    kong.add_plugin("cors", {"origins": ["*"]})
+    assert AdminApiSource(kong.url).load().key_auth == KeyAuthConfig(("x-api-key",), True, False, False)
+
+
+def test_no_key_auth_plugin_means_no_settings(kong):
+    assert AdminApiSource(kong.url).load().key_auth is None
+
+
+def test_token_from_environment_is_sent_and_required(kong):
+    kong.token = TOKEN
+    kong.add_consumer(username="alice")
+    kong.add_key("alice", "alice-key")
+    snapshot = AdminApiSource(kong.url, environ={"KONG_ADMIN_TOKEN": TOKEN}).load()
+    assert snapshot.table.lookup("alice-key").username == "alice"
+    assert all(r.headers.get("kong-admin-token") == TOKEN for r in kong.requests)
+    with pytest.raises(CredentialError) as missing:
+        AdminApiSource(kong.url, environ={}).load()
+    assert str(missing.value).endswith(
+        "GET /consumers page 1 answered HTTP 401 (RBAC needs a token: set KONG_ADMIN_TOKEN or --admin-token-file)")
+    with pytest.raises(CredentialError, match=r"answered HTTP 401 \(the admin token was refused\)$"):
+        AdminApiSource(kong.url, environ={"KONG_ADMIN_TOKEN": "wrong-token"}).load()
+
+
+def test_token_file_wins_over_environment_and_is_reread(kong, tmp_path):
+    kong.token = TOKEN
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(TOKEN + "\n")
+    source = AdminApiSource(kong.url, token_file=token_file, environ={"KONG_ADMIN_TOKEN": "stale"})
+    source.load()
+    assert kong.requests[-1].headers["kong-admin-token"] == TOKEN
+    kong.token = "rotated-token"
+    token_file.write_text("rotated-token")
+    source.load()
+    assert kong.requests[-1].headers["kong-admin-token"] == "rotated-token"
+    token_file.unlink()
+    with pytest.raises(CredentialError, match=r"admin token file .*admin-token: cannot read \(No such file"):
+        source.load()
+
+
+def test_token_is_never_logged_nor_in_errors(kong, caplog):
+    caplog.set_level(logging.DEBUG)
+    kong.token = TOKEN
+    kong.add_consumer(username="alice")
+    kong.add_key("alice", "alice-key")
+    source = AdminApiSource(kong.url, environ={"KONG_ADMIN_TOKEN": TOKEN})
+    source.load()
+    kong.fail_next(1)
+    with pytest.raises(CredentialError) as failed:
+        source.load()
+    kong.token = "another"
+    with pytest.raises(CredentialError) as refused:
+        source.load()
+    assert kong.requests[-1].headers["kong-admin-token"] == TOKEN  # it was sent...
+    written = caplog.text + str(failed.value) + str(refused.value)
+    assert caplog.records and TOKEN not in written and "alice-key" not in written  # ...and never written
+
+
+def test_token_that_cannot_be_a_header_is_refused_without_quoting_it(kong):
+    with pytest.raises(CredentialError) as caught:
+        AdminApiSource(kong.url, environ={"KONG_ADMIN_TOKEN": "tok\x00en-secret"}).load()
+    assert "secret" not in str(caught.value)
+
+
+def test_ttl_key_stops_mapping_when_it_expires():
+    clock = FakeClock()
+    with KongAdminDouble(clock=clock) as kong:
+        kong.add_consumer(username="temp")
+        kong.add_key("temp", "temp-key", ttl=30)
+        kong.add_key("temp", "lasting-key")
+        snapshot = AdminApiSource(kong.url, clock=clock).load()
+    assert snapshot.table.lookup("temp-key").username == "temp"
+    clock.advance(29.5)
+    assert snapshot.table.lookup("temp-key").username == "temp"
+    clock.advance(0.5)
+    assert snapshot.table.lookup("temp-key") is None
+    assert snapshot.table.lookup("lasting-key").username == "temp"
+
+
+def test_keys_of_unknown_consumers_are_skipped_and_counted(kong):
+    kong.add_consumer(username="alice")
+    kong.add_key("alice", "alice-key")
+    kong.add_consumer(username="ghost", id="00000000-0000-4000-8000-000000000000")
+    kong.add_key("ghost", "ghost-key")
+    kong._workspaces["default"].consumers.pop("00000000-0000-4000-8000-000000000000")  # deleted mid-read
+    snapshot = AdminApiSource(kong.url).load()
+    assert snapshot.table.lookup("ghost-key") is None and snapshot.skipped == 1
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_server_errors(kong, status):
+    kong.fail_next(1, status)
+    with pytest.raises(CredentialError, match=f"GET /consumers page 1 answered HTTP {status}$"):
+        AdminApiSource(kong.url).load()
+
+
+def test_malformed_page_on_a_later_page(kong):
+    for n in range(1500):
+        kong.add_consumer(username=f"u{n}")
+    source = AdminApiSource(kong.url)
+    kong.fail_next(0)
+    original = kong.answer
+
+    def second_page_broken(method, target, headers):
+        if "offset=" in target:
+            kong.malform_next(1)
+        return original(method, target, headers)
+
+    kong.answer = second_page_broken
+    with pytest.raises(CredentialError, match="malformed page from GET /consumers page 2: not JSON$"):
+        source.load()
+
+
+def test_refused_connection_and_timeout(kong):
+    url = kong.url
+    kong.stall_next(1, 5.0)
+    with pytest.raises(CredentialError, match="GET /consumers page 1 timed out$"):
+        AdminApiSource(url, timeout=0.2).load()
+    kong.stop()
+    with pytest.raises(CredentialError, match=r"GET /consumers page 1 failed \(.*refused"):
+        AdminApiSource(url).load()
+
+
+def test_unknown_workspace(kong):
+    with pytest.raises(CredentialError, match=r"answered HTTP 404 \(is team-b a workspace\?\)$"):
+        AdminApiSource(kong.url + "/team-b").load()
+
+
+def test_plugins_forbidden_only_loses_key_auth_settings(kong, caplog):
+    kong.add_consumer(username="alice")
+    kong.add_key("alice", "alice-key")
+    original = kong.answer
+    kong.answer = lambda m, t, h: (403, b'{"message": "forbidden"}') if "/plugins" in t else original(m, t, h)
+    source = AdminApiSource(kong.url)
+    for _ in range(2):
+        snapshot = source.load()
+        assert snapshot.table.lookup("alice-key").username == "alice" and snapshot.key_auth is None
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+@pytest.mark.parametrize("url, message", [
+    ("ftp://kong:8001", "is not an http:// or https:// Admin API URL"),
+    ("http://admin:pw@kong:8001", "credentials in the Admin API URL are not accepted"),
+    ("http://kong:8001/?x=1", "takes no query or fragment"),
+])
+def test_bad_admin_urls(url, message):
+    with pytest.raises(CredentialError, match=message.replace("?", r"\?")):
+        split_admin_url(url)
+
+
+def test_admin_url_split():
+    assert split_admin_url("https://kong.internal:8444/team-a/") == ("https://kong.internal:8444", "/team-a")
+    assert split_admin_url("http://127.0.0.1:8001") == ("http://127.0.0.1:8001", "")

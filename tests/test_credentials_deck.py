@@ -1,0 +1,118 @@
+"""decK state files: the shared fixture, JSON, plugins wherever decK puts them, and clear one-line errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent.credentials.deck import load_deck_file, parse_deck
+from agent.credentials.errors import CredentialError
+from agent.credentials.key_auth import KeyAuthConfig
+
+FIXTURE = Path(__file__).resolve().parents[1] / "captures" / "kong.yaml"
+
+
+def test_fixture_file_maps_every_key_to_its_consumer():
+    snapshot = load_deck_file(FIXTURE)
+    table = snapshot.table
+    assert table.lookup("alice-key-7f3a9c").subject("username") == "alice"
+    assert table.lookup("bob-key-41d2e8").subject("custom_id") == "cust-bob"
+    assert table.lookup("carol-key-old-5b7e") == table.lookup("carol-key-new-9c1f")
+    machine = table.lookup("m42-key-e6a0b3")
+    assert machine.subject("username") == "0a9b8c7d-6e5f-4a3b-9c2d-1e0f9a8b7c04"  # no username: its id
+    assert machine.subject("custom_id") == "machine-42"
+    assert table.lookup("not-a-key") is None
+    assert len(table) == 5 and len(table.consumers()) == 4
+    assert snapshot.key_auth == KeyAuthConfig(("apikey",), True, True, False)
+
+
+def test_json_state_file(tmp_path):
+    path = tmp_path / "kong.json"
+    path.write_text(json.dumps({"_format_version": "3.0", "consumers": [
+        {"username": "dave", "keyauth_credentials": [{"key": "dave-key"}]}]}))
+    snapshot = load_deck_file(path)
+    assert snapshot.table.lookup("dave-key").username == "dave"
+    assert snapshot.key_auth is None
+
+
+def test_consumer_without_id_gets_a_stable_derived_id():
+    text = '_format_version: "3.0"\nconsumers:\n- username: erin\n  keyauth_credentials: [{key: erin-key}]\n'
+    first = parse_deck(text, "a.yaml").table.lookup("erin-key")
+    again = parse_deck(text, "a.yaml").table.lookup("erin-key")
+    assert first.id == again.id and len(first.id) == 36
+    assert first.subject("username") == "erin"
+
+
+def test_key_auth_settings_from_service_and_route_plugins_are_merged():
+    document = {
+        "_format_version": "3.0",
+        "services": [{"name": "s", "url": "http://x", "plugins": [
+            {"name": "key-auth", "config": {"key_names": ["x-api-key"], "key_in_query": False}}],
+            "routes": [{"name": "r", "paths": ["/"], "plugins": [
+                {"name": "key-auth", "config": {"key_names": ["apikey"], "key_in_header": False}}]}]}],
+        "plugins": [{"name": "key-auth", "enabled": False, "config": {"key_names": ["ignored"]}},
+                    {"name": "rate-limiting", "config": {"minute": 5}}],
+    }
+    snapshot = parse_deck(yaml.safe_dump(document), "kong.yaml")
+    assert snapshot.key_auth == KeyAuthConfig(("x-api-key", "apikey"), True, True, False)
+
+
+def test_credential_without_key_is_skipped_and_counted():
+    text = ('_format_version: "3.0"\nconsumers:\n- username: fay\n  keyauth_credentials:\n'
+            '  - {key: fay-key}\n  - {tags: [generated]}\n')
+    snapshot = parse_deck(text, "kong.yaml")
+    assert len(snapshot.table) == 1 and snapshot.skipped == 1
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("consumers: []\n", "kong.yaml: not a decK state file (no _format_version)"),
+    ("- just\n- a list\n", "kong.yaml: not a decK state file (the top level is not a mapping)"),
+    ('_format_version: "3.0"\nconsumers: {username: a}\n', "kong.yaml: consumers is not a list"),
+    ('_format_version: "3.0"\nconsumers:\n- custom_id: c\n  keyauth_credentials: [{key: 12345}]\n',
+     "kong.yaml: consumers[0].keyauth_credentials[0].key is not a non-empty string"),
+    ('_format_version: "3.0"\nconsumers:\n- id: x\n  keyauth_credentials: [{key: k-1}]\n',
+     "kong.yaml: consumers[0] has neither username nor custom_id"),
+    ('_format_version: "3.0"\nconsumers:\n- username: a\n  keyauth_credentials: [{key: same-key-9}]\n'
+     '- username: b\n  keyauth_credentials: [{key: same-key-9}]\n',
+     "kong.yaml: one key is given to two consumers (a and b)"),
+])
+def test_wrong_shape_gives_one_clear_line(content, expected):
+    with pytest.raises(CredentialError) as caught:
+        parse_deck(content, "kong.yaml")
+    assert str(caught.value) == expected
+
+
+def test_syntax_error_message_does_not_quote_the_line(tmp_path):
+    path = tmp_path / "kong.yaml"
+    text = '_format_version: "3.0"\nconsumers:\n- username: g\n  keyauth_credentials:\n  - key: secret-key: x\n'
+    path.write_text(text)
+    with pytest.raises(yaml.YAMLError) as raw:  # PyYAML's own message shows the offending line
+        yaml.safe_load(text)
+    assert "secret-key" in str(raw.value)
+    with pytest.raises(CredentialError) as caught:
+        load_deck_file(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: not valid YAML (mapping values are not allowed")
+    assert message.endswith("at line 5, column 20)") and "secret-key" not in message
+    assert "secret-key" not in message and "\n" not in message
+
+
+def test_json_syntax_error(tmp_path):
+    path = tmp_path / "kong.json"
+    path.write_text('{"_format_version": "3.0", "consumers": [{"keyauth_credentials": [{"key": "json-secret"')
+    with pytest.raises(CredentialError) as caught:
+        load_deck_file(path)
+    assert str(caught.value).startswith(f"{path}: not valid JSON (")
+    assert "json-secret" not in str(caught.value)
+
+
+def test_missing_unreadable_and_binary_files(tmp_path):
+    with pytest.raises(CredentialError, match="nope.yaml: no such file$"):
+        load_deck_file(tmp_path / "nope.yaml")
+    with pytest.raises(CredentialError, match="is a directory"):
+        load_deck_file(tmp_path)
+    binary = tmp_path / "kong.yaml"
+    binary.write_bytes(b"\xff\xfe\x00junk")
+    with pytest.raises(CredentialError, match="not UTF-8 text"):
+        load_deck_file(binary)
