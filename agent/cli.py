@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from agent import options
+from agent import live_options, options
 from agent.credentials import options as credential_options
 from agent.credentials.errors import CredentialError
 from agent.metering.subject import SubjectError
@@ -24,9 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--read", metavar="FILE", help="replay a pcap/pcapng capture (optionally .gz)")
+    mode.add_argument("--iface", metavar="NAME", help="capture live from this interface (e.g. lo, eth0)")
     parser.add_argument("--output", metavar="PATH", help="write events as JSON Lines to PATH ('-': stdout)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     options.add_arguments(parser)
+    live_options.add_arguments(parser)
     credential_options.add_arguments(parser)
     return parser
 
@@ -39,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         credentials = credential_options.credentials_from_args(args)
         sink = JsonLinesSink(args.output or "-")
+        if args.iface:
+            from agent.live import run_live
+
+            return run_live(args, credentials, sink)
         from agent.replay import replay
 
         return replay(args, credentials, sink)
