@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
-from agent.http.exchanges import Exchange, HttpExchanges
+from agent.http.exchanges import HttpExchanges
 from agent.metering.meter import Meter
 from agent.source.frames import FrameDecoder
 from agent.tcp.reassembly import ReassemblyLimits, TcpReassembler
@@ -29,7 +29,6 @@ class Pipeline:
         decode = self.decoder.decode
         reassemble = self.reassembler.feed
         to_http = self.http.feed
-        exchanges: list[Exchange] = []
         packets = 0
         time = self.last_time
         for time, linktype, frame in frames:
@@ -38,31 +37,28 @@ class Pipeline:
             if segment is None:
                 continue
             if time >= self._next_housekeeping:
-                self._housekeeping(time, exchanges)
-            for event in reassemble(time, segment):
-                to_http(event, exchanges)
+                self._housekeeping(time)
+            stream_events = reassemble(time, segment)
+            if stream_events:
+                to_http(stream_events)
         self.packets += packets
         self.last_time = max(self.last_time, time)
-        return self.meter.meter(exchanges)
+        return self.meter.meter(self.http.take())
 
     def tick(self, now: float) -> list[dict]:
         """Let time pass without packets (a quiet live interface): expire what has waited too long."""
-        exchanges: list[Exchange] = []
-        self._housekeeping(now, exchanges)
-        return self.meter.meter(exchanges)
+        self._housekeeping(now)
+        return self.meter.meter(self.http.take())
 
     def finish(self) -> list[dict]:
         """The capture is over: close every connection, so requests still in flight are emitted too."""
-        exchanges: list[Exchange] = []
-        for event in self.reassembler.close_all(self.last_time):
-            self.http.feed(event, exchanges)
-        return self.meter.meter(exchanges)
+        self.http.feed(self.reassembler.close_all(self.last_time))
+        return self.meter.meter(self.http.take())
 
-    def _housekeeping(self, now: float, exchanges: list[Exchange]) -> None:
+    def _housekeeping(self, now: float) -> None:
         self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
-        for event in self.reassembler.expire(now):
-            self.http.feed(event, exchanges)
-        self.http.expire(now, exchanges)
+        self.http.feed(self.reassembler.expire(now))
+        self.http.expire(now)
 
     def counters(self) -> dict[str, int]:
         """Everything counted along the way, by stage; the summary line is made from it."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 
 from agent.credentials.sync import CredentialSync
@@ -22,8 +21,7 @@ def replay(args: argparse.Namespace, credentials: CredentialSync | None, sink: S
         credentials.load_once()
     pipeline = pipeline_from_args(args, credentials)
     try:
-        frames = iter(capture)
-        while batch := list(itertools.islice(frames, BATCH_FRAMES)):
+        for batch in capture.batches(BATCH_FRAMES):
             events = pipeline.feed(batch)
             if events:
                 sink.write(events)

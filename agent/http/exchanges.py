@@ -12,20 +12,23 @@ from collections import deque
 from dataclasses import dataclass
 
 from agent.http.message import Message
-from agent.http.parser import HEAD_PARSED, MESSAGE_COMPLETE, TUNNEL, MessageParser, ParserCounters
+from agent.http.parser import TUNNEL, MessageParser, ParserCounters
 from agent.tcp.reassembly import CLOSED, DATA, END, GAP, Connection, StreamEvent
 
 
-@dataclass(slots=True, eq=False)
 class Exchange:
-    connection: Connection
-    request: Message | None          # None: a request whose head was lost; its response is discarded
-    response_size: int = 0           # every byte sent for this request, interim 1xx responses included
-    status: int = 0                  # the final status; 0 while none was seen
-    response_end: float = 0.0
-    request_done: bool = False
-    response_done: bool = False
-    emitted: bool = False            # already handed on (after a response timeout); a late answer is dropped
+    __slots__ = ("connection", "request", "response_size", "status", "response_end", "request_done",
+                 "response_done", "emitted")
+
+    def __init__(self, connection: Connection, request: Message | None) -> None:
+        self.connection = connection
+        self.request = request          # None: a request whose head was lost; its response is discarded
+        self.response_size = 0          # every byte sent for this request, interim 1xx responses included
+        self.status = 0                 # the final status; 0 while none was seen
+        self.response_end = 0.0
+        self.request_done = request is None
+        self.response_done = False
+        self.emitted = False            # handed on already (response timeout); a late answer is dropped
 
 
 @dataclass
@@ -39,45 +42,35 @@ class ExchangeCounters:
 
 class HttpConnection:
     def __init__(self, connection: Connection, parser_counters: ParserCounters, counters: ExchangeCounters,
-                 max_head_bytes: int) -> None:
+                 max_head_bytes: int, out: list[Exchange]) -> None:
         self.connection = connection
         self.counters = counters
+        self.out = out                           # where finished exchanges go; the stage drains it
         self.pending: deque[Exchange] = deque()
-        self.answering: Exchange | None = None  # the exchange the response being parsed belongs to
-        self.unmatched = False                   # the response being parsed belongs to no known request
+        self.answering: Exchange | None = None   # the exchange the response being parsed belongs to
         synced = connection.saw_syn
-        self.requests = MessageParser(True, synced, parser_counters, max_head_bytes)
-        self.responses = MessageParser(False, synced, parser_counters, max_head_bytes, self._method_answered)
+        self.requests = MessageParser(True, synced, parser_counters, self._request_head, self._request_complete,
+                                      self._request_lost, max_head_bytes)
+        self.responses = MessageParser(False, synced, parser_counters, self._response_head,
+                                       self._response_complete, self._response_lost, max_head_bytes,
+                                       self._method_answered)
 
-    def data(self, to_server: bool, payload: bytes, time: float, position: int, peer_acked: int,
-             out: list[Exchange]) -> None:
-        parser = self.requests if to_server else self.responses
-        self._handle(to_server, parser.feed(payload, time, position, peer_acked), out)
-
-    def gap(self, to_server: bool, size: int, time: float, out: list[Exchange]) -> None:
-        parser = self.requests if to_server else self.responses
-        self._handle(to_server, parser.gap(size, time), out)
-
-    def end(self, to_server: bool, time: float, out: list[Exchange]) -> None:
-        parser = self.requests if to_server else self.responses
-        self._handle(to_server, parser.end(time), out)
-
-    def close(self, time: float, out: list[Exchange]) -> None:
+    def close(self, time: float) -> None:
         """The connection is over: whatever is still waiting is handed on with what is known of it."""
-        self.end(True, time, out)
-        self.end(False, time, out)
+        self.requests.end(time)
+        self.responses.end(time)
         while self.pending:
             exchange = self.pending.popleft()
             if exchange.request is not None and not exchange.emitted:
-                self._emit(exchange, out)
+                self._emit(exchange)
 
-    def expire(self, cutoff: float, out: list[Exchange]) -> None:
+    def expire(self, cutoff: float) -> None:
         """Hand on, unanswered, complete requests still waiting for a response since before `cutoff`."""
         for exchange in self.pending:
             request = exchange.request
             if (request is not None and exchange.request_done and not exchange.response_done
                     and not exchange.emitted and request.end_time < cutoff and exchange is not self.answering):
-                self._emit(exchange, out)
+                self._emit(exchange)
 
     def _method_answered(self) -> str:
         exchange = self._next_unanswered()
@@ -89,76 +82,69 @@ class HttpConnection:
                 return exchange
         return None
 
-    def _handle(self, to_server: bool, events: list, out: list[Exchange]) -> None:
-        for kind, message in events:
-            if to_server:
-                self._on_request(kind, message, out)
-            else:
-                self._on_response(kind, message, out)
+    def _request_head(self, message: Message) -> None:
+        self.counters.requests += 1
+        self.pending.append(Exchange(self.connection, message))
 
-    def _on_request(self, kind: int, message: Message | None, out: list[Exchange]) -> None:
-        if kind == HEAD_PARSED:
-            self.counters.requests += 1
-            self.pending.append(Exchange(self.connection, message))
-        elif kind == MESSAGE_COMPLETE:
-            for exchange in reversed(self.pending):
-                if exchange.request is message:
-                    exchange.request_done = True
-                    self._flush(out)
-                    break
-        else:  # a request we could not read: keep its place in the queue so its response pairs with it
-            self.counters.lost_exchanges += 1
-            self.pending.append(Exchange(self.connection, None, request_done=True))
-
-    def _on_response(self, kind: int, message: Message | None, out: list[Exchange]) -> None:
-        if kind == HEAD_PARSED:
-            assert message is not None
-            exchange = self._next_unanswered()
-            request = exchange.request if exchange is not None else None
-            self.unmatched = exchange is None or (
-                request is not None and 0 <= message.peer_acked < request.head_end
-            )
-            self.answering = None if self.unmatched else exchange
-            if self.answering is not None and (message.status >= 200 or message.status == 101):
-                self.answering.status = message.status  # known even if the body is cut short
-        elif kind == MESSAGE_COMPLETE:
-            assert message is not None
-            exchange, self.answering = self.answering, None
-            if self.unmatched or exchange is None:
-                self.counters.unmatched_responses += message.status >= 200 or message.status == 101
+    def _request_complete(self, message: Message) -> None:
+        for exchange in reversed(self.pending):
+            if exchange.request is message:
+                exchange.request_done = True
+                self._flush()
                 return
-            exchange.response_size += message.size
-            if message.status >= 200 or message.status == 101:
-                exchange.status, exchange.response_done, exchange.response_end = message.status, True, message.end_time
-                if message.status == 101 or (
-                    exchange.request is not None and exchange.request.method == "CONNECT" and message.status < 300
-                ):
-                    self.requests.state = TUNNEL  # bill the upgrade, ignore the tunnel
-                if exchange.emitted:
-                    self.counters.late_responses += 1
-                self._flush(out)
-            else:
-                self.answering = exchange  # an interim response: the final one follows
-        else:  # a response head we could not read: that exchange is lost, the next ones are not
-            exchange = self._next_unanswered()
-            self.answering = None
-            if exchange is not None:
-                self.counters.lost_exchanges += exchange.request is not None and not exchange.emitted
-                exchange.response_done, exchange.request = True, None
-                self._flush(out)
 
-    def _flush(self, out: list[Exchange]) -> None:
+    def _request_lost(self) -> None:
+        """Keep the lost request's place in the queue, so its response pairs with it and is discarded."""
+        self.counters.lost_exchanges += 1
+        self.pending.append(Exchange(self.connection, None))
+
+    def _response_head(self, message: Message) -> None:
+        exchange = self._next_unanswered()
+        if exchange is not None and exchange.request is not None and 0 <= message.peer_acked < exchange.request.head_end:
+            exchange = None  # the server began this answer before it had that request: not its answer
+        self.answering = exchange
+        if exchange is not None and (message.status >= 200 or message.status == 101):
+            exchange.status = message.status  # known even if the body is cut short
+
+    def _response_complete(self, message: Message) -> None:
+        exchange, self.answering = self.answering, None
+        final = message.status >= 200 or message.status == 101
+        if exchange is None:
+            self.counters.unmatched_responses += final
+            return
+        exchange.response_size += message.size
+        if not final:
+            self.answering = exchange  # an interim response: the final one follows
+            return
+        exchange.status, exchange.response_done, exchange.response_end = message.status, True, message.end_time
+        request = exchange.request
+        if message.status == 101 or (request is not None and request.method == "CONNECT" and message.status < 300):
+            self.requests.state = TUNNEL  # bill the upgrade, ignore the tunnel
+        if exchange.emitted:
+            self.counters.late_responses += 1
+        self._flush()
+
+    def _response_lost(self) -> None:
+        """A response head we could not read: that exchange is lost, the ones after it are not."""
+        exchange = self._next_unanswered()
+        self.answering = None
+        if exchange is not None:
+            self.counters.lost_exchanges += exchange.request is not None and not exchange.emitted
+            exchange.response_done, exchange.request, exchange.request_done = True, None, True
+            self._flush()
+
+    def _flush(self) -> None:
         pending = self.pending
-        while pending and pending[0].response_done and (pending[0].request_done or pending[0].request is None):
+        while pending and pending[0].response_done and pending[0].request_done:
             exchange = pending.popleft()
             if exchange.request is not None and not exchange.emitted:
-                self._emit(exchange, out)
+                self._emit(exchange)
 
-    def _emit(self, exchange: Exchange, out: list[Exchange]) -> None:
+    def _emit(self, exchange: Exchange) -> None:
         exchange.emitted = True
         if exchange.status == 0:
             self.counters.unanswered += 1
-        out.append(exchange)
+        self.out.append(exchange)
 
 
 class HttpExchanges:
@@ -170,28 +156,37 @@ class HttpExchanges:
         self.parser_counters = ParserCounters()
         self.counters = ExchangeCounters()
         self._connections: dict[Connection, HttpConnection] = {}
+        self._finished: list[Exchange] = []
 
-    def feed(self, event: StreamEvent, out: list[Exchange]) -> None:
-        kind, connection, to_server, time, payload, position, peer_acked = event
-        http = self._connections.get(connection)
-        if http is None:
-            if kind == CLOSED:
-                return
-            http = self._connections[connection] = HttpConnection(
-                connection, self.parser_counters, self.counters, self.max_head_bytes
-            )
-        if kind == DATA:
-            http.data(to_server, payload, time, position, peer_acked, out)  # type: ignore[arg-type]
-        elif kind == GAP:
-            http.gap(to_server, payload, time, out)  # type: ignore[arg-type]
-        elif kind == END:
-            http.end(to_server, time, out)
-        else:
-            http.close(time, out)
-            del self._connections[connection]
+    def feed(self, events: list[StreamEvent]) -> None:
+        connections = self._connections
+        for kind, connection, to_server, time, payload, position, peer_acked in events:
+            http = connections.get(connection)
+            if http is None:
+                if kind == CLOSED:
+                    continue
+                http = connections[connection] = HttpConnection(
+                    connection, self.parser_counters, self.counters, self.max_head_bytes, self._finished
+                )
+            if kind == DATA:
+                (http.requests if to_server else http.responses).feed(payload, time, position, peer_acked)  # type: ignore[arg-type]
+            elif kind == GAP:
+                (http.requests if to_server else http.responses).gap(payload, time)  # type: ignore[arg-type]
+            elif kind == END:
+                (http.requests if to_server else http.responses).end(time)
+            else:
+                http.close(time)
+                del connections[connection]
 
-    def expire(self, now: float, out: list[Exchange]) -> None:
+    def expire(self, now: float) -> None:
         cutoff = now - self.response_timeout
         for http in self._connections.values():
             if http.pending:
-                http.expire(cutoff, out)
+                http.expire(cutoff)
+
+    def take(self) -> list[Exchange]:
+        """The exchanges finished since the last call, in the order they finished."""
+        finished, self._finished = self._finished, []
+        for http in self._connections.values():
+            http.out = self._finished
+        return finished

@@ -1,8 +1,8 @@
 """Incremental HTTP/1.x message framing for one direction of a connection.
 
-Fed bytes (and gaps) in stream order, it reports where each message's head ends and where the message
-ends, counting body bytes without keeping them. After a gap it cannot bridge, or a message it cannot
-frame, it resynchronises at the next start line instead of giving up on the connection.
+Fed bytes (and gaps) in stream order, it reports where each message's head ends and where the
+message ends, counting body bytes without keeping them. After a gap it cannot bridge, or a message it
+cannot frame, it resynchronises at the next start line instead of giving up on the connection.
 """
 
 from __future__ import annotations
@@ -16,20 +16,24 @@ from agent.http.message import Message
 # parser states
 HEAD, BODY, CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILERS, UNTIL_CLOSE, TUNNEL, RESYNC = range(9)
 
-# what feed() reports, as (kind, message) pairs
-HEAD_PARSED = 0       # the head is known; the body may follow
-MESSAGE_COMPLETE = 1  # the last byte of the message has been seen
-MESSAGE_LOST = 2      # a message began but its head was lost (gap) or unparseable: message is None
-
 HEAD_END = re.compile(rb"\r?\n\r?\n")
-REQUEST_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+) +(\S*) *HTTP/(\d\.\d) *")
-STATUS_LINE = re.compile(r"HTTP/(\d\.\d) +(\d{3})(?:[ \t].*)?")
+# Lenient on purpose: a server that answers a request line with a sloppy version still served a request.
+REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) +(\S*)(?: +HTTP/([0-9.]*))? *\r?\n")
+STATUS_LINE = re.compile(rb"HTTP/(\d\.\d) +(\d{3})(?:[ \t][^\n]*)?\r?\n")
+FRAMING_HEADERS = re.compile(rb"\n(content-length|transfer-encoding)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+# Where to pick a stream up again: a start line at a segment boundary, else at the start of a line.
 REQUEST_START = re.compile(rb"^[A-Z][A-Za-z_-]{0,19} \S+ HTTP/1\.[019]\r?$", re.MULTILINE)
 RESPONSE_START = re.compile(rb"^HTTP/1\.[019] \d{3}", re.MULTILINE)
+REQUEST_START_HERE = re.compile(rb"[A-Z][A-Za-z_-]{0,19} \S+ HTTP/1\.[019]\r?\n")
+RESPONSE_START_HERE = re.compile(rb"HTTP/1\.[019] \d{3}")
+# A request whose head nginx rejects with 400 before Kong runs (so Kong's plugin never bills it):
+# a header line without a colon, which includes obsolete line folding.
+HEADER_LINE_WITHOUT_COLON = re.compile(rb"\n[^:\r\n][^:\n]*\n")
 MAX_LINE = 4096
 RESYNC_KEEP = 256  # bytes kept while searching, so a start line split across segments is still found
 
-ParserEvents = list[tuple[int, Message | None]]
+
+OnMessage = Callable[[Message], None]
 
 
 @dataclass
@@ -41,202 +45,204 @@ class ParserCounters:
 
 
 class MessageParser:
-    """One direction. `method_of_response` tells a response parser what the request was (HEAD has no body)."""
+    """One direction, reporting to three callbacks: `on_head` (the head is known, a body may follow),
+    `on_complete` (the message's last byte was seen) and `on_lost` (a message began, but its head was lost
+    to a gap or could not be parsed). `method_of_response` tells a response parser what the request was
+    (the answer to HEAD has no body)."""
 
     def __init__(
         self,
         is_request: bool,
         synced: bool,
         counters: ParserCounters,
+        on_head: OnMessage,
+        on_complete: OnMessage,
+        on_lost: Callable[[], None],
         max_head_bytes: int = 65536,
         method_of_response: Callable[[], str] | None = None,
     ) -> None:
         self.is_request = is_request
         self.state = HEAD if synced else RESYNC
         self.counters = counters
+        self.on_head, self.on_complete, self.on_lost = on_head, on_complete, on_lost
         self.max_head_bytes = max_head_bytes
         self.method_of_response = method_of_response or (lambda: "GET")
         self.buffer = b""          # partial head, partial chunk line, or resync window
-        self.buffer_position = 0   # stream position of buffer[0] while resynchronising
         self.message: Message | None = None
         self.remaining = 0
 
-    def feed(self, data: bytes, time: float, position: int, peer_acked: int = -1) -> ParserEvents:
-        events: ParserEvents = []
+    def feed(self, data: bytes, time: float, position: int, peer_acked: int = -1) -> None:
         offset, end = 0, len(data)
         while offset < end:
             state = self.state
-            if state == BODY or state == CHUNK_DATA:
+            if state == HEAD:
+                offset = self._head(data, offset, time, position, peer_acked)
+            elif state == BODY or state == CHUNK_DATA:
                 take = min(self.remaining, end - offset)
                 self.message.size += take  # type: ignore[union-attr]
                 self.remaining -= take
                 offset += take
                 if self.remaining == 0:
                     if state == BODY:
-                        self._complete(time, events)
+                        self._complete(time)
                     else:
                         self.state = CHUNK_END
-            elif state == HEAD:
-                offset = self._head(data, offset, time, position, peer_acked, events)
             elif state == UNTIL_CLOSE:
                 self.message.size += end - offset  # type: ignore[union-attr]
                 offset = end
             elif state == TUNNEL:
                 offset = end
             elif state == RESYNC:
-                offset = self._resync(data, offset, time, position, peer_acked, events)
+                offset = self._resync(data, offset, time, position, peer_acked)
             else:
-                offset = self._chunk_line(data, offset, time, events)
-        return events
+                offset = self._chunk_line(data, offset, time)
 
-    def gap(self, size: int, time: float) -> ParserEvents:
+    def gap(self, size: int, time: float) -> None:
         """`size` bytes of this stream were not captured."""
-        events: ParserEvents = []
-        message, state = self.message, self.state
+        state, message = self.state, self.message
         if state == TUNNEL:
-            return events
-        if state in (BODY, CHUNK_DATA) and self.remaining > size:
-            message.size += size  # type: ignore[union-attr]
-            message.damaged = True  # type: ignore[union-attr]
-            self.remaining -= size
-            return events
-        if state == BODY:
-            message.size += self.remaining  # type: ignore[union-attr]
-            message.damaged = True  # type: ignore[union-attr]
-            size -= self.remaining
-            self._complete(time, events)
-            if size == 0:
-                return events
-            state = HEAD
-        if state == HEAD or (state == RESYNC and message is None):
-            if state == HEAD:
-                self.counters.lost_heads += 1
-                events.append((MESSAGE_LOST, None))
+            return
+        if message is not None and state != HEAD:
+            message.damaged = True
+            if state == UNTIL_CLOSE or ((state == BODY or state == CHUNK_DATA) and self.remaining > size):
+                message.size += size  # still inside the body: the gap is only skipped
+                self.remaining -= size if state != UNTIL_CLOSE else 0
+                return
+            if state == BODY:  # the body ends inside the gap; what follows it is a lost message head
+                message.size += self.remaining
+                size -= self.remaining
+                self._complete(time)
+                if size == 0:
+                    return
+                state = HEAD
+            else:  # a chunked body whose end is now unknown: it ends where the next message starts
+                message.size += size
+        if state == HEAD:  # the gap swallowed (the start of) a message head
+            self.counters.lost_heads += 1
             self.message = None
-        else:  # inside a body whose end is now unknown: it ends where the next message starts
-            message.size += size  # type: ignore[union-attr]
-            message.damaged = True  # type: ignore[union-attr]
+            self.on_lost()
         self.state, self.buffer = RESYNC, b""
-        return events
 
-    def end(self, time: float) -> ParserEvents:
+    def end(self, time: float) -> None:
         """The direction is over (FIN, RST, expiry): a close-delimited body ends here, anything else is cut short."""
-        events: ParserEvents = []
-        if self.message is not None and self.state != TUNNEL:
+        if self.state == HEAD:
+            if self.buffer.strip():  # a head cut short, or bytes that never were one
+                starts_well = (REQUEST_START_HERE if self.is_request else RESPONSE_START_HERE).match(self.buffer)
+                if starts_well:
+                    self.counters.lost_heads += 1
+                else:
+                    self.counters.parse_errors += 1
+                self.on_lost()
+        elif self.message is not None and self.state != TUNNEL:
             if self.state != UNTIL_CLOSE:
                 self.message.damaged = True
-            self._complete(time, events)
-        elif self.state == HEAD and self.buffer.strip():
-            self.counters.lost_heads += 1
-            events.append((MESSAGE_LOST, None))
-        self.state, self.buffer = TUNNEL, b""
-        return events
+            self._complete(time)
+        self.message, self.state, self.buffer = None, TUNNEL, b""
 
-    def _head(
-        self, data: bytes, offset: int, time: float, position: int, peer_acked: int, events: ParserEvents
-    ) -> int:
+    def _head(self, data: bytes, offset: int, time: float, position: int, peer_acked: int) -> int:
         if self.buffer:
-            return self._continue_head(data, offset, time, events)
-        while offset < len(data) and data[offset] in b"\r\n":  # blank lines between messages are allowed
-            offset += 1
-        if offset == len(data):
-            return offset
-        self.message = Message(start_time=time, position=position + offset, peer_acked=peer_acked)
-        found = HEAD_END.search(data, offset)
-        if found is not None:
-            self._parse_head(data[offset : found.end()], time, events)
-            return found.end()
+            return self._continue_head(data, offset, time)
+        if data[offset] in b"\r\n":  # blank lines between messages are allowed
+            while offset < len(data) and data[offset] in b"\r\n":
+                offset += 1
+            if offset == len(data):
+                return offset
+        self.message = Message(time, position + offset, peer_acked)
+        head_end = data.find(b"\r\n\r\n", offset)
+        if head_end < 0 or data.find(b"\n\n", offset, head_end) >= 0:
+            found = HEAD_END.search(data, offset)
+            head_end = found.end() if found is not None else -1
+        else:
+            head_end += 4
+        if head_end >= 0:
+            self._parse_head(data[offset:head_end], time)
+            return head_end
         self.buffer = data[offset:]
-        self._check_head_size(events)
+        self._check_head_size()
         return len(data)
 
-    def _continue_head(self, data: bytes, offset: int, time: float, events: ParserEvents) -> int:
+    def _continue_head(self, data: bytes, offset: int, time: float) -> int:
         """The head began in an earlier segment: look for its end across the boundary."""
         searched_from = max(0, len(self.buffer) - 3)
         buffered = len(self.buffer)
         self.buffer += data[offset:]
         found = HEAD_END.search(self.buffer, searched_from)
         if found is None:
-            self._check_head_size(events)
+            self._check_head_size()
             return len(data)
         head = self.buffer[: found.end()]
         self.buffer = b""
-        self._parse_head(head, time, events)
+        self._parse_head(head, time)
         return offset + found.end() - buffered
 
-    def _check_head_size(self, events: ParserEvents) -> None:
+    def _check_head_size(self) -> None:
         if len(self.buffer) > self.max_head_bytes:
             self.counters.oversized_heads += 1
-            self._lose_message(events)
+            self._lose_message()
 
-    def _parse_head(self, head: bytes, time: float, events: ParserEvents) -> None:
+    def _parse_head(self, head: bytes, time: float) -> None:
         message = self.message
         assert message is not None
+        message.head = head
         message.size = len(head)
         message.head_end = message.position + len(head)
-        lines = head.decode("latin-1").split("\n")
-        start_line = lines[0].rstrip("\r")
         if self.is_request:
-            parsed = REQUEST_LINE.fullmatch(start_line)
+            parsed = REQUEST_LINE.match(head)
             if parsed is None:
-                self._lose_message(events)
+                self._lose_message()
                 return
-            message.method, message.target, message.version = parsed.group(1), parsed.group(2), parsed.group(3)
+            if HEADER_LINE_WITHOUT_COLON.search(head, parsed.end() - 1):
+                self._lose_message()
+                return
+            method, target, version = parsed.groups()
+            message.method, message.target = method.decode("latin-1"), target.decode("latin-1")
+            if version is None and target.startswith(b"HTTP/"):  # "OPTIONS HTTP/1.1": no target
+                message.target, version = "", target[5:]
+            message.version = version.decode("latin-1") if version is not None else ""
         else:
-            parsed = STATUS_LINE.fullmatch(start_line)
+            parsed = STATUS_LINE.match(head)
             if parsed is None:
-                self._lose_message(events)
+                self._lose_message()
                 return
-            message.version, message.status = parsed.group(1), int(parsed.group(2))
-        headers = message.headers
-        for line in lines[1:]:
-            line = line.rstrip("\r")
-            if not line:
-                continue
-            if line[0] in " \t" and headers:  # obsolete line folding continues the previous header
-                name, value = headers[-1]
-                headers[-1] = (name, f"{value} {line.strip()}")
-                continue
-            name, colon, value = line.partition(":")
-            if colon:
-                headers.append((name.strip().lower(), value.strip()))
-        events.append((HEAD_PARSED, message))
-        self._start_body(time, events)
+            message.version, message.status = parsed.group(1).decode("latin-1"), int(parsed.group(2))
+        framing = self._framing(message, head)
+        if framing is None:  # framing we cannot trust
+            if self.is_request:  # nginx answers 400 before Kong runs: nothing to bill
+                self._lose_message()
+                return
+            self.counters.parse_errors += 1
+            framing = UNTIL_CLOSE, 0  # a response then ends where the connection does
+        self.on_head(message)
+        state, self.remaining = framing
+        if state == HEAD or state == TUNNEL:  # no body
+            self._complete(time)
+        self.state = state
 
-    def _start_body(self, time: float, events: ParserEvents) -> None:
-        message = self.message
-        assert message is not None
+    def _framing(self, message: Message, head: bytes) -> tuple[int, int] | None:
+        """(state after the head, body length), or None when the head's framing headers are invalid."""
         if not self.is_request:
             status, method = message.status, self.method_of_response()
-            if status < 200 or status in (204, 304) or method == "HEAD":
-                self._complete(time, events)
-                if status == 101:
-                    self.state = TUNNEL
-                return
-            if method == "CONNECT" and status < 300:
-                self._complete(time, events)
-                self.state = TUNNEL
-                return
-        transfer_encoding = message.header("transfer-encoding")
-        if transfer_encoding is not None and transfer_encoding.lower().rsplit(",", 1)[-1].strip() == "chunked":
-            self.state = CHUNK_SIZE
-            return
-        length = content_length(message)
-        if length is None and message.header("content-length") is not None or transfer_encoding is not None:
-            self.counters.parse_errors += 1  # framing we cannot trust: the next start line tells where it ends
-            if self.is_request:
-                self._complete(time, events)
-                self.state = RESYNC
-                return
-            length = None
-        if length:
-            self.state, self.remaining = BODY, length
-        elif length == 0 or self.is_request:
-            self._complete(time, events)
-        else:
-            self.state = UNTIL_CLOSE
+            if status == 101 or (method == "CONNECT" and 200 <= status < 300):
+                return TUNNEL, 0
+            if status < 200 or status == 204 or status == 304 or method == "HEAD":
+                return HEAD, 0
+        lengths: set[bytes] = set()
+        transfer_encoding = None
+        for name, value in FRAMING_HEADERS.findall(head):
+            if len(name) == 17:  # transfer-encoding
+                transfer_encoding = value.strip().lower()
+            else:
+                lengths.update(part.strip() for part in value.split(b","))
+        if transfer_encoding is not None:
+            return (CHUNK_SIZE, 0) if transfer_encoding.rsplit(b",", 1)[-1].strip() == b"chunked" else None
+        if not lengths:
+            return (HEAD, 0) if self.is_request else (UNTIL_CLOSE, 0)
+        length = lengths.pop()
+        if lengths or not length.isdigit() or len(length) > 18:
+            return None
+        return (BODY, int(length)) if int(length) else (HEAD, 0)
 
-    def _chunk_line(self, data: bytes, offset: int, time: float, events: ParserEvents) -> int:
+    def _chunk_line(self, data: bytes, offset: int, time: float) -> int:
         """CHUNK_SIZE, CHUNK_END (the CRLF after chunk data) and TRAILERS all read one line at a time."""
         message = self.message
         assert message is not None
@@ -255,10 +261,10 @@ class MessageParser:
         if state == CHUNK_SIZE:
             size_text = line.split(b";", 1)[0].strip()
             try:
-                chunk_size = int(size_text, 16)
+                chunk_size = int(size_text, 16) if len(size_text) <= 16 else -1
             except ValueError:
                 chunk_size = -1
-            if chunk_size < 0 or len(size_text) > 16:
+            if chunk_size < 0:
                 self.counters.parse_errors += 1
                 message.damaged = True
                 self.state = RESYNC
@@ -274,14 +280,18 @@ class MessageParser:
             else:
                 self.state = CHUNK_SIZE
         elif not line:  # the blank line that ends the trailers
-            self._complete(time, events)
+            self._complete(time)
         return newline + 1
 
-    def _resync(
-        self, data: bytes, offset: int, time: float, position: int, peer_acked: int, events: ParserEvents
-    ) -> int:
+    def _resync(self, data: bytes, offset: int, time: float, position: int, peer_acked: int) -> int:
+        if (REQUEST_START_HERE if self.is_request else RESPONSE_START_HERE).match(data, offset):
+            self._skip(len(self.buffer))  # messages usually begin where a segment does
+            if self.message is not None:
+                self._complete(time)
+            self.buffer, self.state = b"", HEAD
+            return self._head(data, offset, time, position, peer_acked)
         window = self.buffer + data[offset:]
-        window_position = position + offset - len(self.buffer)
+        kept_before = len(self.buffer)
         found = (REQUEST_START if self.is_request else RESPONSE_START).search(window)
         if found is None:
             kept = window[-RESYNC_KEEP:]
@@ -290,15 +300,15 @@ class MessageParser:
             return len(data)
         self._skip(found.start())
         if self.message is not None:  # a body cut by a gap ends where the next message starts
-            self._complete(time, events)
+            self._complete(time)
         self.buffer, self.state = b"", HEAD
-        start_in_data = found.start() - (len(window) - (len(data) - offset))
+        start_in_data = found.start() - kept_before
         if start_in_data >= 0:
-            return self._head(data, offset + start_in_data, time, position, peer_acked, events)
+            return self._head(data, offset + start_in_data, time, position, peer_acked)
         # the start line began in the bytes kept from the previous segment
-        self.message = Message(start_time=time, position=window_position + found.start())
-        self.buffer = window[found.start() : len(window) - (len(data) - offset)]
-        return self._continue_head(data, offset, time, events)
+        self.message = Message(time, position + offset + start_in_data)
+        self.buffer = window[found.start() : kept_before]
+        return self._continue_head(data, offset, time)
 
     def _skip(self, count: int) -> None:
         if self.message is not None:
@@ -306,23 +316,14 @@ class MessageParser:
         else:
             self.counters.resync_skipped_bytes += count
 
-    def _lose_message(self, events: ParserEvents) -> None:
+    def _lose_message(self) -> None:
         self.counters.parse_errors += 1
-        events.append((MESSAGE_LOST, None))
         self.message, self.buffer, self.state = None, b"", RESYNC
+        self.on_lost()
 
-    def _complete(self, time: float, events: ParserEvents) -> None:
+    def _complete(self, time: float) -> None:
         message = self.message
         assert message is not None
         message.end_time = time
         self.message, self.state = None, HEAD
-        events.append((MESSAGE_COMPLETE, message))
-
-
-def content_length(message: Message) -> int | None:
-    """The body length, or None when absent or not a valid, unambiguous number."""
-    values = {part.strip() for value in message.header_values("content-length") for part in value.split(",")}
-    if len(values) != 1:
-        return None
-    value = values.pop()
-    return int(value) if value.isdigit() and len(value) < 19 else None
+        self.on_complete(message)

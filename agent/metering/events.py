@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import socket
-import uuid
 from datetime import datetime, timezone
 
 from cloudevents.core.v1.event import CloudEvent
@@ -25,9 +25,11 @@ def event_id(exchange: Exchange) -> str:
     assert request is not None and connection.to_server.base_seq is not None
     first_byte = connection.to_server.base_seq + request.position
     identity = f"{connection.client.hex()}:{connection.client_port}>{connection.server.hex()}:{connection.server_port}/{first_byte}"
-    return str(uuid.UUID(bytes=hashlib.sha256(identity.encode()).digest()[:16], version=5))
+    digest = hashlib.sha256(identity.encode()).hexdigest()
+    return f"{digest[:8]}-{digest[8:12]}-5{digest[13:16]}-{digest[16:20]}-{digest[20:32]}"  # UUID-shaped
 
 
+@functools.lru_cache(maxsize=65536)
 def ip_text(address: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET if len(address) == 4 else socket.AF_INET6, address)
 
@@ -46,8 +48,16 @@ def request_host(exchange: Exchange) -> str:
     return host.rpartition(":")[0].lower() if host.count(":") == 1 else host.lower()
 
 
+@functools.lru_cache(maxsize=4)
+def _rfc3339_second(second: int) -> str:
+    return datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def rfc3339(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """RFC 3339 in UTC with microseconds; events come in bursts within one second, so that part is cached."""
+    second = int(timestamp // 1)
+    microseconds = min(round((timestamp - second) * 1_000_000), 999_999)
+    return f"{_rfc3339_second(second)}.{microseconds:06d}Z"
 
 
 def build_event(exchange: Exchange, subject: str, subject_type: str, source: str, key_names: tuple[str, ...]) -> dict:
@@ -79,6 +89,6 @@ def build_event(exchange: Exchange, subject: str, subject_type: str, source: str
         data,
     )
     structured = dict(event.get_attributes())
-    structured["time"] = rfc3339(request.start_time)
+    structured["time"] = rfc3339(request.start_time)  # the SDK keeps a datetime; sinks want the wire form
     structured["data"] = event.get_data()
     return structured

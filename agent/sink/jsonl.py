@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import IO
+
+import orjson
 
 
 class JsonLinesSink:
     def __init__(self, path: str) -> None:
-        self._stream: IO[str] = sys.stdout if path == "-" else open(path, "w", encoding="utf-8")
+        self._stream: IO[bytes] = sys.stdout.buffer if path == "-" else open(path, "wb")
         self._owns_stream = path != "-"
 
     def write(self, events: list[dict]) -> None:
-        dumps = json.dumps
-        self._stream.write("".join(dumps(event, separators=(",", ":")) + "\n" for event in events))
+        dumps = orjson.dumps
+        self._stream.write(b"".join(dumps(event) + b"\n" for event in events))
 
     def close(self) -> None:
         self._stream.flush()

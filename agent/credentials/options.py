@@ -1,0 +1,60 @@
+"""Command-line flags for the credential table, and the factory that turns them into a CredentialSync."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from agent.credentials.admin_api import TOKEN_ENV, AdminApiSource
+from agent.credentials.deck import DeckFileSource
+from agent.credentials.errors import CredentialError
+from agent.credentials.source import CredentialSource
+from agent.credentials.sync import CredentialSync
+
+SUBJECT_FIELDS = ("username", "id", "custom_id")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("credentials (which consumer an apikey belongs to)")
+    group.add_argument(
+        "--credentials", metavar="SOURCE",
+        help="Kong's Admin API, http[s]://HOST:8001[/WORKSPACE], or a decK state file (YAML or JSON)")
+    group.add_argument(
+        "--credentials-refresh", metavar="SECONDS", type=_positive_seconds, default=30.0,
+        help="how often to re-read the credentials (default 30); a decK file is also re-read when it changes")
+    group.add_argument(
+        "--admin-token-file", metavar="PATH", type=Path,
+        help=f"file holding the RBAC token sent as Kong-Admin-Token (default: ${TOKEN_ENV})")
+    group.add_argument(
+        "--subject-field", choices=SUBJECT_FIELDS, default="username",
+        help="which consumer field becomes the event subject (default username; "
+             "a consumer without a username falls back to its id)")
+
+
+def source_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> CredentialSource | None:
+    """None without --credentials; CredentialError (exit-worthy) for a source that cannot be meant."""
+    spec = args.credentials
+    if not spec:
+        return None
+    if "://" in spec:
+        return AdminApiSource(spec, token_file=args.admin_token_file, environ=environ)
+    if args.admin_token_file is not None:
+        raise CredentialError("--admin-token-file goes with an Admin API URL, not a decK file")
+    return DeckFileSource(Path(spec))
+
+
+def credentials_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> CredentialSync | None:
+    source = source_from_args(args, environ)
+    return CredentialSync(source, args.credentials_refresh) if source is not None else None

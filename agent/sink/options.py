@@ -1,0 +1,163 @@
+"""Command-line flags for where events go, and the factory that picks the sink from them.
+
+- `--output PATH|-` (added by the CLI): JSON Lines.
+- `--ingest-endpoint URL`: OpenMeter / Konnect ingest through the durable spool. In replay (`--read`) a
+  full spool makes the pipeline wait, and the agent exits only once every event is acknowledged (or, with
+  `--exit-when-spooled`, once every event is safely on disk). In live capture a full spool refuses new
+  events, counted and logged, and shutdown does not wait: the spool is sent at the next start.
+- neither: the local SQLite store in the data directory, shown by `agent events`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sqlite3
+import ssl
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from agent.sink import Sink
+from agent.sink.datadir import SPOOL_DIR_NAME, STORE_FILE_NAME, default_data_dir
+from agent.sink.ingest import (DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_INTERVAL, DEFAULT_SPOOL_MAX_BYTES, IngestSettings,
+                               IngestSink)
+from agent.sink.jsonl import JsonLinesSink
+from agent.sink.spool import MIN_SEGMENT_BYTES, SpoolBusy
+from agent.sink.store import StoreSink
+from agent.sink.token import TokenError, TokenSource
+
+UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class SinkConfigError(ValueError):
+    """A sink cannot be set up from the flags given; the message is one line for the user."""
+
+
+def byte_size(text: str) -> int:
+    """`1073741824`, `512M`, `2G`, `2GiB` (binary units)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1073741824, 512M, 2G)")
+    size = int(match[1]) * UNITS[match[2].lower()]
+    if size < MIN_SEGMENT_BYTES:
+        raise argparse.ArgumentTypeError(f"at least {MIN_SEGMENT_BYTES} bytes")
+    return size
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return value
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return value
+
+
+class RefuseTokenOnCommandLine(argparse.Action):
+    """`--api-token` exists only to be refused: a token in argv shows in `ps` and shell history, and without
+    it argparse would take `--api-token X` as an abbreviation of `--api-token-file X`."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error("the API token is not taken on the command line (it would show in ps);"
+                     " set $METERING_API_TOKEN or use --api-token-file PATH")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "event delivery", "Without --output or --ingest-endpoint, events go to the local store (see `agent events`).")
+    group.add_argument("--ingest-endpoint", metavar="URL",
+                       help="OpenMeter/Konnect ingest URL, e.g. https://us.api.konghq.com/v3/openmeter/events;"
+                            " the token comes from $METERING_API_TOKEN or --api-token-file")
+    group.add_argument("--api-token-file", metavar="PATH", type=Path,
+                       help="file holding the ingest API token (re-read when the endpoint refuses it)")
+    group.add_argument("--api-token", action=RefuseTokenOnCommandLine, help=argparse.SUPPRESS)
+    group.add_argument("--batch-size", metavar="N", type=positive_int, default=DEFAULT_BATCH_SIZE,
+                       help=f"most events per request (default {DEFAULT_BATCH_SIZE})")
+    group.add_argument("--flush-interval", metavar="SECONDS", type=seconds, default=DEFAULT_FLUSH_INTERVAL,
+                       help=f"send a partial batch once its oldest event waited this long"
+                            f" (default {DEFAULT_FLUSH_INTERVAL:g})")
+    group.add_argument("--data-dir", metavar="DIR", type=Path,
+                       help="state directory (default $AGENT_DATA_DIR, /var/lib/kong-metering-agent as root,"
+                            " else ~/.local/share/kong-metering-agent)")
+    group.add_argument("--spool-dir", metavar="DIR", type=Path,
+                       help=f"where undelivered events are kept (default DATA_DIR/{SPOOL_DIR_NAME})")
+    group.add_argument("--spool-max-bytes", metavar="N", type=byte_size, default=DEFAULT_SPOOL_MAX_BYTES,
+                       help="bound on the spool's size on disk, e.g. 512M, 4G (default 1G)")
+    group.add_argument("--insecure-skip-tls-verify", action="store_true",
+                       help="do not verify the ingest endpoint's TLS certificate (testing only)")
+    group.add_argument("--ingest-ca-file", metavar="PATH", type=Path,
+                       help="CA bundle to verify the ingest endpoint with (a self-hosted OpenMeter)")
+    group.add_argument("--exit-when-spooled", action="store_true",
+                       help="with --read: exit once every event is safely in the spool, without waiting for"
+                            " the endpoint to acknowledge it (the next start sends the rest)")
+    group.add_argument("--ack-timeout", metavar="SECONDS", type=seconds,
+                       help="with --read: stop waiting for acknowledgements after this long (default: wait)")
+
+
+def sink_from_args(args: argparse.Namespace) -> Sink:
+    """JSON Lines with `--output`, the ingest endpoint with `--ingest-endpoint`, else the local store."""
+    output = getattr(args, "output", None)
+    if output and args.ingest_endpoint:
+        raise SinkConfigError("--output and --ingest-endpoint are alternatives: give one")
+    if args.api_token_file and not args.ingest_endpoint:
+        raise SinkConfigError("--api-token-file needs --ingest-endpoint")
+    if output:
+        return JsonLinesSink(output)
+    data_dir = args.data_dir or default_data_dir()
+    if args.ingest_endpoint:
+        return _ingest_sink(args, data_dir)
+    path = data_dir / STORE_FILE_NAME
+    try:
+        return StoreSink(path)
+    except (OSError, sqlite3.Error) as exc:
+        raise SinkConfigError(f"cannot open the local event store {path}: {exc}") from None
+
+
+def _ingest_sink(args: argparse.Namespace, data_dir: Path) -> IngestSink:
+    endpoint = args.ingest_endpoint
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SinkConfigError(f"--ingest-endpoint must be an http(s) URL, not {endpoint!r}")
+    if args.insecure_skip_tls_verify and args.ingest_ca_file:
+        raise SinkConfigError("--insecure-skip-tls-verify and --ingest-ca-file are alternatives: give one")
+    replay = bool(getattr(args, "read", None))
+    spool_dir = args.spool_dir or data_dir / SPOOL_DIR_NAME
+    settings = IngestSettings(
+        endpoint=endpoint,
+        spool_dir=spool_dir,
+        batch_size=args.batch_size,
+        flush_interval=args.flush_interval,
+        spool_max_bytes=args.spool_max_bytes,
+        block_when_full=replay,
+        wait_for_ack=replay and not args.exit_when_spooled,
+        ack_timeout=args.ack_timeout,
+        verify=_tls_verification(args),
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per batch would drown the rest
+    try:
+        return IngestSink(settings, TokenSource(args.api_token_file))
+    except (TokenError, SpoolBusy) as exc:
+        raise SinkConfigError(str(exc)) from None
+    except OSError as exc:
+        raise SinkConfigError(f"cannot open the spool {spool_dir}: {exc.strerror or exc}") from None
+
+
+def _tls_verification(args: argparse.Namespace) -> bool | ssl.SSLContext:
+    if args.ingest_ca_file is None:
+        return not args.insecure_skip_tls_verify
+    try:
+        return ssl.create_default_context(cafile=str(args.ingest_ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise SinkConfigError(f"cannot load the CA bundle {args.ingest_ca_file}: {exc}") from None

@@ -1,0 +1,32 @@
+"""`--user`: give up root once the packet sockets and rings are open.
+
+An open packet socket keeps working without CAP_NET_RAW (the kernel checks the capability when the
+socket is created, not when it is read), so nothing needs to be retained: supplementary groups, group
+and user all change, and the process cannot get root back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+
+from agent.source.startup_checks import LiveCaptureError
+
+log = logging.getLogger(__name__)
+
+
+def drop_privileges(user: str) -> None:
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise LiveCaptureError(f"--user {user}: no such user") from None
+    if os.geteuid() == entry.pw_uid:
+        return
+    try:
+        os.setgroups([])
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+    except PermissionError:
+        raise LiveCaptureError(f"--user {user}: cannot switch user (only root can)") from None
+    log.info("running as %s (uid %d, gid %d)", user, entry.pw_uid, entry.pw_gid)

@@ -1,0 +1,167 @@
+"""Replay speed and memory against tshark, on a keep-alive load capture recorded here.
+
+Records the load the issue describes (nginx stand-in with key-auth, `wrk -t2 -c32 -d4s`, four keys
+rotating, one of them invalid), once for D seconds and once for 2*D, then times, side by side in one run:
+
+    agent --read FILE --port P --credentials captures/kong.yaml --output events.jsonl
+    tshark -r FILE -Y http.request -T fields -e http.request.uri
+
+It checks the agent's events against nginx's access log one for one (subject, method, uri, status, sizes),
+and prints packets/s, requests/s, peak RSS and the speed ratio. Exits non-zero if the replay is not exact,
+is not at least 5x faster than tshark, or its RSS grows by more than 20% on the capture twice as long.
+
+    python scripts/bench_replay.py [--duration 4] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import dpkt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kong_standin import KongStandin, _free_loopback_port as free_port  # noqa: E402
+from record_fixtures import strip_key_params  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = ["alice-key-7f3a9c", "bob-key-41d2e8", "carol-key-new-9c1f", "not-a-key-0000"]
+WRK_SCRIPT = """
+local keys = {%s}
+local n = 0
+request = function()
+  n = n + 1
+  local path = "/orders/" .. (n %% 97)
+  if n %% 3 == 0 then
+    return wrk.format("GET", path .. "?apikey=" .. keys[(n %% 4) + 1] .. "&page=" .. (n %% 7), {})
+  end
+  return wrk.format("GET", path, {["apikey"] = keys[(n %% 4) + 1]})
+end
+""" % ", ".join(f'"{key}"' for key in KEYS)
+
+
+def record(directory: Path, seconds: int) -> tuple[Path, int, list[dict]]:
+    """A capture of `seconds` of wrk load, the gateway port, and nginx's access log entries."""
+    port = free_port()
+    capture = directory / f"load-{seconds}s.pcap"
+    lua = directory / "rotate.lua"
+    lua.write_text(WRK_SCRIPT)
+    with KongStandin(port=port, workers=2, ipv6=False) as gateway:
+        # A large buffer and no immediate mode: tcpdump must not drop a packet of the load it records.
+        tcpdump = subprocess.Popen(
+            ["tcpdump", "-i", "lo", "-s", "0", "-B", str(1 << 20), "-n", "-w", str(capture), f"tcp port {port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert tcpdump.stderr is not None
+        if "listening on" not in tcpdump.stderr.readline():
+            raise SystemExit("tcpdump did not start")
+        subprocess.run(["wrk", "-t2", "-c32", f"-d{seconds}s", "-s", str(lua), f"http://127.0.0.1:{port}/"],
+                       check=True, capture_output=True, timeout=seconds + 30)
+        time.sleep(1)
+        tcpdump.send_signal(signal.SIGINT)
+        _, stderr = tcpdump.communicate(timeout=60)
+        dropped = [line for line in stderr.splitlines() if "dropped by kernel" in line]
+        if not dropped or not dropped[0].startswith("0 "):
+            raise SystemExit(f"tcpdump lost packets while recording: {stderr.strip()}")
+        entries = gateway.access_log_entries()
+    return capture, port, entries
+
+
+def billed_rows(entries: list[dict]) -> list[tuple]:
+    """What the agent must emit, from nginx's own log: every request with a consumer and not answered 401."""
+    return [(e["consumer"], e["request_method"], strip_key_params(e["request_uri"]), e["status"],
+             e["request_length"], e["bytes_sent"]) for e in entries if e["consumer"] and e["status"] != 401]
+
+
+def timed(command: list[str], stdout) -> tuple[float, int, int]:
+    """Wall seconds, peak RSS in KiB and exit status of one process, from the kernel's own accounting."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, cwd=REPO)
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    if process.returncode != 0:
+        raise SystemExit(f"{command[0]} failed: {stderr.strip()}")
+    timed.last_stderr = stderr  # type: ignore[attr-defined]
+    return elapsed, usage.ru_maxrss, process.returncode
+
+
+def packet_count(capture: Path) -> int:
+    with open(capture, "rb") as handle:
+        return sum(1 for _ in dpkt.pcap.Reader(handle))
+
+
+def measure(directory: Path, seconds: int) -> dict:
+    capture, port, entries = record(directory, seconds)
+    events_file = directory / f"events-{seconds}s.jsonl"
+    agent = [sys.executable, "-m", "agent", "--read", str(capture), "--port", str(port),
+             "--credentials", str(REPO / "captures" / "kong.yaml"), "--output", str(events_file)]
+    tshark = ["tshark", "-r", str(capture), "-Y", "http.request", "-T", "fields", "-e", "http.request.uri"]
+    agent_seconds, agent_rss, _ = timed(agent, subprocess.DEVNULL)
+    summary = timed.last_stderr  # type: ignore[attr-defined]
+    with open(directory / "tshark.out", "w") as out:
+        tshark_seconds, _, _ = timed(tshark, out)
+    tshark_requests = sum(1 for _ in open(directory / "tshark.out"))
+    import json
+
+    events = [json.loads(line) for line in events_file.read_text().splitlines()]
+    got = Counter((e["subject"], e["data"]["request_method"], e["data"]["request_uri"],
+                   e["data"]["response_http_status"], e["data"]["request_size_bytes"],
+                   e["data"]["response_size_bytes"]) for e in events)
+    expected = Counter(billed_rows(entries))
+    packets = packet_count(capture)
+    return {
+        "seconds": seconds, "packets": packets, "requests": len(entries), "billed": sum(expected.values()),
+        "events": len(events), "exact": got == expected, "tshark_requests": tshark_requests,
+        "agent_s": agent_seconds, "tshark_s": tshark_seconds, "agent_rss_mib": agent_rss / 1024,
+        "summary": summary.strip().splitlines()[-1],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=4, help="seconds of wrk load (the long run is twice this)")
+    parser.add_argument("--keep", type=Path, help="keep captures and events in this directory")
+    args = parser.parse_args()
+    directory = args.keep or Path(tempfile.mkdtemp(prefix="bench-replay-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        short = measure(directory, args.duration)
+        long = measure(directory, args.duration * 2)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(directory, ignore_errors=True)
+    failures = []
+    for run in (short, long):
+        ratio = run["tshark_s"] / run["agent_s"]
+        print(f"{run['seconds']}s load: {run['packets']} packets, {run['requests']} requests "
+              f"({run['billed']} billed, tshark sees {run['tshark_requests']}), {run['events']} events, "
+              f"exact={run['exact']}")
+        print(f"  agent {run['agent_s']:.2f} s = {run['packets'] / run['agent_s']:,.0f} packets/s, "
+              f"{run['requests'] / run['agent_s']:,.0f} requests/s, peak RSS {run['agent_rss_mib']:.0f} MiB")
+        print(f"  tshark {run['tshark_s']:.2f} s -> agent is {ratio:.1f}x faster (required 5x, goal 10x)")
+        print(f"  {run['summary']}")
+        if not run["exact"]:
+            failures.append(f"{run['seconds']}s: events differ from the access log")
+        if ratio < 5:
+            failures.append(f"{run['seconds']}s: only {ratio:.1f}x faster than tshark")
+    growth = long["agent_rss_mib"] / short["agent_rss_mib"]
+    print(f"peak RSS, twice the capture: {short['agent_rss_mib']:.0f} -> {long['agent_rss_mib']:.0f} MiB "
+          f"({(growth - 1) * 100:+.0f}%)")
+    if growth > 1.2:
+        failures.append(f"RSS grew {growth:.2f}x on a capture twice as long")
+    for failure in failures:
+        print(f"FAIL: {failure}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
