@@ -51,6 +51,13 @@ def test_key_auth_settings_are_read_from_plugins(kong):
     assert AdminApiSource(kong.url).load().key_auth == KeyAuthConfig(("x-api-key",), True, False, False)
 
 
+def test_malformed_key_auth_settings_fail_the_read(kong):
+    kong.add_plugin("key-auth", {"key_names": "apikey"})
+    with pytest.raises(CredentialError, match=r"malformed page from GET /plugins page 1: data\[0\]: "
+                                              r"config.key_names is not a list of names$"):
+        AdminApiSource(kong.url).load()
+
+
 def test_no_key_auth_plugin_means_no_settings(kong):
     assert AdminApiSource(kong.url).load().key_auth is None
 
@@ -125,14 +132,23 @@ def test_ttl_key_stops_mapping_when_it_expires():
     assert snapshot.table.lookup("lasting-key").username == "temp"
 
 
-def test_keys_of_unknown_consumers_are_skipped_and_counted(kong):
+def test_key_of_a_consumer_made_between_the_two_lists_waits_for_the_next_read(kong):
     kong.add_consumer(username="alice")
     kong.add_key("alice", "alice-key")
-    kong.add_consumer(username="ghost", id="00000000-0000-4000-8000-000000000000")
-    kong.add_key("ghost", "ghost-key")
-    kong._workspaces["default"].consumers.pop("00000000-0000-4000-8000-000000000000")  # deleted mid-read
-    snapshot = AdminApiSource(kong.url).load()
-    assert snapshot.table.lookup("ghost-key") is None and snapshot.skipped == 1
+
+    def consumer_made_after_consumers_were_listed(request):
+        if request.path == "/key-auths" and kong.before_answer is not None:
+            kong.before_answer = None
+            kong.add_consumer(username="late")
+            kong.add_key("late", "late-key")
+
+    kong.before_answer = consumer_made_after_consumers_were_listed
+    source = AdminApiSource(kong.url)
+    snapshot = source.load()
+    assert snapshot.table.lookup("late-key") is None and snapshot.skipped == 1
+    assert snapshot.table.lookup("alice-key").username == "alice"
+    again = source.load()
+    assert again.table.lookup("late-key").username == "late" and again.skipped == 0
 
 
 @pytest.mark.parametrize("status", [500, 502, 503])
@@ -145,18 +161,9 @@ def test_server_errors(kong, status):
 def test_malformed_page_on_a_later_page(kong):
     for n in range(1500):
         kong.add_consumer(username=f"u{n}")
-    source = AdminApiSource(kong.url)
-    kong.fail_next(0)
-    original = kong.answer
-
-    def second_page_broken(method, target, headers):
-        if "offset=" in target:
-            kong.malform_next(1)
-        return original(method, target, headers)
-
-    kong.answer = second_page_broken
+    kong.before_answer = lambda request: kong.malform_next(1) if "offset" in request.query else None
     with pytest.raises(CredentialError, match="malformed page from GET /consumers page 2: not JSON$"):
-        source.load()
+        AdminApiSource(kong.url).load()
 
 
 def test_refused_connection_and_timeout(kong):
@@ -177,8 +184,7 @@ def test_unknown_workspace(kong):
 def test_plugins_forbidden_only_loses_key_auth_settings(kong, caplog):
     kong.add_consumer(username="alice")
     kong.add_key("alice", "alice-key")
-    original = kong.answer
-    kong.answer = lambda m, t, h: (403, b'{"message": "forbidden"}') if "/plugins" in t else original(m, t, h)
+    kong.before_answer = lambda request: kong.fail_next(1, 403) if request.path == "/plugins" else None
     source = AdminApiSource(kong.url)
     for _ in range(2):
         snapshot = source.load()

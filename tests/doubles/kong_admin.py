@@ -69,6 +69,9 @@ class KongAdminDouble:
         self._stall_next = 0
         self._stall_seconds = 0.0
         self._release = threading.Event()
+        # Called with each request before it is answered: lets a test change state or arm a failure at an
+        # exact point, e.g. between the pages of one read.
+        self.before_answer: Callable[[RecordedRequest], None] | None = None
         self._server: ThreadingHTTPServer | None = None
         self.port = 0
 
@@ -159,6 +162,7 @@ class KongAdminDouble:
 
     # -- failures ----------------------------------------------------------------------------------
     def fail_next(self, count: int, status: int = 503) -> None:
+        """Answer the next requests with this status (403: RBAC denies reading the resource)."""
         with self._lock:
             self._fail_next.extend([status] * count)
 
@@ -176,10 +180,14 @@ class KongAdminDouble:
     def answer(self, method: str, target: str, headers: dict[str, str]) -> tuple[int, bytes]:
         parts = urlsplit(target)
         query = {name: values[-1] for name, values in parse_qs(parts.query, keep_blank_values=True).items()}
+        request = RecordedRequest(method, parts.path, query, headers)
         with self._lock:
-            self.requests.append(RecordedRequest(method, parts.path, query, headers))
+            self.requests.append(request)
+        if self.before_answer is not None:
+            self.before_answer(request)
+        with self._lock:
             failure = self._fail_next.pop(0) if self._fail_next else None
-            malformed = self._malformed_next > 0
+            malformed = failure is None and self._malformed_next > 0  # one armed failure per request
             self._malformed_next -= malformed
             stall = self._stall_seconds if self._stall_next > 0 else 0.0
             self._stall_next -= bool(stall)
@@ -189,6 +197,8 @@ class KongAdminDouble:
             given = headers.get("kong-admin-token")
             if given != self.token:
                 return _json(401, {"message": WRONG_TOKEN if given else MISSING_TOKEN, "status": 401})
+        if failure == 403:
+            return _json(403, {"message": "You cannot read this resource", "status": 403})
         if failure is not None:
             return _json(failure, {"message": "An unexpected error occurred", "status": failure})
         if method != "GET":
