@@ -1,37 +1,103 @@
-"""Replay mode: a capture file through the pipeline into a sink (for tests and for backfilling usage)."""
+"""Replay mode: a capture file through the pipeline into a sink (for tests and for backfilling usage).
+
+With `--workers N`, N processes each read the whole file but handle only the connections whose flow
+hash falls to them (every connection stays in one process, as in live capture); the parent collects
+their events into the one sink and sums their counters.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from multiprocessing.connection import Connection, Pipe, wait
+
+import orjson
 
 from agent.credentials.sync import CredentialSync
 from agent.options import pipeline_from_args
 from agent.pipeline import summary_line
 from agent.sink import Sink
 from agent.source.capture_file import CaptureFile
+from agent.source.frames import flow_hash
 
 BATCH_FRAMES = 8192
 
 
 def replay(args: argparse.Namespace, credentials: CredentialSync | None, sink: Sink) -> int:
     """Every event is handed to the sink before this returns; the summary line goes to stderr."""
-    capture = CaptureFile(args.read)
+    CaptureFile(args.read).close()  # a file that is not a capture fails here, with one line
     if credentials is not None:
         credentials.load_once()
+    pipeline_from_args(args, credentials)  # so do bad metering options, before any worker starts
+    workers = getattr(args, "workers", 1)
+    if workers > 1:
+        counters = _replay_in_workers(args, credentials, sink, workers)
+    else:
+        counters = replay_share(args, credentials, sink.write, 0, 1)
+    sink.close()
+    print(summary_line(counters), file=sys.stderr)
+    return 0
+
+
+def replay_share(args: argparse.Namespace, credentials: CredentialSync | None, emit, share: int,
+                 shares: int) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """Replay the connections whose flow hash is `share` modulo `shares`; returns the counters."""
+    capture = CaptureFile(args.read)
     pipeline = pipeline_from_args(args, credentials)
     try:
         for batch in capture.batches(BATCH_FRAMES):
+            if shares > 1:  # frames no connection claims (corrupt, not TCP) are share 0's to count
+                batch = [frame for frame in batch if max(flow_hash(frame[1], frame[2]), 0) % shares == share]
             events = pipeline.feed(batch)
             if events:
-                sink.write(events)
+                emit(events)
         events = pipeline.finish()
         if events:
-            sink.write(events)
+            emit(events)
     finally:
         capture.close()
-    sink.close()
     counters = pipeline.counters()
-    counters["corrupt_packets"] += capture.truncated_records
-    print(summary_line(counters), file=sys.stderr)
-    return 0
+    counters["corrupt_packets"] += capture.truncated_records if share == 0 else 0
+    return counters
+
+
+def _replay_in_workers(args: argparse.Namespace, credentials: CredentialSync | None, sink: Sink,
+                       workers: int) -> dict[str, int]:
+    children: dict[Connection, int] = {}
+    for share in range(workers):
+        reader, writer = Pipe(duplex=False)
+        pid = os.fork()
+        if pid == 0:  # the worker: its events go to the parent as JSON, its counters last
+            code = 1
+            try:
+                reader.close()
+                for other in children:
+                    other.close()
+                counters = replay_share(args, credentials, lambda events: writer.send_bytes(orjson.dumps(events)),
+                                        share, workers)
+                writer.send_bytes(b"C" + orjson.dumps(counters))
+                code = 0
+            finally:
+                os._exit(code)
+        writer.close()
+        children[reader] = pid
+    totals: dict[str, int] = {}
+    failed = False
+    while children:
+        for reader in wait(list(children)):
+            assert isinstance(reader, Connection)
+            try:
+                message = reader.recv_bytes()
+            except (EOFError, OSError):
+                _, status = os.waitpid(children.pop(reader), 0)
+                failed = failed or os.waitstatus_to_exitcode(status) != 0
+                continue
+            if message[:1] == b"C":
+                for name, value in orjson.loads(message[1:]).items():
+                    totals[name] = totals.get(name, 0) + value
+            else:
+                sink.write(orjson.loads(message))
+    if failed:
+        raise OSError("a replay worker failed; its events are incomplete")
+    return totals

@@ -40,9 +40,12 @@ def request_host(exchange: Exchange) -> str:
     assert request is not None
     target = request.target
     if "://" in target:
-        host = target.split("://", 1)[1].split("/", 1)[0].rpartition("@")[2]
-    else:
-        host = request.header("host") or ip_text(exchange.connection.server)
+        return _bare_host(target.split("://", 1)[1].split("/", 1)[0].rpartition("@")[2])
+    return _bare_host(request.header("host") or ip_text(exchange.connection.server))
+
+
+@functools.lru_cache(maxsize=4096)
+def _bare_host(host: str) -> str:
     if host.startswith("["):
         return host.partition("]")[0].lstrip("[").lower()
     return host.rpartition(":")[0].lower() if host.count(":") == 1 else host.lower()
