@@ -84,8 +84,8 @@ def _as_text(latest: list[StoredEvent], counts: list[tuple[str, int]]) -> str:
     total = sum(count for _, count in counts)
     if not total:
         return "No events."
-    rows = [("TIME", "SUBJECT", "METHOD", "STATUS", "URI")] + [
-        (e.time or "-", e.subject, e.method or "-", "-" if e.status is None else str(e.status), e.uri or "-")
+    rows = [("TIME", "SUBJECT", "METHOD", "URI", "STATUS")] + [
+        (e.time or "-", e.subject, e.method or "-", e.uri or "-", "-" if e.status is None else str(e.status))
         for e in latest]
     lines = _table(rows)
     lines += [""] + _table([("SUBJECT", "EVENTS")] + [(subject, str(count)) for subject, count in counts])

@@ -134,6 +134,8 @@ class IngestSink:
 
     def write(self, events: list[dict]) -> None:
         """Spool the events (dead-lettering those the endpoint would refuse); returns once they are on disk."""
+        if self._closed:
+            raise RuntimeError("write() after close()")
         lines: list[bytes] = []
         for event in events:
             reason = invalid_reason(event)
@@ -203,6 +205,7 @@ class IngestSink:
                 self._spool.ack(batch)
         except Exception:
             log.exception("event delivery stopped by an unexpected error; undelivered events stay in the spool")
+            self._spool.stop_waiting_for_room()
 
     def _handle(self, batch: Batch) -> bool:
         for line in batch.unreadable:
@@ -250,7 +253,7 @@ class IngestSink:
         body = b"[" + b",".join(lines) + b"]"
         try:
             response = self._client.post(self.settings.endpoint, content=body, headers=headers)
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             return Answer(Outcome.UNAVAILABLE, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         return self._classify(response)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from agent.sink import Sink
-from agent.sink.datadir import SPOOL_DIR_NAME, STORE_FILE_NAME, default_data_dir
+from agent.sink.datadir import SPOOL_DIR_NAME, STORE_FILE_NAME, default_data_dir, ensure_private_dir
 from agent.sink.ingest import (DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_INTERVAL, DEFAULT_SPOOL_MAX_BYTES, IngestSettings,
                                IngestSink)
 from agent.sink.jsonl import JsonLinesSink
@@ -116,13 +116,14 @@ def sink_from_args(args: argparse.Namespace) -> Sink:
     if output:
         return JsonLinesSink(output)
     data_dir = args.data_dir or default_data_dir()
-    if args.ingest_endpoint:
-        return _ingest_sink(args, data_dir)
-    path = data_dir / STORE_FILE_NAME
     try:
-        return StoreSink(path)
+        if args.ingest_endpoint:
+            if args.spool_dir is None:
+                ensure_private_dir(data_dir)  # created here, not as a parent of the spool, to be 0700 too
+            return _ingest_sink(args, data_dir)
+        return StoreSink(data_dir / STORE_FILE_NAME)
     except (OSError, sqlite3.Error) as exc:
-        raise SinkConfigError(f"cannot open the local event store {path}: {exc}") from None
+        raise SinkConfigError(f"cannot use the data directory {data_dir}: {exc}") from None
 
 
 def _ingest_sink(args: argparse.Namespace, data_dir: Path) -> IngestSink:

@@ -94,9 +94,12 @@ class Spool:
         self._oldest_unread_at: float | None = None
         self._wake_at = 1
         self._wakes = 0
+        self._no_waiting = False
         self._dirty = False
         self._closed = False
         self._full_since: float | None = None
+        self._write_error: str | None = None
+        self._ack_error: str | None = None
         self._reader: tuple[int, BinaryIO] | None = None
         self.recovered_events = 0
         self.truncated_bytes = 0
@@ -124,10 +127,10 @@ class Spool:
         kept = 0
         with self._cond:
             while kept < len(lines) and not self._closed:
-                take, size = self._fitting(lines, kept)
+                take = self._fitting(lines, kept)
                 if take == 0:
                     self._note_full()
-                    if not block:
+                    if not block or self._no_waiting:
                         break
                     self._cond.wait(FULL_WAIT_SECONDS)
                     continue
@@ -135,22 +138,23 @@ class Spool:
                 try:
                     self._write(data)
                 except OSError as exc:
-                    log.error("cannot write to spool %s: %s", self.directory, exc.strerror or exc)
-                    if not block:
+                    self._note_write_error(exc)
+                    if not block or self._no_waiting:
                         break
                     self._cond.wait(FULL_WAIT_SECONDS)
                     continue
                 self._note_room()
                 kept += take
                 self._accepted(take)
+                if self._segments[self._active] >= self.segment_bytes:
+                    self._try_rotate()
         return kept
 
-    def _fitting(self, lines: list[bytes], start: int) -> tuple[int, int]:
+    def _fitting(self, lines: list[bytes], start: int) -> int:
         """How many lines from `start` fit in the bound and (one line at least) in the active segment,
         reclaiming the active segment first when it is fully acknowledged."""
         room = self.max_bytes - self._used
-        if len(lines[start]) + 1 > room and self._active_fully_acked():
-            self._rotate()
+        if len(lines[start]) + 1 > room and self._active_fully_acked() and self._try_rotate():
             room = self.max_bytes - self._used
         segment_room = self.segment_bytes - self._segments[self._active]
         take = size = 0
@@ -160,7 +164,7 @@ class Spool:
                 break
             size = grown
             take += 1
-        return take, size
+        return take
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -175,8 +179,6 @@ class Spool:
         self._segments[self._active] += len(data)
         self._used += len(data)
         self._dirty = True
-        if self._segments[self._active] >= self.segment_bytes:
-            self._rotate()
 
     def _accepted(self, count: int) -> None:
         before = self._unread
@@ -191,13 +193,22 @@ class Spool:
         if self._full_since is None:
             self._full_since = time.monotonic()
             self._cond.notify_all()
-            log.warning("spool %s is full (%d of %d bytes): new events must wait for acknowledgements",
-                        self.directory, self._used, self.max_bytes)
+            log.warning("spool %s is full (%d of %d bytes): no room for new events until the endpoint"
+                        " acknowledges some", self.directory, self._used, self.max_bytes)
+
+    def _note_write_error(self, exc: OSError) -> None:
+        message = exc.strerror or str(exc)
+        if message != self._write_error:
+            self._write_error = message
+            log.error("cannot write to spool %s: %s", self.directory, message)
 
     def _note_room(self) -> None:
         if self._full_since is not None:
             log.warning("spool has room again after %.1f s full", time.monotonic() - self._full_since)
             self._full_since = None
+        if self._write_error is not None:
+            log.warning("spool %s is writable again", self.directory)
+            self._write_error = None
 
     # -- the delivery side ------------------------------------------------------------------------
 
@@ -224,6 +235,8 @@ class Spool:
 
     def read_batch(self, max_events: int) -> Batch | None:
         """The next unread lines, up to `max_events`; None when there are none."""
+        if self._closed:
+            return None
         lines: list[bytes] = []
         unreadable: list[bytes] = []
         pos = self._read
@@ -270,7 +283,13 @@ class Spool:
             self._pending -= batch.size
             self._delete_finished()
             self._cond.notify_all()
-        self._write_ack_file(batch.end)
+        try:
+            self._write_ack_file(batch.end)
+            self._ack_error = None
+        except OSError as exc:  # only costs re-sends after a restart
+            if self._ack_error != str(exc):
+                self._ack_error = str(exc)
+                log.error("cannot record acknowledgements in %s: %s", self.directory, exc.strerror or exc)
 
     def wait_empty(self, timeout: float) -> bool:
         """Wait until every accepted event is acknowledged; False on timeout."""
@@ -282,6 +301,12 @@ class Spool:
                     return False
                 self._cond.wait(remaining)
         return True
+
+    def stop_waiting_for_room(self) -> None:
+        """Nobody will free room any more (delivery stopped): appends that would wait give up instead."""
+        with self._cond:
+            self._no_waiting = True
+            self._cond.notify_all()
 
     def wake(self) -> None:
         """End every wait now, so a waiter sees a change of plan (flush, stop) at once."""
@@ -351,15 +376,25 @@ class Spool:
             os.close(dir_fd)
         return fd
 
-    def _rotate(self) -> None:
-        """Close the active segment for good and start the next one."""
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._dirty = False
+    def _try_rotate(self) -> bool:
+        """Close the active segment for good and start the next one; on failure keep appending to it."""
+        try:
+            new_fd = self._create_segment(self._active + 1)
+        except OSError as exc:
+            self._note_write_error(exc)
+            return False
+        old_fd, self._fd = self._fd, new_fd
         self._active += 1
-        self._fd = self._create_segment(self._active)
         self._segments[self._active] = 0
+        self._dirty = False
+        try:
+            os.fsync(old_fd)
+        except OSError as exc:
+            self._note_write_error(exc)
+        finally:
+            os.close(old_fd)
         self._delete_finished()
+        return True
 
     def _active_fully_acked(self) -> bool:
         size = self._segments[self._active]
