@@ -10,7 +10,8 @@ from agent import live_options, options
 from agent.credentials import options as credential_options
 from agent.credentials.errors import CredentialError
 from agent.metering.subject import SubjectError
-from agent.sink.jsonl import JsonLinesSink
+from agent.sink import options as sink_options
+from agent.sink.events_command import events_command
 from agent.source.capture_file import CaptureError
 
 log = logging.getLogger("agent")
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--read", metavar="FILE", help="replay a pcap/pcapng capture (optionally .gz)")
     mode.add_argument("--iface", metavar="NAME", help="capture live from this interface (e.g. lo, eth0)")
     parser.add_argument("--output", metavar="PATH", help="write events as JSON Lines to PATH ('-': stdout)")
+    sink_options.add_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     options.add_arguments(parser)
     live_options.add_arguments(parser)
@@ -35,19 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["events"]:
+        return events_command(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="agent: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
         credentials = credential_options.credentials_from_args(args)
-        sink = JsonLinesSink(args.output or "-")
         if args.iface:
             from agent.live import run_live
 
-            return run_live(args, credentials, sink)
+            return run_live(args, credentials, sink_options.sink_from_args(args))
         from agent.replay import replay
 
-        return replay(args, credentials, sink)
+        return replay(args, credentials, lambda: sink_options.sink_from_args(args))
+    except sink_options.SinkConfigError as error:
+        print(f"agent: error: {error}", file=sys.stderr)
+        return 2
     except (CaptureError, CredentialError, SubjectError, OSError) as error:
         print(f"agent: error: {error}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from multiprocessing.connection import Connection, Pipe, wait
 
 import orjson
@@ -24,19 +25,27 @@ from agent.source.frames import flow_hash
 BATCH_FRAMES = 8192
 
 
-def replay(args: argparse.Namespace, credentials: CredentialSync | None, sink: Sink) -> int:
-    """Every event is handed to the sink before this returns; the summary line goes to stderr."""
+def replay(args: argparse.Namespace, credentials: CredentialSync | None, open_sink: Callable[[], Sink]) -> int:
+    """Every event is handed to the sink (and, for an ingest endpoint, acknowledged) before this returns;
+    the summary line goes to stderr. Exit 1 when events are left undelivered."""
     CaptureFile(args.read).close()  # a file that is not a capture fails here, with one line
     if credentials is not None:
         credentials.load_once()
-    pipeline_from_args(args, credentials)  # so do bad metering options, before any worker starts
-    workers = getattr(args, "workers", 1)
-    if workers > 1:
-        counters = _replay_in_workers(args, credentials, sink, workers)
-    else:
-        counters = replay_share(args, credentials, sink.write, 0, 1)
-    sink.close()
-    print(summary_line(counters), file=sys.stderr)
+    pipeline_from_args(args, credentials)  # so do bad metering options, before any output is opened
+    sink = open_sink()
+    try:
+        if args.workers > 1:
+            counters = _replay_in_workers(args, credentials, sink, args.workers)
+        else:
+            counters = replay_share(args, credentials, sink.write, 0, 1)
+    finally:
+        sink.close()
+    delivery = sink.counters() if hasattr(sink, "counters") else {}
+    print(summary_line({**counters, **delivery}), file=sys.stderr)
+    if delivery.get("pending") and not args.exit_when_spooled:
+        print(f"agent: error: {delivery['pending']} events are still in the spool, not yet acknowledged;"
+              " the next start sends them", file=sys.stderr)
+        return 1
     return 0
 
 

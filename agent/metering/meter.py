@@ -42,7 +42,7 @@ class Meter:
 
     def meter(self, exchanges: list[Exchange]) -> list[dict]:
         events: list[dict] = []
-        if self._held:
+        if self._held and self.resolver.ready():
             self._release(events)
         for exchange in exchanges:
             self._meter_one(exchange, events)
@@ -51,7 +51,7 @@ class Meter:
     def release_held(self) -> list[dict]:
         """Call when the credential table may have arrived."""
         events: list[dict] = []
-        if self._held:
+        if self._held and self.resolver.ready():
             self._release(events)
         return events
 

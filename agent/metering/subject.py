@@ -40,6 +40,10 @@ class SubjectResolver:
         self._key_auth = key_auth
         self._table = table
 
+    def ready(self) -> bool:
+        """False while a consumer subject cannot be decided (the credential table has not loaded yet)."""
+        return self.rule.look_up_value_in != "consumer" or self._table() is not None
+
     def resolve(self, request: Message) -> str | None | object:
         """The subject, None when it cannot be resolved, or NOT_READY while the credential table is missing."""
         rule = self.rule
