@@ -52,11 +52,16 @@ def flow_hash(linktype: int, frame: bytes) -> int:
     try:
         if linktype == DLT_EN10MB and frame[12:14] == b"\x08\x00" and frame[23] == IPPROTO_TCP:
             sport, dport = unpack_from("!HH", frame, 14 + (frame[14] & 0x0F) * 4)
-            return sport ^ dport
+            return _mix(sport ^ dport)
     except (IndexError, struct_error):
         return -1
     segment = _HASHING_DECODER.decode(linktype, frame)
-    return segment[1] ^ segment[3] if segment is not None else -1
+    return _mix(segment[1] ^ segment[3]) if segment is not None else -1
+
+
+def _mix(ports: int) -> int:
+    """Spread the bits: Linux hands out even client ports, so the ports' low bits alone would not."""
+    return (ports * 0x9E3779B1 & 0xFFFFFFFF) >> 16
 
 
 class FrameDecoder:
