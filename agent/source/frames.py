@@ -7,6 +7,7 @@ dpkt objects for every layer. Anything it cannot make sense of is counted, never
 from __future__ import annotations
 
 from dataclasses import dataclass
+from struct import Struct
 from struct import error as struct_error
 from struct import unpack_from
 
@@ -46,6 +47,9 @@ class DecodeCounters:
     unsupported_link: int = 0
 
 
+_ETHERNET_IPV4_TCP = Struct("!H2xHxB2x4s4sHHIIH").unpack_from
+
+
 def flow_hash(linktype: int, frame: bytes) -> int:
     """The same number for both directions of a connection (-1 for a frame that is not TCP over IP), so
     that workers can share the traffic by connection. Cheap for the common Ethernet + IPv4 frame."""
@@ -71,6 +75,14 @@ class FrameDecoder:
         self.counters = DecodeCounters()
 
     def decode(self, linktype: int, frame: bytes) -> Segment | None:
+        if linktype == DLT_EN10MB and frame[12:15] == b"\x08\x00\x45" and len(frame) >= 54:
+            # the common frame (Ethernet, IPv4 without options, TCP) in one unpack
+            total_length, fragment, protocol, src, dst, sport, dport, seq, ack, offset_flags = _ETHERNET_IPV4_TCP(
+                frame, 16)
+            end = 14 + total_length
+            header_end = 34 + (offset_flags >> 12) * 4
+            if protocol == IPPROTO_TCP and not fragment & 0x3FFF and 54 <= header_end <= end <= len(frame):
+                return src, sport, dst, dport, seq, ack, offset_flags & 0x3F, frame[header_end:end]
         network = self._network_layer(linktype, frame)
         if network is None:
             return None

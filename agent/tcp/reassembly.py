@@ -109,8 +109,21 @@ class TcpReassembler:
         else:
             self.counters.other_ports += 1
             return []
-        events: list[StreamEvent] = []
         connection = self._connections.get(key)
+        if connection is not None and flags & 0x17 == TCP_ACK:  # no SYN, FIN or RST: maybe the fast path
+            stream, peer = (connection.to_server, connection.to_client) if to_server else (connection.to_client, connection.to_server)
+            if not stream.pending and not peer.pending and stream.base_seq is not None and peer.base_seq is not None:
+                behind = (peer.base_seq + peer.position - ack) & SEQ_MASK  # how far the ACK trails the peer
+                if behind < HALF_SEQ_SPACE and (seq - stream.base_seq - stream.position) & SEQ_MASK == 0:
+                    # in order, nothing held back, nothing of the peer's unacknowledged: deliver it as it is
+                    self._connections.move_to_end(key)
+                    connection.last_seen = timestamp
+                    if not payload:
+                        return []
+                    position = stream.position
+                    stream.position = position + len(payload)
+                    return [(DATA, connection, to_server, timestamp, payload, position, peer.position - behind)]
+        events: list[StreamEvent] = []
         if connection is not None and flags & TCP_SYN and self._is_new_incarnation(connection, to_server, seq):
             self._close(connection, timestamp, events)
             connection = None
