@@ -17,12 +17,13 @@ from agent.tcp.reassembly import CLOSED, DATA, END, GAP, Connection, StreamEvent
 
 
 class Exchange:
-    __slots__ = ("connection", "request", "response_size", "status", "response_end", "request_done",
+    __slots__ = ("connection", "request", "response", "response_size", "status", "response_end", "request_done",
                  "response_done", "emitted")
 
     def __init__(self, connection: Connection, request: Message | None) -> None:
         self.connection = connection
         self.request = request          # None: a request whose head was lost; its response is discarded
+        self.response: Message | None = None  # the final response, once its head is known
         self.response_size = 0          # every byte sent for this request, interim 1xx responses included
         self.status = 0                 # the final status; 0 while none was seen
         self.response_end = 0.0
@@ -103,8 +104,8 @@ class HttpConnection:
         if exchange is not None and exchange.request is not None and 0 <= message.peer_acked < exchange.request.head_end:
             exchange = None  # the server began this answer before it had that request: not its answer
         self.answering = exchange
-        if exchange is not None and (message.status >= 200 or message.status == 101):
-            exchange.status = message.status  # known even if the body is cut short
+        if exchange is not None and not exchange.emitted and (message.status >= 200 or message.status == 101):
+            exchange.status, exchange.response = message.status, message  # known even if the body is cut short
 
     def _response_complete(self, message: Message) -> None:
         exchange, self.answering = self.answering, None
@@ -112,16 +113,19 @@ class HttpConnection:
         if exchange is None:
             self.counters.unmatched_responses += final
             return
-        exchange.response_size += message.size
         if not final:
+            exchange.response_size += message.size if not exchange.emitted else 0
             self.answering = exchange  # an interim response: the final one follows
             return
-        exchange.status, exchange.response_done, exchange.response_end = message.status, True, message.end_time
+        exchange.response_done = True
+        if exchange.emitted:  # handed on unanswered already: it stays as it was billed
+            self.counters.late_responses += 1
+        else:
+            exchange.response_size += message.size
+            exchange.status, exchange.response_end = message.status, message.end_time
         request = exchange.request
         if message.status == 101 or (request is not None and request.method == "CONNECT" and message.status < 300):
             self.requests.state = TUNNEL  # bill the upgrade, ignore the tunnel
-        if exchange.emitted:
-            self.counters.late_responses += 1
         self._flush()
 
     def _response_lost(self) -> None:

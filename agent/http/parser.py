@@ -155,7 +155,10 @@ class MessageParser:
         else:
             head_end += 4
         if head_end >= 0:
-            self._parse_head(data[offset:head_end], time)
+            if head_end - offset > self.max_head_bytes:
+                self._lose_oversized_head()
+            else:
+                self._parse_head(data[offset:head_end], time)
             return head_end
         self.buffer = data[offset:]
         self._check_head_size()
@@ -172,13 +175,20 @@ class MessageParser:
             return len(data)
         head = self.buffer[: found.end()]
         self.buffer = b""
-        self._parse_head(head, time)
+        if len(head) > self.max_head_bytes:
+            self._lose_oversized_head()
+        else:
+            self._parse_head(head, time)
         return offset + found.end() - buffered
 
     def _check_head_size(self) -> None:
         if len(self.buffer) > self.max_head_bytes:
-            self.counters.oversized_heads += 1
-            self._lose_message()
+            self._lose_oversized_head()
+
+    def _lose_oversized_head(self) -> None:
+        """A head over the limit is lost however it was segmented: memory stays bounded, and it is counted."""
+        self.counters.oversized_heads += 1
+        self._lose_message()
 
     def _parse_head(self, head: bytes, time: float) -> None:
         message = self.message

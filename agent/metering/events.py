@@ -23,7 +23,7 @@ def event_id(exchange: Exchange) -> str:
     """
     connection, request = exchange.connection, exchange.request
     assert request is not None and connection.to_server.base_seq is not None
-    first_byte = connection.to_server.base_seq + request.position
+    first_byte = (connection.to_server.base_seq + request.position) & 0xFFFFFFFF  # as on the wire
     identity = f"{connection.client.hex()}:{connection.client_port}>{connection.server.hex()}:{connection.server_port}/{first_byte}"
     digest = hashlib.sha256(identity.encode()).hexdigest()
     return f"{digest[:8]}-{digest[8:12]}-5{digest[13:16]}-{digest[16:20]}-{digest[20:32]}"  # UUID-shaped
@@ -68,6 +68,8 @@ def build_event(exchange: Exchange, subject: str, subject_type: str, source: str
     request = exchange.request
     assert request is not None
     latency = round((exchange.response_end - request.start_time) * 1000) if exchange.status else None
+    response = exchange.response
+    answered_by_kong = response is not None and response.header("x-kong-response-latency") is not None
     data = {
         "request_method": request.method,
         "request_uri": hide_credentials(request.target, key_names),
@@ -77,6 +79,10 @@ def build_event(exchange: Exchange, subject: str, subject_type: str, source: str
         "request_size_bytes": request.size,
         "response_http_status": exchange.status,
         "response_size_bytes": exchange.response_size,
+        "upstream_status": str(exchange.status) if exchange.status and not answered_by_kong else None,  # as nginx's
+        # Kong knows which route and service matched; the wire does not say
+        "route_id": None, "route_name": None, "service_id": None, "service_name": None, "service_port": None,
+        "service_protocol": None,
         "subject_type": subject_type,
         "latency_ms": latency,
     }

@@ -6,6 +6,7 @@ dpkt objects for every layer. Anything it cannot make sense of is counted, never
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from struct import Struct
 from struct import error as struct_error
@@ -23,7 +24,8 @@ DLT_LINUX_SLL2 = 276
 ETH_IPV4 = 0x0800
 ETH_IPV6 = 0x86DD
 ETH_VLAN_TAGS = (0x8100, 0x88A8, 0x9100)
-BSD_AF_INET6 = (10, 24, 28, 30)  # AF_INET6 differs between Linux, NetBSD, FreeBSD and macOS
+BSD_AF_INET6 = (10, 24, 28, 30)
+NATIVE_ORDER = "<" if sys.byteorder == "little" else ">"  # AF_INET6 differs between Linux, NetBSD, FreeBSD and macOS
 
 IPPROTO_TCP = 6
 IPV6_EXTENSION_HEADERS = (0, 43, 60, 51)  # hop-by-hop, routing, destination options, AH
@@ -107,9 +109,10 @@ class FrameDecoder:
             if linktype == DLT_LINUX_SLL2:
                 return unpack_from("!H", frame, 0)[0], 20
             if linktype in (DLT_NULL, DLT_LOOP):
-                family = unpack_from("!I" if linktype == DLT_LOOP else "=I", frame, 0)[0]
-                if family not in (2, *BSD_AF_INET6):
-                    family = unpack_from("<I", frame, 0)[0]  # written on a host of the other byte order
+                order = ">" if linktype == DLT_LOOP else NATIVE_ORDER  # as specified; some writers differ
+                family = unpack_from(order + "I", frame, 0)[0]
+                if family != 2 and family not in BSD_AF_INET6:
+                    family = unpack_from(("<" if order == ">" else ">") + "I", frame, 0)[0]
                 return (ETH_IPV4 if family == 2 else ETH_IPV6 if family in BSD_AF_INET6 else 0), 4
             if linktype in DLT_RAW_ALIASES or linktype in (DLT_IPV4, DLT_IPV6):
                 version = frame[0] >> 4

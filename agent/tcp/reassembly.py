@@ -112,7 +112,8 @@ class TcpReassembler:
         connection = self._connections.get(key)
         if connection is not None and flags & 0x17 == TCP_ACK:  # no SYN, FIN or RST: maybe the fast path
             stream, peer = (connection.to_server, connection.to_client) if to_server else (connection.to_client, connection.to_server)
-            if not stream.pending and not peer.pending and stream.base_seq is not None and peer.base_seq is not None:
+            if (not stream.pending and not peer.pending and stream.base_seq is not None and peer.base_seq is not None
+                    and stream.fin_position is None):
                 behind = (peer.base_seq + peer.position - ack) & SEQ_MASK  # how far the ACK trails the peer
                 if behind < HALF_SEQ_SPACE and (seq - stream.base_seq - stream.position) & SEQ_MASK == 0:
                     # in order, nothing held back, nothing of the peer's unacknowledged: deliver it as it is
@@ -158,8 +159,10 @@ class TcpReassembler:
             stream.fin_position = stream.position_of(seq) + len(payload)
         if flags & TCP_RST:
             self._close(connection, timestamp, events)
-        elif self._check_end(connection, to_server, stream, timestamp, events) and peer.ended:
-            self._close(connection, timestamp, events)
+        else:  # this segment's data, or its ACK of the peer's, may have completed either direction
+            peer_ended = self._check_end(connection, not to_server, peer, timestamp, events)
+            if self._check_end(connection, to_server, stream, timestamp, events) and peer_ended:
+                self._close(connection, timestamp, events)
         return events
 
     def expire(self, now: float) -> list[StreamEvent]:
@@ -210,9 +213,12 @@ class TcpReassembler:
     ) -> None:
         position = stream.position_of(seq)
         if position > stream.position:
-            if len(stream.pending.get(position, b"")) < len(payload):
-                stream.pending_bytes += len(payload) - len(stream.pending.get(position, b""))
-                stream.pending[position] = payload
+            held = len(stream.pending.get(position, b""))
+            if held >= len(payload):
+                self.counters.duplicate_segments += 1
+                return
+            stream.pending_bytes += len(payload) - held
+            stream.pending[position] = payload
             if stream.pending_bytes > self.limits.max_pending_bytes_per_stream:
                 self.counters.pending_overflows += 1
                 self._advance(connection, to_server, stream, min(stream.pending), timestamp, events)
