@@ -6,29 +6,35 @@ reaches the sink and the summary line is printed, well within 10 seconds.
 
 With `--workers N` the kernel spreads flows over N child processes (fanout by flow hash), each with its
 own ring and pipeline; the parent owns the sink, receives their events through pipes and sums their
-counters into one summary.
+counters into one summary. Unless `--no-yield-cpu`, the capture runs at idle priority while its ring has
+room (see `source/cpu_share.py`).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection, wait
+
+import orjson
 
 from agent.credentials.sync import CredentialSync
 from agent.options import pipeline_from_args
 from agent.pipeline import Pipeline, summary_line
 from agent.sink import Sink
+from agent.source.cpu_share import allow_return_after_privilege_drop, catch_up_priority, start_watcher, stop_watcher
+from agent.source.forking import fork
 from agent.source.kernel_filter import MAX_PORTS, capture_filter
 from agent.source.packet_ring import PacketRing
-from agent.source.privileges import drop_privileges
-from agent.source.startup_checks import Link, LiveCaptureError, interface_link, report_listeners, socket_error
+from agent.source.privileges import drop_privileges, user_entry
+from agent.source.startup_checks import (Link, LiveCaptureError, check_ring_memory, interface_link, report_listeners,
+                                         socket_error)
 
 log = logging.getLogger("agent.live")
 
@@ -36,7 +42,9 @@ POLL_MS = 100               # longest wait for a block: how quickly a stop signa
 HOUSEKEEPING_SECONDS = 1.0  # kernel counters read; on a quiet interface, timeouts and idle expiry run
 DRAIN_SECONDS = 6.0         # after a stop signal, the longest spent reading what the ring still holds
 WORKER_EXIT_SECONDS = 8.5   # after forwarding a stop, the longest the parent waits for its workers
-PR_SET_PDEATHSIG = 1
+COUNTERS = b"C"  # a worker's last message: its counters (every other message is a JSON array of events)
+
+Emit = Callable[[list[dict]], None]
 
 
 class StopFlag:
@@ -57,10 +65,15 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, sink:
         raise LiveCaptureError(f"at most {MAX_PORTS} --port values can be captured")
     link = interface_link(args.iface)
     pipeline = pipeline_from_args(args, credentials)  # bad metering flags fail before anything is opened
+    check_ring_memory(args.ring_mb << 20, args.workers)
+    if args.user:
+        user_entry(args.user)
     rings = open_rings(link, ports, args.workers, args.ring_mb << 20)
     try:
         report_listeners(ports)
         if args.user:
+            if args.yield_cpu:
+                allow_return_after_privilege_drop()
             drop_privileges(args.user)
     except BaseException:
         for ring in rings:
@@ -70,16 +83,18 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, sink:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
     where = (f"capturing on {link.interface} (ports {', '.join(map(str, sorted(ports)))}; "
-             f"{args.workers} x {rings[0].ring_bytes >> 20} MiB ring)")
+             f"{len(rings)} x {rings[0].ring_bytes >> 20} MiB ring)")
     if len(rings) == 1:
+        on_stop = _yield_cpu([(os.getpid(), rings[0])]) if args.yield_cpu else _nothing
         log.info("%s", where)
-        counters = capture(rings[0], pipeline, credentials, stop, sink.write)
+        counters = capture(rings[0], pipeline, credentials, stop, sink.write, on_stop)
         rings[0].close()
         clean = True
     else:
         counters, clean = run_workers(rings, args, credentials, stop, sink, where)
-    sink.close()
-    print(summary_line(counters), file=sys.stderr)
+    sink.close()  # in live capture a spool is not waited for: what it holds is sent at the next start
+    delivery = sink.counters() if hasattr(sink, "counters") else {}
+    print(summary_line({**counters, **delivery}), file=sys.stderr)
     return 0 if clean else 1
 
 
@@ -101,8 +116,24 @@ def open_rings(link: Link, ports: set[int], workers: int, ring_bytes: int) -> li
     return rings
 
 
+def _yield_cpu(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...] = ()) -> Callable[[], None]:
+    """Start the CPU-share watcher; returns what the calling thread does at a stop: end the watcher and
+    take priority, since what the ring holds must be read before the deadline."""
+    watcher = start_watcher(targets, followers)
+
+    def on_stop() -> None:
+        stop_watcher(watcher)
+        catch_up_priority()
+
+    return on_stop
+
+
+def _nothing() -> None:
+    pass
+
+
 def capture(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | None, stop: StopFlag,
-            emit, label: str = "") -> dict[str, int]:  # type: ignore[no-untyped-def]
+            emit: Emit, on_stop: Callable[[], None], label: str = "") -> dict[str, int]:
     """Ring -> pipeline -> `emit(events)` until stopped, then drain and close out; returns the counters."""
     if credentials is not None:
         credentials.start()  # a first load that fails is retried; events wait for the table meanwhile
@@ -125,7 +156,8 @@ def capture(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | 
                     events = pipeline.tick(time.time())
                     if events:
                         emit(events)
-        unread = _drain(ring, pipeline, emit, time.monotonic() + DRAIN_SECONDS)
+        on_stop()
+        unread = _drain(ring, pipeline, emit, time.monotonic() + DRAIN_SECONDS, label)
         events = pipeline.finish()
         if events:
             emit(events)
@@ -144,21 +176,26 @@ def capture(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | 
     return counters
 
 
-def _drain(ring: PacketRing, pipeline: Pipeline, emit, deadline: float) -> int:  # type: ignore[no-untyped-def]
+def _drain(ring: PacketRing, pipeline: Pipeline, emit: Emit, deadline: float, label: str) -> int:
     """Read what the ring holds once no more comes in; returns the packets left unread at the deadline."""
     ring.stop_capturing()
-    for _ in range(2):  # the blocks ready now, then the one its retire timer hands over
-        while (frames := ring.next_block()) is not None:
-            events = pipeline.feed(frames)
-            if events:
-                emit(events)
-            if time.monotonic() > deadline:
-                unread = ring.pending_packets()
-                if unread:
-                    log.warning("stopping with %d captured packets still unread (the agent was behind)", unread)
-                return unread
-        ring.wait(3 * ring.retire_ms)
-    return 0
+    settled = time.monotonic() + 2 * ring.retire_ms / 1000  # by then the block being filled is handed over
+    while True:
+        frames = ring.next_block()
+        if frames is None:
+            remaining = settled - time.monotonic()
+            if remaining <= 0:
+                return 0
+            ring.wait(max(1, int(remaining * 1000)))
+            continue
+        events = pipeline.feed(frames)
+        if events:
+            emit(events)
+        if time.monotonic() > deadline:
+            unread = ring.pending_packets()
+            if unread:
+                log.warning("%sstopping with %d captured packets still unread (the agent was behind)", label, unread)
+            return unread
 
 
 def _watch_kernel(ring: PacketRing, label: str, truncated_before: int) -> int:
@@ -180,49 +217,48 @@ def run_workers(rings: list[PacketRing], args: argparse.Namespace, credentials: 
     children: dict[Connection, int] = {}
     for index, ring in enumerate(rings):
         reader, writer = Pipe(duplex=False)
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                reader.close()
-                for other in children:
+        earlier = list(children)
+
+        def work(index: int = index, ring: PacketRing = ring, writer: Connection = writer,
+                 reader: Connection = reader, earlier: list[Connection] = earlier) -> int:
+            reader.close()
+            for connection in earlier:
+                connection.close()
+            for other in rings:
+                if other is not ring:
                     other.close()
-                for other in rings[index + 1 :]:
-                    other.close()
-                code = _worker(index + 1, ring, args, credentials, stop, writer)
-            finally:
-                os._exit(code)
+            return _worker(index + 1, ring, args, credentials, stop, writer)
+
+        pid = fork(work)
         writer.close()
-        ring.close()  # the child's copy is the one in use
         children[reader] = pid
+    # the parent yields along with its workers: it only has work when they do
+    on_stop = _yield_cpu(list(zip(children.values(), rings)), followers=(os.getpid(),)) if args.yield_cpu else _nothing
+    for ring in rings:
+        ring.close()  # the workers' copies are the ones in use
     log.info("%s", where)
-    return _collect(children, stop, sink)
+    return _collect(children, stop, sink, on_stop)
 
 
 def _worker(number: int, ring: PacketRing, args: argparse.Namespace, credentials: CredentialSync | None,
             stop: StopFlag, connection: Connection) -> int:
-    label = f"worker {number}: "
-    parent = os.getppid()
+    """One worker's capture; its events and, last, its counters go to the parent as JSON."""
+
+    def emit(events: list[dict]) -> None:
+        connection.send_bytes(orjson.dumps(events))
+
+    on_stop = catch_up_priority if args.yield_cpu else _nothing
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux's libc: the parent's own stop reaches the workers anyway
-    if os.getppid() != parent:
-        return 1
-    try:
-        pipeline = pipeline_from_args(args, credentials)
-        counters = capture(ring, pipeline, credentials, stop,
-                           lambda events: connection.send(("events", events)), label)
-        connection.send(("counters", counters))
-        return 0
+        counters = capture(ring, pipeline_from_args(args, credentials), credentials, stop, emit, on_stop,
+                           label=f"worker {number}: ")
+        connection.send_bytes(COUNTERS + orjson.dumps(counters))
     except (BrokenPipeError, ConnectionResetError):
         return 1  # the parent is gone
-    except Exception as error:  # one line, not a traceback; the parent stops the others
-        log.error("%sfailed: %s: %s", label, type(error).__name__, " ".join(str(error).split()))
-        return 1
+    return 0
 
 
-def _collect(children: dict[Connection, int], stop: StopFlag, sink: Sink) -> tuple[dict[str, int], bool]:
+def _collect(children: dict[Connection, int], stop: StopFlag, sink: Sink,
+             on_stop: Callable[[], None]) -> tuple[dict[str, int], bool]:
     """Events to the sink as they come; counters summed. A worker that fails stops them all."""
     totals: dict[str, int] = {}
     reported: set[Connection] = set()
@@ -231,18 +267,19 @@ def _collect(children: dict[Connection, int], stop: StopFlag, sink: Sink) -> tup
     while children:
         if stop.signal is not None and stopping_since is None:
             stopping_since = time.monotonic()
+            on_stop()
             for pid in children.values():
                 _signal(pid, signal.SIGTERM)
         if stopping_since is not None and time.monotonic() - stopping_since > WORKER_EXIT_SECONDS:
             log.error("%d workers did not finish in time; their last events are lost", len(children))
-            for reader, pid in children.items():
+            for pid in children.values():
                 _signal(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
             return totals, False
         for reader in wait(list(children), timeout=POLL_MS / 1000):
             assert isinstance(reader, Connection)
             try:
-                kind, payload = reader.recv()
+                message = reader.recv_bytes()
             except (EOFError, OSError):
                 pid = children.pop(reader)
                 reader.close()
@@ -253,11 +290,11 @@ def _collect(children: dict[Connection, int], stop: StopFlag, sink: Sink) -> tup
                         log.error("a worker (pid %d) ended unexpectedly; stopping", pid)
                         stop.signal = signal.SIGTERM
                 continue
-            if kind == "events":
-                sink.write(payload)
+            if message[:1] != COUNTERS:
+                sink.write(orjson.loads(message))
             else:
                 reported.add(reader)
-                for name, value in payload.items():
+                for name, value in orjson.loads(message[1:]).items():
                     totals[name] = totals.get(name, 0) + value
     return totals, clean
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 # Instruction classes, sizes, modes and operations, as in linux/filter.h and linux/bpf_common.h.
 BPF_LD, BPF_LDX, BPF_ST, BPF_ALU, BPF_JMP, BPF_RET, BPF_MISC = 0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x07
 BPF_W, BPF_H, BPF_B = 0x00, 0x08, 0x10
-BPF_IMM, BPF_ABS, BPF_IND, BPF_MEM, BPF_MSH = 0x00, 0x20, 0x40, 0x60, 0xA0
+BPF_ABS, BPF_IND, BPF_MEM, BPF_MSH = 0x20, 0x40, 0x60, 0xA0
 BPF_SUB, BPF_AND, BPF_RSH = 0x10, 0x50, 0x70
 BPF_JA, BPF_JEQ, BPF_JSET = 0x00, 0x10, 0x40
 BPF_K, BPF_X = 0x00, 0x08
@@ -79,8 +79,7 @@ class Assembler:
         return offset
 
 
-def capture_filter(ports: Iterable[int], link_header: int, drop_outgoing: bool,
-                   drop_pure_acks: bool = True) -> list[tuple[int, int, int, int]]:
+def capture_filter(ports: Iterable[int], link_header: int, drop_outgoing: bool) -> list[tuple[int, int, int, int]]:
     """The program: `link_header` is 14 for Ethernet and loopback, 0 for raw-IP (tun) interfaces."""
     ports = sorted(set(ports))
     if not 0 < len(ports) <= MAX_PORTS:
@@ -102,36 +101,32 @@ def capture_filter(ports: Iterable[int], link_header: int, drop_outgoing: bool,
     a.op(BPF_LDX | BPF_B | BPF_MSH, link)                      # X = IP header length
     _match_ports(a, ports, BPF_IND, link, "ipv4_port")
     a.label("ipv4_port")
-    if not drop_pure_acks:
-        a.jump("accept")
-    else:
-        a.op(BPF_LD | BPF_B | BPF_IND, link + 13)              # TCP flags
-        a.op(BPF_JMP | BPF_JSET | BPF_K, TCP_FIN_SYN_RST, "accept", 0)
-        a.op(BPF_LD | BPF_B | BPF_IND, link + 12)              # data offset, in the high nibble
-        a.op(BPF_ALU | BPF_RSH | BPF_K, 2)
-        a.op(BPF_ALU | BPF_AND | BPF_K, 0x3C)                  # TCP header length
-        a.op(BPF_ST, 0)                                        # M[0] = TCP header length
-        a.op(BPF_LD | BPF_H | BPF_ABS, link + 2)               # IP total length
-        a.op(BPF_ALU | BPF_SUB | BPF_X)                        # - IP header length
-        a.op(BPF_LDX | BPF_W | BPF_MEM, 0)
-        a.op(BPF_ALU | BPF_SUB | BPF_X)                        # - TCP header length = payload length
-        a.op(BPF_JMP | BPF_JEQ | BPF_K, 0, "drop", "accept")
+    a.op(BPF_LD | BPF_B | BPF_IND, link + 13)                  # TCP flags
+    a.op(BPF_JMP | BPF_JSET | BPF_K, TCP_FIN_SYN_RST, "accept", 0)
+    a.op(BPF_LD | BPF_B | BPF_IND, link + 12)                  # data offset, in the high nibble
+    a.op(BPF_ALU | BPF_RSH | BPF_K, 2)
+    a.op(BPF_ALU | BPF_AND | BPF_K, 0x3C)                      # TCP header length
+    a.op(BPF_ST, 0)                                            # M[0] = TCP header length
+    a.op(BPF_LD | BPF_H | BPF_ABS, link + 2)                   # IP total length
+    a.op(BPF_ALU | BPF_SUB | BPF_X)                            # - IP header length
+    a.op(BPF_LDX | BPF_W | BPF_MEM, 0)
+    a.op(BPF_ALU | BPF_SUB | BPF_X)                            # - TCP header length = payload length
+    a.op(BPF_JMP | BPF_JEQ | BPF_K, 0, "drop", "accept")
 
     a.label("ipv6")
     a.op(BPF_LD | BPF_B | BPF_ABS, link + 6)                   # next header: TCP right after the fixed header
     a.op(BPF_JMP | BPF_JEQ | BPF_K, IPPROTO_TCP, 0, "drop")
     _match_ports(a, ports, BPF_ABS, link + 40, "ipv6_port")
     a.label("ipv6_port")
-    if drop_pure_acks:
-        a.op(BPF_LD | BPF_B | BPF_ABS, link + 53)              # TCP flags
-        a.op(BPF_JMP | BPF_JSET | BPF_K, TCP_FIN_SYN_RST, "accept", 0)
-        a.op(BPF_LD | BPF_B | BPF_ABS, link + 52)
-        a.op(BPF_ALU | BPF_RSH | BPF_K, 2)
-        a.op(BPF_ALU | BPF_AND | BPF_K, 0x3C)
-        a.op(BPF_MISC | BPF_TAX)                               # X = TCP header length
-        a.op(BPF_LD | BPF_H | BPF_ABS, link + 4)               # IPv6 payload length
-        a.op(BPF_ALU | BPF_SUB | BPF_X)
-        a.op(BPF_JMP | BPF_JEQ | BPF_K, 0, "drop", 0)
+    a.op(BPF_LD | BPF_B | BPF_ABS, link + 53)                  # TCP flags
+    a.op(BPF_JMP | BPF_JSET | BPF_K, TCP_FIN_SYN_RST, "accept", 0)
+    a.op(BPF_LD | BPF_B | BPF_ABS, link + 52)
+    a.op(BPF_ALU | BPF_RSH | BPF_K, 2)
+    a.op(BPF_ALU | BPF_AND | BPF_K, 0x3C)
+    a.op(BPF_MISC | BPF_TAX)                                   # X = TCP header length
+    a.op(BPF_LD | BPF_H | BPF_ABS, link + 4)                   # IPv6 payload length
+    a.op(BPF_ALU | BPF_SUB | BPF_X)                            # = TCP payload length
+    a.op(BPF_JMP | BPF_JEQ | BPF_K, 0, "drop", 0)
 
     a.label("accept")
     a.op(BPF_RET | BPF_K, ACCEPT_WHOLE)

@@ -2,7 +2,9 @@
 
 An open packet socket keeps working without CAP_NET_RAW (the kernel checks the capability when the
 socket is created, not when it is read), so nothing needs to be retained: supplementary groups, group
-and user all change, and the process cannot get root back.
+and user all change, and the process cannot get root back. (The CPU-share watcher can still raise the
+capture's priority: `cpu_share.allow_return_after_privilege_drop` sets RLIMIT_NICE before the switch.)
+What the agent reads afterwards, such as a decK file, must be readable by that user.
 """
 
 from __future__ import annotations
@@ -16,11 +18,16 @@ from agent.source.startup_checks import LiveCaptureError
 log = logging.getLogger(__name__)
 
 
-def drop_privileges(user: str) -> None:
+def user_entry(user: str) -> pwd.struct_passwd:
+    """Checked before anything is opened, so a typo costs nothing."""
     try:
-        entry = pwd.getpwnam(user)
+        return pwd.getpwnam(user)
     except KeyError:
         raise LiveCaptureError(f"--user {user}: no such user") from None
+
+
+def drop_privileges(user: str) -> None:
+    entry = user_entry(user)
     if os.geteuid() == entry.pw_uid:
         return
     try:

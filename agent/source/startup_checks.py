@@ -58,6 +58,15 @@ def interface_link(name: str) -> Link:
     raise LiveCaptureError(f"{name}: link type {arphrd} is not supported (Ethernet, loopback or raw IP are)")
 
 
+def check_ring_memory(ring_bytes: int, workers: int) -> None:
+    """The rings are kernel memory that cannot be swapped out: refuse what would starve the host."""
+    total = ring_bytes * workers
+    available = psutil.virtual_memory().available
+    if total > available // 2:
+        raise LiveCaptureError(f"{workers} x {ring_bytes >> 20} MiB of ring is more than half the memory available "
+                               f"({available >> 20} MiB); give a smaller --ring-mb")
+
+
 def socket_error(interface: str, error: OSError) -> LiveCaptureError:
     """The one line for a packet socket or ring that could not be set up."""
     if isinstance(error, PermissionError):

@@ -1,0 +1,107 @@
+"""Yield the CPU to the gateway while the ring has room; take priority before the ring could overflow.
+
+Metering a request costs the agent about as much CPU as serving it costs the gateway and its clients
+(~28 us against ~33 us measured here), so at the gateway's peak an agent competing as an equal takes
+much of its throughput. The ring is the buffer that makes waiting safe: the capture threads run at idle
+priority (SCHED_IDLE: any other task that wakes preempts them) and catch up when the gateway quietens.
+
+An idle-priority thread may not run at all while the gateway is busy, so it cannot be the one to notice
+that its ring is filling. A small watcher process at normal priority looks at every ring twenty times a
+second: once a ring is three quarters full, the gateway's load is more than a burst, and losing packets
+would lose billing data, so the capture thread takes priority over the gateway (nice -10) until its
+ring is down to a quarter; then it yields again. An equal share was measured not to be enough: among the
+gateway's processes the capture gets too small a part, and the ring kept filling. The watcher has no
+GIL to share with the threads it watches, so a starved capture thread cannot block it.
+
+Leaving SCHED_IDLE and going below nice 0 need CAP_SYS_NICE or an RLIMIT_NICE of 30;
+`allow_return_after_privilege_drop()` raises that limit while the process is still root, so it also
+works after `--user`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import time
+
+from agent.source.forking import fork
+from agent.source.packet_ring import PacketRing
+
+log = logging.getLogger(__name__)
+
+BUSY_FRACTION = 0.75   # ring this full: take priority over the gateway
+CALM_FRACTION = 0.25   # ring this empty again: yield again
+CATCH_UP_NICE = -10
+WATCH_SECONDS = 0.05
+
+
+def allow_return_after_privilege_drop() -> None:
+    """RLIMIT_NICE 30 lets an unprivileged process leave SCHED_IDLE for nice -10 (20 - limit)."""
+    try:
+        resource.setrlimit(resource.RLIMIT_NICE, (20 - CATCH_UP_NICE, 20 - CATCH_UP_NICE))
+    except (OSError, ValueError):
+        pass  # not root: whatever the limit is stays
+
+
+def start_watcher(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...] = ()) -> int:
+    """Fork the watcher for (capture thread id, its ring) pairs; it puts them at idle priority at once.
+    `followers` (the thread that takes the workers' events) yield while every capture thread does.
+    Returns its pid; stop it with `stop_watcher` before the capture threads drain at a stop."""
+    return fork(lambda: _watch(targets, followers), on_parent_death=signal.SIGKILL)
+
+
+def stop_watcher(pid: int) -> None:
+    """At a stop, before the capture threads take `catch_up_priority()`."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+def catch_up_priority() -> None:
+    """The calling thread takes priority over the gateway: at a stop, the ring must be read before the deadline."""
+    _set_policy(0, os.SCHED_OTHER)
+
+
+def _watch(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...]) -> int:
+    for signum in (signal.SIGINT, signal.SIGTERM):  # a stop ends the watcher at once, not after the capture
+        signal.signal(signum, signal.SIG_DFL)
+    for _, ring in targets:
+        ring.close_socket()  # the map is all the watcher needs; the socket stays the capture's alone
+    yielding = {tid: _set_policy(tid, os.SCHED_IDLE) for tid, _ in targets}
+    if not any(yielding.values()):
+        return 0
+    followers_yield = all(_set_policy(tid, os.SCHED_IDLE) for tid in followers)
+    while True:
+        time.sleep(WATCH_SECONDS)
+        if followers_yield != all(yielding.values()):
+            followers_yield = not followers_yield
+            for tid in followers:
+                _set_policy(tid, os.SCHED_IDLE if followers_yield else os.SCHED_OTHER)
+        for tid, ring in targets:
+            backlog = ring.ready_fraction()
+            if yielding[tid] and backlog >= BUSY_FRACTION:
+                if not _set_policy(tid, os.SCHED_OTHER):
+                    return 1
+                yielding[tid] = False
+                log.info("the ring of capture %d is %.0f%% full: it takes priority over the gateway until it "
+                         "has caught up", tid, backlog * 100)
+            elif not yielding[tid] and backlog <= CALM_FRACTION:
+                yielding[tid] = _set_policy(tid, os.SCHED_IDLE)
+
+
+def _set_policy(tid: int, policy: int) -> bool:
+    """SCHED_IDLE, or SCHED_OTHER at the catch-up nice value."""
+    try:
+        os.sched_setscheduler(tid, policy, os.sched_param(0))
+        if policy == os.SCHED_OTHER:
+            os.setpriority(os.PRIO_PROCESS, tid, CATCH_UP_NICE)  # a thread id: this thread only
+    except ProcessLookupError:
+        return False
+    except OSError as error:
+        log.warning("cannot change the CPU priority of capture %d (%s)", tid, error.strerror or error)
+        return False
+    return True

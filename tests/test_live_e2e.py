@@ -1,0 +1,360 @@
+"""Live capture end to end: nginx configured like Kong's key-auth on loopback, the agent capturing it from
+the kernel, real clients, and nginx's own JSON access log as the truth, one log line for one event.
+
+Everything here runs the agent as a user does (`python -m agent --iface lo ...` in its own process),
+stops it with a signal and reads its output file, exit code and stderr. Needs root (packet sockets).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from kong_standin import KongStandin, load_consumers
+
+from conftest import CAPTURES, REPO, read_events, run_agent, summary
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: packet sockets")]
+
+DECK = CAPTURES / "kong.yaml"
+KEYS: dict[str, list[str]] = {}
+for _key, (_subject, _) in load_consumers(DECK).items():
+    KEYS.setdefault(_subject, []).append(_key)
+ALICE, BOB = KEYS["alice"][0], KEYS["bob"][0]
+CAROL_OLD, CAROL_NEW = KEYS["carol"]
+MACHINE = next(keys[0] for subject, keys in KEYS.items() if subject not in ("alice", "bob", "carol"))
+UNKNOWN = "not-a-known-key-000"
+STOP_LIMIT = 10.0  # seconds from the stop signal to the exit, as promised
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class LiveAgent:
+    """`agent --iface lo` in its own process; stderr is collected as it comes."""
+
+    def __init__(self, output: Path, port: int, *extra: str, user: str | None = None, deck: Path = DECK) -> None:
+        self.output = output
+        command = [sys.executable, "-m", "agent", "--iface", "lo", "--port", str(port),
+                   "--credentials", str(deck), "--output", str(output), *extra]
+        self.process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, user=user)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"the agent never logged {text!r}: {self.stderr}")
+            time.sleep(0.05)
+
+    def stop(self, signum: int = signal.SIGTERM) -> tuple[int, float]:
+        """Send the signal; (exit code, seconds it took to exit)."""
+        started = time.monotonic()
+        self.process.send_signal(signum)
+        try:
+            code = self.process.wait(timeout=STOP_LIMIT + 20)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        took = time.monotonic() - started
+        self._reader.join(5)
+        return code, took
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def summary(self) -> dict[str, int]:
+        return summary(self.stderr)
+
+    def events(self) -> list[dict]:
+        return read_events(self.output)
+
+
+@pytest.fixture
+def gateway():
+    with KongStandin(port=free_port()) as standin:
+        yield standin
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path):
+    agents: list[LiveAgent] = []
+
+    def start(port: int, *extra: str, user: str | None = None, deck: Path = DECK) -> LiveAgent:
+        agent = LiveAgent(tmp_path / f"events-{len(agents)}.jsonl", port, *extra, user=user, deck=deck)
+        agents.append(agent)
+        agent.wait_for("capturing on lo")
+        if deck.exists():
+            agent.wait_for("credentials: loaded")
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.kill()
+
+
+def packet_sockets(pid: int) -> set[str]:
+    """The packet sockets a process holds (their inodes), from /proc."""
+    lines = Path("/proc/net/packet").read_text().splitlines()[1:]
+    inodes = {line.split()[-1] for line in lines}
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            held.add(target[8:-1])
+    return held
+
+
+# -- traffic -------------------------------------------------------------------------------------------
+
+
+def curl(*args: str) -> None:
+    subprocess.run(["curl", "-sS", "-o", "/dev/null", "--max-time", "20", *args], check=True, timeout=30)
+
+
+def raw_exchange(port: int, payload: bytes, host: str = "127.0.0.1") -> None:
+    """Send everything in one write, read until the server closes (the last request says close)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as connection:
+        connection.settimeout(20)
+        connection.connect((host, port))
+        connection.sendall(payload)
+        while connection.recv(65536):
+            pass
+
+
+def request(method: str, target: str, key: str | None, body: bytes = b"", close: bool = False) -> bytes:
+    headers = [f"{method} {target} HTTP/1.1", "Host: gateway"]
+    if key is not None:
+        headers.append(f"apikey: {key}")
+    if body:
+        headers.append(f"Content-Length: {len(body)}")
+    if close:
+        headers.append("Connection: close")
+    return ("\r\n".join(headers) + "\r\n\r\n").encode() + body
+
+
+def drive_clients(gateway: KongStandin, workdir: Path) -> int:
+    """Every kind of client the issue names; returns how many requests were sent."""
+    base, port = gateway.base_url, gateway.port
+    sent = 0
+    # curl, one connection each: key in the header or the query, HEAD, chunked and gzip responses
+    curl("-H", f"apikey: {ALICE}", f"{base}/orders/1")
+    curl(f"{base}/orders?page=2&apikey={BOB}&sort=asc")
+    curl("-I", "-H", f"apikey: {CAROL_NEW}", f"{base}/static/catalog.json")
+    curl("-H", f"apikey: {MACHINE}", f"{base}/stream")
+    curl("--compressed", "-H", f"apikey: {BOB}", f"{base}/reports/export")
+    sent += 5
+    # invalid and missing keys: answered 401, never billed
+    curl("-H", f"apikey: {UNKNOWN}", f"{base}/orders")
+    curl(f"{base}/orders?page=1")
+    sent += 2
+    # a keep-alive client with a different key on every request
+    with httpx.Client(base_url=base, timeout=20) as client:
+        for number, key in enumerate([ALICE, BOB, CAROL_OLD, CAROL_NEW, MACHINE, UNKNOWN, ALICE]):
+            client.get(f"/items/{number}", headers={"apikey": key})
+        client.post("/orders", headers={"apikey": BOB}, json={"sku": "SKU-0001", "quantity": 3})
+        client.delete("/orders/9", headers={"apikey": CAROL_OLD})
+        client.get("/status/429", headers={"apikey": ALICE})
+        sent += 10
+    # pipelining: three requests in one write, answered in order on one connection
+    raw_exchange(port, request("GET", "/pipelined/1", ALICE) + request("GET", "/pipelined/2", UNKNOWN)
+                 + request("POST", "/pipelined/3", BOB, body=b'{"n":3}', close=True))
+    sent += 3
+    # IPv6
+    curl("-g", "-H", f"apikey: {MACHINE}", f"{gateway.base_url_ipv6}/v6/orders")
+    curl("-g", f"{gateway.base_url_ipv6}/v6/orders?apikey={UNKNOWN}")
+    raw_exchange(port, request("GET", "/v6/pipelined/1", CAROL_NEW)
+                 + request("GET", "/v6/pipelined/2", ALICE, close=True), host="::1")
+    sent += 4
+    # a multi-megabyte upload (curl sends Expect: 100-continue; nginx's interim answer counts in bytes_sent)
+    upload = workdir / "upload.bin"
+    upload.write_bytes(os.urandom(6 << 20))
+    curl("-H", f"apikey: {ALICE}", "--data-binary", f"@{upload}", f"{base}/uploads")
+    sent += 1
+    return sent
+
+
+# -- the truth -----------------------------------------------------------------------------------------
+
+
+def strip_key(uri: str) -> str:
+    path, _, query = uri.partition("?")
+    kept = [part for part in query.split("&") if part and part.partition("=")[0] != "apikey"]
+    return f"{path}?{'&'.join(kept)}" if kept else path
+
+
+def assert_one_for_one(entries: list[dict], agent: LiveAgent) -> None:
+    """Each billed log line is exactly one event with the same subject, request and sizes; 401s are counted."""
+    billed = Counter((e["consumer"], e["request_method"], strip_key(e["request_uri"]), e["status"],
+                      e["request_length"], e["bytes_sent"]) for e in entries if e["consumer"] and e["status"] != 401)
+    metered = Counter((ev["subject"], ev["data"]["request_method"], ev["data"]["request_uri"],
+                       ev["data"]["response_http_status"], ev["data"]["request_size_bytes"],
+                       ev["data"]["response_size_bytes"]) for ev in agent.events())
+    assert metered == billed
+    counters = agent.summary()
+    assert counters["rejected"] == sum(1 for e in entries if e["status"] == 401)
+    assert counters["kernel_drops"] == 0
+    assert counters["gaps"] == 0 and counters["parse_errors"] == 0
+
+
+# -- tests ---------------------------------------------------------------------------------------------
+
+
+def test_events_match_the_gateways_access_log_one_for_one(gateway, start_agent, tmp_path: Path) -> None:
+    agent = start_agent(gateway.port)
+    sent = drive_clients(gateway, tmp_path)
+    entries = gateway.access_log_entries(expect=sent)
+    code, took = agent.stop(signal.SIGTERM)
+    assert code == 0, agent.stderr
+    assert took < STOP_LIMIT
+    assert len(entries) == sent
+    assert_one_for_one(entries, agent)
+    assert any(f"port {gateway.port}: nginx: master process" in line for line in agent.lines)
+    assert all(key not in agent.stderr for keys in KEYS.values() for key in keys)
+
+
+def test_live_and_replay_of_the_same_packets_give_the_same_events(gateway, start_agent, tmp_path: Path) -> None:
+    """Event ids are made from the connection and sequence numbers: capturing live, or replaying tcpdump's
+    capture of the same traffic, must give the same events (so a backfill never double-bills)."""
+    capture = tmp_path / "same.pcap"
+    tcpdump = subprocess.Popen(["tcpdump", "-i", "lo", "-s", "0", "-U", "-w", str(capture), "tcp", "port",
+                                str(gateway.port)], stderr=subprocess.PIPE, text=True)
+    try:
+        assert tcpdump.stderr is not None
+        assert "listening on" in tcpdump.stderr.readline()
+        agent = start_agent(gateway.port)
+        sent = drive_clients(gateway, tmp_path)
+        entries = gateway.access_log_entries(expect=sent)
+        code, _ = agent.stop(signal.SIGTERM)
+        assert code == 0, agent.stderr
+    finally:
+        time.sleep(0.5)
+        tcpdump.send_signal(signal.SIGINT)
+        tcpdump.wait(10)
+    replayed = tmp_path / "replayed.jsonl"
+    run_agent("--read", str(capture), "--port", str(gateway.port), "--credentials", str(DECK),
+              "--output", str(replayed))
+
+    def comparable(events: list[dict]) -> list[tuple]:  # the time is rounded differently (pcap keeps µs)
+        return sorted((e["id"], e["subject"], json.dumps(e["data"], sort_keys=True)) for e in events)
+
+    assert comparable(agent.events()) == comparable(read_events(replayed))
+    assert len(agent.events()) == sum(1 for e in entries if e["consumer"] and e["status"] != 401)
+
+
+def test_sigint_stops_it_the_same_way(gateway, start_agent) -> None:
+    agent = start_agent(gateway.port)
+    curl("-H", f"apikey: {ALICE}", f"{gateway.base_url}/a")
+    curl("-H", f"apikey: {UNKNOWN}", f"{gateway.base_url}/b")
+    entries = gateway.access_log_entries(expect=2)
+    code, took = agent.stop(signal.SIGINT)
+    assert code == 0, agent.stderr
+    assert took < STOP_LIMIT
+    assert_one_for_one(entries, agent)
+
+
+def test_exchanges_in_flight_at_the_stop_are_closed_out(gateway, start_agent) -> None:
+    agent = start_agent(gateway.port)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as answered, \
+            socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as waiting:
+        answered.sendall(request("GET", "/answered", BOB))  # keep-alive: the connection stays open
+        assert answered.recv(65536).startswith(b"HTTP/1.1 200")
+        waiting.sendall(request("POST", "/waiting", ALICE, body=b"x" * 100)[:-90])  # the body never completes
+        time.sleep(0.3)
+        code, took = agent.stop(signal.SIGTERM)
+    assert code == 0, agent.stderr
+    assert took < STOP_LIMIT
+    events = {event["data"]["request_uri"]: event for event in agent.events()}
+    assert events["/answered"]["subject"] == "bob"
+    assert events["/answered"]["data"]["response_http_status"] == 200
+    # no response was seen: emitted with status 0, as replay does for a capture that ends there
+    assert events["/waiting"]["subject"] == "alice"
+    assert events["/waiting"]["data"]["response_http_status"] == 0
+    assert agent.summary()["unanswered"] == 1
+
+
+def test_two_workers_share_the_traffic_and_match_the_log_one_for_one(gateway, start_agent, tmp_path: Path) -> None:
+    agent = start_agent(gateway.port, "--workers", "2")
+    children = psutil.Process(agent.process.pid).children()
+    capturing = [child for child in children if packet_sockets(child.pid)]
+    assert len(capturing) == 2 and all(len(packet_sockets(child.pid)) == 1 for child in capturing)
+    assert not packet_sockets(agent.process.pid)  # the parent only collects
+    sent = drive_clients(gateway, tmp_path)
+    entries = gateway.access_log_entries(expect=sent)
+    code, took = agent.stop(signal.SIGTERM)
+    assert code == 0, agent.stderr
+    assert took < STOP_LIMIT
+    assert_one_for_one(entries, agent)
+    assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)
+
+
+def test_user_switch_keeps_capturing_without_privileges(gateway, start_agent) -> None:
+    nobody = pwd.getpwnam("nobody")
+    agent = start_agent(gateway.port, "--user", "nobody")
+    process = psutil.Process(agent.process.pid)
+    assert set(process.uids()) == {nobody.pw_uid}  # real, effective and saved: no way back to root
+    assert set(process.gids()) == {nobody.pw_gid}
+    curl("-H", f"apikey: {CAROL_OLD}", f"{gateway.base_url}/as-nobody")
+    entries = gateway.access_log_entries(expect=1)
+    code, _ = agent.stop(signal.SIGTERM)
+    assert code == 0, agent.stderr
+    assert_one_for_one(entries, agent)
+
+
+def test_nothing_listening_is_a_warning_and_a_gateway_started_later_is_metered(start_agent) -> None:
+    port = free_port()
+    agent = start_agent(port)
+    assert f"agent: WARNING: nothing is listening on port {port} yet; capturing anyway" in agent.lines
+    with KongStandin(port=port) as late_gateway:
+        curl("-H", f"apikey: {MACHINE}", f"{late_gateway.base_url}/late")
+        entries = late_gateway.access_log_entries(expect=1)
+        code, _ = agent.stop(signal.SIGTERM)
+    assert code == 0, agent.stderr
+    assert_one_for_one(entries, agent)
+
+
+def test_credentials_arriving_after_the_start_release_the_requests_held_meanwhile(gateway, start_agent,
+                                                                                  tmp_path: Path) -> None:
+    deck = tmp_path / "kong.yaml"  # not there yet: the agent captures anyway and holds what it cannot meter
+    agent = start_agent(gateway.port, deck=deck)
+    curl("-H", f"apikey: {BOB}", f"{gateway.base_url}/before-credentials")
+    entries = gateway.access_log_entries(expect=1)
+    agent.wait_for("credentials: ")  # the failed first load is logged, the capture goes on
+    deck.write_text(DECK.read_text())
+    agent.wait_for("credentials: loaded")
+    code, _ = agent.stop(signal.SIGTERM)
+    assert code == 0, agent.stderr
+    assert_one_for_one(entries, agent)

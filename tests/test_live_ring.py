@@ -1,0 +1,171 @@
+"""The TPACKET_V3 ring with real loopback traffic: whole super-frames, fanout by flow, stopping without
+losing what was captured, and the kernel's drop counter when the ring is full. Needs root."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections import defaultdict
+
+import pytest
+
+from agent.source.frames import DLT_EN10MB, FrameDecoder
+from agent.source.kernel_filter import capture_filter
+from agent.source.packet_ring import BLOCK_BYTES, PacketRing
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: packet sockets")]
+
+
+def open_ring(port: int, ring_bytes: int = 64 << 20, group: int | None = None) -> PacketRing:
+    return PacketRing("lo", DLT_EN10MB, capture_filter([port], 14, drop_outgoing=True), ring_bytes,
+                      fanout_group=group, ignore_outgoing=True)
+
+
+def read_until_quiet(ring: PacketRing, quiet: float = 0.3, limit: float = 10.0) -> list[tuple[float, int, bytes]]:
+    """Every frame the ring hands over until none has come for `quiet` seconds (blocks retire in ms)."""
+    frames: list[tuple[float, int, bytes]] = []
+    deadline = time.monotonic() + limit
+    last = time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - last < quiet:
+        block = ring.next_block()
+        if block is None:
+            ring.wait(50)
+            continue
+        frames.extend(block)
+        last = time.monotonic()
+    return frames
+
+
+class Server:
+    """A loopback server that reads each connection to its end and answers with `reply` bytes."""
+
+    def __init__(self, reply: bytes = b"done") -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.reply = reply
+        self.received: dict[int, int] = {}
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, (_, client_port) = self.sock.accept()
+            except OSError:
+                return
+            with connection:
+                total = 0
+                while chunk := connection.recv(1 << 20):
+                    total += len(chunk)
+                connection.sendall(self.reply)
+                self.received[client_port] = total
+
+    def send(self, data: bytes) -> int:
+        """One connection: send `data`, half-close, read the reply; returns the client's port."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as client:
+            client.sendall(data)
+            client.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := client.recv(65536):
+                reply += chunk
+            assert reply == self.reply
+            return client.getsockname()[1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def payloads(frames: list[tuple[float, int, bytes]], port: int) -> dict[tuple[int, bool], bytes]:
+    """(client port, to server) -> the bytes of that stream, placed by sequence number (loopback TCP does
+    retransmit now and then under load; a retransmitted segment is a packet of its own, not a copy)."""
+    decoder = FrameDecoder()
+    streams: dict[tuple[int, bool], bytearray] = defaultdict(bytearray)
+    starts: dict[tuple[int, bool], int] = {}
+    for _, linktype, frame in frames:
+        segment = decoder.decode(linktype, frame)
+        if segment is None or not segment[7]:
+            continue
+        to_server = segment[3] == port
+        key = (segment[1] if to_server else segment[3], to_server)
+        offset = (segment[4] - starts.setdefault(key, segment[4])) & 0xFFFFFFFF
+        stream = streams[key]
+        if len(stream) < offset:
+            stream.extend(b"\0" * (offset - len(stream)))  # a hole; the comparison shows it
+        stream[offset : offset + len(segment[7])] = segment[7]
+    return {key: bytes(stream) for key, stream in streams.items()}
+
+
+def test_offloaded_super_frames_arrive_whole_and_each_packet_once() -> None:
+    server = Server()
+    ring = open_ring(server.port)
+    data = os.urandom(8 << 20)
+    try:
+        before = time.time()
+        client_port = server.send(data)
+        after = time.time()
+        frames = read_until_quiet(ring)
+        ring.read_statistics()
+    finally:
+        ring.close()
+        server.close()
+    assert payloads(frames, server.port)[(client_port, True)] == data
+    assert len({frame for _, _, frame in frames}) == len(frames)  # no packet twice (lo's outgoing copy)
+    assert max(len(frame) for _, _, frame in frames) > 16384  # super-frames, not MTU-sized pieces
+    assert ring.truncated == 0
+    assert ring.statistics.drops == 0 and ring.statistics.packets == len(frames)
+    assert all(before - 1 <= timestamp <= after + 1 for timestamp, _, _ in frames)
+
+
+def test_fanout_keeps_each_connection_in_one_ring_and_misses_none() -> None:
+    server = Server(reply=b"HTTP/1.1 200 OK\r\n\r\n")
+    first = open_ring(server.port)
+    second = open_ring(server.port, group=first.fanout_group)
+    try:
+        client_ports = [server.send(b"GET /%d HTTP/1.1\r\n\r\n" % n) for n in range(24)]
+        seen = [payloads(read_until_quiet(ring), server.port) for ring in (first, second)]
+    finally:
+        first.close()
+        second.close()
+        server.close()
+    for client_port in client_ports:
+        holders = [index for index, streams in enumerate(seen) if (client_port, True) in streams]
+        assert len(holders) == 1, client_port  # request and response in the same ring
+        assert (client_port, False) in seen[holders[0]]
+    assert all(seen), "the flow hash sent every connection to one ring"
+
+
+def test_stopping_keeps_what_was_captured_and_lets_nothing_new_in() -> None:
+    server = Server()
+    ring = open_ring(server.port)
+    try:
+        before_stop = server.send(b"captured")
+        time.sleep(0.1)
+        ring.stop_capturing()
+        after_stop = server.send(b"not captured")
+        streams = payloads(read_until_quiet(ring), server.port)
+    finally:
+        ring.close()
+        server.close()
+    assert streams[(before_stop, True)] == b"captured"
+    assert (after_stop, True) not in streams
+
+
+def test_a_full_ring_is_seen_as_full_and_its_drops_are_counted() -> None:
+    server = Server()
+    ring = open_ring(server.port, ring_bytes=4 * BLOCK_BYTES)
+    try:
+        assert ring.ready_fraction() == 0
+        server.send(os.urandom(16 << 20))  # four times what the ring holds, and nobody reading
+        time.sleep(0.1)
+        assert ring.ready_fraction() == 1
+        dropped = ring.read_statistics().drops
+        frames = read_until_quiet(ring)
+        assert ring.ready_fraction() == 0
+    finally:
+        ring.close()
+        server.close()
+    assert dropped > 0
+    assert ring.statistics.packets == len(frames) + ring.statistics.drops
