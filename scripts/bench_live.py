@@ -25,31 +25,23 @@ import argparse
 import json
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kong_standin import DEFAULT_DECK_FILE, KongStandin, load_consumers  # noqa: E402
+from kong_standin import DEFAULT_DECK_FILE, KongStandin, billed_rows, free_loopback_port, load_consumers, metered_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 INVALID_KEY = "not-a-known-key-000"
 CATCH_UP_LIMIT = 60.0  # seconds the agent may take to empty its ring after the load
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wrk_script(keys: list[str]) -> str:
@@ -204,15 +196,9 @@ def agent_run(gateway: KongStandin, script: Path, args: argparse.Namespace, work
 
     time.sleep(0.5)  # nginx writes a line once its request is done
     entries = log_entries_from(gateway.access_log_path, log_offset)
-    billed = Counter(
-        (e["consumer"], e["request_method"], strip_key(e["request_uri"]), answered_status(e), e["request_length"],
-         e["bytes_sent"])
-        for e in entries if e["consumer"] and e["status"] != 401)
+    billed = billed_rows(entries)
     events = [json.loads(line) for line in output.read_text().splitlines() if line.strip()]
-    metered = Counter(
-        (ev["subject"], ev["data"]["request_method"], ev["data"]["request_uri"], ev["data"]["response_http_status"],
-         ev["data"]["request_size_bytes"], ev["data"]["response_size_bytes"])
-        for ev in events)
+    metered = metered_rows(events)
     run.billed, run.events = sum(billed.values()), len(events)
     run.matched = billed == metered and run.summary["rejected"] == sum(1 for e in entries if e["status"] == 401)
     if not run.matched:
@@ -234,18 +220,6 @@ def log_entries_from(path: Path, offset: int) -> list[dict]:
                         "request_uri": raw["request_uri"], "status": int(raw["status"]),
                         "request_length": int(raw["request_length"]), "bytes_sent": int(raw["bytes_sent"])})
     return entries
-
-
-def answered_status(entry: dict) -> int:
-    """nginx logs 499 when the client left before the answer (wrk does, at the end of its run): nothing was
-    sent, and the agent emits such a request with status 0, as it does any request it saw no answer to."""
-    return 0 if entry["status"] == 499 and entry["bytes_sent"] == 0 else entry["status"]
-
-
-def strip_key(uri: str) -> str:
-    path, _, query = uri.partition("?")
-    kept = [part for part in query.split("&") if part and part.partition("=")[0] != "apikey"]
-    return f"{path}?{'&'.join(kept)}" if kept else path
 
 
 def tcpdump_run(gateway: KongStandin, script: Path, args: argparse.Namespace, workdir: Path) -> tuple[float, str]:
@@ -292,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     references: list[tuple[float, str]] = []
     runs: dict[int, list[AgentRun]] = {workers: [] for workers in args.workers}
     with tempfile.TemporaryDirectory(prefix="bench-live-") as temp, \
-            KongStandin(port=free_port(), workers=2) as gateway:
+            KongStandin(port=free_loopback_port(), workers=2) as gateway:
         workdir = Path(temp)
         script = workdir / "keys.lua"
         script.write_text(wrk_script(rotation))

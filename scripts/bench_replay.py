@@ -24,15 +24,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import dpkt
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kong_standin import KongStandin, _free_loopback_port as free_port  # noqa: E402
-from record_fixtures import strip_key_params  # noqa: E402
+from kong_standin import KongStandin, billed_rows, free_loopback_port, metered_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ["alice-key-7f3a9c", "bob-key-41d2e8", "carol-key-new-9c1f", "not-a-key-0000"]
@@ -52,7 +50,7 @@ end
 
 def record(directory: Path, seconds: int) -> tuple[Path, int, list[dict]]:
     """A capture of `seconds` of wrk load, the gateway port, and nginx's access log entries."""
-    port = free_port()
+    port = free_loopback_port()
     capture = directory / f"load-{seconds}s.pcap"
     lua = directory / "rotate.lua"
     lua.write_text(WRK_SCRIPT)
@@ -74,12 +72,6 @@ def record(directory: Path, seconds: int) -> tuple[Path, int, list[dict]]:
             raise SystemExit(f"tcpdump lost packets while recording: {stderr.strip()}")
         entries = gateway.access_log_entries()
     return capture, port, entries
-
-
-def billed_rows(entries: list[dict]) -> list[tuple]:
-    """What the agent must emit, from nginx's own log: every request with a consumer and not answered 401."""
-    return [(e["consumer"], e["request_method"], strip_key_params(e["request_uri"]), e["status"],
-             e["request_length"], e["bytes_sent"]) for e in entries if e["consumer"] and e["status"] != 401]
 
 
 def timed(command: list[str], stdout) -> tuple[float, float, str]:
@@ -122,7 +114,7 @@ def measure(directory: Path, seconds: int) -> dict:
         check_exact(events_file, entries, f"{seconds}s capture, {workers} worker(s)")
     return {
         "seconds": seconds, "packets": packet_count(capture), "requests": len(entries),
-        "billed": len(billed_rows(entries)), "tshark_requests": tshark_requests, "tshark_s": tshark_seconds,
+        "billed": sum(billed_rows(entries).values()), "tshark_requests": tshark_requests, "tshark_s": tshark_seconds,
         "runs": runs,
     }
 
@@ -130,10 +122,7 @@ def measure(directory: Path, seconds: int) -> dict:
 def check_exact(events_file: Path, entries: list[dict], label: str) -> None:
     """The replay must be exact: one event for every billed line of nginx's log, and nothing else."""
     events = [json.loads(line) for line in events_file.read_text().splitlines()]
-    got = Counter((e["subject"], e["data"]["request_method"], e["data"]["request_uri"],
-                   e["data"]["response_http_status"], e["data"]["request_size_bytes"],
-                   e["data"]["response_size_bytes"]) for e in events)
-    if got != Counter(billed_rows(entries)):
+    if metered_rows(events) != billed_rows(entries):
         raise SystemExit(f"FAIL: {label}: the events differ from nginx's access log")
 
 

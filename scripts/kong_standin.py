@@ -26,6 +26,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from types import TracebackType
 
@@ -96,10 +97,38 @@ def _nginx_string(value: str) -> str:
     return f'"{value}"'
 
 
-def _free_loopback_port() -> int:
+def free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def strip_key_params(target: str, key_name: str = "apikey") -> str:
+    """The target with every key parameter removed, as key-auth's hide_credentials does."""
+    path, sep, query = target.partition("?")
+    if not sep:
+        return target
+    kept = [param for param in query.split("&") if param and param.partition("=")[0] != key_name]
+    return f"{path}?{'&'.join(kept)}" if kept else path
+
+
+def answered_status(entry: dict) -> int:
+    """nginx logs 499 when the client left before the answer (wrk does, at the end of its run): nothing was
+    sent, and the agent emits such a request with status 0, as it does any request it saw no answer to."""
+    return 0 if entry["status"] == 499 and entry["bytes_sent"] == 0 else entry["status"]
+
+
+def billed_rows(entries: list[dict]) -> Counter:
+    """What the agent must emit, from the gateway's own log: every request with a consumer, not answered 401."""
+    return Counter((e["consumer"], e["request_method"], strip_key_params(e["request_uri"]), answered_status(e),
+                    e["request_length"], e["bytes_sent"]) for e in entries if e["consumer"] and e["status"] != 401)
+
+
+def metered_rows(events: list[dict]) -> Counter:
+    """The agent's events in the shape of billed_rows, to compare one for one."""
+    return Counter((ev["subject"], ev["data"]["request_method"], ev["data"]["request_uri"],
+                    ev["data"]["response_http_status"], ev["data"]["request_size_bytes"],
+                    ev["data"]["response_size_bytes"]) for ev in events)
 
 
 class KongStandin:
@@ -169,7 +198,7 @@ class KongStandin:
         if shutil.which(self.nginx_binary) is None:
             raise StandinError(f"{self.nginx_binary} not found on PATH")
         if self.upstream_port is None:
-            self.upstream_port = _free_loopback_port()
+            self.upstream_port = free_loopback_port()
         self._prefix = Path(tempfile.mkdtemp(prefix="kong-standin-"))
         self._write_site()
         conf = self._prefix / "nginx.conf"
@@ -349,7 +378,7 @@ http {{
 
     # Kong reports whole milliseconds; nginx has seconds with a millisecond fraction.
     map $upstream_header_time $kong_upstream_latency {{
-        "~^0\.0*(?<ms>\d+)$" $ms;
+        "~^0\\.0*(?<ms>\\d+)$" $ms;
         default $upstream_header_time;
     }}
 

@@ -37,7 +37,7 @@ import dpkt
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kong_standin import DEFAULT_DECK_FILE, KongStandin, StandinError, load_consumers  # noqa: E402
+from kong_standin import DEFAULT_DECK_FILE, KongStandin, StandinError, load_consumers, strip_key_params  # noqa: E402
 
 MADE_BY = "scripts/record_fixtures.py"
 KEY_NAME = "apikey"
@@ -561,15 +561,6 @@ def expected_subject(request: WireRequest, consumers: dict[str, tuple[str, str]]
         _, _, query = request.target.partition("?")
         key = next((value for name, _, value in (p.partition("=") for p in query.split("&")) if name == KEY_NAME), "")
     return consumers.get(key, ("", ""))[0]
-
-
-def strip_key_params(target: str) -> str:
-    """The target with every apikey parameter removed, as key-auth's hide_credentials does."""
-    path, sep, query = target.partition("?")
-    if not sep:
-        return target
-    kept = [param for param in query.split("&") if param.partition("=")[0] != KEY_NAME]
-    return f"{path}?{'&'.join(kept)}" if kept else path
 
 
 def tshark_request_count(path: Path, port: int) -> int:

@@ -16,13 +16,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
-from kong_standin import KongStandin, load_consumers
+from kong_standin import KongStandin, billed_rows, free_loopback_port, load_consumers, metered_rows
 
 from conftest import CAPTURES, REPO, read_events, run_agent, summary
 
@@ -37,12 +36,6 @@ CAROL_OLD, CAROL_NEW = KEYS["carol"]
 MACHINE = next(keys[0] for subject, keys in KEYS.items() if subject not in ("alice", "bob", "carol"))
 UNKNOWN = "not-a-known-key-000"
 STOP_LIMIT = 10.0  # seconds from the stop signal to the exit, as promised
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class LiveAgent:
@@ -101,7 +94,7 @@ class LiveAgent:
 
 @pytest.fixture
 def gateway():
-    with KongStandin(port=free_port()) as standin:
+    with KongStandin(port=free_loopback_port()) as standin:
         yield standin
 
 
@@ -210,20 +203,9 @@ def drive_clients(gateway: KongStandin, workdir: Path) -> int:
 # -- the truth -----------------------------------------------------------------------------------------
 
 
-def strip_key(uri: str) -> str:
-    path, _, query = uri.partition("?")
-    kept = [part for part in query.split("&") if part and part.partition("=")[0] != "apikey"]
-    return f"{path}?{'&'.join(kept)}" if kept else path
-
-
 def assert_one_for_one(entries: list[dict], agent: LiveAgent) -> None:
     """Each billed log line is exactly one event with the same subject, request and sizes; 401s are counted."""
-    billed = Counter((e["consumer"], e["request_method"], strip_key(e["request_uri"]), e["status"],
-                      e["request_length"], e["bytes_sent"]) for e in entries if e["consumer"] and e["status"] != 401)
-    metered = Counter((ev["subject"], ev["data"]["request_method"], ev["data"]["request_uri"],
-                       ev["data"]["response_http_status"], ev["data"]["request_size_bytes"],
-                       ev["data"]["response_size_bytes"]) for ev in agent.events())
-    assert metered == billed
+    assert metered_rows(agent.events()) == billed_rows(entries)
     counters = agent.summary()
     assert counters["rejected"] == sum(1 for e in entries if e["status"] == 401)
     assert counters["kernel_drops"] == 0
@@ -335,7 +317,7 @@ def test_user_switch_keeps_capturing_without_privileges(gateway, start_agent) ->
 
 
 def test_nothing_listening_is_a_warning_and_a_gateway_started_later_is_metered(start_agent) -> None:
-    port = free_port()
+    port = free_loopback_port()
     agent = start_agent(port)
     assert f"agent: WARNING: nothing is listening on port {port} yet; capturing anyway" in agent.lines
     with KongStandin(port=port) as late_gateway:
