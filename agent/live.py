@@ -26,7 +26,7 @@ import orjson
 
 from agent.credentials.sync import CredentialSync
 from agent.options import pipeline_from_args
-from agent.pipeline import Pipeline, summary_line
+from agent.pipeline import Pipeline, summary_line, tune_garbage_collector
 from agent.sink import Sink
 from agent.source.cpu_share import allow_return_after_privilege_drop, catch_up_priority, start_watcher, stop_watcher
 from agent.source.forking import fork
@@ -135,6 +135,7 @@ def _nothing() -> None:
 def capture(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | None, stop: StopFlag,
             emit: Emit, on_stop: Callable[[], None], label: str = "") -> dict[str, int]:
     """Ring -> pipeline -> `emit(events)` until stopped, then drain and close out; returns the counters."""
+    tune_garbage_collector()
     if credentials is not None:
         credentials.start()  # a first load that fails is retried; events wait for the table meanwhile
     try:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable
-
 
 from agent.http.exchanges import HttpExchanges
 from agent.metering.meter import Meter
@@ -11,6 +11,16 @@ from agent.source.frames import FrameDecoder
 from agent.tcp.reassembly import ReassemblyLimits, TcpReassembler
 
 HOUSEKEEPING_INTERVAL = 1.0  # seconds of capture time between idle and response-timeout sweeps
+
+
+def tune_garbage_collector() -> None:
+    """Collect cycles a hundred times less often than Python's default (every 700 allocations).
+
+    The pipeline allocates a few objects per packet and frees nearly all of them by reference counting
+    (none of its per-packet objects form cycles), so the default mostly walks live objects in vain: it
+    costs a tenth of a replay's time. Cycles are still collected, so memory stays bounded.
+    """
+    gc.set_threshold(100_000, 50, 100)
 
 
 class Pipeline:

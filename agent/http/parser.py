@@ -236,9 +236,14 @@ class MessageParser:
                 return TUNNEL, 0
             if status < 200 or status == 204 or status == 304 or method == "HEAD":
                 return HEAD, 0
+        found = FRAMING_HEADERS.findall(head)
+        if len(found) == 1 and len(found[0][0]) == 14:  # the usual head: one Content-Length, one value
+            length = found[0][1].strip()
+            if length.isdigit() and len(length) <= 18:
+                return (BODY, int(length)) if int(length) else (HEAD, 0)
         lengths: set[bytes] = set()
         transfer_encoding = None
-        for name, value in FRAMING_HEADERS.findall(head):
+        for name, value in found:
             if len(name) == 17:  # transfer-encoding
                 transfer_encoding = value.strip().lower()
             else:

@@ -24,9 +24,14 @@ def event_id(exchange: Exchange) -> str:
     connection, request = exchange.connection, exchange.request
     assert request is not None and connection.to_server.base_seq is not None
     first_byte = (connection.to_server.base_seq + request.position) & 0xFFFFFFFF  # as on the wire
-    identity = f"{connection.client.hex()}:{connection.client_port}>{connection.server.hex()}:{connection.server_port}/{first_byte}"
-    digest = hashlib.sha256(identity.encode()).hexdigest()
+    prefix = _connection_identity(connection.client, connection.client_port, connection.server, connection.server_port)
+    digest = hashlib.sha256(b"%s/%d" % (prefix, first_byte)).hexdigest()
     return f"{digest[:8]}-{digest[8:12]}-5{digest[13:16]}-{digest[16:20]}-{digest[20:32]}"  # UUID-shaped
+
+
+@functools.lru_cache(maxsize=4096)
+def _connection_identity(client: bytes, client_port: int, server: bytes, server_port: int) -> bytes:
+    return f"{client.hex()}:{client_port}>{server.hex()}:{server_port}".encode()
 
 
 @functools.lru_cache(maxsize=65536)

@@ -57,12 +57,16 @@ class CaptureFile:
             yield from batch
 
     def batches(self, size: int = 8192) -> Iterator[list[tuple[float, int, bytes]]]:
-        """Lists of up to `size` frames: the pipeline works a batch at a time."""
-        records = self._pcap_records() if self._pcap_magic else self._pcapng_records()
+        """Lists of frames, the pipeline's unit of work: a pcap's come a megabyte of file at a time, a
+        pcapng's `size` frames at a time."""
+        return self._pcap_batches() if self._pcap_magic else self._pcapng_batches(size)
+
+    def _pcapng_batches(self, size: int) -> Iterator[list[tuple[float, int, bytes]]]:
+        linktype = self.linktype
         batch: list[tuple[float, int, bytes]] = []
         try:
-            for record in records:
-                batch.append(record)
+            for timestamp, frame in self._reader:
+                batch.append((float(timestamp), linktype, frame))
                 if len(batch) >= size:
                     yield batch
                     batch = []
@@ -71,12 +75,7 @@ class CaptureFile:
         if batch:
             yield batch
 
-    def _pcapng_records(self) -> Iterator[tuple[float, int, bytes]]:
-        linktype = self.linktype
-        for timestamp, frame in self._reader:
-            yield float(timestamp), linktype, frame
-
-    def _pcap_records(self) -> Iterator[tuple[float, int, bytes]]:
+    def _pcap_batches(self) -> Iterator[list[tuple[float, int, bytes]]]:
         """pcap records read a megabyte at a time: dpkt checked the file header, and its per-record objects
         would cost more than the rest of the pipeline does."""
         magic = self._pcap_magic
@@ -85,19 +84,26 @@ class CaptureFile:
         unpack_from, linktype, stream = record_header.unpack_from, self.linktype, self._stream
         stream.seek(24)
         buffer, offset = b"", 0
-        while chunk := stream.read(1 << 20):
-            buffer, offset = buffer[offset:] + chunk, 0
-            end = len(buffer)
-            while offset + 16 <= end:
-                seconds, fraction, length, _ = unpack_from(buffer, offset)
-                if length > MAX_RECORD:
-                    self.truncated_records += 1
-                    return
-                stop = offset + 16 + length
-                if stop > end:
-                    break
-                yield seconds + fraction / divisor, linktype, buffer[offset + 16 : stop]
-                offset = stop
+        try:
+            while chunk := stream.read(1 << 20):
+                buffer, offset = buffer[offset:] + chunk, 0
+                end = len(buffer)
+                batch = []
+                while offset + 16 <= end:
+                    seconds, fraction, length, _ = unpack_from(buffer, offset)
+                    stop = offset + 16 + length
+                    if length > MAX_RECORD:
+                        self.truncated_records += 1
+                        yield batch
+                        return
+                    if stop > end:
+                        break
+                    batch.append((seconds + fraction / divisor, linktype, buffer[offset + 16 : stop]))
+                    offset = stop
+                yield batch
+        except (EOFError, zlib.error, OSError):  # a gzip stream cut short or corrupt
+            self.truncated_records += 1
+            return
         if offset < len(buffer):
             self.truncated_records += 1
 
