@@ -237,6 +237,24 @@ class KongStandin:
             shutil.rmtree(self._prefix, ignore_errors=True)
             self._prefix = None
 
+    def reload(self, deck_file: Path | str) -> None:
+        """Take the consumers and keys from `deck_file` now, as Kong does when its credentials change:
+        nginx re-reads its config (SIGHUP); this returns once only workers with the new one are left."""
+        self.deck_file = Path(deck_file)
+        self.consumers = load_consumers(self.deck_file)
+        (self.prefix / "nginx.conf").write_text(self._render_config(), encoding="utf-8")
+        master = psutil.Process(self.pid)
+        old_workers = {worker.pid for worker in master.children()}
+        master.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            workers = {worker.pid for worker in master.children()}
+            if len(workers) >= self.workers and not workers & old_workers:
+                return
+            if time.monotonic() > deadline:
+                raise StandinError(f"nginx did not take the new configuration: {self._error_tail()}")
+            time.sleep(0.05)
+
     def access_log_entries(self, expect: int | None = None, timeout: float = 5.0) -> list[dict]:
         """The gateway's access-log lines, parsed and typed, in log order.
 

@@ -340,3 +340,27 @@ def test_credentials_arriving_after_the_start_release_the_requests_held_meanwhil
     code, _ = agent.stop(signal.SIGTERM)
     assert code == 0, agent.stderr
     assert_one_for_one(entries, agent)
+
+
+def test_a_key_rotated_at_the_gateway_follows_without_restarting_the_agent(start_agent, tmp_path: Path) -> None:
+    deck = tmp_path / "kong.yaml"
+    deck.write_text(DECK.read_text())
+    rotated_key = "carol-rotated-key-2f81"
+    with KongStandin(port=free_loopback_port(), deck_file=deck) as gateway:
+        agent = start_agent(gateway.port, "--credentials-refresh", "1", deck=deck)
+        curl("-H", f"apikey: {CAROL_OLD}", f"{gateway.base_url}/before-rotation")
+        deck.write_text(DECK.read_text().replace(CAROL_OLD, rotated_key))
+        gateway.reload(deck)
+        agent.wait_for("credentials: table changed")
+        curl("-H", f"apikey: {CAROL_OLD}", f"{gateway.base_url}/old-key")  # the gateway now refuses it: 401
+        curl("-H", f"apikey: {rotated_key}", f"{gateway.base_url}/new-key")
+        entries = gateway.access_log_entries(expect=3)
+        code, _ = agent.stop(signal.SIGTERM)
+    assert code == 0, agent.stderr
+    assert [(e["request_uri"], e["status"]) for e in entries] == [
+        ("/before-rotation", 200), ("/old-key", 401), ("/new-key", 200)]
+    assert_one_for_one(entries, agent)
+    assert [(event["subject"], event["data"]["request_uri"]) for event in agent.events()] == [
+        ("carol", "/before-rotation"), ("carol", "/new-key")]
+    written = agent.stderr + agent.output.read_text()
+    assert CAROL_OLD not in written and rotated_key not in written
