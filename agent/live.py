@@ -22,19 +22,17 @@ from collections.abc import Callable
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection, wait
 
-import orjson
-
 from agent.credentials.sync import CredentialSync
 from agent.options import pipeline_from_args
 from agent.pipeline import Pipeline, summary_line, tune_garbage_collector
 from agent.sink import Sink
 from agent.source.cpu_share import allow_return_after_privilege_drop, catch_up_priority, start_watcher, stop_watcher
-from agent.source.forking import fork
 from agent.source.kernel_filter import MAX_PORTS, capture_filter
 from agent.source.packet_ring import PacketRing
 from agent.source.privileges import drop_privileges, user_entry
 from agent.source.startup_checks import (Link, LiveCaptureError, check_ring_memory, interface_link, report_listeners,
                                          socket_error)
+from agent.workers import fork, receive, send_counters, send_events
 
 log = logging.getLogger("agent.live")
 
@@ -42,7 +40,6 @@ POLL_MS = 100               # longest wait for a block: how quickly a stop signa
 HOUSEKEEPING_SECONDS = 1.0  # kernel counters read; on a quiet interface, timeouts and idle expiry run
 DRAIN_SECONDS = 6.0         # after a stop signal, the longest spent reading what the ring still holds
 WORKER_EXIT_SECONDS = 8.5   # after forwarding a stop, the longest the parent waits for its workers
-COUNTERS = b"C"  # a worker's last message: its counters (every other message is a JSON array of events)
 
 Emit = Callable[[list[dict]], None]
 
@@ -245,14 +242,11 @@ def _worker(number: int, ring: PacketRing, args: argparse.Namespace, credentials
             stop: StopFlag, connection: Connection) -> int:
     """One worker's capture; its events and, last, its counters go to the parent as JSON."""
 
-    def emit(events: list[dict]) -> None:
-        connection.send_bytes(orjson.dumps(events))
-
     on_stop = catch_up_priority if args.yield_cpu else _nothing
     try:
-        counters = capture(ring, pipeline_from_args(args, credentials), credentials, stop, emit, on_stop,
-                           label=f"worker {number}: ")
-        connection.send_bytes(COUNTERS + orjson.dumps(counters))
+        counters = capture(ring, pipeline_from_args(args, credentials), credentials, stop,
+                           lambda events: send_events(connection, events), on_stop, label=f"worker {number}: ")
+        send_counters(connection, counters)
     except (BrokenPipeError, ConnectionResetError):
         return 1  # the parent is gone
     return 0
@@ -291,12 +285,11 @@ def _collect(children: dict[Connection, int], stop: StopFlag, sink: Sink,
                         log.error("a worker (pid %d) ended unexpectedly; stopping", pid)
                         stop.signal = signal.SIGTERM
                 continue
-            if message[:1] != COUNTERS:
-                sink.write(orjson.loads(message))
+            events = receive(message, totals)
+            if events is not None:
+                sink.write(events)
             else:
                 reported.add(reader)
-                for name, value in orjson.loads(message[1:]).items():
-                    totals[name] = totals.get(name, 0) + value
     return totals, clean
 
 

@@ -13,14 +13,13 @@ import sys
 from collections.abc import Callable
 from multiprocessing.connection import Connection, Pipe, wait
 
-import orjson
-
 from agent.credentials.sync import CredentialSync
 from agent.options import pipeline_from_args
 from agent.pipeline import summary_line, tune_garbage_collector
 from agent.sink import Sink
 from agent.source.capture_file import CaptureFile
 from agent.source.frames import flow_hash
+from agent.workers import fork, receive, send_counters, send_events
 
 BATCH_FRAMES = 8192
 
@@ -101,21 +100,19 @@ def _replay_in_workers(args: argparse.Namespace, credentials: CredentialSync | N
     children: dict[Connection, int] = {}
     for share in range(workers):
         reader, writer = Pipe(duplex=False)
-        pid = os.fork()
-        if pid == 0:  # the worker: its events go to the parent as JSON, its counters last
-            code = 1
-            try:
-                reader.close()
-                for other in children:
-                    other.close()
-                counters = replay_share(args, credentials, lambda events: writer.send_bytes(orjson.dumps(events)),
-                                        share, workers)
-                writer.send_bytes(b"C" + orjson.dumps(counters))
-                code = 0
-            finally:
-                os._exit(code)
+        earlier = list(children)
+
+        def work(share: int = share, reader: Connection = reader, writer: Connection = writer,
+                 earlier: list[Connection] = earlier) -> int:
+            reader.close()
+            for connection in earlier:
+                connection.close()
+            counters = replay_share(args, credentials, lambda events: send_events(writer, events), share, workers)
+            send_counters(writer, counters)
+            return 0
+
+        children[reader] = fork(work)
         writer.close()
-        children[reader] = pid
     totals: dict[str, int] = {}
     failed = False
     while children:
@@ -127,11 +124,9 @@ def _replay_in_workers(args: argparse.Namespace, credentials: CredentialSync | N
                 _, status = os.waitpid(children.pop(reader), 0)
                 failed = failed or os.waitstatus_to_exitcode(status) != 0
                 continue
-            if message[:1] == b"C":
-                for name, value in orjson.loads(message[1:]).items():
-                    totals[name] = totals.get(name, 0) + value
-            else:
-                sink.write(orjson.loads(message))
+            events = receive(message, totals)
+            if events is not None:
+                sink.write(events)
     if failed:
         raise OSError("a replay worker failed; its events are incomplete")
     return totals

@@ -5,6 +5,9 @@ from __future__ import annotations
 import gzip
 import json
 
+from agent.replay import ConnectionDealer
+from agent.source.capture_file import CaptureFile
+from agent.source.frames import flow_hash
 from conftest import CAPTURES, read_events, run_agent, summary
 
 KONG = str(CAPTURES / "kong.yaml")
@@ -46,6 +49,24 @@ def test_replaying_twice_gives_the_same_ids_and_two_requests_never_share_one(tmp
     ids = [e["id"] for e in read_events(first)]
     assert len(ids) == len(set(ids)) > 3000
     assert sorted(ids) == sorted(e["id"] for e in read_events(second))
+
+
+def test_workers_split_the_connections_evenly_and_count_everything_once(tmp_path):
+    capture = str(CAPTURES / "crafted-interleaved.pcap")
+    flows: dict[int, set[int]] = {}
+    dealer = ConnectionDealer(2)
+    for batch in CaptureFile(capture).batches():
+        for _, linktype, frame in batch:
+            flows.setdefault(flow_hash(linktype, frame), set()).add(dealer(linktype, frame))
+    assert all(len(owners) == 1 for owners in flows.values())  # a connection stays with one worker
+    per_worker = [sum(1 for owners in flows.values() if owners == {share}) for share in (0, 1)]
+    assert abs(per_worker[0] - per_worker[1]) <= 1 and sum(per_worker) > 10
+
+    for capture in (CAPTURES / "crafted-interleaved.pcap", CAPTURES / "crafted-corrupt.pcap"):
+        one = summary(run_agent("--read", str(capture), "--credentials", KONG, "--output", "/dev/null").stderr)
+        two = summary(run_agent("--read", str(capture), "--credentials", KONG, "--output", "/dev/null",
+                                "--workers", "2").stderr)
+        assert two == one
 
 
 def test_source_is_stable_and_can_be_set(tmp_path):

@@ -26,7 +26,7 @@ import resource
 import signal
 import time
 
-from agent.source.forking import fork
+from agent.workers import fork
 from agent.source.packet_ring import PacketRing
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,61 @@
+"""Child processes (live and replay workers, the CPU-share watcher) and what workers tell their parent.
+
+Children are forked, never outlive their parent, and leave through `os._exit` so that nothing inherited
+(a sink's buffer, an open file) is flushed or closed twice. A worker sends its events as they come, each
+batch one JSON array, and its counters last; the parent hands the events to the one sink.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+def fork(run: Callable[[], int], on_parent_death: int = signal.SIGTERM) -> int:
+    """Start `run()` in a child process; returns its pid. The child gets `on_parent_death` if the parent dies."""
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, on_parent_death)
+        except (OSError, AttributeError):
+            pass  # not Linux's libc: the parent stops its children itself
+        if os.getppid() == parent:  # else the parent died before the prctl took effect
+            code = run()
+    except BaseException as error:  # noqa: BLE001 - a child must never unwind into its parent's code
+        log.error("child process failed: %s: %s", type(error).__name__, " ".join(str(error).split()))
+    finally:
+        os._exit(code)
+
+
+COUNTERS = b"C"  # marks a worker's last message, its counters; every other message is a JSON array of events
+
+
+def send_events(connection: Connection, events: list[dict]) -> None:
+    connection.send_bytes(orjson.dumps(events))
+
+
+def send_counters(connection: Connection, counters: dict[str, int]) -> None:
+    connection.send_bytes(COUNTERS + orjson.dumps(counters))
+
+
+def receive(message: bytes, totals: dict[str, int]) -> list[dict] | None:
+    """The events a message carries, or None for a worker's counters (added into `totals`)."""
+    if message[:1] != COUNTERS:
+        return orjson.loads(message)
+    for name, value in orjson.loads(message[1:]).items():
+        totals[name] = totals.get(name, 0) + value
+    return None
