@@ -6,9 +6,10 @@ import argparse
 import logging
 import sys
 
-from agent import live_options, options
+from agent import options
 from agent.credentials import options as credential_options
 from agent.credentials.errors import CredentialError
+from agent.live import options as live_options
 from agent.metering.subject import SubjectError
 from agent.sink import options as sink_options
 from agent.sink.events_command import events_command
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         credentials = credential_options.credentials_from_args(args)
         if args.iface:
-            from agent.live import run_live
+            from agent.live.run import run_live
 
             return run_live(args, credentials, sink_options.sink_from_args(args))
         from agent.replay import replay

@@ -1,0 +1,126 @@
+"""The capture loop of one ring: frames from the kernel through the pipeline to `emit`, until a stop signal;
+then the ring is drained and the connections still open are closed out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from agent.credentials.sync import CredentialSync
+from agent.pipeline import Pipeline, tune_garbage_collector
+from agent.source.cpu_share import catch_up_priority, start_watcher, stop_watcher
+from agent.source.packet_ring import PacketRing
+
+log = logging.getLogger("agent.live")
+
+POLL_MS = 100               # longest wait for a block: how quickly a stop signal is noticed
+HOUSEKEEPING_SECONDS = 1.0  # kernel counters read; on a quiet interface, timeouts and idle expiry run
+DRAIN_SECONDS = 6.0         # after a stop signal, the longest spent reading what the ring still holds
+
+Emit = Callable[[list[dict]], None]
+
+
+class StopFlag:
+    """The signal handler: records the first stop signal; the capture loop looks at it between blocks."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.signal is None:
+            self.signal = signum
+
+
+def yield_cpu(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...] = ()) -> Callable[[], None]:
+    """Start the CPU-share watcher; returns what the calling thread does at a stop: end the watcher and
+    take priority, since what the ring holds must be read before the deadline."""
+    watcher = start_watcher(targets, followers)
+
+    def on_stop() -> None:
+        stop_watcher(watcher)
+        catch_up_priority()
+
+    return on_stop
+
+
+def nothing() -> None:
+    pass
+
+
+def capture(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | None, stop: StopFlag,
+            emit: Emit, on_stop: Callable[[], None], label: str = "") -> dict[str, int]:
+    """Ring -> pipeline -> `emit(events)` until stopped, then drain and close out; returns the counters."""
+    tune_garbage_collector()
+    if credentials is not None:
+        credentials.start()  # a first load that fails is retried; events wait for the table meanwhile
+    try:
+        next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
+        truncated = 0
+        while stop.signal is None:
+            frames = ring.next_block()
+            if frames is not None:
+                events = pipeline.feed(frames)
+                if events:
+                    emit(events)
+            else:
+                ring.wait(POLL_MS)
+            now = time.monotonic()
+            if now >= next_housekeeping:
+                next_housekeeping = now + HOUSEKEEPING_SECONDS
+                truncated = _watch_kernel(ring, label, truncated)
+                if frames is None:  # caught up: let time pass, so timeouts and idle expiry still happen
+                    events = pipeline.tick(time.time())
+                    if events:
+                        emit(events)
+        on_stop()
+        unread = _drain(ring, pipeline, emit, time.monotonic() + DRAIN_SECONDS, label)
+        events = pipeline.finish()
+        if events:
+            emit(events)
+    finally:
+        if credentials is not None:
+            credentials.stop()
+    ring.read_statistics()
+    if pipeline.meter.counters.held:
+        log.warning("%s%d requests were still waiting for the credential table and are not metered",
+                    label, pipeline.meter.counters.held)
+    counters = pipeline.counters()
+    counters["corrupt_packets"] += ring.truncated
+    counters["kernel_packets"] = ring.statistics.packets
+    counters["kernel_drops"] = ring.statistics.drops
+    counters["unread_packets"] = unread
+    return counters
+
+
+def _drain(ring: PacketRing, pipeline: Pipeline, emit: Emit, deadline: float, label: str) -> int:
+    """Read what the ring holds once no more comes in; returns the packets left unread at the deadline."""
+    ring.stop_capturing()
+    settled = time.monotonic() + 2 * ring.retire_ms / 1000  # by then the block being filled is handed over
+    while True:
+        frames = ring.next_block()
+        if frames is None:
+            remaining = settled - time.monotonic()
+            if remaining <= 0:
+                return 0
+            ring.wait(max(1, int(remaining * 1000)))
+            continue
+        events = pipeline.feed(frames)
+        if events:
+            emit(events)
+        if time.monotonic() > deadline:
+            unread = ring.pending_packets()
+            if unread:
+                log.warning("%sstopping with %d captured packets still unread (the agent was behind)", label, unread)
+            return unread
+
+
+def _watch_kernel(ring: PacketRing, label: str, truncated_before: int) -> int:
+    """Log when the kernel's drop counter or the count of cut frames moves; returns the latter."""
+    delta = ring.read_statistics()
+    if delta.drops:
+        log.warning("%sthe kernel dropped %d packets in the last second, the ring being full (%d in all); "
+                    "a larger --ring-mb or more --workers helps", label, delta.drops, ring.statistics.drops)
+    if ring.truncated != truncated_before:
+        log.warning("%s%d frames larger than a ring block were cut (counted as corrupt)", label, ring.truncated)
+    return ring.truncated

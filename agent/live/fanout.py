@@ -1,0 +1,116 @@
+"""`--workers N`: the kernel spreads flows over N rings in one fanout group, each read by a child process
+with its own pipeline; the parent owns the sink, receives their events through pipes and sums their
+counters into one summary."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection, wait
+
+from agent.credentials.sync import CredentialSync
+from agent.live.capture import POLL_MS, StopFlag, capture, nothing, yield_cpu
+from agent.options import pipeline_from_args
+from agent.sink import Sink
+from agent.source.cpu_share import catch_up_priority
+from agent.source.packet_ring import PacketRing
+from agent.workers import fork, receive, send_counters, send_events
+
+log = logging.getLogger("agent.live")
+
+WORKER_EXIT_SECONDS = 8.5   # after forwarding a stop, the longest the parent waits for its workers
+
+
+def run_workers(rings: list[PacketRing], args: argparse.Namespace, credentials: CredentialSync | None,
+                stop: StopFlag, sink: Sink, where: str) -> tuple[dict[str, int], bool]:
+    children: dict[Connection, int] = {}
+    for index, ring in enumerate(rings):
+        reader, writer = Pipe(duplex=False)
+        earlier = list(children)
+
+        def work(index: int = index, ring: PacketRing = ring, writer: Connection = writer,
+                 reader: Connection = reader, earlier: list[Connection] = earlier) -> int:
+            reader.close()
+            for connection in earlier:
+                connection.close()
+            for other in rings:
+                if other is not ring:
+                    other.close()
+            return _worker(index + 1, ring, args, credentials, stop, writer)
+
+        pid = fork(work)
+        writer.close()
+        children[reader] = pid
+    # the parent yields along with its workers: it only has work when they do
+    on_stop = yield_cpu(list(zip(children.values(), rings)), followers=(os.getpid(),)) if args.yield_cpu else nothing
+    for ring in rings:
+        ring.close()  # the workers' copies are the ones in use
+    log.info("%s", where)
+    return _collect(children, stop, sink, on_stop)
+
+
+def _worker(number: int, ring: PacketRing, args: argparse.Namespace, credentials: CredentialSync | None,
+            stop: StopFlag, connection: Connection) -> int:
+    """One worker's capture; its events and, last, its counters go to the parent as JSON."""
+
+    on_stop = catch_up_priority if args.yield_cpu else nothing
+    try:
+        counters = capture(ring, pipeline_from_args(args, credentials), credentials, stop,
+                           lambda events: send_events(connection, events), on_stop, label=f"worker {number}: ")
+        send_counters(connection, counters)
+    except (BrokenPipeError, ConnectionResetError):
+        return 1  # the parent is gone
+    return 0
+
+
+def _collect(children: dict[Connection, int], stop: StopFlag, sink: Sink,
+             on_stop: Callable[[], None]) -> tuple[dict[str, int], bool]:
+    """Events to the sink as they come; counters summed. A worker that fails stops them all."""
+    totals: dict[str, int] = {}
+    reported: set[Connection] = set()
+    clean = True
+    stopping_since: float | None = None
+    while children:
+        if stop.signal is not None and stopping_since is None:
+            stopping_since = time.monotonic()
+            on_stop()
+            for pid in children.values():
+                _signal(pid, signal.SIGTERM)
+        if stopping_since is not None and time.monotonic() - stopping_since > WORKER_EXIT_SECONDS:
+            log.error("%d workers did not finish in time; their last events are lost", len(children))
+            for pid in children.values():
+                _signal(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            return totals, False
+        for reader in wait(list(children), timeout=POLL_MS / 1000):
+            assert isinstance(reader, Connection)
+            try:
+                message = reader.recv_bytes()
+            except (EOFError, OSError):
+                pid = children.pop(reader)
+                reader.close()
+                _, status = os.waitpid(pid, 0)
+                if reader not in reported or os.waitstatus_to_exitcode(status) != 0:
+                    clean = False
+                    if stop.signal is None:
+                        log.error("a worker (pid %d) ended unexpectedly; stopping", pid)
+                        stop.signal = signal.SIGTERM
+                continue
+            events = receive(message, totals)
+            if events is not None:
+                sink.write(events)
+            else:
+                reported.add(reader)
+    return totals, clean
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,92 @@
+"""Live mode: meter a running gateway from the kernel's packet ring until SIGINT or SIGTERM.
+
+At a stop signal the rings stop filling, what they already hold is read, the connections still open are
+closed out (an answered request is emitted; one still waiting is emitted as replay emits it), every event
+reaches the sink and the summary line is printed, well within 10 seconds.
+
+With `--workers N` the kernel spreads flows over N child processes (fanout by flow hash), each with its
+own ring and pipeline; the parent owns the sink, receives their events through pipes and sums their
+counters into one summary. Unless `--no-yield-cpu`, the capture runs at idle priority while its ring has
+room (see `source/cpu_share.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from agent.credentials.sync import CredentialSync
+from agent.live.capture import StopFlag, capture, nothing, yield_cpu
+from agent.live.fanout import run_workers
+from agent.options import pipeline_from_args
+from agent.pipeline import summary_line
+from agent.sink import Sink
+from agent.source.cpu_share import allow_return_after_privilege_drop
+from agent.source.kernel_filter import MAX_PORTS, capture_filter
+from agent.source.packet_ring import PacketRing
+from agent.source.privileges import drop_privileges, user_entry
+from agent.source.startup_checks import (Link, LiveCaptureError, check_ring_memory, interface_link, report_listeners,
+                                         socket_error)
+
+log = logging.getLogger("agent.live")
+
+
+def run_live(args: argparse.Namespace, credentials: CredentialSync | None, sink: Sink) -> int:
+    """Capture until stopped; 0 when every worker finished cleanly, 1 otherwise."""
+    ports = set(args.port or [8000])
+    if len(ports) > MAX_PORTS:
+        raise LiveCaptureError(f"at most {MAX_PORTS} --port values can be captured")
+    link = interface_link(args.iface)
+    pipeline = pipeline_from_args(args, credentials)  # bad metering flags fail before anything is opened
+    check_ring_memory(args.ring_mb << 20, args.workers)
+    if args.user:
+        user_entry(args.user)
+    rings = open_rings(link, ports, args.workers, args.ring_mb << 20)
+    try:
+        report_listeners(ports)
+        if args.user:
+            if args.yield_cpu:
+                allow_return_after_privilege_drop()
+            drop_privileges(args.user)
+    except BaseException:
+        for ring in rings:
+            ring.close()
+        raise
+    stop = StopFlag()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    where = (f"capturing on {link.interface} (ports {', '.join(map(str, sorted(ports)))}; "
+             f"{len(rings)} x {rings[0].ring_bytes >> 20} MiB ring)")
+    if len(rings) == 1:
+        on_stop = yield_cpu([(os.getpid(), rings[0])]) if args.yield_cpu else nothing
+        log.info("%s", where)
+        counters = capture(rings[0], pipeline, credentials, stop, sink.write, on_stop)
+        rings[0].close()
+        clean = True
+    else:
+        counters, clean = run_workers(rings, args, credentials, stop, sink, where)
+    sink.close()  # in live capture a spool is not waited for: what it holds is sent at the next start
+    delivery = sink.counters() if hasattr(sink, "counters") else {}
+    print(summary_line({**counters, **delivery}), file=sys.stderr)
+    return 0 if clean else 1
+
+
+def open_rings(link: Link, ports: set[int], workers: int, ring_bytes: int) -> list[PacketRing]:
+    """One ring per worker, all in one fanout group; opened before any privilege is dropped."""
+    program = capture_filter(ports, link.header_length, drop_outgoing=link.loopback)
+    rings: list[PacketRing] = []
+    try:
+        for _ in range(workers):
+            first = rings[0] if rings else None
+            rings.append(PacketRing(
+                link.interface, link.linktype, program, ring_bytes,
+                fanout_group=first.fanout_group if first else None,
+                ignore_outgoing=first.ignores_outgoing if first else link.loopback))
+    except OSError as error:
+        for ring in rings:
+            ring.close()
+        raise socket_error(link.interface, error) from None
+    return rings
