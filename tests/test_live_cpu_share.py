@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from agent.source.cpu_share import CATCH_UP_NICE, start_watcher, stop_watcher
+from agent.live.cpu_share import CATCH_UP_NICE, start_watcher, stop_watcher
 from agent.source.packet_ring import BLOCK_BYTES
 from test_live_ring import Server, open_ring, read_until_quiet
 

@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable
 
 from agent.credentials.sync import CredentialSync
+from agent.live.cpu_share import catch_up_priority, start_watcher, stop_watcher
 from agent.pipeline import Pipeline, tune_garbage_collector
-from agent.source.cpu_share import catch_up_priority, start_watcher, stop_watcher
 from agent.source.packet_ring import PacketRing
 
 log = logging.getLogger("agent.live")

@@ -15,9 +15,9 @@ from multiprocessing.connection import Connection, wait
 
 from agent.credentials.sync import CredentialSync
 from agent.live.capture import POLL_MS, StopFlag, capture, nothing, yield_cpu
+from agent.live.cpu_share import catch_up_priority
 from agent.options import pipeline_from_args
 from agent.sink import Sink
-from agent.source.cpu_share import catch_up_priority
 from agent.source.packet_ring import PacketRing
 from agent.workers import fork, receive, send_counters, send_events
 

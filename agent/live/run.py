@@ -7,7 +7,7 @@ reaches the sink and the summary line is printed, well within 10 seconds.
 With `--workers N` the kernel spreads flows over N child processes (fanout by flow hash), each with its
 own ring and pipeline; the parent owns the sink, receives their events through pipes and sums their
 counters into one summary. Unless `--no-yield-cpu`, the capture runs at idle priority while its ring has
-room (see `source/cpu_share.py`).
+room (see `cpu_share.py`).
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ import sys
 
 from agent.credentials.sync import CredentialSync
 from agent.live.capture import StopFlag, capture, nothing, yield_cpu
+from agent.live.cpu_share import allow_return_after_privilege_drop
 from agent.live.fanout import run_workers
+from agent.live.privileges import drop_privileges, user_entry
+from agent.live.startup_checks import (Link, LiveCaptureError, check_ring_memory, interface_link, report_listeners,
+                                       socket_error)
 from agent.options import pipeline_from_args
 from agent.pipeline import summary_line
 from agent.sink import Sink
-from agent.source.cpu_share import allow_return_after_privilege_drop
 from agent.source.kernel_filter import MAX_PORTS, capture_filter
 from agent.source.packet_ring import PacketRing
-from agent.source.privileges import drop_privileges, user_entry
-from agent.source.startup_checks import (Link, LiveCaptureError, check_ring_memory, interface_link, report_listeners,
-                                         socket_error)
 
 log = logging.getLogger("agent.live")
 

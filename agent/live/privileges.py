@@ -13,7 +13,7 @@ import logging
 import os
 import pwd
 
-from agent.source.startup_checks import LiveCaptureError
+from agent.live.startup_checks import LiveCaptureError
 
 log = logging.getLogger(__name__)
 

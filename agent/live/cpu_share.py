@@ -26,8 +26,8 @@ import resource
 import signal
 import time
 
-from agent.workers import fork
 from agent.source.packet_ring import PacketRing
+from agent.workers import fork
 
 log = logging.getLogger(__name__)
 
