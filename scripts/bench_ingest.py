@@ -108,7 +108,8 @@ def run_replay(seconds: int) -> bool:
         double, base_url = start_double("--unavailable-for", "3", "--reset-for", "2")
         try:
             started = time.perf_counter()
-            agent = subprocess.run([*replay, "--ingest-endpoint", base_url + V1_PATH, "--data-dir", str(workdir / "data")],
+            agent = subprocess.run([*replay, "--ingest-endpoint", base_url + V1_PATH,
+                                    "--data-dir", str(workdir / "data")],
                                    env={**os.environ, "METERING_API_TOKEN": TOKEN}, capture_output=True, text=True,
                                    cwd=ROOT, timeout=600)
             elapsed = time.perf_counter() - started

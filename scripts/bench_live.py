@@ -37,7 +37,8 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kong_standin import DEFAULT_DECK_FILE, KongStandin, billed_rows, free_loopback_port, load_consumers, metered_rows  # noqa: E402
+from kong_standin import (DEFAULT_DECK_FILE, KongStandin, billed_rows, free_loopback_port,  # noqa: E402
+                          load_consumers, metered_rows)
 
 REPO = Path(__file__).resolve().parent.parent
 INVALID_KEY = "not-a-known-key-000"

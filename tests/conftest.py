@@ -15,7 +15,8 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO / "scripts"))
 
 
-def run_agent(*args: str, check: bool = True, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_agent(*args: str, check: bool = True, env: dict | None = None,
+              timeout: float = 300) -> subprocess.CompletedProcess:
     """The agent as a user runs it: a separate process, its own exit code and stderr."""
     result = subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True,
                             timeout=timeout, env=env, cwd=REPO)

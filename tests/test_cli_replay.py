@@ -92,7 +92,8 @@ def test_subject_from_a_header(tmp_path):
 
 
 def test_no_key_ever_reaches_the_output_or_the_log(tmp_path):
-    for capture in ("nginx-basic.pcap", "nginx-keepalive.pcap", "crafted-header-case.pcap", "crafted-status-codes.pcap"):
+    for capture in ("nginx-basic.pcap", "nginx-keepalive.pcap", "crafted-header-case.pcap",
+                    "crafted-status-codes.pcap"):
         output = tmp_path / "events.jsonl"
         result = run_agent("--read", str(CAPTURES / capture), "--credentials", KONG, "--output", str(output),
                            "--log-level", "debug")

@@ -139,8 +139,10 @@ def test_consumer_subject_by_field(field, key, subject):
 
 def test_header_and_query_subjects_need_no_credential_table():
     request = make_request("/a?tenant=acme%20corp", ("X-Tenant: globex",))
-    assert resolver(SubjectRule.parse("header:X-TENANT", "username", ("apikey",)), table=None).resolve(request) == "globex"
-    assert resolver(SubjectRule.parse("query:tenant", "username", ("apikey",)), table=None).resolve(request) == "acme corp"
+    by_header = resolver(SubjectRule.parse("header:X-TENANT", "username", ("apikey",)), table=None)
+    by_query = resolver(SubjectRule.parse("query:tenant", "username", ("apikey",)), table=None)
+    assert by_header.resolve(request) == "globex"
+    assert by_query.resolve(request) == "acme corp"
     assert resolver(SubjectRule.parse("query:Tenant", "username", ("apikey",)), table=None).resolve(request) is None
 
 

@@ -23,7 +23,6 @@ from agent.credentials.table import Consumer, CredentialTable
 
 log = logging.getLogger(__name__)
 
-Listener = Callable[[Snapshot], None]
 _NEVER_TRIED = object()
 
 
@@ -44,10 +43,7 @@ class CredentialSync:
         self._poll_seconds = min(poll_seconds, refresh_seconds)  # how often a file's stat is checked
         self._jitter = jitter
         self._snapshot: Snapshot | None = None
-        self._listeners: list[Listener] = []
-        # Held while a table is installed and its listeners told, so each listener sees every table once,
-        # in order, even when it subscribes while a load is being installed. Readers never take it.
-        self._install_lock = threading.RLock()
+        self._install_lock = threading.Lock()  # one install at a time; readers never take it
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -78,15 +74,6 @@ class CredentialSync:
         """The consumer for a key in the current table; None also before the first table (check `ready`)."""
         snapshot = self._snapshot
         return snapshot.table.lookup(key) if snapshot else None
-
-    def subscribe(self, listener: Listener) -> None:
-        """Call `listener(snapshot)` after each load that changes the table or key-auth's settings (the first
-        load included), on the thread that loaded it, before `ready` turns true for the first table. If a
-        table is already loaded, it is called now. Keep listeners short: the next table waits for them."""
-        with self._install_lock:
-            self._listeners.append(listener)
-            if self._snapshot is not None:
-                self._notify(listener, self._snapshot)
 
     def load_once(self) -> Snapshot:
         """Load synchronously, e.g. for replaying a capture; raises CredentialError if the source fails.
@@ -183,16 +170,7 @@ class CredentialSync:
                 settings = (snapshot.key_auth.describe() if snapshot.key_auth
                             else "not given (flags or defaults apply)")
                 log.info("credentials: key-auth settings from %s: %s", self.source.description, settings)
-            if table_change or key_auth_changed:
-                for listener in self._listeners:
-                    self._notify(listener, snapshot)
             self._ready.set()
-
-    def _notify(self, listener: Listener, snapshot: Snapshot) -> None:
-        try:
-            listener(snapshot)
-        except Exception as exc:  # one listener's bug must not stop the table from refreshing
-            log.error("credentials: a table listener failed (%s)", type(exc).__name__)
 
 
 def describe_change(old: CredentialTable | None, new: CredentialTable) -> str | None:

@@ -101,7 +101,8 @@ class HttpConnection:
 
     def _response_head(self, message: Message) -> None:
         exchange = self._next_unanswered()
-        if exchange is not None and exchange.request is not None and 0 <= message.peer_acked < exchange.request.head_end:
+        request = exchange.request if exchange is not None else None
+        if request is not None and 0 <= message.peer_acked < request.head_end:
             exchange = None  # the server began this answer before it had that request: not its answer
         self.answering = exchange
         if exchange is not None and not exchange.emitted and (message.status >= 200 or message.status == 101):
@@ -173,7 +174,8 @@ class HttpExchanges:
                     connection, self.parser_counters, self.counters, self.max_head_bytes, self._finished
                 )
             if kind == DATA:
-                (http.requests if to_server else http.responses).feed(payload, time, position, peer_acked)  # type: ignore[arg-type]
+                parser = http.requests if to_server else http.responses
+                parser.feed(payload, time, position, peer_acked)  # type: ignore[arg-type]
             elif kind == GAP:
                 (http.requests if to_server else http.responses).gap(payload, time)  # type: ignore[arg-type]
             elif kind == END:

@@ -42,6 +42,3 @@ class Message:
         """First value of a header (name case-insensitive), as key-auth and Kong read it."""
         found = _header_pattern(name).search(self.head)
         return found.group(1).strip().decode("latin-1") if found is not None else None
-
-    def header_values(self, name: str) -> list[str]:
-        return [value.strip().decode("latin-1") for value in _header_pattern(name).findall(self.head)]

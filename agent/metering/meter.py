@@ -74,7 +74,8 @@ class Meter:
         if subject is None:
             self.counters.unresolved += 1
             return
-        events.append(build_event(exchange, subject, self.resolver.rule.look_up_value_in, self.source, self.key_auth().key_names))  # type: ignore[arg-type]
+        subject_type, key_names = self.resolver.rule.look_up_value_in, self.key_auth().key_names
+        events.append(build_event(exchange, subject, subject_type, self.source, key_names))  # type: ignore[arg-type]
         self.counters.events += 1
 
     def _hold(self, exchange: Exchange) -> None:

@@ -236,7 +236,7 @@ class IngestSink:
                 attempt += 1
                 self._retried += 1
                 delay = answer.retry_after if answer.retry_after is not None else self.settings.backoff.delay(attempt)
-                self._note_unavailable(answer.reason, delay, len(lines))
+                self._note_unavailable(answer.reason, delay)
             if self._stop.wait(delay):
                 return False
 
@@ -294,7 +294,7 @@ class IngestSink:
                       " raise --spool-max-bytes or restore the endpoint",
                       self._spool.bytes_used, self._spool.max_bytes, self._dropped_full)
 
-    def _note_unavailable(self, reason: str, delay: float, waiting: int) -> None:
+    def _note_unavailable(self, reason: str, delay: float) -> None:
         now = time.monotonic()
         self._last_problem = reason
         if self._failing_since is None:

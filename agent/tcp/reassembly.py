@@ -111,7 +111,8 @@ class TcpReassembler:
             return []
         connection = self._connections.get(key)
         if connection is not None and flags & 0x17 == TCP_ACK:  # no SYN, FIN or RST: maybe the fast path
-            stream, peer = (connection.to_server, connection.to_client) if to_server else (connection.to_client, connection.to_server)
+            stream, peer = ((connection.to_server, connection.to_client) if to_server
+                            else (connection.to_client, connection.to_server))
             if (not stream.pending and not peer.pending and stream.base_seq is not None and peer.base_seq is not None
                     and stream.fin_position is None):
                 behind = (peer.base_seq + peer.position - ack) & SEQ_MASK  # how far the ACK trails the peer
@@ -135,7 +136,8 @@ class TcpReassembler:
         else:
             self._connections.move_to_end(key)
             connection.last_seen = timestamp
-        stream, peer = (connection.to_server, connection.to_client) if to_server else (connection.to_client, connection.to_server)
+        stream, peer = ((connection.to_server, connection.to_client) if to_server
+                        else (connection.to_client, connection.to_server))
 
         peer_acked = -1
         if flags & TCP_ACK:
@@ -291,4 +293,5 @@ class TcpReassembler:
                 held_end = max(position + len(payload) for position, payload in stream.pending.items())
                 self._advance(connection, to_server, stream, held_end, timestamp, events)
         events.append((CLOSED, connection, True, timestamp, 0, 0, -1))
-        self._connections.pop((connection.client, connection.client_port, connection.server, connection.server_port), None)
+        key = (connection.client, connection.client_port, connection.server, connection.server_port)
+        self._connections.pop(key, None)
