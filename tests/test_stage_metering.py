@@ -194,13 +194,13 @@ def test_requests_wait_for_the_credential_table_and_none_is_lost():
     waiting = [make_exchange(f"/held/{n}", position=n * 200) for n in range(3)]
     assert billing.meter(waiting) == []
     assert billing.counters.held == 3 and billing.counters.unresolved == 0
-    assert billing.release_held() == []  # still no table: still held
+    assert billing.meter([]) == []  # still no table: still held
     assert billing.counters.held == 3
     tables.table = TABLE
-    released = billing.release_held()
+    released = billing.meter([])
     assert [event["data"]["request_uri"] for event in released] == ["/held/0", "/held/1", "/held/2"]
     assert billing.counters.held == 0 and billing.counters.events == 3
-    assert billing.release_held() == []
+    assert billing.meter([]) == []
 
 
 def test_held_requests_go_out_before_newer_ones_when_the_table_appears():
@@ -219,7 +219,7 @@ def test_too_many_held_requests_drop_the_oldest_and_count_them():
     assert billing.counters.held_overflow == 1 and billing.counters.unresolved == 1
     assert billing.counters.held == 2
     tables.table = TABLE
-    assert [event["data"]["request_uri"] for event in billing.release_held()] == ["/held/1", "/held/2"]
+    assert [event["data"]["request_uri"] for event in billing.meter([])] == ["/held/1", "/held/2"]
 
 
 # ---------------------------------------------------------------- the event

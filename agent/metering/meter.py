@@ -41,18 +41,13 @@ class Meter:
         self._held: deque[Exchange] = deque()
 
     def meter(self, exchanges: list[Exchange]) -> list[dict]:
+        """The events of these exchanges, after those of any held ones the credential table now resolves
+        (call it with none to release them: the pipeline does so every second of capture time)."""
         events: list[dict] = []
         if self._held and self.resolver.ready():
             self._release(events)
         for exchange in exchanges:
             self._meter_one(exchange, events)
-        return events
-
-    def release_held(self) -> list[dict]:
-        """Call when the credential table may have arrived."""
-        events: list[dict] = []
-        if self._held and self.resolver.ready():
-            self._release(events)
         return events
 
     def _release(self, events: list[dict]) -> None:
