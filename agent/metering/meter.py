@@ -42,7 +42,7 @@ class Meter:
 
     def meter(self, exchanges: list[Exchange]) -> list[dict]:
         """The events of these exchanges, after those of any held ones the credential table now resolves
-        (call it with none to release them: the pipeline does so every second of capture time)."""
+        (with none, it only releases those: live capture calls it every second even when idle)."""
         events: list[dict] = []
         if self._held and self.resolver.ready():
             self._release(events)
