@@ -4,13 +4,15 @@ priority over others once it is three quarters full, idle again once it is read.
 from __future__ import annotations
 
 import os
+import pwd
+import resource
 import subprocess
 import sys
 import time
 
 import pytest
 
-from agent.live.cpu_share import CATCH_UP_NICE, start_watcher, stop_watcher
+from agent.live.cpu_share import CATCH_UP_NICE, can_take_priority_back, start_watcher, stop_watcher
 from agent.source.packet_ring import BLOCK_BYTES
 from test_live_ring import Server, open_ring, read_until_quiet
 
@@ -52,3 +54,21 @@ def test_the_capture_yields_until_its_ring_fills_and_again_once_it_is_read() -> 
             process.wait()
         ring.close()
         server.close()
+
+
+def test_a_process_that_could_not_take_priority_back_is_told_so_before_it_yields() -> None:
+    assert can_take_priority_back()  # root, with CAP_SYS_NICE
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # a user with CAP_NET_RAW at most and the default RLIMIT_NICE of 0: once idle, idle for good
+        resource.setrlimit(resource.RLIMIT_NICE, (0, 0))
+        os.setgroups([])
+        os.setgid(pwd.getpwnam("nobody").pw_gid)
+        os.setuid(pwd.getpwnam("nobody").pw_uid)
+        os.write(writer, b"yes" if can_take_priority_back() else b"no")
+        os._exit(0)
+    os.close(writer)
+    answer = os.read(reader, 8)
+    os.waitpid(child, 0)
+    assert answer == b"no"
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # trying it changed nothing here

@@ -23,6 +23,7 @@ import psutil
 import pytest
 from kong_standin import KongStandin, billed_rows, free_loopback_port, load_consumers, metered_rows
 
+from agent.live.cpu_share import CATCH_UP_NICE
 from conftest import CAPTURES, REPO, read_events, run_agent, summary
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: packet sockets")]
@@ -309,6 +310,10 @@ def test_user_switch_keeps_capturing_without_privileges(gateway, start_agent) ->
     process = psutil.Process(agent.process.pid)
     assert set(process.uids()) == {nobody.pw_uid}  # real, effective and saved: no way back to root
     assert set(process.gids()) == {nobody.pw_gid}
+    if any("capturing at normal priority" in line for line in agent.lines):  # it could not keep the right
+        assert os.sched_getscheduler(process.pid) == os.SCHED_OTHER
+    else:  # it yields to the gateway, and can still take priority back when its ring fills
+        assert process.rlimit(psutil.RLIMIT_NICE)[0] >= 20 - CATCH_UP_NICE
     curl("-H", f"apikey: {CAROL_OLD}", f"{gateway.base_url}/as-nobody")
     entries = gateway.access_log_entries(expect=1)
     code, _ = agent.stop(signal.SIGTERM)

@@ -15,7 +15,8 @@ GIL to share with the threads it watches, so a starved capture thread cannot blo
 
 Leaving SCHED_IDLE and going below nice 0 need CAP_SYS_NICE or an RLIMIT_NICE of 30;
 `allow_return_after_privilege_drop()` raises that limit while the process is still root, so it also
-works after `--user`.
+works after `--user`. Where neither is to be had (root without CAP_SYS_RESOURCE before `--user`, a user
+with CAP_NET_RAW alone), `can_take_priority_back()` says so and the capture does not yield at all.
 """
 
 from __future__ import annotations
@@ -43,6 +44,25 @@ def allow_return_after_privilege_drop() -> None:
         resource.setrlimit(resource.RLIMIT_NICE, (20 - CATCH_UP_NICE, 20 - CATCH_UP_NICE))
     except (OSError, ValueError):
         pass  # not root: whatever the limit is stays
+
+
+def can_take_priority_back() -> bool:
+    """Whether this process, as it now is (user, capabilities, RLIMIT_NICE), could leave idle priority for
+    the catch-up priority. Yielding without that would risk a starved capture and a full ring, so it is
+    tried first, in a child process, leaving this one as it was."""
+    pid = fork(_try_priorities, on_parent_death=signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def _try_priorities() -> int:
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, 0, CATCH_UP_NICE)
+    except OSError:
+        return 1
+    return 0
 
 
 def start_watcher(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...] = ()) -> int:

@@ -20,7 +20,7 @@ import sys
 
 from agent.credentials.sync import CredentialSync
 from agent.live.capture import StopFlag, capture, nothing, yield_cpu
-from agent.live.cpu_share import allow_return_after_privilege_drop
+from agent.live.cpu_share import CATCH_UP_NICE, allow_return_after_privilege_drop, can_take_priority_back
 from agent.live.fanout import run_workers
 from agent.live.privileges import drop_privileges, user_entry
 from agent.live.startup_checks import (Link, LiveCaptureError, check_ring_memory, interface_link, report_listeners,
@@ -51,6 +51,11 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, sink:
             if args.yield_cpu:
                 allow_return_after_privilege_drop()
             drop_privileges(args.user)
+        if args.yield_cpu and not can_take_priority_back():
+            log.warning("capturing at normal priority, as with --no-yield-cpu: at idle priority the capture could "
+                        "not take priority back once its ring fills (that needs CAP_SYS_NICE, or an RLIMIT_NICE "
+                        "of %d, which --user keeps only with CAP_SYS_RESOURCE)", 20 - CATCH_UP_NICE)
+            args.yield_cpu = False
     except BaseException:
         for ring in rings:
             ring.close()
