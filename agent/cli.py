@@ -9,6 +9,7 @@ import sys
 from agent import options
 from agent.credentials import options as credential_options
 from agent.credentials.errors import CredentialError
+from agent.flags import FlagParser
 from agent.live import options as live_options
 from agent.metering.subject import SubjectError
 from agent.sink import options as sink_options
@@ -19,7 +20,7 @@ log = logging.getLogger("agent")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="agent",
         description="Passive API metering for Kong Gateway: one usage CloudEvent per billable request.",
         epilog="`agent events --help` shows the events kept in the local store.",

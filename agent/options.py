@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from agent.credentials.key_auth import KeyAuthConfig
 from agent.credentials.sync import CredentialSync
+from agent.flags import seconds, whole_number
 from agent.metering.meter import Meter
 from agent.metering.subject import SubjectError, SubjectResolver, SubjectRule
 from agent.pipeline import Pipeline
@@ -16,7 +17,7 @@ from agent.tcp.reassembly import ReassemblyLimits
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("metering")
-    group.add_argument("--port", type=port_number, action="append", metavar="N",
+    group.add_argument("--port", type=whole_number(1, 65535), action="append", metavar="N",
                        help="the gateway's proxy port, repeatable (default 8000)")
     group.add_argument("--key-names", metavar="NAME[,NAME]",
                        help="key-auth's key_names (default: the gateway's, else apikey)")
@@ -26,19 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Kong's subject.look_up_value_in with subject.field (default consumer)")
     group.add_argument("--source", default=socket.gethostname(),
                        help="the events' CloudEvents source, stable per gateway host (default: the host name)")
-    group.add_argument("--response-timeout", type=float, default=60.0, metavar="SECONDS",
+    group.add_argument("--response-timeout", type=seconds(), default=60.0, metavar="SECONDS",
                        help="capture time after which a request still unanswered is emitted with status 0")
-    group.add_argument("--max-connections", type=int, default=100_000, help="connections tracked at once")
-    group.add_argument("--idle-timeout", type=float, default=300.0, metavar="SECONDS",
+    group.add_argument("--max-connections", type=whole_number(1, 100_000_000), default=100_000, help="connections tracked at once")
+    group.add_argument("--idle-timeout", type=seconds(), default=300.0, metavar="SECONDS",
                        help="capture time after which a silent connection is closed out")
-    group.add_argument("--max-head-bytes", type=int, default=65536,
+    group.add_argument("--max-head-bytes", type=whole_number(1024, 1 << 24), default=65536,
                        help="largest request or response head buffered (default 64 KiB)")
-
-
-def port_number(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port")
-    return int(text)
 
 
 def key_auth_from_args(args: argparse.Namespace, credentials: CredentialSync | None) -> Callable[[], KeyAuthConfig]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 
+import pytest
+
 from agent.replay import ConnectionDealer
 from agent.source.capture_file import CaptureFile
 from agent.source.frames import flow_hash
@@ -152,3 +154,15 @@ def test_subject_from_the_key_header_is_refused():
 
 def test_consumer_subject_needs_credentials():
     assert "--credentials" in one_line_error(run_agent("--read", BASIC, check=False))
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--max-connections", "0"), ("--response-timeout", "nan"), ("--idle-timeout", "-1"), ("--max-head-bytes", "12"),
+    ("--port", "70000"), ("--batch-size", "0"), ("--credentials-refresh", "inf"), ("--workers", "x"),
+])
+def test_a_number_out_of_range_is_one_line_before_anything_runs(tmp_path, flag, value):
+    output = tmp_path / "events.jsonl"
+    result = run_agent("--read", BASIC, "--credentials", KONG, "--output", str(output), flag, value, check=False)
+    assert result.returncode == 2
+    assert one_line_error(result).startswith(f"agent: error: argument {flag}: ")
+    assert not output.exists()

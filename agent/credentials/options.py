@@ -12,18 +12,9 @@ from agent.credentials.deck import DeckFileSource
 from agent.credentials.errors import CredentialError
 from agent.credentials.source import CredentialSource
 from agent.credentials.sync import CredentialSync
+from agent.flags import seconds
 
 SUBJECT_FIELDS = ("username", "id", "custom_id")
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--credentials", metavar="SOURCE",
         help="Kong's Admin API, http[s]://HOST:8001[/WORKSPACE], or a decK state file (YAML or JSON)")
     group.add_argument(
-        "--credentials-refresh", metavar="SECONDS", type=_positive_seconds, default=30.0,
+        "--credentials-refresh", metavar="SECONDS", type=seconds(), default=30.0,
         help="how often to re-read the credentials (default 30); a decK file is also re-read when it changes")
     group.add_argument(
         "--admin-token-file", metavar="PATH", type=Path,

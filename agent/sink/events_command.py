@@ -15,6 +15,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from agent.flags import FlagParser, whole_number
 from agent.sink.datadir import STORE_FILE_NAME, default_data_dir
 from agent.sink.store import EventStore, StoredEvent
 
@@ -37,16 +38,15 @@ def parse_since(text: str, now: float | None = None) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="agent events", description="Show the events kept in the local store (runs without"
-                                         " --output or --ingest-endpoint write there).")
+    parser = FlagParser(prog="agent events", description="Show the events kept in the local store (runs without"
+                                                         " --output or --ingest-endpoint write there).")
     parser.add_argument("--data-dir", metavar="DIR", type=Path, help="the agent's data directory")
     parser.add_argument("--store", metavar="PATH", type=Path,
                         help=f"the store file (default DATA_DIR/{STORE_FILE_NAME})")
     parser.add_argument("--subject", help="only this subject's events")
     parser.add_argument("--since", type=parse_since, metavar="WHEN",
                         help="only events from this time on: 15m, 2h, 7d, or an RFC 3339 time")
-    parser.add_argument("--limit", type=int, default=20, metavar="N", help="latest events to list (default 20)")
+    parser.add_argument("--limit", type=whole_number(0, 1_000_000), default=20, metavar="N", help="latest events to list (default 20)")
     parser.add_argument("--json", action="store_true", help="one JSON document: counts and the latest events")
     return parser
 
@@ -61,7 +61,7 @@ def events_command(argv: list[str]) -> int:
     try:
         store = EventStore(path)
         try:
-            latest = store.latest(max(args.limit, 0), args.subject, args.since)
+            latest = store.latest(args.limit, args.subject, args.since)
             counts = store.count_by_subject(args.subject, args.since)
         finally:
             store.close()

@@ -18,6 +18,7 @@ import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from agent.flags import seconds, whole_number
 from agent.sink import Sink
 from agent.sink.datadir import SPOOL_DIR_NAME, STORE_FILE_NAME, default_data_dir, ensure_private_dir
 from agent.sink.ingest import (DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_INTERVAL, DEFAULT_SPOOL_MAX_BYTES, IngestSettings,
@@ -45,26 +46,6 @@ def byte_size(text: str) -> int:
     return size
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
-    return value
-
-
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
-    return value
-
-
 class RefuseTokenOnCommandLine(argparse.Action):
     """`--api-token` exists only to be refused: a token in argv shows in `ps` and shell history, and without
     it argparse would take `--api-token X` as an abbreviation of `--api-token-file X`."""
@@ -83,9 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--api-token-file", metavar="PATH", type=Path,
                        help="file holding the ingest API token (re-read when the endpoint refuses it)")
     group.add_argument("--api-token", action=RefuseTokenOnCommandLine, help=argparse.SUPPRESS)
-    group.add_argument("--batch-size", metavar="N", type=positive_int, default=DEFAULT_BATCH_SIZE,
+    group.add_argument("--batch-size", metavar="N", type=whole_number(1, 100_000), default=DEFAULT_BATCH_SIZE,
                        help=f"most events per request (default {DEFAULT_BATCH_SIZE})")
-    group.add_argument("--flush-interval", metavar="SECONDS", type=seconds, default=DEFAULT_FLUSH_INTERVAL,
+    group.add_argument("--flush-interval", metavar="SECONDS", type=seconds(zero_allowed=True), default=DEFAULT_FLUSH_INTERVAL,
                        help=f"send a partial batch once its oldest event waited this long"
                             f" (default {DEFAULT_FLUSH_INTERVAL:g})")
     group.add_argument("--data-dir", metavar="DIR", type=Path,
@@ -102,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--exit-when-spooled", action="store_true",
                        help="with --read: exit once every event is safely in the spool, without waiting for"
                             " the endpoint to acknowledge it (the next start sends the rest)")
-    group.add_argument("--ack-timeout", metavar="SECONDS", type=seconds,
+    group.add_argument("--ack-timeout", metavar="SECONDS", type=seconds(zero_allowed=True),
                        help="with --read: stop waiting for acknowledgements after this long (default: wait)")
 
 
