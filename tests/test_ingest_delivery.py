@@ -255,3 +255,27 @@ def test_waiting_for_acknowledgement_can_be_bounded(double: IngestDouble, tmp_pa
     sink.close()
     assert sink.counters()["pending"] == 10
     assert any("10 events stay in the spool" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unexpected_error_in_delivery_is_logged_and_delivery_resumes_from_the_unacknowledged_batch(
+        double: IngestDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr("agent.sink.ingest.UNEXPECTED_RETRY_SECONDS", 0.05)
+    sent = kong_events(0, 300)
+    sink = make_sink(double.url, tmp_path)
+    real_send, failures = sink._send, []
+
+    def send_failing_twice(lines):  # a bug, or a spool file gone, in the middle of a batch
+        if len(failures) < 2:
+            failures.append(len(lines))
+            raise RuntimeError("unexpected")
+        return real_send(lines)
+
+    monkeypatch.setattr(sink, "_send", send_failing_twice)
+    write_in_chunks(sink, sent)
+    sink.close()
+    assert failures == [100, 100]  # the same first batch, read again after the failure
+    assert_all_delivered(double, sent)
+    assert sink.counters()["pending"] == 0
+    unexpected = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
+    assert len(unexpected) == 1  # at most once a minute

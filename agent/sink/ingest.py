@@ -56,6 +56,8 @@ REPEAT_LOG_SECONDS = 30.0
 DROP_LOG_SECONDS = 10.0
 WAIT_LOG_SECONDS = 10.0
 STOP_JOIN_SECONDS = 5.0
+UNEXPECTED_RETRY_SECONDS = 5.0
+UNEXPECTED_LOG_SECONDS = 60.0
 READY_POLL_SECONDS = 0.5
 
 
@@ -192,20 +194,36 @@ class IngestSink:
     # -- delivery thread ------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                max_age = 0.0 if self._flushing.is_set() else self.settings.flush_interval
-                if not self._spool.wait_ready(self.settings.batch_size, max_age, READY_POLL_SECONDS):
-                    continue
-                batch = self._spool.read_batch(self.settings.batch_size)
-                if batch is None:
-                    continue
-                if not self._handle(batch):
+        """Deliver until stopped. An unexpected error (a bug, a spool file gone) must not end delivery for
+        the rest of the agent's life: it is logged, at most once a minute, and delivery resumes shortly,
+        from the last acknowledged event."""
+        last_logged = -UNEXPECTED_LOG_SECONDS
+        while not self._stop.is_set():
+            try:
+                if not self._deliver_next():
                     return
-                self._spool.ack(batch)
-        except Exception:
-            log.exception("event delivery stopped by an unexpected error; undelivered events stay in the spool")
-            self._spool.stop_waiting_for_room()
+            except Exception:
+                if self._stop.is_set():
+                    return  # the spool was closed under a delivery the stop did not wait for
+                if time.monotonic() - last_logged >= UNEXPECTED_LOG_SECONDS:
+                    last_logged = time.monotonic()
+                    log.exception("event delivery failed unexpectedly; retrying in %.0f s (undelivered events"
+                                  " stay in the spool)", UNEXPECTED_RETRY_SECONDS)
+                self._spool.rewind()
+                self._stop.wait(UNEXPECTED_RETRY_SECONDS)
+
+    def _deliver_next(self) -> bool:
+        """One batch, if one is ready; False when asked to stop first (the batch stays spooled)."""
+        max_age = 0.0 if self._flushing.is_set() else self.settings.flush_interval
+        if not self._spool.wait_ready(self.settings.batch_size, max_age, READY_POLL_SECONDS):
+            return True
+        batch = self._spool.read_batch(self.settings.batch_size)
+        if batch is None:
+            return True
+        if not self._handle(batch):
+            return False
+        self._spool.ack(batch)
+        return True
 
     def _handle(self, batch: Batch) -> bool:
         for line in batch.unreadable:

@@ -274,6 +274,17 @@ class Spool:
             self._oldest_unread_at = 0.0 if self._unread else None
         return Batch(lines, pos, unreadable)
 
+    def rewind(self) -> None:
+        """Read again from the last acknowledged event: a batch that was read but whose delivery failed
+        unexpectedly is delivered again, not skipped."""
+        with self._cond:
+            self._read = self._acked
+            self._unread = self._pending
+            self._oldest_unread_at = time.monotonic() if self._unread else None
+            reader, self._reader = self._reader, None
+        if reader is not None:
+            reader[1].close()
+
     def ack(self, batch: Batch) -> None:
         """Everything up to `batch.end` is delivered (or dead-lettered): free it, remember it."""
         with self._cond:
@@ -407,18 +418,19 @@ class Spool:
             self._remove_segment(number)
 
     def _remove_segment(self, number: int) -> None:
+        """The reader may still hold the file open: it is the delivery thread's alone, and moves on to the
+        next segment by itself (an unlinked file stays readable until then)."""
         self._used -= self._segments.pop(number)
-        if self._reader is not None and self._reader[0] == number:
-            self._reader[1].close()
-            self._reader = None
         self._segment_path(number).unlink(missing_ok=True)
 
     def _reader_for(self, number: int) -> BinaryIO:
-        if self._reader is None or self._reader[0] != number:
-            if self._reader is not None:
-                self._reader[1].close()
-            self._reader = (number, open(self._segment_path(number), "rb"))
-        return self._reader[1]
+        """Only the delivery thread (read_batch) calls this, and close() once it has stopped."""
+        reader = self._reader
+        if reader is None or reader[0] != number:
+            if reader is not None:
+                reader[1].close()
+            reader = self._reader = (number, open(self._segment_path(number), "rb"))
+        return reader[1]
 
     def _write_ack_file(self, position: Position) -> None:
         temporary = self.directory / (ACK_FILE + ".tmp")
