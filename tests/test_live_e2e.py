@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ from kong_standin import KongStandin, billed_rows, free_loopback_port, load_cons
 
 from agent.live.cpu_share import CATCH_UP_NICE
 from conftest import CAPTURES, REPO, read_events, run_agent, summary
+from tests.doubles.ingest import IngestDouble
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: packet sockets")]
 
@@ -36,16 +39,18 @@ ALICE, BOB = KEYS["alice"][0], KEYS["bob"][0]
 CAROL_OLD, CAROL_NEW = KEYS["carol"]
 MACHINE = next(keys[0] for subject, keys in KEYS.items() if subject not in ("alice", "bob", "carol"))
 UNKNOWN = "not-a-known-key-000"
+INGEST_TOKEN = "spat_live_test_0123456789"
 STOP_LIMIT = 10.0  # seconds from the stop signal to the exit, as promised
 
 
 class LiveAgent:
     """`agent --iface lo` in its own process; stderr is collected as it comes."""
 
-    def __init__(self, output: Path, port: int, *extra: str, user: str | None = None, deck: Path = DECK) -> None:
+    def __init__(self, output: Path | None, port: int, *extra: str, user: str | None = None,
+                 deck: Path = DECK) -> None:
         self.output = output
-        command = [sys.executable, "-m", "agent", "--iface", "lo", "--port", str(port),
-                   "--credentials", str(deck), "--output", str(output), *extra]
+        command = [sys.executable, "-m", "agent", "--iface", "lo", "--port", str(port), "--credentials", str(deck),
+                   *(["--output", str(output)] if output else []), *extra]
         self.process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, user=user)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -103,8 +108,9 @@ def gateway():
 def start_agent(tmp_path: Path):
     agents: list[LiveAgent] = []
 
-    def start(port: int, *extra: str, user: str | None = None, deck: Path = DECK) -> LiveAgent:
-        agent = LiveAgent(tmp_path / f"events-{len(agents)}.jsonl", port, *extra, user=user, deck=deck)
+    def start(port: int, *extra: str, user: str | None = None, deck: Path = DECK, to_file: bool = True) -> LiveAgent:
+        output = tmp_path / f"events-{len(agents)}.jsonl" if to_file else None
+        agent = LiveAgent(output, port, *extra, user=user, deck=deck)
         agents.append(agent)
         agent.wait_for("capturing on lo")
         if deck.exists():
@@ -319,6 +325,32 @@ def test_user_switch_keeps_capturing_without_privileges(gateway, start_agent) ->
     code, _ = agent.stop(signal.SIGTERM)
     assert code == 0, agent.stderr
     assert_one_for_one(entries, agent)
+
+
+def test_user_switch_hands_the_spool_over_and_delivery_goes_on(gateway, start_agent, monkeypatch,
+                                                               tmp_path: Path) -> None:
+    monkeypatch.setenv("METERING_API_TOKEN", INGEST_TOKEN)
+    data_dir = Path(tempfile.mkdtemp(prefix="agent-data-"))  # as /var/lib/...: root's, reachable by others
+    try:
+        with IngestDouble(INGEST_TOKEN) as double:
+            agent = start_agent(gateway.port, "--user", "nobody", "--ingest-endpoint", double.url,
+                                "--data-dir", str(data_dir), "--flush-interval", "0.1", to_file=False)
+            sent = drive_clients(gateway, tmp_path)
+            entries = gateway.access_log_entries(expect=sent)
+            billed = sum(billed_rows(entries).values())
+            deadline = time.monotonic() + 20
+            while len(double.accepted_counts()) < billed and time.monotonic() < deadline:
+                time.sleep(0.1)
+            code, _ = agent.stop(signal.SIGTERM)
+            delivered = len(double.accepted_counts())
+        nobody = pwd.getpwnam("nobody").pw_uid
+        owners = {path.stat().st_uid for path in [data_dir, *data_dir.rglob("*")]}
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    assert code == 0, agent.stderr
+    assert delivered == billed > 0, agent.stderr
+    assert owners == {nobody}
+    assert "ERROR" not in agent.stderr
 
 
 def test_nothing_listening_is_a_warning_and_a_gateway_started_later_is_metered(start_agent) -> None:

@@ -23,4 +23,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "priority while its ring has room, catching up when the gateway quietens, and takes "
                             "priority over the gateway once the ring is 3/4 full, so that nothing is lost")
     group.add_argument("--user", metavar="NAME",
-                       help="after opening the capture, switch to this user (e.g. nobody), keeping no privilege")
+                       help="after opening the capture, switch to this user (e.g. nobody), keeping no privilege; the "
+                            "data directory (spool, store) becomes that user's, the decK file must be readable by it")

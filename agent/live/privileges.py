@@ -9,6 +9,7 @@ What the agent reads afterwards, such as a decK file, must be readable by that u
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import pwd
@@ -30,6 +31,9 @@ def drop_privileges(user: str) -> None:
     entry = user_entry(user)
     if os.geteuid() == entry.pw_uid:
         return
+    # Python loads some modules only when first used; the new user may not be able to read the
+    # interpreter's files (a Python installed under root's home), so load those while still root.
+    codecs.lookup("idna")  # host names, for the ingest endpoint and the Admin API
     try:
         os.setgroups([])
         os.setgid(entry.pw_gid)

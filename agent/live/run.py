@@ -28,6 +28,8 @@ from agent.live.startup_checks import (Link, LiveCaptureError, check_ring_memory
 from agent.options import pipeline_from_args
 from agent.pipeline import summary_line
 from agent.sink import Sink
+from agent.sink.datadir import hand_over
+from agent.sink.options import state_dirs
 from agent.source.kernel_filter import MAX_PORTS, capture_filter
 from agent.source.packet_ring import PacketRing
 
@@ -50,6 +52,13 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, sink:
         if args.user:
             if args.yield_cpu:
                 allow_return_after_privilege_drop()
+            user = user_entry(args.user)
+            for directory in state_dirs(args):
+                try:
+                    hand_over(directory, user.pw_uid, user.pw_gid)
+                except OSError as error:
+                    raise LiveCaptureError(f"--user {args.user}: cannot hand {directory} over to that user "
+                                           f"({error.strerror or error})") from None
             drop_privileges(args.user)
         if args.yield_cpu and not can_take_priority_back():
             log.warning("capturing at normal priority, as with --no-yield-cpu: at idle priority the capture could "

@@ -39,3 +39,14 @@ def ensure_private_dir(path: Path) -> Path:
     """Create `path` (and missing parents) with mode 0700; an existing directory is left as it is."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
+
+
+def hand_over(directory: Path, uid: int, gid: int) -> None:
+    """Give `directory` and everything in it to the `--user` the agent is about to switch to: the sink was
+    opened as root, and must go on creating, renaming and writing files there after the switch."""
+    if not directory.is_dir():
+        return
+    os.chown(directory, uid, gid)
+    for root, names, files in os.walk(directory):
+        for name in names + files:
+            os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)

@@ -107,6 +107,16 @@ def sink_from_args(args: argparse.Namespace) -> Sink:
         raise SinkConfigError(f"cannot use the data directory {data_dir}: {exc}") from None
 
 
+def state_dirs(args: argparse.Namespace) -> list[Path]:
+    """The directories the sink chosen by `sink_from_args` goes on writing into (`--user` hands them over)."""
+    if args.output:
+        return []  # a JSON Lines file is written through the descriptor opened at the start
+    data_dir = args.data_dir or default_data_dir()
+    if args.ingest_endpoint:
+        return [data_dir, args.spool_dir or data_dir / SPOOL_DIR_NAME]
+    return [data_dir]
+
+
 def _ingest_sink(args: argparse.Namespace, data_dir: Path) -> IngestSink:
     endpoint = args.ingest_endpoint
     parts = urlsplit(endpoint)
