@@ -93,6 +93,14 @@ def test_hide_credentials_removes_every_key_parameter_and_keeps_the_rest_as_sent
     assert hide_credentials(target, ("apikey",)) == hidden
 
 
+@pytest.mark.parametrize("target, hidden", [
+    ("/a?APIKEY=K-123&x=1", "/a?x=1"), ("/a?y=2&x=1;apikey=K-123", "/a?y=2"), ("/a?x=1&other=K%2D123", "/a?x=1"),
+    ("/a?x=1&apikey%3DK-123", "/a?x=1"), ("/a?x=K-12", "/a?x=K-12"),
+])
+def test_a_parameter_carrying_the_key_used_is_removed_whatever_its_name(target, hidden):
+    assert hide_credentials(target, ("apikey",), "K-123") == hidden
+
+
 def test_hide_credentials_removes_every_configured_key_name():
     assert hide_credentials("/a?token=t&keep=1&apikey=k", ("apikey", "token")) == "/a?keep=1"
 
@@ -146,6 +154,21 @@ def test_header_and_query_subjects_need_no_credential_table():
     assert resolver(SubjectRule.parse("query:Tenant", "username", ("apikey",)), table=None).resolve(request) is None
 
 
+def test_a_subject_field_that_the_gateways_key_auth_names_a_key_is_never_used(caplog):
+    """At the start only the default key name is known; the gateway's own (here x-api-key) comes later."""
+    settings = [KeyAuthConfig()]
+    by_header = SubjectResolver(SubjectRule.parse("header:x-api-key", "username", ("apikey",)),
+                                lambda: settings[-1], lambda: None)
+    request = make_request("/a", ("X-Api-Key: SECRET-KEY-1",))
+    assert by_header.resolve(request) == "SECRET-KEY-1"  # not a key name yet: an ordinary header
+    settings.append(KeyAuthConfig(("x-api-key",)))
+    assert by_header.resolve(request) is None
+    settings.append(KeyAuthConfig(("x-api-key",)))  # the same settings, read again
+    assert by_header.resolve(request) is None
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "SECRET-KEY-1" not in errors[0]
+
+
 # ---------------------------------------------------------------- billing rules
 
 
@@ -159,6 +182,13 @@ class Tables:
 def meter(tables: Tables, max_held: int = 100_000, config: KeyAuthConfig = KeyAuthConfig(),
           rule: SubjectRule = SubjectRule()) -> Meter:
     return Meter(SubjectResolver(rule, lambda: config, lambda: tables.table), "gateway-1", lambda: config, max_held)
+
+
+def test_the_key_used_never_reaches_the_event_under_another_parameter_name():
+    billing = meter(Tables(TABLE))
+    [event] = billing.meter([make_exchange("/orders?APIKEY=alice-key-7f3e9&page=2")])
+    assert event["subject"] == "alice" and event["data"]["request_uri"] == "/orders?page=2"
+    assert "alice-key-7f3e9" not in orjson.dumps(event).decode()
 
 
 def test_a_resolved_request_becomes_one_event():

@@ -68,7 +68,8 @@ def rfc3339(timestamp: float) -> str:
     return f"{_rfc3339_second(second)}.{microseconds:06d}Z"
 
 
-def build_event(exchange: Exchange, subject: str, subject_type: str, source: str, key_names: tuple[str, ...]) -> dict:
+def build_event(exchange: Exchange, subject: str, subject_type: str, source: str, key_names: tuple[str, ...],
+                key: str | None = None) -> dict:
     """A structured-mode CloudEvent dict, built and validated with the CloudEvents SDK."""
     request = exchange.request
     assert request is not None
@@ -77,7 +78,7 @@ def build_event(exchange: Exchange, subject: str, subject_type: str, source: str
     answered_by_kong = response is not None and response.header("x-kong-response-latency") is not None
     data = {
         "request_method": request.method,
-        "request_uri": hide_credentials(request.target, key_names),
+        "request_uri": hide_credentials(request.target, key_names, key),
         "request_host": request_host(exchange),
         "client_ip": ip_text(exchange.connection.client),
         "request_user_agent": request.header("user-agent"),

@@ -47,10 +47,13 @@ def find_key(request: Message, config: KeyAuthConfig) -> str | None:
     return None
 
 
-def hide_credentials(target: str, key_names: tuple[str, ...]) -> str:
-    """The target without any key parameter, so a key never reaches an event."""
+def hide_credentials(target: str, key_names: tuple[str, ...], key: str | None = None) -> str:
+    """The target without any key parameter, as key-auth's `hide_credentials` strips it, and without any
+    other parameter that carries the key the gateway used (`?APIKEY=<key>`, `?x=1;apikey=<key>`): a key
+    never reaches an event, whatever else the client sent."""
     path, question, query = target.partition("?")
     if not question:
         return target
-    kept = [part for part in query.split("&") if unquote_plus(part.partition("=")[0]) not in key_names]
+    kept = [part for part in query.split("&") if unquote_plus(part.partition("=")[0]) not in key_names
+            and not (key and (key in part or key in unquote_plus(part)))]
     return f"{path}?{'&'.join(kept)}" if kept else path

@@ -62,7 +62,7 @@ class Meter:
             return
         request = exchange.request
         assert request is not None
-        subject = self.resolver.resolve(request)
+        subject, key = self.resolver.resolve_with_key(request)
         if subject is NOT_READY:
             self._hold(exchange)
             return
@@ -70,7 +70,8 @@ class Meter:
             self.counters.unresolved += 1
             return
         subject_type, key_names = self.resolver.rule.look_up_value_in, self.key_auth().key_names
-        events.append(build_event(exchange, subject, subject_type, self.source, key_names))  # type: ignore[arg-type]
+        event = build_event(exchange, subject, subject_type, self.source, key_names, key)  # type: ignore[arg-type]
+        events.append(event)
         self.counters.events += 1
 
     def _hold(self, exchange: Exchange) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.credentials.table import CredentialTable
 from agent.http.message import Message
 from agent.metering.keyauth import KeyAuthConfig, find_key, query_value
+
+log = logging.getLogger(__name__)
 
 NOT_READY = object()  # the credential table has not loaded yet: the subject cannot be decided now
 
@@ -39,6 +42,8 @@ class SubjectResolver:
         self.rule = rule
         self._key_auth = key_auth
         self._table = table
+        self._checked: KeyAuthConfig | None = None  # the key-auth settings the rule was last checked against
+        self._names_a_key = False
 
     def ready(self) -> bool:
         """False while a consumer subject cannot be decided (the credential table has not loaded yet)."""
@@ -46,16 +51,37 @@ class SubjectResolver:
 
     def resolve(self, request: Message) -> str | None | object:
         """The subject, None when it cannot be resolved, or NOT_READY while the credential table is missing."""
+        return self.resolve_with_key(request)[0]
+
+    def resolve_with_key(self, request: Message) -> tuple[str | None | object, str | None]:
+        """The subject as `resolve` gives it, and the API key it came from (None for a header or query
+        subject), so that the event can be kept clear of that key."""
         rule = self.rule
+        if rule.look_up_value_in != "consumer" and self._field_names_a_key():
+            return None, None
         if rule.look_up_value_in == "header":
-            return request.header(rule.field) or None
+            return request.header(rule.field) or None, None
         if rule.look_up_value_in == "query":
-            return query_value(request.target, rule.field) or None
+            return query_value(request.target, rule.field) or None, None
         table = self._table()
         if table is None:
-            return NOT_READY
+            return NOT_READY, None
         key = find_key(request, self._key_auth())
         if key is None:
-            return None
+            return None, None
         consumer = table.lookup(key)
-        return consumer.subject(rule.field) if consumer is not None else None
+        return (consumer.subject(rule.field) if consumer is not None else None), key
+
+    def _field_names_a_key(self) -> bool:
+        """`SubjectRule.parse` refused the key names known at the start; the gateway's own key-auth settings
+        arrive later (and may change), so the rule is checked again against each new set: a subject must
+        never be an API key. Such requests are left unresolved (counted), with one error per change."""
+        config = self._key_auth()
+        if config is not self._checked and config != self._checked:
+            self._checked = config
+            field = self.rule.field.lower()
+            self._names_a_key = any(name.lower() == field for name in config.key_names)
+            if self._names_a_key:
+                log.error("--subject %s:%s names one of key-auth's key names: its value is an API key, never "
+                          "a subject; requests stay unresolved", self.rule.look_up_value_in, self.rule.field)
+        return self._names_a_key
