@@ -184,6 +184,25 @@ def meter(tables: Tables, max_held: int = 100_000, config: KeyAuthConfig = KeyAu
     return Meter(SubjectResolver(rule, lambda: config, lambda: tables.table), "gateway-1", lambda: config, max_held)
 
 
+def test_a_401_from_the_upstream_is_billed_and_one_from_key_auth_is_not():
+    billing = meter(Tables(TABLE))
+    by_key_auth, by_upstream = make_exchange("/kong", status=401), make_exchange("/upstream", status=401)
+    by_key_auth.response = Message(START, 0)
+    by_key_auth.response.head = (b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Key\r\n"
+                                 b"X-Kong-Response-Latency: 0\r\n\r\n")
+    by_upstream.response = Message(START, 0)
+    by_upstream.response.head = b"HTTP/1.1 401 Unauthorized\r\nX-Kong-Upstream-Latency: 3\r\n\r\n"
+    events = billing.meter([by_key_auth, by_upstream])
+    assert [(e["data"]["request_uri"], e["data"]["response_http_status"]) for e in events] == [("/upstream", 401)]
+    assert billing.counters.rejected == 1
+
+
+def test_a_key_name_with_underscores_matches_the_header_with_dashes_as_openresty_does():
+    request = make_request("/a", ("x-api-key: dashed",))
+    assert find_key(request, KeyAuthConfig(("x_api_key",))) == "dashed"
+    assert find_key(make_request("/a", ("x_api_key: underscored",)), KeyAuthConfig(("x_api_key",))) == "underscored"
+
+
 def test_the_key_used_never_reaches_the_event_under_another_parameter_name():
     billing = meter(Tables(TABLE))
     [event] = billing.meter([make_exchange("/orders?APIKEY=alice-key-7f3e9&page=2")])

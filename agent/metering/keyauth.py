@@ -38,6 +38,8 @@ def find_key(request: Message, config: KeyAuthConfig) -> str | None:
     for name in config.key_names:
         if config.key_in_header:
             value = request.header(name.lower())
+            if not value and "_" in name:  # as OpenResty's header table does; nginx drops `_` headers anyway
+                value = request.header(name.lower().replace("_", "-"))
             if value:
                 return value
         if config.key_in_query:

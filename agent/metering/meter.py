@@ -1,7 +1,8 @@
 """The billing rules: which exchanges become events.
 
 One event per request whose subject resolves and whose final status is not 401 (key-auth's rejection,
-so a key the table still knows but the gateway has revoked is not billed). No subject: dropped and
+so a key the table still knows but the gateway has revoked is not billed; a 401 that Kong proxied from
+the upstream service is billed). No subject: dropped and
 counted, as Kong's plugin drops it. While the credential table has not loaded yet, exchanges are held
 (up to a bound) rather than dropped.
 """
@@ -57,7 +58,7 @@ class Meter:
             self._meter_one(exchange, events)
 
     def _meter_one(self, exchange: Exchange, events: list[dict]) -> None:
-        if exchange.status == 401:
+        if exchange.status == 401 and not _proxied(exchange):
             self.counters.rejected += 1
             return
         request = exchange.request
@@ -84,3 +85,10 @@ class Meter:
                           "(counted as unresolved)", self.max_held)
         self._held.append(exchange)
         self.counters.held = len(self._held)
+
+
+def _proxied(exchange: Exchange) -> bool:
+    """A 401 that Kong passed on from the upstream service (it adds X-Kong-Upstream-Latency to what it
+    proxies): key-auth let the consumer in, so the request is billed as Kong's plugin bills it."""
+    response = exchange.response
+    return response is not None and response.header("x-kong-upstream-latency") is not None
