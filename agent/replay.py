@@ -39,7 +39,7 @@ def replay(args: argparse.Namespace, credentials: CredentialSync | None, open_si
             counters = replay_share(args, credentials, sink.write, 0, 1)
     finally:
         sink.close()
-    delivery = sink.counters() if hasattr(sink, "counters") else {}
+    delivery = sink.counters()
     print(summary_line({**counters, **delivery}), file=sys.stderr)
     if delivery.get("pending") and not args.exit_when_spooled:
         print(f"agent: error: {delivery['pending']} events are still in the spool, not yet acknowledged;"

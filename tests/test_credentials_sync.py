@@ -62,7 +62,7 @@ def running():
 
 def test_rotated_key_maps_within_one_refresh(kong, running, caplog):
     caplog.set_level(logging.INFO)
-    sync = running(AdminApiSource(kong.url))
+    sync = running(AdminApiSource(kong.url), refresh_seconds=1.0)  # a slow test thread still sees one read
     assert sync.wait_ready(10)
     assert sync.lookup("alice-old-key").username == "alice"
     kong.rotate_key("alice", "alice-old-key", "alice-new-key")

@@ -83,7 +83,7 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, sink:
     else:
         counters, clean = run_workers(rings, args, credentials, stop, sink, where)
     sink.close()  # in live capture a spool is not waited for: what it holds is sent at the next start
-    delivery = sink.counters() if hasattr(sink, "counters") else {}
+    delivery = sink.counters()
     print(summary_line({**counters, **delivery}), file=sys.stderr)
     return 0 if clean else 1
 

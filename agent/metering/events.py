@@ -70,7 +70,8 @@ def rfc3339(timestamp: float) -> str:
 
 def build_event(exchange: Exchange, subject: str, subject_type: str, source: str, key_names: tuple[str, ...],
                 key: str | None = None) -> dict:
-    """A structured-mode CloudEvent dict, built and validated with the CloudEvents SDK."""
+    """A structured-mode CloudEvent dict: the SDK's CloudEvent validates the attributes, and its attributes
+    and data are what is returned, with `time` in its RFC 3339 wire form."""
     request = exchange.request
     assert request is not None
     latency = round((exchange.response_end - request.start_time) * 1000) if exchange.status else None

@@ -15,3 +15,6 @@ class Sink(Protocol):
 
     def close(self) -> None:
         """Deliver or persist everything accepted so far, then release resources."""
+
+    def counters(self) -> dict[str, int]:
+        """What the sink did, for the summary line (empty when there is nothing to say)."""

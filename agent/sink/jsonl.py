@@ -17,6 +17,9 @@ class JsonLinesSink:
         dumps = orjson.dumps
         self._stream.write(b"".join(dumps(event) + b"\n" for event in events))
 
+    def counters(self) -> dict[str, int]:
+        return {}
+
     def close(self) -> None:
         self._stream.flush()
         if self._owns_stream:
