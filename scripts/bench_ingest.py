@@ -29,9 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.sink.ingest import DEFAULT_BATCH_SIZE, IngestSettings, IngestSink  # noqa: E402
+from agent.sink.ingest import DEFAULT_BATCH_SIZE, IngestSettings, IngestSink, api_token_source  # noqa: E402
 from agent.sink.retry import Backoff  # noqa: E402
-from agent.sink.token import TokenSource  # noqa: E402
 from tests.doubles.ingest import V1_PATH, kong_events  # noqa: E402
 
 from bench_replay import record  # noqa: E402
@@ -64,7 +63,7 @@ def run(mode: str, count: int, batch_size: int, backoff: Backoff) -> bool:
             os.environ["METERING_API_TOKEN"] = TOKEN
             settings = IngestSettings(base_url + V1_PATH, Path(spool_dir), batch_size=batch_size,
                                       block_when_full=True, wait_for_ack=True, backoff=backoff)
-            sink = IngestSink(settings, TokenSource())
+            sink = IngestSink(settings, api_token_source())
             in_write = 0.0
             started = time.perf_counter()
             for first in range(0, count, WRITE_CHUNK):

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.sink.ingest import DEAD_LETTER_FILE, IngestSettings, IngestSink
+from agent.sink.ingest import DEAD_LETTER_FILE, IngestSettings, IngestSink, api_token_source
 from agent.sink.retry import Backoff
-from agent.sink.token import TokenSource
+from agent.tokens import TokenSource
 from tests.doubles.ingest import Fault, IngestDouble, kong_events
 
 TOKEN = "spat_test_0123456789abcdef"
@@ -38,7 +38,7 @@ def make_sink(url: str, spool_dir: Path, token: TokenSource | None = None, **ove
     settings = dict(batch_size=100, flush_interval=0.05, backoff=Backoff(0.02, 0.2), auth_retry_interval=0.2,
                     timeout=5.0, ack_timeout=30.0)
     settings.update(overrides)
-    return IngestSink(IngestSettings(url, spool_dir, **settings), token or TokenSource())
+    return IngestSink(IngestSettings(url, spool_dir, **settings), token or api_token_source())
 
 
 def keys(events: list[dict]) -> set[tuple[str, str]]:
@@ -160,7 +160,7 @@ def test_a_refused_token_is_reported_once_keeps_events_and_a_fixed_token_file_re
     token_file = tmp_path / "token"
     token_file.write_text("spat_expired_token\n")
     sent = kong_events(0, 300)
-    sink = make_sink(double.url, tmp_path / "spool", TokenSource(token_file))
+    sink = make_sink(double.url, tmp_path / "spool", api_token_source(token_file))
     sink.write(sent)
     wait_until(lambda: double.statuses().count(401) >= 3)
     assert sink.counters()["pending"] == 300

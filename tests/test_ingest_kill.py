@@ -19,9 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.sink.ingest import IngestSettings, IngestSink
+from agent.sink.ingest import IngestSettings, IngestSink, api_token_source
 from agent.sink.retry import Backoff
-from agent.sink.token import TokenSource
 from tests.doubles.ingest import Fault, IngestDouble, kong_events
 
 TOKEN = "kill-test-token"
@@ -40,7 +39,7 @@ def drive(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     sink = IngestSink(IngestSettings(args.endpoint, args.spool_dir, batch_size=200, flush_interval=0.02,
                                      backoff=Backoff(0.02, 0.2), block_when_full=True, ack_timeout=60),
-                      TokenSource())
+                      api_token_source())
     end = args.first + args.count
     for start in range(args.first, end, 7):
         events = kong_events(start, min(7, end - start))

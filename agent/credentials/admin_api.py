@@ -25,6 +25,7 @@ from agent.credentials.errors import CredentialError
 from agent.credentials.key_auth import KeyAuthConfig, from_plugin_config, merge
 from agent.credentials.source import Snapshot
 from agent.credentials.table import Clock, Consumer, TableBuilder
+from agent.tokens import TokenError, TokenSource
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,7 @@ class AdminApiSource:
         clock: Clock = time.monotonic,
     ) -> None:
         self._base, self._prefix = split_admin_url(url)
-        self._token_file = token_file
-        self._environ = environ
+        self._tokens = TokenSource(token_file, TOKEN_ENV, "admin token", environ)
         self._timeout = timeout
         self._max_load_seconds = max_load_seconds
         self._clock = clock
@@ -89,20 +89,10 @@ class AdminApiSource:
         return Snapshot(builder.build(), key_auth, skipped)
 
     def _token(self) -> str | None:
-        if self._token_file is not None:
-            try:
-                token = self._token_file.read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = getattr(exc, "strerror", None) or type(exc).__name__
-                raise CredentialError(f"admin token file {self._token_file}: cannot read ({reason})") from None
-            if not token:
-                raise CredentialError(f"admin token file {self._token_file} is empty")
-        else:
-            token = self._environ.get(TOKEN_ENV, "").strip() or None
-        if token is not None and not all(0x21 <= ord(ch) <= 0x7E for ch in token):
-            # httpx would refuse it with a message quoting the value; say so without it.
-            raise CredentialError("the admin token holds characters a header cannot carry")
-        return token
+        try:
+            return self._tokens.read()
+        except TokenError as error:
+            raise CredentialError(str(error)) from None
 
     def _key_auth(self, pages: "_Pager") -> KeyAuthConfig | None:
         """key-auth's settings; an RBAC role that may read credentials but not plugins only loses this."""

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--subject", help="only this subject's events")
     parser.add_argument("--since", type=parse_since, metavar="WHEN",
                         help="only events from this time on: 15m, 2h, 7d, or an RFC 3339 time")
-    parser.add_argument("--limit", type=whole_number(0, 1_000_000), default=20, metavar="N", help="latest events to list (default 20)")
+    parser.add_argument("--limit", type=whole_number(0, 1_000_000), default=20, metavar="N",
+                        help="latest events to list (default 20)")
     parser.add_argument("--json", action="store_true", help="one JSON document: counts and the latest events")
     return parser
 

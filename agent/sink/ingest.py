@@ -41,12 +41,13 @@ import httpx
 from agent.sink.deadletter import DeadLetterFile
 from agent.sink.retry import Backoff, parse_retry_after
 from agent.sink.spool import Batch, Spool
-from agent.sink.token import TokenError, TokenSource
 from agent.sink.validate import encode_line, invalid_reason
+from agent.tokens import TokenError, TokenSource
 
 log = logging.getLogger("agent.sink.ingest")
 
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
+API_TOKEN_ENV = "METERING_API_TOKEN"
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_FLUSH_INTERVAL = 1.0
 DEFAULT_SPOOL_MAX_BYTES = 1 << 30
@@ -60,6 +61,11 @@ UNEXPECTED_RETRY_SECONDS = 5.0
 UNEXPECTED_LOG_SECONDS = 60.0
 READY_POLL_SECONDS = 0.5
 
+
+
+def api_token_source(path: Path | None = None) -> TokenSource:
+    """`--api-token-file`, else `$METERING_API_TOKEN`."""
+    return TokenSource(path, API_TOKEN_ENV, "API token")
 
 @dataclass(frozen=True)
 class IngestSettings:

@@ -22,11 +22,11 @@ from agent.flags import seconds, whole_number
 from agent.sink import Sink
 from agent.sink.datadir import SPOOL_DIR_NAME, STORE_FILE_NAME, default_data_dir, ensure_private_dir
 from agent.sink.ingest import (DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_INTERVAL, DEFAULT_SPOOL_MAX_BYTES, IngestSettings,
-                               IngestSink)
+                               IngestSink, api_token_source)
 from agent.sink.jsonl import JsonLinesSink
 from agent.sink.spool import MIN_SEGMENT_BYTES, SpoolBusy
 from agent.sink.store import StoreSink
-from agent.sink.token import TokenError, TokenSource
+from agent.tokens import TokenError
 
 UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--api-token", action=RefuseTokenOnCommandLine, help=argparse.SUPPRESS)
     group.add_argument("--batch-size", metavar="N", type=whole_number(1, 100_000), default=DEFAULT_BATCH_SIZE,
                        help=f"most events per request (default {DEFAULT_BATCH_SIZE})")
-    group.add_argument("--flush-interval", metavar="SECONDS", type=seconds(zero_allowed=True), default=DEFAULT_FLUSH_INTERVAL,
+    group.add_argument("--flush-interval", metavar="SECONDS", type=seconds(zero_allowed=True),
+                       default=DEFAULT_FLUSH_INTERVAL,
                        help=f"send a partial batch once its oldest event waited this long"
                             f" (default {DEFAULT_FLUSH_INTERVAL:g})")
     group.add_argument("--data-dir", metavar="DIR", type=Path,
@@ -139,7 +140,7 @@ def _ingest_sink(args: argparse.Namespace, data_dir: Path) -> IngestSink:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per batch would drown the rest
     try:
-        return IngestSink(settings, TokenSource(args.api_token_file))
+        return IngestSink(settings, api_token_source(args.api_token_file))
     except (TokenError, SpoolBusy) as exc:
         raise SinkConfigError(str(exc)) from None
     except OSError as exc:

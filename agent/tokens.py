@@ -1,0 +1,47 @@
+"""API tokens (the ingest endpoint's, the Admin API's RBAC token): from a file or the environment, never
+from argv, and never in a log or an error message.
+
+A token is read again each time it is needed after a refusal, so fixing the file (or restarting with a
+fixed environment) resumes the work without losing what waited.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+
+class TokenError(ValueError):
+    """The token cannot be read or is malformed; the message never contains the token."""
+
+
+class TokenSource:
+    def __init__(self, path: Path | None, env_name: str, label: str,
+                 environ: Mapping[str, str] | None = None) -> None:
+        self.path = path
+        self.env_name = env_name
+        self.label = label  # what the token is, for messages: "API token", "admin token"
+        self._environ = environ
+
+    def describe(self) -> str:
+        return f"{self.label} file {self.path}" if self.path else f"${self.env_name}"
+
+    def read(self) -> str | None:
+        """The current token (the file when given, else the environment), or None when none is configured."""
+        if self.path is not None:
+            try:
+                raw = self.path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = getattr(exc, "strerror", None) or type(exc).__name__
+                raise TokenError(f"{self.label} file {self.path}: cannot read ({reason})") from None
+        else:
+            raw = (os.environ if self._environ is None else self._environ).get(self.env_name, "")
+        token = raw.strip()
+        if not token:
+            if self.path is not None:
+                raise TokenError(f"{self.label} file {self.path} is empty")
+            return None
+        if not all(0x21 <= ord(ch) <= 0x7E for ch in token):  # what an HTTP header can carry
+            raise TokenError(f"the {self.label} from {self.describe()} holds characters a header cannot carry")
+        return token
