@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from agent.backoff import Backoff  # noqa: E402
 from agent.sink.ingest import DEFAULT_BATCH_SIZE, IngestSettings, IngestSink, api_token_source  # noqa: E402
-from agent.sink.retry import Backoff  # noqa: E402
 from tests.doubles.ingest import V1_PATH, kong_events  # noqa: E402
 
 from bench_replay import record  # noqa: E402

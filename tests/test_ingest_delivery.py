@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.backoff import Backoff
 from agent.sink.ingest import DEAD_LETTER_FILE, IngestSettings, IngestSink, api_token_source
-from agent.sink.retry import Backoff
 from agent.tokens import TokenSource
 from tests.doubles.ingest import Fault, IngestDouble, kong_events
 

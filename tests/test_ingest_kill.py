@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.backoff import Backoff
 from agent.sink.ingest import IngestSettings, IngestSink, api_token_source
-from agent.sink.retry import Backoff
 from tests.doubles.ingest import Fault, IngestDouble, kong_events
 
 TOKEN = "kill-test-token"

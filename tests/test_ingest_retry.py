@@ -6,7 +6,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from agent.sink.retry import MAX_RETRY_AFTER_SECONDS, Backoff, parse_retry_after
+from agent.backoff import Backoff
+from agent.sink.retry import MAX_RETRY_AFTER_SECONDS, parse_retry_after
 
 NOW = datetime(2024, 5, 1, 10, 0, 0, tzinfo=timezone.utc)
 

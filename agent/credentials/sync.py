@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from agent.backoff import Backoff
 from agent.credentials.errors import CredentialError
 from agent.credentials.key_auth import KeyAuthConfig
 from agent.credentials.source import CredentialSource, Snapshot
@@ -154,8 +155,8 @@ class CredentialSync:
     def _backoff(self) -> float:
         """Doubling from up to a second, capped at the refresh interval, with jitter so that many agents
         do not retry in step against one Admin API."""
-        delay = min(self.refresh_seconds, min(1.0, self.refresh_seconds) * 2.0 ** min(self._failures - 1, 30))
-        return delay * (0.5 + 0.5 * self._jitter())
+        backoff = Backoff(initial=min(1.0, self.refresh_seconds), cap=self.refresh_seconds)
+        return backoff.delay(self._failures, self._jitter)
 
     def _install(self, snapshot: Snapshot) -> None:
         with self._install_lock:

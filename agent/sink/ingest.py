@@ -38,8 +38,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from agent.backoff import Backoff
 from agent.sink.deadletter import DeadLetterFile
-from agent.sink.retry import Backoff, parse_retry_after
+from agent.sink.retry import parse_retry_after
 from agent.sink.spool import Batch, Spool
 from agent.sink.validate import encode_line, invalid_reason
 from agent.tokens import TokenError, TokenSource

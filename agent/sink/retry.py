@@ -1,30 +1,12 @@
-"""How long to wait before sending a refused or failed batch again.
-
-Exponential backoff with jitter, so that many agents recovering from one ingest outage do not all retry
-in step; a server's `Retry-After` wins over the computed delay, because the server knows when it will
-have room.
-"""
+"""A server's `Retry-After`: it wins over the computed backoff (agent/backoff.py), because the server
+knows when it will have room."""
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
 MAX_RETRY_AFTER_SECONDS = 600.0
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Delay before attempt n+1: uniform in [d/2, d], d = min(cap, initial * 2**(n-1)) ("equal jitter")."""
-
-    initial: float = 0.5
-    cap: float = 30.0
-
-    def delay(self, attempt: int) -> float:
-        ceiling = min(self.cap, self.initial * 2 ** min(attempt - 1, 32))
-        return random.uniform(ceiling / 2, ceiling)
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
