@@ -7,7 +7,7 @@ case-insensitive), then the query string (name case-sensitive, URL-decoded). Key
 
 from __future__ import annotations
 
-from urllib.parse import unquote_plus
+from urllib.parse import parse_qsl, unquote_plus
 
 from agent.credentials.key_auth import KeyAuthConfig
 from agent.http.message import Message
@@ -15,14 +15,7 @@ from agent.http.message import Message
 
 def query_parameters(target: str) -> list[tuple[str, str]]:
     """(name, value) pairs of the query string, URL-decoded, in order."""
-    query = target.partition("?")[2].partition("#")[0]
-    if not query:
-        return []
-    pairs = []
-    for part in query.split("&"):
-        name, _, value = part.partition("=")
-        pairs.append((unquote_plus(name), unquote_plus(value)))
-    return pairs
+    return parse_qsl(target.partition("?")[2].partition("#")[0], keep_blank_values=True)
 
 
 def query_value(target: str, name: str) -> str | None:
