@@ -15,7 +15,7 @@ from agent.credentials.table import Consumer, CredentialTable
 from agent.http.exchanges import Exchange
 from agent.http.message import Message
 from agent.metering.events import EVENT_TYPE, build_event
-from agent.metering.keyauth import find_key, hide_credentials
+from agent.metering.key_lookup import find_key, hide_credentials
 from agent.metering.meter import Meter
 from agent.metering.subject import SubjectError, SubjectResolver, SubjectRule
 from agent.tcp.reassembly import Connection

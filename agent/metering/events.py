@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from cloudevents.core.v1.event import CloudEvent
 
 from agent.http.exchanges import Exchange
-from agent.metering.keyauth import hide_credentials
+from agent.metering.key_lookup import hide_credentials
 
 EVENT_TYPE = "kong.api_request"
 

@@ -6,9 +6,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from agent.credentials.key_auth import KeyAuthConfig
 from agent.credentials.table import CredentialTable
 from agent.http.message import Message
-from agent.metering.keyauth import KeyAuthConfig, find_key, query_value
+from agent.metering.key_lookup import find_key, query_value
 
 log = logging.getLogger(__name__)
 
