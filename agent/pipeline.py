@@ -94,6 +94,7 @@ class Pipeline:
             "duplicate_segments": tcp.duplicate_segments,
             "oversized_heads": parser.oversized_heads,
             "pending_overflows": tcp.pending_overflows,
+            "unpaired_overflows": http.unpaired_overflows,
             "expired_connections": tcp.expired_connections,
             "evicted_connections": tcp.evicted_connections,
             "ip_fragments": self.decoder.counters.fragments,

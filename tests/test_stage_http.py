@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.http.exchanges import HttpExchanges
+from agent.http.exchanges import MAX_PENDING, HttpExchanges
 from agent.http.message import Message
 from agent.http.parser import MessageParser, ParserCounters
 from agent.source.frames import TCP_ACK, TCP_FIN, TCP_SYN
@@ -94,7 +94,6 @@ def test_content_length_body_is_counted_and_ends_the_message():
     assert first.size == len(wire) and first.head_end == len(wire) - 11
     assert first.header("content-length") == "11" and first.header("HOST") == "api.example.com"
     assert (second.target, second.position) == ("/next", len(wire))
-    assert not first.damaged
 
 
 @pytest.mark.parametrize("piece", [1, 2, 7, None])
@@ -104,7 +103,7 @@ def test_chunked_body_with_extensions_and_trailers_in_any_pieces(piece):
     direction.feed(CHUNKED + following, piece=piece)
     assert direction.record.names() == ["head", "complete", "head", "complete"]
     chunked, after = direction.record.completed()
-    assert chunked.size == len(CHUNKED) and chunked.status == 200 and not chunked.damaged
+    assert chunked.size == len(CHUNKED) and chunked.status == 200
     assert after.size == len(following) and after.status == 404 and after.position == len(CHUNKED)
     assert direction.counters.parse_errors == 0
 
@@ -173,15 +172,15 @@ def test_close_delimited_response_ends_at_end_of_stream():
     direction.parser.end(1.0)
     assert direction.record.names() == ["head", "complete"]
     message = direction.record.completed()[0]
-    assert message.size == len(wire) and not message.damaged and message.end_time == 1.0
+    assert message.size == len(wire) and message.end_time == 1.0
 
 
-def test_content_length_body_cut_short_by_end_of_stream_is_damaged():
+def test_content_length_body_cut_short_by_end_of_stream_ends_with_the_bytes_sent():
     direction = Direction(is_request=False)
     direction.feed(response(200, b"x" * 100)[:-40])
     direction.parser.end(2.0)
-    message = direction.record.completed()[0]
-    assert message.damaged
+    [message] = direction.record.completed()
+    assert (message.status, message.size, message.end_time) == (200, len(response(200, b"x" * 100)) - 40, 2.0)
 
 
 def test_tunnel_after_101_is_ignored():
@@ -206,8 +205,8 @@ def test_gap_inside_a_body_of_known_length_is_skipped(gap_size):
     direction.gap(gap_size)
     direction.feed(wire[head_length + 40 + gap_size:] + request("GET", "/after"))
     uploaded, after = direction.record.completed()
-    assert uploaded.size == len(wire) and uploaded.damaged
-    assert after.target == "/after" and not after.damaged and after.position == len(wire)
+    assert uploaded.size == len(wire)
+    assert after.target == "/after" and after.position == len(wire)
     assert direction.record.names().count("lost") == 0
 
 
@@ -217,8 +216,33 @@ def test_gap_ending_exactly_at_the_end_of_a_body_completes_it():
     direction.feed(wire[:-30])
     direction.gap(30)
     direction.feed(request("GET", "/after"))
-    assert [(m.target, m.size, m.damaged) for m in direction.record.completed()] == [
-        ("/upload", len(wire), True), ("/after", len(request("GET", "/after")), False)]
+    assert [(m.target, m.size) for m in direction.record.completed()] == [
+        ("/upload", len(wire)), ("/after", len(request("GET", "/after")))]
+
+
+def test_gap_covering_exactly_the_rest_of_a_chunk_completes_the_message():
+    head = b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    direction = Direction()
+    direction.feed(head + b"5\r\n")
+    direction.gap(5)  # "hello", to the chunk's last byte
+    direction.feed(b"\r\n0\r\n\r\n")
+    assert direction.record.names() == ["head", "complete"]
+    assert direction.record.completed()[0].size == len(head) + len(b"5\r\nhello\r\n0\r\n\r\n")
+    assert direction.counters.parse_errors == 0
+
+
+@pytest.mark.parametrize("stray", [b"\r\n", b"\n"])
+def test_gap_swallowing_a_body_end_and_a_stray_line_end_loses_no_message(stray):
+    """Clients may send a CRLF after a body (nginx skips it): lost with the body's end, it is no request."""
+    wire = request("POST", "/upload", body=b"{}")
+    direction = Direction()
+    direction.feed(wire[:-1])
+    direction.gap(1 + len(stray))
+    direction.feed(request("GET", "/after"))
+    assert direction.record.names() == ["head", "complete", "head", "complete"]
+    assert [(m.target, m.size) for m in direction.record.completed()] == [
+        ("/upload", len(wire)), ("/after", len(request("GET", "/after")))]
+    assert direction.counters.lost_heads == 0
 
 
 def test_gap_in_a_head_loses_that_message_and_resyncs_at_the_next_request_line():
@@ -293,9 +317,17 @@ def test_a_head_over_the_limit_is_lost_however_it_is_segmented(head_size, piece)
     assert direction.counters.oversized_heads == 1
 
 
-def test_header_line_without_colon_loses_the_request():
+def test_header_line_without_colon_is_ignored_as_nginx_ignores_it():
     direction = Direction()
-    direction.feed(b"GET /bad HTTP/1.1\r\nHost: a\r\nNoColonHere\r\n\r\n")
+    direction.feed(b"GET /served HTTP/1.1\r\nHost: a\r\nNoColonHere\r\n\r\n")
+    direction.feed(request("GET", "/good"))
+    assert direction.record.names() == ["head", "complete", "head", "complete"]
+    assert direction.counters.parse_errors == 0
+
+
+def test_header_line_without_colon_but_with_a_space_loses_the_request():
+    direction = Direction()
+    direction.feed(b"GET /bad HTTP/1.1\r\nHost: a\r\nNo Colon Here\r\n\r\n")
     direction.feed(request("GET", "/good"))
     assert direction.record.names() == ["lost", "head", "complete"]
     assert direction.counters.parse_errors == 1
@@ -440,7 +472,7 @@ def test_upgrade_is_billed_once_and_the_tunnel_ignored():
     assert connection.http.counters.requests == 1
 
 
-def test_lost_body_bytes_leave_the_exchange_complete_but_damaged():
+def test_lost_body_bytes_leave_the_exchange_complete_with_the_size_sent():
     body = b"b" * 3000
     wire = request("POST", "/upload", body=body)
     connection = Connection()
@@ -449,9 +481,30 @@ def test_lost_body_bytes_leave_the_exchange_complete_but_damaged():
     connection.client(wire[2000:])
     connection.server(response(201, b"stored"))
     [exchange] = connection.done()
-    assert exchange.request.size == len(wire) and exchange.request.damaged
+    assert exchange.request.size == len(wire)
     assert exchange.status == 201
     assert connection.tcp.counters.gaps == 1
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_lost_body_end_with_a_stray_crlf_does_not_shift_the_pairing(pipelined):
+    connection = Connection()
+    upload = request("POST", "/upload", body=b"{}")
+    connection.client(upload[:-2])
+    connection.client(upload[-2:] + b"\r\n", lost=True)  # the server's ACK shows it was sent
+    connection.server(response(201, b"stored"))
+    answers = [(request("GET", "/a"), response(200, b"a")), (request("GET", "/b"), response(401, b"no key")),
+               (request("GET", "/c"), response(200, b"c"))]
+    if pipelined:
+        connection.client(b"".join(wire for wire, _ in answers))
+        connection.server(b"".join(answer for _, answer in answers))
+    else:
+        for wire, answer in answers:
+            connection.client(wire)
+            connection.server(answer)
+    assert [(e.request.target, e.status) for e in connection.done()] == [
+        ("/upload", 201), ("/a", 200), ("/b", 401), ("/c", 200)]
+    assert connection.http.counters.lost_exchanges == 0
 
 
 def test_lost_request_head_loses_only_that_exchange():
@@ -570,3 +623,25 @@ def test_requests_still_unanswered_when_the_connection_closes_are_emitted_with_s
     http.feed([(CLOSED, connection, True, 9.0, 0, 0, -1)])
     assert [(e.request.target, e.status) for e in http.take()] == [("/b", 0)]
     assert http.counters.unanswered == 1
+
+
+def test_requests_never_answered_keep_the_queue_bounded_and_are_each_emitted_once():
+    """A capture holding only the client's side of a keep-alive connection: nothing will ever pair."""
+    http = HttpExchanges(response_timeout=60.0)
+    connection = Connection(http)
+    emitted, longest_queue = [], 0
+    for number in range(20_000):
+        time = number * 0.01
+        connection.client(request("GET", f"/n/{number}"), time=time)
+        [state] = http._connections.values()
+        if number % 100 == 0:
+            http.expire(time)
+            emitted += connection.done()
+        longest_queue = max(longest_queue, len(state.pending))
+    connection.client(b"", time=300.0, flags=TCP_ACK | TCP_FIN)
+    connection.server(b"", time=300.0, flags=TCP_ACK | TCP_FIN)
+    emitted += connection.done()
+    assert longest_queue <= MAX_PENDING
+    assert sorted(e.request.target for e in emitted) == sorted(f"/n/{number}" for number in range(20_000))
+    assert {e.status for e in emitted} == {0} and http.counters.unanswered == 20_000
+    assert http.counters.unpaired_overflows >= 1

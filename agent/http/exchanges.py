@@ -15,6 +15,10 @@ from agent.http.message import Message
 from agent.http.parser import TUNNEL, MessageParser, ParserCounters
 from agent.tcp.reassembly import CLOSED, DATA, END, GAP, Connection, StreamEvent
 
+# Requests one connection may have waiting for an answer. Beyond it, the answers are clearly not being
+# captured (a one-sided capture): holding more would only grow memory.
+MAX_PENDING = 1024
+
 
 class Exchange:
     __slots__ = ("connection", "request", "response", "response_size", "status", "response_end", "request_done",
@@ -39,6 +43,7 @@ class ExchangeCounters:
     unmatched_responses: int = 0     # responses to requests the capture never showed
     unanswered: int = 0              # handed on with status 0
     late_responses: int = 0          # arrived after the request was handed on unanswered
+    unpaired_overflows: int = 0      # a connection's queue hit MAX_PENDING: its waiting requests handed on
 
 
 class HttpConnection:
@@ -85,7 +90,7 @@ class HttpConnection:
 
     def _request_head(self, message: Message) -> None:
         self.counters.requests += 1
-        self.pending.append(Exchange(self.connection, message))
+        self._enqueue(Exchange(self.connection, message))
 
     def _request_complete(self, message: Message) -> None:
         for exchange in reversed(self.pending):
@@ -97,7 +102,23 @@ class HttpConnection:
     def _request_lost(self) -> None:
         """Keep the lost request's place in the queue, so its response pairs with it and is discarded."""
         self.counters.lost_exchanges += 1
-        self.pending.append(Exchange(self.connection, None))
+        self._enqueue(Exchange(self.connection, None))
+
+    def _enqueue(self, exchange: Exchange) -> None:
+        if len(self.pending) >= MAX_PENDING:
+            self._stop_pairing()
+        self.pending.append(exchange)
+
+    def _stop_pairing(self) -> None:
+        """So many requests wait that their answers are not being captured: hand each on, unanswered unless
+        its answer began, and let the responses pick up again at the next status line."""
+        self.counters.unpaired_overflows += 1
+        for exchange in self.pending:
+            if exchange.request is not None and not exchange.emitted:
+                self._emit(exchange)
+        self.pending.clear()
+        self.answering = None
+        self.responses.resync()
 
     def _response_head(self, message: Message) -> None:
         exchange = self._next_unanswered()
@@ -191,8 +212,8 @@ class HttpExchanges:
                 http.expire(cutoff)
 
     def take(self) -> list[Exchange]:
-        """The exchanges finished since the last call, in the order they finished."""
-        finished, self._finished = self._finished, []
-        for http in self._connections.values():
-            http.out = self._finished
+        """The exchanges finished since the last call, in the order they finished. Every connection keeps
+        appending to the one list, so it is emptied in place."""
+        finished = self._finished[:]
+        self._finished.clear()
         return finished

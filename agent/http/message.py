@@ -22,7 +22,7 @@ def _header_pattern(name: str) -> re.Pattern[bytes]:
 
 class Message:
     __slots__ = ("start_time", "position", "peer_acked", "end_time", "size", "head_end", "head",
-                 "method", "target", "version", "status", "damaged")
+                 "method", "target", "version", "status")
 
     def __init__(self, start_time: float, position: int, peer_acked: int = -1) -> None:
         self.start_time = start_time
@@ -34,9 +34,8 @@ class Message:
         self.head = b""                 # the raw head, start line included
         self.method = ""                # requests
         self.target = ""
-        self.version = ""
+        self.version = ""               # requests: nginx refuses a chunked body before HTTP/1.1
         self.status = 0                 # responses
-        self.damaged = False            # a gap fell inside the body: counted, sizes are what was sent
 
     def header(self, name: str) -> str | None:
         """First value of a header (name case-insensitive), as key-auth and Kong read it."""

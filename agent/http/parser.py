@@ -19,16 +19,20 @@ HEAD, BODY, CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILERS, UNTIL_CLOSE, TUNNEL, RE
 HEAD_END = re.compile(rb"\r?\n\r?\n")
 # Lenient on purpose: a server that answers a request line with a sloppy version still served a request.
 REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) +(\S*)(?: +HTTP/([0-9.]*))? *\r?\n")
-STATUS_LINE = re.compile(rb"HTTP/(\d\.\d) +(\d{3})(?:[ \t][^\n]*)?\r?\n")
+STATUS_LINE = re.compile(rb"HTTP/\d\.\d +(\d{3})(?:[ \t][^\n]*)?\r?\n")
 FRAMING_HEADERS = re.compile(rb"\n(content-length|transfer-encoding)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
 # Where to pick a stream up again: a start line at a segment boundary, else at the start of a line.
 REQUEST_START = re.compile(rb"^[A-Z][A-Za-z_-]{0,19} \S+ HTTP/1\.[019]\r?$", re.MULTILINE)
 RESPONSE_START = re.compile(rb"^HTTP/1\.[019] \d{3}", re.MULTILINE)
 REQUEST_START_HERE = re.compile(rb"[A-Z][A-Za-z_-]{0,19} \S+ HTTP/1\.[019]\r?\n")
 RESPONSE_START_HERE = re.compile(rb"HTTP/1\.[019] \d{3}")
-# A request whose head nginx rejects with 400 before Kong runs (so Kong's plugin never bills it):
-# a header line without a colon, which includes obsolete line folding.
-HEADER_LINE_WITHOUT_COLON = re.compile(rb"\n[^:\r\n][^:\n]*\n")
+# A request whose head nginx rejects with 400 before Kong runs (so Kong's plugin never bills it): a header
+# line whose name holds a space or a control character (`apikey : k`, obsolete line folding, `Bad Name`),
+# or whose name is empty. A line of name characters alone, without a colon, nginx ignores (the request is
+# served), and so does this. The possessive name keeps it as fast as a plain scan on a well-formed head.
+BAD_HEADER_LINE = re.compile(
+    rb"\n(?:[^:\x00-\x20\x7f]++(?!\r?\n)[\x00-\x20\x7f]|[\x00-\x09\x0b\x0c\x0e-\x20\x7f:]|\r(?!\n))")
+HEX_DIGITS = b"0123456789abcdefABCDEF"
 MAX_LINE = 4096
 RESYNC_KEEP = 256  # bytes kept while searching, so a start line split across segments is still found
 
@@ -103,16 +107,24 @@ class MessageParser:
         if state == TUNNEL:
             return
         if message is not None and state != HEAD:
-            message.damaged = True
-            if state == UNTIL_CLOSE or ((state == BODY or state == CHUNK_DATA) and self.remaining > size):
-                message.size += size  # still inside the body: the gap is only skipped
-                self.remaining -= size if state != UNTIL_CLOSE else 0
+            if state == UNTIL_CLOSE:
+                message.size += size
                 return
-            if state == BODY:  # the body ends inside the gap; what follows it is a lost message head
+            if (state == BODY or state == CHUNK_DATA) and self.remaining >= size:
+                message.size += size  # still inside the body: the gap is only skipped
+                self.remaining -= size
+                if self.remaining == 0:  # it ends exactly where the body or the chunk's data does
+                    if state == BODY:
+                        self._complete(time)
+                    else:
+                        self.state = CHUNK_END
+                return
+            if state == BODY:  # the body ends inside the gap; what follows it is (part of) a lost message head
                 message.size += self.remaining
                 size -= self.remaining
                 self._complete(time)
-                if size == 0:
+                if size <= 2:  # no head is that short: a stray CRLF after the body, which nginx skips
+                    self.state = RESYNC
                     return
                 state = HEAD
             else:  # a chunked body whose end is now unknown: it ends where the next message starts
@@ -134,10 +146,13 @@ class MessageParser:
                     self.counters.parse_errors += 1
                 self.on_lost()
         elif self.message is not None and self.state != TUNNEL:
-            if self.state != UNTIL_CLOSE:
-                self.message.damaged = True
             self._complete(time)
         self.message, self.state, self.buffer = None, TUNNEL, b""
+
+    def resync(self) -> None:
+        """Drop the message in progress and pick the stream up again at the next start line."""
+        if self.state != TUNNEL:
+            self.message, self.buffer, self.state = None, b"", RESYNC
 
     def _head(self, data: bytes, offset: int, time: float, position: int, peer_acked: int) -> int:
         if self.buffer:
@@ -148,12 +163,14 @@ class MessageParser:
             if offset == len(data):
                 return offset
         self.message = Message(time, position + offset, peer_acked)
-        head_end = data.find(b"\r\n\r\n", offset)
-        if head_end < 0 or data.find(b"\n\n", offset, head_end) >= 0:
+        # The head ends at its first blank line. The usual one is CRLF, and the first "\n\r\n" finds it
+        # whatever the line before it ended with; only an earlier bare "\n\n" needs the full search.
+        blank_line = data.find(b"\n\r\n", offset)
+        if blank_line < 0 or data.find(b"\n\n", offset, blank_line + 1) >= 0:
             found = HEAD_END.search(data, offset)
             head_end = found.end() if found is not None else -1
         else:
-            head_end += 4
+            head_end = blank_line + 3
         if head_end >= 0:
             if head_end - offset > self.max_head_bytes:
                 self._lose_oversized_head()
@@ -201,7 +218,7 @@ class MessageParser:
             if parsed is None:
                 self._lose_message()
                 return
-            if HEADER_LINE_WITHOUT_COLON.search(head, parsed.end() - 1):
+            if BAD_HEADER_LINE.search(head, parsed.end() - 1):
                 self._lose_message()
                 return
             method, target, version = parsed.groups()
@@ -214,7 +231,7 @@ class MessageParser:
             if parsed is None:
                 self._lose_message()
                 return
-            message.version, message.status = parsed.group(1).decode("latin-1"), int(parsed.group(2))
+            message.status = int(parsed.group(1))
         framing = self._framing(message, head)
         if framing is None:  # framing we cannot trust
             if self.is_request:  # nginx answers 400 before Kong runs: nothing to bill
@@ -241,6 +258,8 @@ class MessageParser:
             length = found[0][1].strip()
             if length.isdigit() and len(length) <= 18:
                 return (BODY, int(length)) if int(length) else (HEAD, 0)
+        if self.is_request:
+            return self._request_framing(message, found)
         lengths: set[bytes] = set()
         transfer_encoding = None
         for name, value in found:
@@ -251,11 +270,27 @@ class MessageParser:
         if transfer_encoding is not None:
             return (CHUNK_SIZE, 0) if transfer_encoding.rsplit(b",", 1)[-1].strip() == b"chunked" else None
         if not lengths:
-            return (HEAD, 0) if self.is_request else (UNTIL_CLOSE, 0)
+            return UNTIL_CLOSE, 0
         length = lengths.pop()
         if lengths or not length.isdigit() or len(length) > 18:
             return None
         return (BODY, int(length)) if int(length) else (HEAD, 0)
+
+    @staticmethod
+    def _request_framing(message: Message, found: list[tuple[bytes, bytes]]) -> tuple[int, int] | None:
+        """As strict as nginx, which answers 400 (501 for an unknown coding) before Kong runs: one framing
+        header at most, a Content-Length of digits only, and `chunked` alone on HTTP/1.1 and later."""
+        if not found:
+            return HEAD, 0
+        if len(found) > 1:  # a repeated header, or both framings
+            return None
+        name, value = found[0]
+        if len(name) == 14:  # a Content-Length the usual path could not read
+            return None
+        major, _, minor = message.version.partition(".")
+        if not (major.isdigit() and minor.isdigit() and (int(major), int(minor)) >= (1, 1)):
+            return None
+        return (CHUNK_SIZE, 0) if value.strip().lower() == b"chunked" else None
 
     def _chunk_line(self, data: bytes, offset: int, time: float) -> int:
         """CHUNK_SIZE, CHUNK_END (the CRLF after chunk data) and TRAILERS all read one line at a time."""
@@ -275,13 +310,10 @@ class MessageParser:
         state = self.state
         if state == CHUNK_SIZE:
             size_text = line.split(b";", 1)[0].strip()
-            try:
-                chunk_size = int(size_text, 16) if len(size_text) <= 16 else -1
-            except ValueError:
-                chunk_size = -1
+            # hex digits only: int() would also take "0x10", "+5" and "1_0", which nginx refuses
+            chunk_size = int(size_text, 16) if 0 < len(size_text) <= 16 and not size_text.strip(HEX_DIGITS) else -1
             if chunk_size < 0:
                 self.counters.parse_errors += 1
-                message.damaged = True
                 self.state = RESYNC
             elif chunk_size == 0:
                 self.state = TRAILERS
@@ -290,7 +322,6 @@ class MessageParser:
         elif state == CHUNK_END:
             if line:  # chunk data longer than announced: framing is lost
                 self.counters.parse_errors += 1
-                message.damaged = True
                 self.state = RESYNC
             else:
                 self.state = CHUNK_SIZE
