@@ -45,3 +45,12 @@ class TokenSource:
         if not all(0x21 <= ord(ch) <= 0x7E for ch in token):  # what an HTTP header can carry
             raise TokenError(f"the {self.label} from {self.describe()} holds characters a header cannot carry")
         return token
+
+
+def shown_url(url: str) -> str:
+    """A URL as a message may show it: without the user name and password it may carry."""
+    scheme, separator, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if not separator or "@" not in authority:
+        return url
+    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"

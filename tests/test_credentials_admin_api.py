@@ -2,6 +2,9 @@
 and every failure turned into one line that names no key and no token."""
 
 import logging
+import socket
+import threading
+import time
 
 import pytest
 
@@ -194,12 +197,41 @@ def test_plugins_forbidden_only_loses_key_auth_settings(kong, caplog):
 
 @pytest.mark.parametrize("url, message", [
     ("ftp://kong:8001", "is not an http:// or https:// Admin API URL"),
+    ("ftp://admin:hunter2@kong:8001", "'ftp://\\*\\*\\*@kong:8001' is not an http:// or https:// Admin API URL"),
     ("http://admin:pw@kong:8001", "credentials in the Admin API URL are not accepted"),
     ("http://kong:8001/?x=1", "takes no query or fragment"),
+    ("http://[::1", "is not a valid Admin API URL"),
+    ("http://kong:abc", "is not a valid Admin API URL"),
 ])
 def test_bad_admin_urls(url, message):
-    with pytest.raises(CredentialError, match=message.replace("?", r"\?")):
+    with pytest.raises(CredentialError, match=message.replace("?", r"\?")) as raised:
         split_admin_url(url)
+    assert "hunter2" not in str(raised.value)
+
+
+def test_a_server_that_sends_slowly_or_without_end_cannot_hold_a_load_past_its_deadline():
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def drip() -> None:  # an endless chunked body, a byte at a time
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                               b"Transfer-Encoding: chunked\r\n\r\n")
+            try:
+                while True:
+                    connection.sendall(b"1\r\n \r\n")
+                    time.sleep(0.05)
+            except OSError:
+                return
+
+    threading.Thread(target=drip, daemon=True).start()
+    source = AdminApiSource(f"http://127.0.0.1:{listener.getsockname()[1]}", environ={}, max_load_seconds=1.0)
+    started = time.monotonic()
+    with pytest.raises(CredentialError, match="took too long"):
+        source.load()
+    assert time.monotonic() - started < 5
+    listener.close()
 
 
 def test_admin_url_split():

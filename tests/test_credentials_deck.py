@@ -116,3 +116,21 @@ def test_missing_unreadable_and_binary_files(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00junk")
     with pytest.raises(CredentialError, match="not UTF-8 text"):
         load_deck_file(binary)
+
+
+@pytest.mark.parametrize("text", [
+    '_format_version: "3.0"\nx: ' + "[" * 50_000 + "]" * 50_000,     # libyaml would overflow its stack
+    '{"_format_version": "3.0", "x": ' + "[" * 5_000 + "]" * 5_000 + "}",
+])
+def test_a_file_nested_deeper_than_any_deck_file_is_one_clear_error(text):
+    with pytest.raises(CredentialError, match="nested deeper than 1000 levels"):
+        parse_deck(text, "deep", is_json=text.startswith("{"))
+
+
+@pytest.mark.parametrize("value", ["!!int alice-key-7f3a9c", "!!float alice-key-7f3a9c", "!!timestamp alice-key-7f3a9c",
+                                   "9" * 100_000])
+def test_a_value_its_tag_cannot_build_is_one_line_without_the_value(value):
+    text = f'_format_version: "3.0"\nconsumers:\n- username: alice\n  keyauth_credentials:\n  - key: {value}\n'
+    with pytest.raises(CredentialError) as raised:
+        parse_deck(text, "tags.yaml")
+    assert "alice-key-7f3a9c" not in str(raised.value) and "999" not in str(raised.value)

@@ -12,6 +12,7 @@ an expiry on the table's clock, counted from just before the page that listed it
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -25,21 +26,26 @@ from agent.credentials.errors import CredentialError
 from agent.credentials.key_auth import KeyAuthConfig, from_plugin_config, merge
 from agent.credentials.source import Snapshot
 from agent.credentials.table import Clock, Consumer, TableBuilder
-from agent.tokens import TokenError, TokenSource
+from agent.tokens import TokenError, TokenSource, shown_url
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "KONG_ADMIN_TOKEN"
 TOKEN_HEADER = "Kong-Admin-Token"
 PAGE_SIZE = 1000
+MAX_PAGE_BYTES = 64 << 20  # a page of 1000 credentials is well under a megabyte
 MAX_PAGES = 100_000
 
 
 def split_admin_url(url: str) -> tuple[str, str]:
     """(`scheme://host:port`, `/workspace` or ""); refuses what would leak a secret or be ignored."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - a port that is not a number raises here
+    except ValueError:
+        raise CredentialError(f"{shown_url(url)!r} is not a valid Admin API URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise CredentialError(f"{url!r} is not an http:// or https:// Admin API URL")
+        raise CredentialError(f"{shown_url(url)!r} is not an http:// or https:// Admin API URL")
     if parts.username is not None or parts.password is not None:
         raise CredentialError(
             f"credentials in the Admin API URL are not accepted; use {TOKEN_ENV} or --admin-token-file"
@@ -157,23 +163,36 @@ class _Pager:
             params["offset"] = offset
         self.requested_at = self._clock()
         try:
-            response = self._client.get(self._prefix + path, params=params)
+            with self._client.stream("GET", self._prefix + path, params=params) as response:
+                if response.status_code != 200:
+                    raise self._refused(response.status_code, path, where)
+                body = self._read_body(response, where)
         except httpx.TimeoutException:
             raise CredentialError(f"{self.description}: {where} timed out") from None
         except httpx.HTTPError as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CredentialError(f"{self.description}: {where} failed ({reason})") from None
-        if response.status_code != 200:
-            raise self._refused(response.status_code, path, where)
         try:
-            page = response.json()
-        except ValueError:
+            page = json.loads(body)
+        except (ValueError, RecursionError):
             raise self.malformed(where, "not JSON") from None
         if not isinstance(page, dict) or not isinstance(page.get("data"), list):
             raise self.malformed(where, "no data list")
         if page.get("next") is not None and not isinstance(page.get("next"), str):
             raise self.malformed(where, "next is neither a string nor null")
         return page
+
+    def _read_body(self, response: httpx.Response, where: str) -> bytes:
+        """The page, read a chunk at a time so that neither a server that sends slowly nor one that sends
+        without end can hold the load past its deadline or fill the memory."""
+        body = bytearray()
+        for chunk in response.iter_bytes():
+            body += chunk
+            if len(body) > MAX_PAGE_BYTES:
+                raise self.malformed(where, f"larger than {MAX_PAGE_BYTES >> 20} MiB")
+            if time.monotonic() > self._deadline:
+                raise CredentialError(f"{self.description}: reading the lists took too long ({where})")
+        return bytes(body)
 
     def _refused(self, status: int, path: str, where: str) -> CredentialError:
         message = f"{self.description}: {where} answered HTTP {status}"

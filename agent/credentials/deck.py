@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from collections.abc import Hashable
 from pathlib import Path
@@ -25,6 +26,8 @@ from agent.credentials.table import Consumer, TableBuilder
 MAX_FILE_BYTES = 256 * 1024 * 1024
 _DERIVED_ID_NAMESPACE = uuid.UUID("5b0c6f0e-3d5a-4f5e-9a63-6b1e2c7d8f90")
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+MAX_NESTING = 1000  # a decK file is a handful of levels deep
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 class _Shape(Exception):
@@ -70,6 +73,8 @@ def parse_deck(text: str, name: str, is_json: bool = False) -> Snapshot:
 
 
 def _decode(text: str, name: str, is_json: bool) -> object:
+    if _nesting_exceeds(text, MAX_NESTING):  # libyaml would overflow the C stack: refuse before parsing
+        raise CredentialError(f"{name}: nested deeper than {MAX_NESTING} levels; not a decK state file")
     if is_json:
         try:
             return json.loads(text)
@@ -77,6 +82,8 @@ def _decode(text: str, name: str, is_json: bool) -> object:
             raise CredentialError(
                 f"{name}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
             ) from None
+        except RecursionError:
+            raise CredentialError(f"{name}: nested too deeply; not a decK state file") from None
     try:
         return yaml.load(text, Loader=_YAML_LOADER)
     except yaml.MarkedYAMLError as exc:
@@ -86,6 +93,22 @@ def _decode(text: str, name: str, is_json: bool) -> object:
         raise CredentialError(f"{name}: not valid YAML ({exc.problem or 'parse error'}{where})") from None
     except yaml.YAMLError:
         raise CredentialError(f"{name}: not valid YAML") from None
+    except (ValueError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+        # a tag YAML cannot build (`!!int <key>`, `!!timestamp x`): the exception's text quotes the value
+        raise CredentialError(f"{name}: a value cannot be read as its YAML tag says ({type(exc).__name__})") from None
+
+
+def _nesting_exceeds(text: str, limit: int) -> bool:
+    """Whether brackets open deeper than `limit` (quoted ones counted too: an overestimate, and only
+    looked at when there are that many brackets at all)."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for match in _BRACKETS.finditer(text):
+        depth += 1 if match.group() in "[{" else -1
+        if depth > limit:
+            return True
+    return False
 
 
 def _read_consumers(document: dict, builder: TableBuilder) -> int:
