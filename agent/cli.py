@@ -9,7 +9,7 @@ import sys
 from agent import options
 from agent.credentials import options as credential_options
 from agent.credentials.errors import CredentialError
-from agent.flags import FlagParser
+from agent.flags import FlagParser, not_empty
 from agent.live import options as live_options
 from agent.metering.subject import SubjectError
 from agent.sink import options as sink_options
@@ -26,9 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="`agent events --help` shows the events kept in the local store.",
     )
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--read", metavar="FILE", help="replay a pcap/pcapng capture (optionally .gz)")
-    mode.add_argument("--iface", metavar="NAME", help="capture live from this interface (e.g. lo, eth0)")
-    parser.add_argument("--output", metavar="PATH", help="write events as JSON Lines to PATH ('-': stdout)")
+    mode.add_argument("--read", metavar="FILE", type=not_empty, help="replay a pcap/pcapng capture (optionally .gz)")
+    mode.add_argument("--iface", metavar="NAME", type=not_empty,
+                      help="capture live from this interface (e.g. lo, eth0)")
+    parser.add_argument("--output", metavar="PATH", type=not_empty,
+                        help="write events as JSON Lines to PATH ('-': stdout)")
     sink_options.add_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     options.add_arguments(parser)

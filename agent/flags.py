@@ -28,6 +28,13 @@ def whole_number(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def not_empty(text: str) -> str:
+    """For names and paths: an empty one would quietly mean "not given" (`--iface ''` fell back to replay)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def seconds(*, zero_allowed: bool = False) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from agent.credentials.key_auth import KeyAuthConfig
 from agent.credentials.sync import CredentialSync
-from agent.flags import seconds, whole_number
+from agent.flags import not_empty, seconds, whole_number
 from agent.metering.meter import Meter
 from agent.metering.subject import SubjectError, SubjectResolver, SubjectRule
 from agent.pipeline import Pipeline
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-key-in-query", action="store_true", help="as key-auth's key_in_query=false")
     group.add_argument("--subject", default="consumer", metavar="consumer|header:NAME|query:NAME",
                        help="Kong's subject.look_up_value_in with subject.field (default consumer)")
-    group.add_argument("--source", default=socket.gethostname(),
+    group.add_argument("--source", type=not_empty, default=socket.gethostname(),
                        help="the events' CloudEvents source, stable per gateway host (default: the host name)")
     group.add_argument("--response-timeout", type=seconds(), default=60.0, metavar="SECONDS",
                        help="capture time after which a request still unanswered is emitted with status 0")

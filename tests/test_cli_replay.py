@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import random
 import json
 
 import pytest
@@ -166,3 +167,27 @@ def test_a_number_out_of_range_is_one_line_before_anything_runs(tmp_path, flag, 
     assert result.returncode == 2
     assert one_line_error(result).startswith(f"agent: error: argument {flag}: ")
     assert not output.exists()
+
+
+def test_a_damaged_local_store_is_one_line_not_a_traceback(tmp_path):
+    run_agent("--read", str(CAPTURES / "nginx-keepalive.pcap"), "--credentials", KONG, "--data-dir", str(tmp_path))
+    store = tmp_path / "events.sqlite3"
+    damaged = bytearray(store.read_bytes())
+    noise = random.Random(4)
+    damaged[4096:] = bytes(noise.randrange(256) for _ in range(len(damaged) - 4096))  # the schema page survives
+    store.write_bytes(damaged)
+    result = run_agent("--read", BASIC, "--credentials", KONG, "--data-dir", str(tmp_path), "--log-level", "warning",
+                       check=False)
+    assert "local store" in one_line_error(result) or "data directory" in one_line_error(result)
+
+
+def test_output_never_overwrites_the_capture_or_the_credentials(tmp_path):
+    capture, deck = tmp_path / "capture.pcap", tmp_path / "kong.yaml"
+    capture.write_bytes((CAPTURES / "nginx-basic.pcap").read_bytes())
+    deck.write_text((CAPTURES / "kong.yaml").read_text())
+    for target, flag in ((capture, "--read"), (deck, "--credentials")):
+        result = run_agent("--read", str(capture), "--credentials", str(deck), "--output", str(target),
+                           "--log-level", "warning", check=False)
+        assert one_line_error(result).endswith(f"is the {flag} file; it would be overwritten")
+    assert capture.read_bytes() == (CAPTURES / "nginx-basic.pcap").read_bytes()
+    assert deck.read_text() == (CAPTURES / "kong.yaml").read_text()

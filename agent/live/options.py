@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from agent.flags import whole_number
+from agent.flags import not_empty, whole_number
 
 DEFAULT_RING_MB = 256
 MAX_WORKERS = 64
@@ -22,6 +22,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="compete with the gateway for CPU as an equal. By default the capture runs at idle "
                             "priority while its ring has room, catching up when the gateway quietens, and takes "
                             "priority over the gateway once the ring is 3/4 full, so that nothing is lost")
-    group.add_argument("--user", metavar="NAME",
+    group.add_argument("--user", metavar="NAME", type=not_empty,
                        help="after opening the capture, switch to this user (e.g. nobody), keeping no privilege; the "
                             "data directory (spool, store) becomes that user's, the decK file must be readable by it")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sqlite3
 import ssl
@@ -96,6 +97,7 @@ def sink_from_args(args: argparse.Namespace) -> Sink:
     if args.api_token_file and not args.ingest_endpoint:
         raise SinkConfigError("--api-token-file needs --ingest-endpoint")
     if output:
+        _refuse_overwriting_an_input(output, args)
         return JsonLinesSink(output)
     data_dir = args.data_dir or default_data_dir()
     try:
@@ -116,6 +118,18 @@ def state_dirs(args: argparse.Namespace) -> list[Path]:
     if args.ingest_endpoint:
         return [data_dir, args.spool_dir or data_dir / SPOOL_DIR_NAME]
     return [data_dir]
+
+
+def _refuse_overwriting_an_input(output: str, args: argparse.Namespace) -> None:
+    """`--output` names a file the agent reads (the capture, the decK file): writing would destroy it."""
+    if output == "-" or not os.path.exists(output):
+        return
+    for flag, given in (("--read", getattr(args, "read", None)), ("--credentials", getattr(args, "credentials", None))):
+        try:
+            if given and os.path.exists(given) and os.path.samefile(output, given):
+                raise SinkConfigError(f"--output {output} is the {flag} file; it would be overwritten")
+        except OSError:
+            continue
 
 
 def _ingest_sink(args: argparse.Namespace, data_dir: Path) -> IngestSink:

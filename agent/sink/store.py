@@ -78,11 +78,14 @@ class StoreSink:
             log.warning("event %r not stored: %s", event.get("id") if isinstance(event, dict) else None, reason)
         if not rows:
             return
-        with self._db:
-            self._db.execute("BEGIN")
-            inserted = self._db.executemany(
-                "INSERT OR IGNORE INTO events (source, id, time, time_unix, subject, method, uri, status, event)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows).rowcount
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                inserted = self._db.executemany(
+                    "INSERT OR IGNORE INTO events (source, id, time, time_unix, subject, method, uri, status, event)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows).rowcount
+        except sqlite3.Error as exc:  # a damaged or read-only store: the agent cannot go on keeping events
+            raise OSError(f"the local store {self.path} cannot take events ({exc})") from None
         self.stored += inserted
         self.duplicates += len(rows) - inserted
 
