@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the events' CloudEvents source, stable per gateway host (default: the host name)")
     group.add_argument("--response-timeout", type=seconds(), default=60.0, metavar="SECONDS",
                        help="capture time after which a request still unanswered is emitted with status 0")
-    group.add_argument("--max-connections", type=whole_number(1, 100_000_000), default=100_000, help="connections tracked at once")
+    group.add_argument("--max-connections", type=whole_number(1, 100_000_000), default=100_000, metavar="N",
+                       help="connections tracked at once (default 100000)")
     group.add_argument("--idle-timeout", type=seconds(), default=300.0, metavar="SECONDS",
                        help="capture time after which a silent connection is closed out")
     group.add_argument("--max-head-bytes", type=whole_number(1024, 1 << 24), default=65536,
