@@ -45,6 +45,10 @@ def replay(args: argparse.Namespace, credentials: CredentialSync | None, open_si
         print(f"agent: error: {delivery['pending']} events are still in the spool, not yet acknowledged;"
               " the next start sends them", file=sys.stderr)
         return 1
+    if delivery.get("dead_lettered"):
+        print(f"agent: error: the ingest endpoint refused {delivery['dead_lettered']} events as invalid; they are"
+              " in the dead-letter file, not delivered", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -94,3 +94,16 @@ def _spooled_ids(spool) -> set[tuple[str, str]]:
                 continue
             keys.add((event["source"], event["id"]))
     return keys
+
+
+def test_an_endpoint_refusing_every_event_as_invalid_is_not_a_successful_backfill(tmp_path):
+    expected = expected_keys(str(CAPTURES / "nginx-basic.pcap"), tmp_path)
+    with IngestDouble(token=TOKEN) as ingest:
+        ingest.inject(Fault("status", status=400, times=None))
+        result = run_agent("--read", str(CAPTURES / "nginx-basic.pcap"), "--credentials", KONG, "--source", "gw-test",
+                           "--ingest-endpoint", ingest.url, "--data-dir", str(tmp_path / "data"),
+                           env=agent_env(), check=False)
+    assert result.returncode == 1
+    assert f"refused {len(expected)} events as invalid" in result.stderr
+    dead = [orjson.loads(line) for line in (tmp_path / "data" / "spool" / "dead-letter.jsonl").read_bytes().splitlines()]
+    assert {(entry["event"]["source"], entry["event"]["id"]) for entry in dead} == expected

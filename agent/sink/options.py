@@ -27,7 +27,7 @@ from agent.sink.ingest import (DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_INTERVAL, DEFAU
 from agent.sink.jsonl import JsonLinesSink
 from agent.sink.spool import MIN_SEGMENT_BYTES, SpoolBusy
 from agent.sink.store import StoreSink
-from agent.tokens import TokenError
+from agent.tokens import TokenError, shown_url
 
 UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -134,9 +134,18 @@ def _refuse_overwriting_an_input(output: str, args: argparse.Namespace) -> None:
 
 def _ingest_sink(args: argparse.Namespace, data_dir: Path) -> IngestSink:
     endpoint = args.ingest_endpoint
-    parts = urlsplit(endpoint)
+    try:
+        parts = urlsplit(endpoint)
+        parts.port  # noqa: B018 - a port that is not a number raises here
+    except ValueError:
+        raise SinkConfigError(f"--ingest-endpoint {shown_url(endpoint)!r} is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SinkConfigError(f"--ingest-endpoint must be an http(s) URL, not {endpoint!r}")
+        raise SinkConfigError(f"--ingest-endpoint must be an http(s) URL, not {shown_url(endpoint)!r}")
+    if parts.username is not None or parts.password is not None:
+        raise SinkConfigError("--ingest-endpoint takes no user or password in the URL; the token comes from "
+                              "$METERING_API_TOKEN or --api-token-file")
+    if any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in endpoint):
+        raise SinkConfigError("--ingest-endpoint holds a space or a control character")
     if args.insecure_skip_tls_verify and args.ingest_ca_file:
         raise SinkConfigError("--insecure-skip-tls-verify and --ingest-ca-file are alternatives: give one")
     replay = bool(getattr(args, "read", None))
