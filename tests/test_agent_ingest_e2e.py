@@ -105,5 +105,6 @@ def test_an_endpoint_refusing_every_event_as_invalid_is_not_a_successful_backfil
                            env=agent_env(), check=False)
     assert result.returncode == 1
     assert f"refused {len(expected)} events as invalid" in result.stderr
-    dead = [orjson.loads(line) for line in (tmp_path / "data" / "spool" / "dead-letter.jsonl").read_bytes().splitlines()]
+    dead_letters = (tmp_path / "data" / "spool" / "dead-letter.jsonl").read_bytes()
+    dead = [orjson.loads(line) for line in dead_letters.splitlines()]
     assert {(entry["event"]["source"], entry["event"]["id"]) for entry in dead} == expected
