@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from agent.backoff import Backoff
@@ -279,3 +280,13 @@ def test_an_unexpected_error_in_delivery_is_logged_and_delivery_resumes_from_the
     assert sink.counters()["pending"] == 0
     unexpected = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
     assert len(unexpected) == 1  # at most once a minute
+
+
+def test_a_problem_detail_echoing_the_token_is_logged_without_it(double: IngestDouble, tmp_path: Path) -> None:
+    sink = make_sink(double.url, tmp_path)
+    echoed = httpx.Response(400, headers={"Content-Type": "application/problem+json"},
+                            content=json.dumps({"title": "Bad Request", "detail": f"got 'Bearer {TOKEN}'"}))
+    answer = sink._classify(echoed)
+    sink.close()
+    assert TOKEN not in answer.reason and TOKEN not in (answer.detail or "")
+    assert "[token]" in answer.reason

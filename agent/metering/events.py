@@ -74,7 +74,8 @@ def build_event(exchange: Exchange, subject: str, subject_type: str, source: str
     and data are what is returned, with `time` in its RFC 3339 wire form."""
     request = exchange.request
     assert request is not None
-    latency = round((exchange.response_end - request.start_time) * 1000) if exchange.status else None
+    # capture clocks can step back (NTP): a latency is never negative
+    latency = max(0, round((exchange.response_end - request.start_time) * 1000)) if exchange.status else None
     response = exchange.response
     answered_by_kong = response is not None and response.header("x-kong-response-latency") is not None
     data = {

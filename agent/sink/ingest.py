@@ -286,7 +286,7 @@ class IngestSink:
         status = response.status_code
         if 200 <= status < 300:
             return Answer(Outcome.DELIVERED, status=status)
-        title, detail = _problem(response)
+        title, detail = (_without(text, self._token) for text in _problem(response))  # a server may echo it
         reason = f"{status} {title or response.reason_phrase}" + (f": {detail}" if detail else "")
         answer = Answer(Outcome.REFUSED, reason, status, title, detail)
         if status in (400, 413):
@@ -385,6 +385,10 @@ def _problem(response: httpx.Response) -> tuple[str | None, str | None]:
         return " ".join(str(value).split())[:300] if value else None
 
     return one_line(problem.get("title")), one_line(problem.get("detail"))
+
+
+def _without(text: str | None, token: str | None) -> str | None:
+    return text.replace(token, "[token]") if text and token else text
 
 
 def _is_cleartext_remote(url: str) -> bool:
