@@ -378,3 +378,8 @@ def test_no_key_value_appears_anywhere_in_the_serialized_event():
             assert form.encode() not in serialized
     assert b"SECRET" not in serialized
     assert event["data"]["request_uri"] == "/orders?page=2"
+
+
+def test_a_capture_clock_stepping_back_gives_latency_zero_not_negative():
+    [event] = meter(Tables(TABLE)).meter([make_exchange(start=START, end=START - 3600)])
+    assert event["data"]["latency_ms"] == 0
