@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("metering")
     group.add_argument("--port", type=whole_number(1, 65535), action="append", metavar="N",
                        help="the gateway's proxy port, repeatable (default 8000)")
-    group.add_argument("--key-names", metavar="NAME[,NAME]",
+    group.add_argument("--key-names", metavar="NAME[,NAME]", type=key_name_list,
                        help="key-auth's key_names (default: the gateway's, else apikey)")
     group.add_argument("--no-key-in-header", action="store_true", help="as key-auth's key_in_header=false")
     group.add_argument("--no-key-in-query", action="store_true", help="as key-auth's key_in_query=false")
@@ -37,12 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="largest request or response head buffered (default 64 KiB)")
 
 
+def key_name_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("no key name given")
+    return names
+
+
 def key_auth_from_args(args: argparse.Namespace, credentials: CredentialSync | None) -> Callable[[], KeyAuthConfig]:
     """Flags win; otherwise what the gateway's key-auth says (Admin API or decK), else key-auth's defaults."""
 
     def effective(gateway: KeyAuthConfig | None) -> KeyAuthConfig:
         gateway = gateway or KeyAuthConfig()
-        names = tuple(n.strip() for n in args.key_names.split(",") if n.strip()) if args.key_names else ()
+        names = args.key_names or ()
         return KeyAuthConfig(
             key_names=names or gateway.key_names,
             key_in_header=gateway.key_in_header and not args.no_key_in_header,

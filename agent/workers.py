@@ -35,6 +35,8 @@ def fork(run: Callable[[], int], on_parent_death: int = signal.SIGTERM) -> int:
             pass  # not Linux's libc: the parent stops its children itself
         if os.getppid() == parent:  # else the parent died before the prctl took effect
             code = run()
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports the stop
+        code = 130
     except BaseException as error:  # noqa: BLE001 - a child must never unwind into its parent's code
         log.error("child process failed: %s: %s", type(error).__name__, " ".join(str(error).split()))
     finally:

@@ -30,6 +30,7 @@ from agent.sink.store import StoreSink
 from agent.tokens import TokenError, shown_url
 
 UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MAX_SPOOL_BYTES = 1 << 50  # beyond any disk: a typo, not a size
 
 
 class SinkConfigError(ValueError):
@@ -42,6 +43,8 @@ def byte_size(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1073741824, 512M, 2G)")
     size = int(match[1]) * UNITS[match[2].lower()]
+    if size > MAX_SPOOL_BYTES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_SPOOL_BYTES >> 40} TiB")
     if size < MIN_SEGMENT_BYTES:
         raise argparse.ArgumentTypeError(f"at least {MIN_SEGMENT_BYTES} bytes")
     return size
