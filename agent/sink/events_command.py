@@ -56,7 +56,7 @@ def events_command(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     path = args.store or (args.data_dir or default_data_dir()) / STORE_FILE_NAME
     if not path.is_file():
-        print(f"agent events: no local store at {path} (the agent creates it when run without --output"
+        print(f"agent events: error: no local store at {path} (the agent creates it when run without --output"
               " or --ingest-endpoint)", file=sys.stderr)
         return 1
     try:
@@ -67,7 +67,7 @@ def events_command(argv: list[str]) -> int:
         finally:
             store.close()
     except sqlite3.Error as exc:
-        print(f"agent events: cannot read {path}: {exc}", file=sys.stderr)
+        print(f"agent events: error: cannot read {path}: {exc}", file=sys.stderr)
         return 1
     print(_as_json(latest, counts) if args.json else _as_text(latest, counts))
     return 0
