@@ -89,6 +89,7 @@ class Pipeline:
             "lost_exchanges": http.lost_exchanges,
             "parse_errors": parser.parse_errors,
             "corrupt_packets": self.decoder.counters.corrupt,
+            "unsupported_link": self.decoder.counters.unsupported_link,  # frames lost; not_tcp is filtered, not lost
             "unmatched_responses": http.unmatched_responses,
             "late_responses": http.late_responses,
             "duplicate_segments": tcp.duplicate_segments,

@@ -55,7 +55,7 @@ def replay(args: argparse.Namespace, credentials: CredentialSync | None, open_si
 def replay_share(args: argparse.Namespace, credentials: CredentialSync | None, emit, share: int,
                  shares: int) -> dict[str, int]:  # type: ignore[no-untyped-def]
     """Replay the connections dealt to `share` of `shares`; returns the counters."""
-    capture = CaptureFile(args.read)
+    capture = CaptureFile(args.read, report_losses=share == 0)
     pipeline = pipeline_from_args(args, credentials)
     tune_garbage_collector()
     try:

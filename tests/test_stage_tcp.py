@@ -7,6 +7,7 @@ the byte streams and counters a user would compare against what the client and s
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 
@@ -379,6 +380,38 @@ def test_too_many_held_back_bytes_force_a_gap_instead_of_growing():
     assert reassembler.counters.pending_overflows >= 1
     assert stream(conversation.events)[1] == (GAP, 10, 10)
     assert received(conversation.events) == b"0" * 10 + b"".join(bytes([65 + o // 40]) * 40 for o in range(20, 220, 40))
+
+
+HELD_SEGMENTS = 50_000  # quadratic draining would take minutes here: a regression shows as a very slow test
+
+
+def test_a_request_whose_first_byte_comes_last_after_many_held_segments():
+    """A hostile client can send every byte but the first; the held bytes are delivered in order once it comes."""
+    reassembler, conversation = new()
+    conversation.handshake()
+    content = bytes(range(256)) * (HELD_SEGMENTS // 256 + 1)
+    offsets = list(range(1, HELD_SEGMENTS))
+    random.Random(7).shuffle(offsets)
+    for offset in offsets:
+        conversation.from_client(conversation.client_at(offset), content[offset : offset + 1])
+    assert stream(conversation.events) == []
+    conversation.from_client(conversation.client_at(0), content[:1])
+    delivered = stream(conversation.events)
+    assert [position for _, _, position in delivered] == list(range(HELD_SEGMENTS))
+    assert received(conversation.events) == content[:HELD_SEGMENTS]
+    assert reassembler.counters.gaps == reassembler.counters.duplicate_segments == 0
+
+
+def test_many_held_segments_with_holes_become_gaps_in_order_when_acknowledged():
+    reassembler, conversation = new()
+    conversation.handshake()
+    for offset in range(2 * HELD_SEGMENTS - 1, 0, -2):  # odd bytes only, last first: every even byte is lost
+        conversation.from_client(conversation.client_at(offset), b"x")
+    conversation.from_server(conversation.server_at(0), flags=TCP_ACK, ack=conversation.client_at(2 * HELD_SEGMENTS))
+    delivered = stream(conversation.events)
+    assert delivered == [event for offset in range(0, 2 * HELD_SEGMENTS, 2)
+                         for event in ((GAP, 1, offset), (DATA, b"x", offset + 1))]
+    assert reassembler.counters.gaps == HELD_SEGMENTS
 
 
 @pytest.mark.parametrize("flags", [TCP_ACK, TCP_ACK | TCP_FIN, TCP_RST, TCP_ACK | TCP_RST])

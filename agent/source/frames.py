@@ -20,6 +20,9 @@ DLT_LINUX_SLL = 113
 DLT_IPV4 = 228
 DLT_IPV6 = 229
 DLT_LINUX_SLL2 = 276
+SUPPORTED_LINK_TYPES = frozenset({DLT_NULL, DLT_EN10MB, *DLT_RAW_ALIASES, DLT_LOOP, DLT_LINUX_SLL, DLT_IPV4,
+                                  DLT_IPV6, DLT_LINUX_SLL2})
+SUPPORTED_LINKS = "Ethernet, Linux SLL/SLL2, raw IP, BSD loopback"  # for users: the names they know them by
 
 ETH_IPV4 = 0x0800
 ETH_IPV6 = 0x86DD

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from heapq import heappop, heappush
 
 from agent.source.frames import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Segment
 
@@ -29,14 +30,19 @@ def seq_delta(seq: int, reference: int) -> int:
 
 
 class HalfStream:
-    """One direction of a connection: bytes delivered so far and out-of-order segments held back."""
+    """One direction of a connection: bytes delivered so far and out-of-order segments held back.
 
-    __slots__ = ("base_seq", "position", "pending", "pending_bytes", "fin_position", "ended")
+    `pending_positions` is a heap of `pending`'s keys: draining N held segments must not look for the
+    lowest N times over (a hostile client holding back its first byte made that quadratic).
+    """
+
+    __slots__ = ("base_seq", "position", "pending", "pending_positions", "pending_bytes", "fin_position", "ended")
 
     def __init__(self) -> None:
         self.base_seq: int | None = None      # sequence number of stream position 0
         self.position = 0                      # bytes delivered (data or gap) so far
         self.pending: dict[int, bytes] = {}    # position -> out-of-order payload
+        self.pending_positions: list[int] = []  # the same positions, as a heap
         self.pending_bytes = 0
         self.fin_position: int | None = None
         self.ended = False
@@ -215,15 +221,19 @@ class TcpReassembler:
     ) -> None:
         position = stream.position_of(seq)
         if position > stream.position:
-            held = len(stream.pending.get(position, b""))
-            if held >= len(payload):
+            held = stream.pending.get(position)
+            if held is None:
+                heappush(stream.pending_positions, position)
+                stream.pending_bytes += len(payload)
+            elif len(held) >= len(payload):
                 self.counters.duplicate_segments += 1
                 return
-            stream.pending_bytes += len(payload) - held
+            else:
+                stream.pending_bytes += len(payload) - len(held)
             stream.pending[position] = payload
             if stream.pending_bytes > self.limits.max_pending_bytes_per_stream:
                 self.counters.pending_overflows += 1
-                self._advance(connection, to_server, stream, min(stream.pending), timestamp, events)
+                self._advance(connection, to_server, stream, stream.pending_positions[0], timestamp, events)
             return
         overlap = stream.position - position
         if overlap >= len(payload):
@@ -240,11 +250,12 @@ class TcpReassembler:
         self, connection: Connection, to_server: bool, stream: HalfStream, timestamp: float, events: list[StreamEvent]
     ) -> None:
         """Deliver held-back segments that have become contiguous."""
-        pending = stream.pending
-        while pending:
-            position = min(pending)
+        pending, positions = stream.pending, stream.pending_positions
+        while positions:
+            position = positions[0]
             if position > stream.position:
                 return
+            heappop(positions)
             payload = pending.pop(position)
             stream.pending_bytes -= len(payload)
             overlap = stream.position - position
@@ -270,7 +281,7 @@ class TcpReassembler:
             self._drain(connection, to_server, stream, timestamp, events)
             if stream.position >= target:
                 break
-            hole_end = min(min(stream.pending, default=target), target)
+            hole_end = min(stream.pending_positions[0], target) if stream.pending_positions else target
             lost = hole_end - stream.position
             self.counters.gaps += 1
             self.counters.gap_bytes += lost
