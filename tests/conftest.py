@@ -25,6 +25,16 @@ def run_agent(*args: str, check: bool = True, env: dict | None = None,
     return result
 
 
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The agent failed as promised: a non-zero exit and one `agent: error:` line, no traceback."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("agent: error: ")
+    return lines[0]
+
+
 def read_events(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

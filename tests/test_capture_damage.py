@@ -17,7 +17,7 @@ import dpkt
 import pytest
 
 from agent.source.capture_file import CaptureError, CaptureFile
-from conftest import CAPTURES, read_events, run_agent, summary
+from conftest import CAPTURES, one_line_error, read_events, run_agent, summary
 
 KONG = str(CAPTURES / "kong.yaml")
 BASIC = CAPTURES / "nginx-basic.pcap"
@@ -26,15 +26,6 @@ BASIC_EVENTS = len(json.loads((CAPTURES / "nginx-basic.truth.json").read_text())
 BLOCK_SHB, BLOCK_IDB, BLOCK_SPB, BLOCK_EPB = 0x0A0D0D0A, 1, 3, 6
 LINKTYPE_ETHERNET, LINKTYPE_RAW = 1, 101
 FIRST_UNREPRESENTABLE_SECOND = 253402300800  # 10000-01-01T00:00:00Z
-
-
-def one_line_error(result) -> str:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("agent: error: ")
-    return lines[0]
 
 
 def replay(path: Path, **run) -> dict[str, int]:

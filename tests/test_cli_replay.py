@@ -11,20 +11,11 @@ import pytest
 from agent.replay import ConnectionDealer
 from agent.source.capture_file import CaptureFile
 from agent.source.frames import flow_hash
-from conftest import CAPTURES, read_events, run_agent, summary
+from conftest import CAPTURES, one_line_error, read_events, run_agent, summary
 
 KONG = str(CAPTURES / "kong.yaml")
 BASIC = str(CAPTURES / "nginx-basic.pcap")
 KEYS = ["alice-key-7f3a9c", "bob-key-41d2e8", "carol-key-old-5b7e", "carol-key-new-9c1f", "m42-key-e6a0b3"]
-
-
-def one_line_error(result) -> str:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("agent: error: ")
-    return lines[0]
 
 
 def test_events_go_to_standard_output_with_a_dash(tmp_path):
