@@ -482,6 +482,9 @@ class Spool:
             self._segments[number] = self._trim_partial_line(path)
         self._used = sum(self._segments.values())
         if acked is not None and acked.segment in self._segments:
+            if acked.offset > self._segments[acked.segment]:  # the events past the end were acknowledged
+                log.warning("%s points past the end of segment %d: that segment is shorter than when it was"
+                            " acknowledged (a power cut, or edited by hand)", ACK_FILE, acked.segment)
             start = Position(acked.segment, min(acked.offset, self._segments[acked.segment]))
         else:
             start = Position(next(iter(self._segments), acked.segment if acked else 0), 0)
