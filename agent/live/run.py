@@ -50,16 +50,7 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, sink:
     try:
         report_listeners(ports)
         if args.user:
-            if args.yield_cpu:
-                allow_return_after_privilege_drop()
-            user = user_entry(args.user)
-            for directory in state_dirs(args):
-                try:
-                    hand_over(directory, user.pw_uid, user.pw_gid)
-                except OSError as error:
-                    raise LiveCaptureError(f"--user {args.user}: cannot hand {directory} over to that user "
-                                           f"({error.strerror or error})") from None
-            drop_privileges(args.user)
+            _switch_user(args)
         if args.yield_cpu and not can_take_priority_back():
             log.warning("capturing at normal priority, as with --no-yield-cpu: at idle priority the capture could "
                         "not take priority back once its ring fills (that needs CAP_SYS_NICE, or an RLIMIT_NICE "
@@ -86,6 +77,20 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, sink:
     delivery = sink.counters()
     print(summary_line({**counters, **delivery}), file=sys.stderr)
     return 0 if clean else 1
+
+
+def _switch_user(args: argparse.Namespace) -> None:
+    """`--user`: the sink's directories become that user's (it goes on writing there), then the switch."""
+    if args.yield_cpu:
+        allow_return_after_privilege_drop()
+    user = user_entry(args.user)
+    for directory in state_dirs(args):
+        try:
+            hand_over(directory, user.pw_uid, user.pw_gid)
+        except OSError as error:
+            raise LiveCaptureError(f"--user {args.user}: cannot hand {directory} over to that user "
+                                   f"({error.strerror or error})") from None
+    drop_privileges(args.user)
 
 
 def open_rings(link: Link, ports: set[int], workers: int, ring_bytes: int) -> list[PacketRing]:
