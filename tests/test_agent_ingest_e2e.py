@@ -108,3 +108,13 @@ def test_an_endpoint_refusing_every_event_as_invalid_is_not_a_successful_backfil
     dead_letters = (tmp_path / "data" / "spool" / "dead-letter.jsonl").read_bytes()
     dead = [orjson.loads(line) for line in dead_letters.splitlines()]
     assert {(entry["event"]["source"], entry["event"]["id"]) for entry in dead} == expected
+
+
+def test_dead_letters_past_the_first_few_are_logged_as_a_count_not_a_line_each(tmp_path):
+    with IngestDouble(token=TOKEN) as ingest:
+        ingest.inject(Fault("status", status=400, times=None))
+        result = run_agent("--read", INTERLEAVED, "--credentials", KONG, "--ingest-endpoint", ingest.url,
+                           "--data-dir", str(tmp_path / "data"), env=agent_env(), check=False)
+    dead = summary(result.stderr)["dead_lettered"]
+    assert result.returncode == 1 and dead > 1000
+    assert len([line for line in result.stderr.splitlines() if "dead-lettered" in line]) < 20

@@ -11,10 +11,14 @@ import json
 import logging
 import os
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 log = logging.getLogger("agent.sink.deadletter")
+
+LOGGED_ONE_BY_ONE = 10  # events logged each with its id; after that, a count every SUMMARY_SECONDS
+SUMMARY_SECONDS = 10.0
 
 
 class DeadLetterFile:
@@ -22,6 +26,7 @@ class DeadLetterFile:
         self.path = path
         self.count = 0
         self._lock = threading.Lock()  # the pipeline and the delivery thread both set events aside
+        self._last_summary = 0.0
 
     def add(self, event: dict | bytes, reason: str, *, status: int | None = None,
             title: str | None = None, detail: str | None = None) -> None:
@@ -44,4 +49,9 @@ class DeadLetterFile:
                 os.close(fd)
             self.count += 1
         event_id = event.get("id") if isinstance(event, dict) else None
-        log.warning("dead-lettered event %r to %s: %s", event_id, self.path, reason)
+        now = time.monotonic()
+        if self.count <= LOGGED_ONE_BY_ONE:
+            log.warning("dead-lettered event %r to %s: %s", event_id, self.path, reason)
+        elif now - self._last_summary >= SUMMARY_SECONDS:  # an endpoint refusing everything: not a line each
+            self._last_summary = now
+            log.warning("%d events dead-lettered to %s so far; the latest: %s", self.count, self.path, reason)
