@@ -142,16 +142,16 @@ def resolver(rule: SubjectRule, table: CredentialTable | None = TABLE,
 ])
 def test_consumer_subject_by_field(field, key, subject):
     request = make_request("/a", (f"apikey: {key}",))
-    assert resolver(SubjectRule("consumer", field)).resolve(request) == subject
+    assert resolver(SubjectRule("consumer", field)).resolve(request)[0] == subject
 
 
 def test_header_and_query_subjects_need_no_credential_table():
     request = make_request("/a?tenant=acme%20corp", ("X-Tenant: globex",))
     by_header = resolver(SubjectRule.parse("header:X-TENANT", "username", ("apikey",)), table=None)
     by_query = resolver(SubjectRule.parse("query:tenant", "username", ("apikey",)), table=None)
-    assert by_header.resolve(request) == "globex"
-    assert by_query.resolve(request) == "acme corp"
-    assert resolver(SubjectRule.parse("query:Tenant", "username", ("apikey",)), table=None).resolve(request) is None
+    assert by_header.resolve(request)[0] == "globex"
+    assert by_query.resolve(request)[0] == "acme corp"
+    assert resolver(SubjectRule.parse("query:Tenant", "username", ("apikey",)), table=None).resolve(request)[0] is None
 
 
 def test_a_subject_field_that_the_gateways_key_auth_names_a_key_is_never_used(caplog):
@@ -160,11 +160,11 @@ def test_a_subject_field_that_the_gateways_key_auth_names_a_key_is_never_used(ca
     by_header = SubjectResolver(SubjectRule.parse("header:x-api-key", "username", ("apikey",)),
                                 lambda: settings[-1], lambda: None)
     request = make_request("/a", ("X-Api-Key: SECRET-KEY-1",))
-    assert by_header.resolve(request) == "SECRET-KEY-1"  # not a key name yet: an ordinary header
+    assert by_header.resolve(request)[0] == "SECRET-KEY-1"  # not a key name yet: an ordinary header
     settings.append(KeyAuthConfig(("x-api-key",)))
-    assert by_header.resolve(request) is None
+    assert by_header.resolve(request)[0] is None
     settings.append(KeyAuthConfig(("x-api-key",)))  # the same settings, read again
-    assert by_header.resolve(request) is None
+    assert by_header.resolve(request)[0] is None
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "SECRET-KEY-1" not in errors[0]
 

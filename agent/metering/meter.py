@@ -63,7 +63,7 @@ class Meter:
             return
         request = exchange.request
         assert request is not None
-        subject, key = self.resolver.resolve_with_key(request)
+        subject, key = self.resolver.resolve(request)
         if subject is NOT_READY:
             self._hold(exchange)
             return

@@ -31,7 +31,7 @@ class SubjectRule:
         if kind == "consumer" and not name:
             return cls("consumer", consumer_field)
         if kind in ("header", "query") and name:
-            if name.lower() in {key.lower() for key in key_names}:
+            if _names_a_key(name, key_names):
                 raise SubjectError(f"--subject {kind}:{name} would put API keys into events; choose another field")
             return cls(kind, name.lower() if kind == "header" else name)
         raise SubjectError(f"--subject {text!r}: expected consumer, header:NAME or query:NAME")
@@ -50,13 +50,10 @@ class SubjectResolver:
         """False while a consumer subject cannot be decided (the credential table has not loaded yet)."""
         return self.rule.look_up_value_in != "consumer" or self._table() is not None
 
-    def resolve(self, request: Message) -> str | None | object:
-        """The subject, None when it cannot be resolved, or NOT_READY while the credential table is missing."""
-        return self.resolve_with_key(request)[0]
-
-    def resolve_with_key(self, request: Message) -> tuple[str | None | object, str | None]:
-        """The subject as `resolve` gives it, and the API key it came from (None for a header or query
-        subject), so that the event can be kept clear of that key."""
+    def resolve(self, request: Message) -> tuple[str | None | object, str | None]:
+        """The subject (None when it cannot be resolved, NOT_READY while the credential table is missing)
+        and the API key it came from (None for a header or query subject), so that the event can be kept
+        clear of that key."""
         rule = self.rule
         if rule.look_up_value_in != "consumer" and self._field_names_a_key():
             return None, None
@@ -80,9 +77,13 @@ class SubjectResolver:
         config = self._key_auth()
         if config is not self._checked and config != self._checked:
             self._checked = config
-            field = self.rule.field.lower()
-            self._names_a_key = any(name.lower() == field for name in config.key_names)
+            self._names_a_key = _names_a_key(self.rule.field, config.key_names)
             if self._names_a_key:
                 log.error("--subject %s:%s names one of key-auth's key names: its value is an API key, never "
                           "a subject; requests stay unresolved", self.rule.look_up_value_in, self.rule.field)
         return self._names_a_key
+
+
+def _names_a_key(field: str, key_names: tuple[str, ...]) -> bool:
+    """Whether a header or query field is one of key-auth's key names: its value would be an API key."""
+    return field.lower() in {name.lower() for name in key_names}
