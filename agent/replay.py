@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from multiprocessing.connection import Connection, Pipe, wait
+from multiprocessing.connection import Connection, wait
 
 from agent.credentials.sync import CredentialSync
 from agent.options import pipeline_from_args
@@ -19,7 +19,7 @@ from agent.pipeline import summary_line, tune_garbage_collector
 from agent.sink import Sink
 from agent.source.capture_file import CaptureFile
 from agent.source.frames import flow_hash
-from agent.workers import fork, receive, send_counters, send_events
+from agent.workers import receive, send_counters, send_events, spawn
 
 BATCH_FRAMES = 8192
 
@@ -101,22 +101,12 @@ class ConnectionDealer:
 
 def _replay_in_workers(args: argparse.Namespace, credentials: CredentialSync | None, sink: Sink,
                        workers: int) -> dict[str, int]:
-    children: dict[Connection, int] = {}
-    for share in range(workers):
-        reader, writer = Pipe(duplex=False)
-        earlier = list(children)
+    def work(share: int, writer: Connection) -> int:
+        counters = replay_share(args, credentials, lambda events: send_events(writer, events), share, workers)
+        send_counters(writer, counters)
+        return 0
 
-        def work(share: int = share, reader: Connection = reader, writer: Connection = writer,
-                 earlier: list[Connection] = earlier) -> int:
-            reader.close()
-            for connection in earlier:
-                connection.close()
-            counters = replay_share(args, credentials, lambda events: send_events(writer, events), share, workers)
-            send_counters(writer, counters)
-            return 0
-
-        children[reader] = fork(work)
-        writer.close()
+    children = spawn(workers, work)
     totals: dict[str, int] = {}
     failed = False
     while children:

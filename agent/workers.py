@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 
 import orjson
@@ -41,6 +42,26 @@ def fork(run: Callable[[], int], on_parent_death: int = signal.SIGTERM) -> int:
         log.error("child process failed: %s: %s", type(error).__name__, " ".join(str(error).split()))
     finally:
         os._exit(code)
+
+
+def spawn(count: int, work: Callable[[int, Connection], int]) -> dict[Connection, int]:
+    """Fork `count` workers, each running `work(its index, the pipe to the parent)`; returns the parent's
+    ends of the pipes, each with its worker's pid. A worker keeps only its own pipe's writing end."""
+    children: dict[Connection, int] = {}
+    for index in range(count):
+        reader, writer = Pipe(duplex=False)
+        earlier = list(children)
+
+        def run(index: int = index, reader: Connection = reader, writer: Connection = writer,
+                earlier: list[Connection] = earlier) -> int:
+            reader.close()
+            for connection in earlier:
+                connection.close()
+            return work(index, writer)
+
+        children[reader] = fork(run)
+        writer.close()
+    return children
 
 
 COUNTERS = b"C"  # marks a worker's last message, its counters; every other message is a JSON array of events

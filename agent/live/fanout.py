@@ -10,7 +10,6 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from multiprocessing import Pipe
 from multiprocessing.connection import Connection, wait
 
 from agent.credentials.sync import CredentialSync
@@ -19,7 +18,7 @@ from agent.live.cpu_share import catch_up_priority
 from agent.options import pipeline_from_args
 from agent.sink import Sink
 from agent.source.packet_ring import PacketRing
-from agent.workers import fork, receive, send_counters, send_events
+from agent.workers import receive, send_counters, send_events, spawn
 
 log = logging.getLogger("agent.live")
 
@@ -28,24 +27,13 @@ WORKER_EXIT_SECONDS = 8.5   # after forwarding a stop, the longest the parent wa
 
 def run_workers(rings: list[PacketRing], args: argparse.Namespace, credentials: CredentialSync | None,
                 stop: StopFlag, sink: Sink, where: str) -> tuple[dict[str, int], bool]:
-    children: dict[Connection, int] = {}
-    for index, ring in enumerate(rings):
-        reader, writer = Pipe(duplex=False)
-        earlier = list(children)
+    def work(index: int, writer: Connection) -> int:
+        for other in rings:
+            if other is not rings[index]:
+                other.close()
+        return _worker(index + 1, rings[index], args, credentials, stop, writer)
 
-        def work(index: int = index, ring: PacketRing = ring, writer: Connection = writer,
-                 reader: Connection = reader, earlier: list[Connection] = earlier) -> int:
-            reader.close()
-            for connection in earlier:
-                connection.close()
-            for other in rings:
-                if other is not ring:
-                    other.close()
-            return _worker(index + 1, ring, args, credentials, stop, writer)
-
-        pid = fork(work)
-        writer.close()
-        children[reader] = pid
+    children = spawn(len(rings), work)
     # the parent yields along with its workers: it only has work when they do
     on_stop = yield_cpu(list(zip(children.values(), rings)), followers=(os.getpid(),)) if args.yield_cpu else nothing
     for ring in rings:
