@@ -102,7 +102,7 @@ def sink_from_args(args: argparse.Namespace) -> Sink:
     if output:
         _refuse_overwriting_an_input(output, args)
         return JsonLinesSink(output)
-    data_dir = args.data_dir or default_data_dir()
+    data_dir = _data_dir(args)
     try:
         if args.ingest_endpoint:
             if args.spool_dir is None:
@@ -117,10 +117,16 @@ def state_dirs(args: argparse.Namespace) -> list[Path]:
     """The directories the sink chosen by `sink_from_args` goes on writing into (`--user` hands them over)."""
     if args.output:
         return []  # a JSON Lines file is written through the descriptor opened at the start
-    data_dir = args.data_dir or default_data_dir()
-    if args.ingest_endpoint:
-        return [data_dir, args.spool_dir or data_dir / SPOOL_DIR_NAME]
-    return [data_dir]
+    data_dir = _data_dir(args)
+    return [data_dir, _spool_dir(args, data_dir)] if args.ingest_endpoint else [data_dir]
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return args.data_dir or default_data_dir()
+
+
+def _spool_dir(args: argparse.Namespace, data_dir: Path) -> Path:
+    return args.spool_dir or data_dir / SPOOL_DIR_NAME
 
 
 def _refuse_overwriting_an_input(output: str, args: argparse.Namespace) -> None:
@@ -129,9 +135,9 @@ def _refuse_overwriting_an_input(output: str, args: argparse.Namespace) -> None:
         return
     for flag, given in (("--read", getattr(args, "read", None)), ("--credentials", getattr(args, "credentials", None))):
         try:
-            if given and os.path.exists(given) and os.path.samefile(output, given):
+            if given and os.path.samefile(output, given):
                 raise SinkConfigError(f"--output {output} is the {flag} file; it would be overwritten")
-        except OSError:
+        except OSError:  # the input does not exist (yet): nothing to overwrite
             continue
 
 
@@ -152,7 +158,7 @@ def _ingest_sink(args: argparse.Namespace, data_dir: Path) -> IngestSink:
     if args.insecure_skip_tls_verify and args.ingest_ca_file:
         raise SinkConfigError("--insecure-skip-tls-verify and --ingest-ca-file are alternatives: give one")
     replay = bool(getattr(args, "read", None))
-    spool_dir = args.spool_dir or data_dir / SPOOL_DIR_NAME
+    spool_dir = _spool_dir(args, data_dir)
     settings = IngestSettings(
         endpoint=endpoint,
         spool_dir=spool_dir,
