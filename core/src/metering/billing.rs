@@ -1,0 +1,1 @@
+//! The billing rules: which exchanges become events. (Ported from the Python `agent/metering/meter.py`.)

@@ -1,0 +1,1 @@
+//! The stages wired together under one memory budget: frames in, event lines out.

@@ -1,0 +1,5 @@
+//! Where frames come from (capture files, the kernel's ring) and how a frame becomes a TCP segment.
+
+pub mod capture_file;
+pub mod frames;
+pub mod ring;
