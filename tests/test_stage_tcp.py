@@ -2,17 +2,77 @@
 
 Each test plays a small conversation by hand (sequence and acknowledgement numbers included) and checks
 the byte streams and counters a user would compare against what the client and server really sent.
+
+The core's test surface returns events with the connection's id where the Python stage put its
+`Connection`; the `TcpReassembler` below wraps it so that the events carry a `Connection` view again
+(the same object for the same id, looked up among the core's open connections) and the counters read
+as attributes: the tests themselves are the Python stage's, unchanged.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import pytest
 
-from agent.source.frames import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
-from agent.tcp.reassembly import CLOSED, DATA, END, GAP, ReassemblyLimits, TcpReassembler
+from agent import _core
+from agent._core import CLOSED, DATA, END, GAP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+
+
+@dataclass
+class ReassemblyLimits:
+    max_connections: int = 100_000
+    max_pending_bytes_per_stream: int = 1 << 20
+    idle_timeout: float = 300.0
+
+
+class Connection:
+    """What an event tells of its connection, refreshed from the core after every call."""
+
+    def __init__(self, connection_id: int) -> None:
+        self.id = connection_id
+        self.client_port: int | None = None
+        self.saw_syn = False
+        self.to_server = SimpleNamespace(pending_bytes=0)
+        self.to_client = SimpleNamespace(pending_bytes=0)
+
+
+class TcpReassembler:
+    def __init__(self, server_ports: set[int], limits: ReassemblyLimits | None = None) -> None:
+        self.core = _core.TcpReassembler(server_ports, **asdict(limits or ReassemblyLimits()))
+        self.connections: dict[int, Connection] = {}
+
+    def __len__(self) -> int:
+        return len(self.core)
+
+    @property
+    def counters(self) -> SimpleNamespace:
+        return SimpleNamespace(**self.core.counters)
+
+    def feed(self, time: float, segment: tuple) -> list[tuple]:
+        return self._with_connections(self.core.feed(time, segment))
+
+    def expire(self, now: float) -> list[tuple]:
+        return self._with_connections(self.core.expire(now))
+
+    def close_all(self, now: float) -> list[tuple]:
+        return self._with_connections(self.core.close_all(now))
+
+    def _with_connections(self, events: list[tuple]) -> list[tuple]:
+        for (connection_id, _, client_port, _, _, saw_syn, _, to_server_pending,
+             to_client_pending) in self.core.connections():
+            connection = self._connection(connection_id)
+            connection.client_port, connection.saw_syn = client_port, saw_syn
+            connection.to_server.pending_bytes = to_server_pending
+            connection.to_client.pending_bytes = to_client_pending
+        return [(kind, self._connection(connection_id), *rest) for kind, connection_id, *rest in events]
+
+    def _connection(self, connection_id: int) -> Connection:
+        return self.connections.setdefault(connection_id, Connection(connection_id))
+
 
 CLIENT, SERVER = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
 CLIENT_PORT, SERVER_PORT = 40000, 8000
