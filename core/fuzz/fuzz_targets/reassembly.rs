@@ -39,7 +39,10 @@ impl StreamSink for Checker {
             to_client: Direction::default(),
         });
         let (was, now) = (&seen.info, connection);
-        assert_eq!((was.client, was.client_port, was.server, was.server_port), (now.client, now.client_port, now.server, now.server_port));
+        assert_eq!(
+            (was.client, was.client_port, was.server, was.server_port),
+            (now.client, now.client_port, now.server, now.server_port)
+        );
         assert!(!was.saw_syn || now.saw_syn, "saw_syn went back");
         assert!(was.to_server_base_seq.is_none() || was.to_server_base_seq == now.to_server_base_seq, "base moved");
         seen.info = *connection;
