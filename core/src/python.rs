@@ -89,17 +89,23 @@ mod tcp {
             max_pending_bytes_per_stream: Option<usize>,
             idle_timeout: Option<f64>,
         ) -> PyResult<Self> {
-            let ports = server_ports.try_iter()?.map(|port| port?.extract::<u16>()).collect::<PyResult<Vec<u16>>>()?;
+            let ports: Vec<u16> = server_ports.try_iter()?.map(|port| port?.extract()).collect::<PyResult<_>>()?;
             let defaults = ReassemblyLimits::default();
             let limits = ReassemblyLimits {
                 max_connections: max_connections.unwrap_or(defaults.max_connections),
-                max_pending_bytes_per_stream: max_pending_bytes_per_stream.unwrap_or(defaults.max_pending_bytes_per_stream),
+                max_pending_bytes_per_stream: max_pending_bytes_per_stream
+                    .unwrap_or(defaults.max_pending_bytes_per_stream),
                 idle_timeout: idle_timeout.unwrap_or(defaults.idle_timeout),
             };
             Ok(PyTcpReassembler(reassembly::TcpReassembler::new(&ports, limits)))
         }
 
-        fn feed<'py>(&mut self, py: Python<'py>, time: f64, segment: SegmentTuple<'py>) -> PyResult<Bound<'py, PyList>> {
+        fn feed<'py>(
+            &mut self,
+            py: Python<'py>,
+            time: f64,
+            segment: SegmentTuple<'py>,
+        ) -> PyResult<Bound<'py, PyList>> {
             let (src, sport, dst, dport, seq, ack, flags, payload) = segment;
             let segment = Segment {
                 src: Address::new(src.as_bytes()),
@@ -139,10 +145,17 @@ mod tcp {
         /// saw_syn, to_server_base_seq, to_server_pending_bytes, to_client_pending_bytes)`.
         fn connections<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
             let rows = self.0.connections().map(|(info, to_server_pending, to_client_pending)| {
-                let client = PyBytes::new(py, info.client.bytes());
-                let server = PyBytes::new(py, info.server.bytes());
-                let base = info.to_server_base_seq;
-                (info.id, client, info.client_port, server, info.server_port, info.saw_syn, base, to_server_pending, to_client_pending)
+                (
+                    info.id,
+                    PyBytes::new(py, info.client.bytes()),
+                    info.client_port,
+                    PyBytes::new(py, info.server.bytes()),
+                    info.server_port,
+                    info.saw_syn,
+                    info.to_server_base_seq,
+                    to_server_pending,
+                    to_client_pending,
+                )
             });
             PyList::new(py, rows)
         }

@@ -440,7 +440,7 @@ mod tests {
              ether(&[], ETH_IPV4, &ipv4_with(IPPROTO_TCP, 0, &[1, 1, 1, 1], None, &segment_bytes(PAYLOAD))), false),
             ("ipv4-dont-fragment", 101, ipv4_with(IPPROTO_TCP, 0x4000, &[], None, &segment_bytes(PAYLOAD)), false),
             ("ipv6-hop-by-hop", DLT_EN10MB,
-             ether(&[], ETH_IPV6, &ipv6_with(&[hop_by_hop.clone()], IPPROTO_TCP, &segment_bytes(PAYLOAD))), true),
+             ether(&[], ETH_IPV6, &ipv6_with(std::slice::from_ref(&hop_by_hop), IPPROTO_TCP, &segment_bytes(PAYLOAD))), true),
             ("ipv6-three-extension-headers", 101,
              ipv6_with(&[hop_by_hop, authentication, destination], IPPROTO_TCP, &segment_bytes(PAYLOAD)), true),
         ]

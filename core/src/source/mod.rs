@@ -1,5 +1,6 @@
 //! Where frames come from (capture files, the kernel's ring) and how a frame becomes a TCP segment.
 
 pub mod capture_file;
+mod file_bytes;
 pub mod frames;
 pub mod ring;
