@@ -4,3 +4,6 @@ pub mod capture_file;
 mod file_bytes;
 pub mod frames;
 pub mod ring;
+
+#[cfg(feature = "python")]
+pub(crate) use file_bytes::os_message;
