@@ -43,8 +43,10 @@ pub struct Ring {
 }
 
 // SAFETY: the map belongs to this Ring alone (nothing else in the process holds its address), so it may
-// move to another thread; `&self` methods only load status and count words atomically, so sharing is sound.
+// move to another thread with it.
 unsafe impl Send for Ring {}
+// SAFETY: `&self` methods only load the blocks' status and count words, through atomics; every access that
+// reads or hands back a block takes `&mut self`, so sharing a `&Ring` between threads is sound.
 unsafe impl Sync for Ring {}
 
 impl Ring {
