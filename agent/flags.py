@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -47,3 +48,30 @@ def seconds(*, zero_allowed: bool = False) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def byte_size(low: int, high: int) -> Callable[[str], int]:
+    """`1073741824`, `512M`, `2G`, `2GiB` (binary units), between `low` and `high`."""
+
+    def parse(text: str) -> int:
+        match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+        if not match:
+            raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1073741824, 512M, 2G)")
+        size = int(match[1]) * UNITS[match[2].lower()]
+        if size > high:
+            raise argparse.ArgumentTypeError(f"at most {_shown(high)}")
+        if size < low:
+            raise argparse.ArgumentTypeError(f"at least {_shown(low)}")
+        return size
+
+    return parse
+
+
+def _shown(size: int) -> str:
+    for unit, name in ((1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if size >= unit and size % unit == 0:
+            return f"{size // unit} {name}"
+    return f"{size} bytes"

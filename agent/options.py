@@ -8,11 +8,10 @@ from collections.abc import Callable
 
 from agent.credentials.key_auth import KeyAuthConfig
 from agent.credentials.sync import CredentialSync
-from agent.flags import not_empty, seconds, whole_number
-from agent.metering.meter import Meter
-from agent.metering.subject import SubjectError, SubjectResolver, SubjectRule
+from agent import _core
+from agent.flags import byte_size, not_empty, seconds, whole_number
+from agent.metering.subject import SubjectError, SubjectRule
 from agent.pipeline import Pipeline
-from agent.tcp.reassembly import ReassemblyLimits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the events' CloudEvents source, stable per gateway host (default: the host name)")
     group.add_argument("--response-timeout", type=seconds(), default=60.0, metavar="SECONDS",
                        help="capture time after which a request still unanswered is emitted with status 0")
-    group.add_argument("--max-connections", type=whole_number(1, 100_000_000), default=100_000, metavar="N",
-                       help="connections tracked at once (default 100000)")
+    group.add_argument("--max-connections", type=whole_number(1, 100_000_000), default=1_000_000, metavar="N",
+                       help="connections tracked at once (default 1000000); past it the least recently active"
+                            " one is closed out (counted evicted_connections)")
+    group.add_argument("--max-memory", type=byte_size(16 << 20, 1 << 40), default=256 << 20, metavar="SIZE",
+                       help="bound on what the capture state holds (open connections, held segments, partial"
+                            " heads), e.g. 256M (default); past it the least recently active connections are"
+                            " closed early (counted shed_connections)")
     group.add_argument("--idle-timeout", type=seconds(), default=300.0, metavar="SECONDS",
                        help="capture time after which a silent connection is closed out")
     group.add_argument("--max-head-bytes", type=whole_number(1024, 1 << 24), default=65536,
@@ -68,12 +72,17 @@ def key_auth_from_args(args: argparse.Namespace, credentials: CredentialSync | N
     return current
 
 
-def pipeline_from_args(args: argparse.Namespace, credentials: CredentialSync | None) -> Pipeline:
+def pipeline_from_args(args: argparse.Namespace, credentials: CredentialSync | None, share: int = 0,
+                       shares: int = 1) -> Pipeline:
+    """The pipeline the flags describe; with `shares` > 1 (replay workers), it takes only the connections
+    dealt to `share`."""
     key_auth = key_auth_from_args(args, credentials)
     rule = SubjectRule.parse(args.subject, args.subject_field, key_auth().key_names)
     if rule.look_up_value_in == "consumer" and credentials is None:
         raise SubjectError("--subject consumer needs --credentials (a decK file or the Admin API)")
-    resolver = SubjectResolver(rule, key_auth, lambda: credentials.table if credentials is not None else None)
-    meter = Meter(resolver, args.source, key_auth)
-    limits = ReassemblyLimits(max_connections=args.max_connections, idle_timeout=args.idle_timeout)
-    return Pipeline(set(args.port or [8000]), meter, limits, args.response_timeout, args.max_head_bytes)
+    core = _core.Pipeline(
+        ports=sorted(set(args.port or [8000])), source=args.source, subject=rule.look_up_value_in,
+        subject_field=rule.field, max_connections=args.max_connections, idle_timeout=args.idle_timeout,
+        response_timeout=args.response_timeout, max_head_bytes=args.max_head_bytes, max_memory=args.max_memory,
+        share=share, shares=shares)
+    return Pipeline(core, rule, key_auth, lambda: credentials.table if credentials is not None else None)

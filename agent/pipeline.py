@@ -1,110 +1,104 @@
-"""The stages wired together: frames in, events out. Still no I/O: sources and sinks stay at the edges."""
+"""The data plane as the control plane drives it: the core's pipeline, kept in step with the gateway.
+
+Every stage runs in the Rust core (`agent._core.Pipeline`): frames in, JSON Lines of events out, one call
+per batch. What changes while the agent runs (key-auth's settings, the credential table) lives in
+Python; before each batch this wrapper pushes into the core whatever of it has changed since the last.
+"""
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterable
+import logging
+import time
+from collections.abc import Callable
 
-from agent.http.exchanges import HttpExchanges
-from agent.metering.meter import Meter
-from agent.source.frames import FrameDecoder
-from agent.tcp.reassembly import ReassemblyLimits, TcpReassembler
+from agent import _core
+from agent.credentials.key_auth import KeyAuthConfig
+from agent.credentials.table import CredentialTable
+from agent.metering.subject import SubjectRule, names_a_key
 
-HOUSEKEEPING_INTERVAL = 1.0  # seconds of capture time between idle and response-timeout sweeps
+log = logging.getLogger("agent.pipeline")
 
-
-def tune_garbage_collector() -> None:
-    """Collect cycles a hundred times less often than Python's default (every 700 allocations).
-
-    The pipeline allocates a few objects per packet and frees nearly all of them by reference counting
-    (none of its per-packet objects form cycles), so the default mostly walks live objects in vain: it
-    costs a tenth of a replay's time. Cycles are still collected, so memory stays bounded.
-    """
-    gc.set_threshold(100_000, 50, 100)
+KeyAuthSource = Callable[[], KeyAuthConfig]
+TableSource = Callable[[], "CredentialTable | None"]
 
 
 class Pipeline:
-    def __init__(self, ports: set[int], meter: Meter, limits: ReassemblyLimits | None = None,
-                 response_timeout: float = 60.0, max_head_bytes: int = 65536) -> None:
-        self.decoder = FrameDecoder()
-        self.reassembler = TcpReassembler(ports, limits)
-        self.http = HttpExchanges(response_timeout, max_head_bytes)
-        self.meter = meter
-        self.packets = 0
-        self.last_time = 0.0
-        self._next_housekeeping = 0.0
+    def __init__(self, core: _core.Pipeline, rule: SubjectRule, key_auth: KeyAuthSource, table: TableSource,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.core = core
+        self.rule = rule
+        self._key_auth = key_auth
+        self._table = table
+        self._clock = clock  # the credential table's clock, on which key expiries are set
+        self._pushed_key_auth: KeyAuthConfig | None = None
+        self._pushed_table: object = object()
+        self._logged = {"held_overflow": 0, "internal_errors": 0}
 
-    def feed(self, frames: Iterable[tuple[float, int, bytes]]) -> list[dict]:
-        """Process a batch of frames; returns the events it completed."""
-        decode = self.decoder.decode
-        reassemble = self.reassembler.feed
-        to_http = self.http.feed
-        packets = 0
-        time = self.last_time
-        for time, linktype, frame in frames:
-            packets += 1
-            segment = decode(linktype, frame)
-            if segment is None:
-                continue
-            if time >= self._next_housekeeping:
-                self._housekeeping(time)
-            stream_events = reassemble(time, segment)
-            if stream_events:
-                to_http(stream_events)
-        self.packets += packets
-        self.last_time = max(self.last_time, time)
-        return self.meter.meter(self.http.take())
+    def feed(self, frames: list[tuple[float, int, bytes]]) -> bytes:
+        """A batch of frames; returns the JSON Lines of the events it completed."""
+        return self._after(self.core.feed(frames, self._sync()))
 
-    def tick(self, now: float) -> list[dict]:
+    def feed_capture(self, capture: _core.CaptureFile, max_frames: int) -> tuple[bytes, bool]:
+        """The capture's next frames (the core reads them itself, without the GIL); also whether any remain."""
+        lines, more = self.core.feed_capture(capture, max_frames, self._sync())
+        return self._after(lines), more
+
+    def feed_ring(self, ring: _core.Ring, max_blocks: int) -> tuple[bytes, int]:
+        """Up to `max_blocks` of the ring's ready blocks; also how many there were."""
+        lines, blocks = self.core.feed_ring(ring, max_blocks, self._sync())
+        return self._after(lines), blocks
+
+    def tick(self, capture_time: float) -> bytes:
         """Let time pass without packets (a quiet live interface): expire what has waited too long."""
-        self._housekeeping(now)
-        return self.meter.meter(self.http.take())
+        return self._after(self.core.tick(capture_time, self._sync()))
 
-    def finish(self) -> list[dict]:
+    def finish(self) -> bytes:
         """The capture is over: close every connection, so requests still in flight are emitted too."""
-        self.http.feed(self.reassembler.close_all(self.last_time))
-        return self.meter.meter(self.http.take())
+        return self._after(self.core.finish(self._sync()))
 
-    def _housekeeping(self, now: float) -> None:
-        self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
-        self.http.feed(self.reassembler.expire(now))
-        self.http.expire(now)
+    @property
+    def held(self) -> int:
+        """Requests waiting for the credential table right now."""
+        return self.core.held
 
     def counters(self) -> dict[str, int]:
         """Everything counted along the way, by stage; the summary line is made from it."""
-        tcp = self.reassembler.counters
-        parser = self.http.parser_counters
-        http = self.http.counters
-        meter = self.meter.counters
-        return {
-            "packets": self.packets,
-            "connections": tcp.connections,
-            "requests": http.requests,
-            "events": meter.events,
-            "rejected": meter.rejected,
-            "unresolved": meter.unresolved,
-            "unanswered": http.unanswered,
-            "gaps": tcp.gaps,
-            "gap_bytes": tcp.gap_bytes,
-            "lost_exchanges": http.lost_exchanges,
-            "parse_errors": parser.parse_errors,
-            "corrupt_packets": self.decoder.counters.corrupt,
-            "unsupported_link": self.decoder.counters.unsupported_link,  # frames lost; not_tcp is filtered, not lost
-            "unmatched_responses": http.unmatched_responses,
-            "late_responses": http.late_responses,
-            "duplicate_segments": tcp.duplicate_segments,
-            "oversized_heads": parser.oversized_heads,
-            "pending_overflows": tcp.pending_overflows,
-            "unpaired_overflows": http.unpaired_overflows,
-            "expired_connections": tcp.expired_connections,
-            "evicted_connections": tcp.evicted_connections,
-            "ip_fragments": self.decoder.counters.fragments,
-            "held_overflow": meter.held_overflow,
-        }
+        return self.core.counters()
+
+    def _sync(self) -> float:
+        """Push what changed into the core; returns the credential clock's now."""
+        key_auth = self._key_auth()
+        if key_auth is not self._pushed_key_auth and key_auth != self._pushed_key_auth:
+            self._pushed_key_auth = key_auth
+            self.core.set_key_auth(list(key_auth.key_names), key_auth.key_in_header, key_auth.key_in_query)
+            self._check_rule(key_auth)
+        table = self._table()
+        if table is not self._pushed_table:
+            self._pushed_table = table
+            self.core.set_credentials(table.entries(self.rule.field) if table is not None else None)
+        return self._clock()
+
+    def _check_rule(self, key_auth: KeyAuthConfig) -> None:
+        """The gateway's key-auth settings arrive after the flags were checked (and may change): a header or
+        query subject that is now one of the key names would be an API key; the core leaves such requests
+        unresolved, and this says why, once per change."""
+        if self.rule.look_up_value_in != "consumer" and names_a_key(self.rule.field, key_auth.key_names):
+            log.error("--subject %s:%s names one of key-auth's key names: its value is an API key, never a subject;"
+                      " requests stay unresolved", self.rule.look_up_value_in, self.rule.field)
+
+    def _after(self, lines: bytes) -> bytes:
+        """Says once each what the core can only count: requests dropped while the table is missing, and
+        frames the core failed on (a bug: counted, the frame skipped, the capture going on)."""
+        counters = self.core.counters()
+        if counters["held_overflow"] and not self._logged["held_overflow"]:
+            log.error("credential table still not loaded: too many requests waiting, dropping the oldest "
+                      "(counted as unresolved)")
+        if counters["internal_errors"] > self._logged["internal_errors"]:
+            log.error("%d frames could not be processed (an internal error; please report it)",
+                      counters["internal_errors"] - self._logged["internal_errors"])
+        self._logged = {name: counters[name] for name in self._logged}
+        return lines
 
 
 def summary_line(counters: dict[str, int]) -> str:
     return "summary: " + " ".join(f"{name}={value}" for name, value in counters.items())
-
-
-

@@ -8,18 +8,20 @@ one sink and sums their counters.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 
+from agent._core import CaptureFile
 from agent.credentials.sync import CredentialSync
 from agent.options import pipeline_from_args
-from agent.pipeline import summary_line, tune_garbage_collector
+from agent.pipeline import summary_line
 from agent.sink import Sink
-from agent.source.capture_file import CaptureFile
-from agent.source.frames import flow_hash
 from agent.workers import receive, send_counters, send_events, spawn
+
+log = logging.getLogger("agent.replay")
 
 BATCH_FRAMES = 8192
 
@@ -52,18 +54,16 @@ def replay(args: argparse.Namespace, credentials: CredentialSync | None, open_si
     return 0
 
 
-def replay_share(args: argparse.Namespace, credentials: CredentialSync | None, emit, share: int,
-                 shares: int) -> dict[str, int]:  # type: ignore[no-untyped-def]
-    """Replay the connections dealt to `share` of `shares`; returns the counters."""
-    capture = CaptureFile(args.read, report_losses=share == 0)
-    pipeline = pipeline_from_args(args, credentials)
-    tune_garbage_collector()
+def replay_share(args: argparse.Namespace, credentials: CredentialSync | None, emit: Callable[[bytes], None],
+                 share: int, shares: int) -> dict[str, int]:
+    """Replay the connections dealt to `share` of `shares` (the core deals them: each connection to one
+    share, in turn as they first appear); returns the counters."""
+    capture = CaptureFile(args.read)
+    pipeline = pipeline_from_args(args, credentials, share, shares)
     try:
-        owner = ConnectionDealer(shares)
-        for batch in capture.batches(BATCH_FRAMES):
-            if shares > 1:
-                batch = [frame for frame in batch if owner(frame[1], frame[2]) == share]
-            events = pipeline.feed(batch)
+        more = True
+        while more:
+            events, more = pipeline.feed_capture(capture, BATCH_FRAMES)
             if events:
                 emit(events)
         events = pipeline.finish()
@@ -72,31 +72,11 @@ def replay_share(args: argparse.Namespace, credentials: CredentialSync | None, e
     finally:
         capture.close()
     counters = pipeline.counters()
-    counters["corrupt_packets"] += capture.truncated_records if share == 0 else 0
+    if share == 0:  # every share reads the whole file: one of them reports what it lost
+        counters["corrupt_packets"] += capture.truncated_records
+        for reason, count in capture.losses():
+            log.warning("%s: %d record%s skipped: %s", args.read, count, "" if count == 1 else "s", reason)
     return counters
-
-
-class ConnectionDealer:
-    """Which worker a frame belongs to: connections are dealt out in turn as they first appear, so the
-    workers get equal shares (a hash alone left one with 58% of a 33-connection load). Every worker
-    sees the same frames in the same order, so each one deals the same way without talking to the others.
-    Connections are told apart by flow hash: two that share one share a worker, and the table stays small.
-    Frames no connection claims (not TCP, corrupt) are share 0's, to be counted once."""
-
-    def __init__(self, shares: int) -> None:
-        self.shares = shares
-        self._owners: dict[int, int] = {}
-        self._dealt = 0
-
-    def __call__(self, linktype: int, frame: bytes) -> int:
-        flow = flow_hash(linktype, frame)
-        if flow < 0:
-            return 0
-        owner = self._owners.get(flow)
-        if owner is None:
-            owner = self._owners[flow] = self._dealt % self.shares
-            self._dealt += 1
-        return owner
 
 
 def _replay_in_workers(args: argparse.Namespace, credentials: CredentialSync | None, sink: Sink,

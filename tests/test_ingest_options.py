@@ -13,7 +13,7 @@ import pytest
 
 from agent.sink.ingest import IngestSink
 from agent.sink.jsonl import JsonLinesSink
-from agent.sink.options import SinkConfigError, add_arguments, byte_size, sink_from_args
+from agent.sink.options import SinkConfigError, add_arguments, sink_from_args, spool_size
 from tests.doubles.ingest import Fault, IngestDouble, kong_events
 
 TOKEN = "options-token"
@@ -89,13 +89,13 @@ def test_the_token_cannot_be_given_on_the_command_line(capsys: pytest.CaptureFix
 @pytest.mark.parametrize("text, size", [("1073741824", 1 << 30), ("512M", 512 << 20), ("2G", 2 << 30),
                                         ("4GiB", 4 << 30), ("64kb", 64 << 10)])
 def test_spool_sizes_take_binary_units(text: str, size: int) -> None:
-    assert byte_size(text) == size
+    assert spool_size(text) == size
 
 
 @pytest.mark.parametrize("text", ["", "lots", "-5", "1.5G", "100"])
 def test_nonsense_spool_sizes_are_refused(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
-        byte_size(text)
+        spool_size(text)
 
 
 @pytest.fixture(scope="module")

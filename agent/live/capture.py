@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from agent.credentials.sync import CredentialSync
 from agent.live.cpu_share import catch_up_priority, start_watcher, stop_watcher
-from agent.pipeline import Pipeline, tune_garbage_collector
+from agent.pipeline import Pipeline
 from agent.source.packet_ring import PacketRing
 
 log = logging.getLogger("agent.live")
@@ -17,8 +17,9 @@ log = logging.getLogger("agent.live")
 POLL_MS = 100               # longest wait for a block: how quickly a stop signal is noticed
 HOUSEKEEPING_SECONDS = 1.0  # kernel counters read; on a quiet interface, timeouts and idle expiry run
 DRAIN_SECONDS = 6.0         # after a stop signal, the longest spent reading what the ring still holds
+BLOCKS_PER_CALL = 16        # ring blocks the core reads per call (their events are emitted together)
 
-Emit = Callable[[list[dict]], None]
+Emit = Callable[[bytes], None]
 
 
 class StopFlag:
@@ -51,25 +52,22 @@ def nothing() -> None:
 def capture(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | None, stop: StopFlag,
             emit: Emit, on_stop: Callable[[], None], label: str = "") -> dict[str, int]:
     """Ring -> pipeline -> `emit(events)` until stopped, then drain and close out; returns the counters."""
-    tune_garbage_collector()
     if credentials is not None:
         credentials.start()  # a first load that fails is retried; events wait for the table meanwhile
     try:
         next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
         truncated = 0
         while stop.signal is None:
-            frames = ring.next_block()
-            if frames is not None:
-                events = pipeline.feed(frames)
-                if events:
-                    emit(events)
-            else:
+            events, blocks = pipeline.feed_ring(ring.core_ring, BLOCKS_PER_CALL)
+            if events:
+                emit(events)
+            if not blocks:
                 ring.wait(POLL_MS)
             now = time.monotonic()
             if now >= next_housekeeping:
                 next_housekeeping = now + HOUSEKEEPING_SECONDS
                 truncated = _watch_kernel(ring, label, truncated)
-                if frames is None:  # caught up: let time pass, so timeouts and idle expiry still happen
+                if not blocks:  # caught up: let time pass, so timeouts and idle expiry still happen
                     events = pipeline.tick(time.time())
                     if events:
                         emit(events)
@@ -82,9 +80,9 @@ def capture(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | 
         if credentials is not None:
             credentials.stop()
     ring.read_statistics()
-    if pipeline.meter.counters.held:
+    if pipeline.held:
         log.warning("%s%d requests were still waiting for the credential table and are not metered",
-                    label, pipeline.meter.counters.held)
+                    label, pipeline.held)
     counters = pipeline.counters()
     counters["corrupt_packets"] += ring.truncated
     counters["kernel_packets"] = ring.statistics.packets
@@ -98,16 +96,15 @@ def _drain(ring: PacketRing, pipeline: Pipeline, emit: Emit, deadline: float, la
     ring.stop_capturing()
     settled = time.monotonic() + 2 * ring.retire_ms / 1000  # by then the block being filled is handed over
     while True:
-        frames = ring.next_block()
-        if frames is None:
+        events, blocks = pipeline.feed_ring(ring.core_ring, BLOCKS_PER_CALL)
+        if events:
+            emit(events)
+        if not blocks:
             remaining = settled - time.monotonic()
             if remaining <= 0:
                 return 0
             ring.wait(max(1, int(remaining * 1000)))
             continue
-        events = pipeline.feed(frames)
-        if events:
-            emit(events)
         if time.monotonic() > deadline:
             unread = ring.pending_packets()
             if unread:

@@ -31,7 +31,7 @@ class SubjectRule:
         if kind == "consumer" and not name:
             return cls("consumer", consumer_field)
         if kind in ("header", "query") and name:
-            if _names_a_key(name, key_names):
+            if names_a_key(name, key_names):
                 raise SubjectError(f"--subject {kind}:{name} would put API keys into events; choose another field")
             return cls(kind, name.lower() if kind == "header" else name)
         raise SubjectError(f"--subject {text!r}: expected consumer, header:NAME or query:NAME")
@@ -55,7 +55,7 @@ class SubjectResolver:
         and the API key it came from (None for a header or query subject), so that the event can be kept
         clear of that key."""
         rule = self.rule
-        if rule.look_up_value_in != "consumer" and self._field_names_a_key():
+        if rule.look_up_value_in != "consumer" and self._fieldnames_a_key():
             return None, None
         if rule.look_up_value_in == "header":
             return request.header(rule.field) or None, None
@@ -70,20 +70,20 @@ class SubjectResolver:
         consumer = table.lookup(key)
         return (consumer.subject(rule.field) if consumer is not None else None), key
 
-    def _field_names_a_key(self) -> bool:
+    def _fieldnames_a_key(self) -> bool:
         """`SubjectRule.parse` refused the key names known at the start; the gateway's own key-auth settings
         arrive later (and may change), so the rule is checked again against each new set: a subject must
         never be an API key. Such requests are left unresolved (counted), with one error per change."""
         config = self._key_auth()
         if config is not self._checked and config != self._checked:
             self._checked = config
-            self._names_a_key = _names_a_key(self.rule.field, config.key_names)
+            self._names_a_key = names_a_key(self.rule.field, config.key_names)
             if self._names_a_key:
                 log.error("--subject %s:%s names one of key-auth's key names: its value is an API key, never "
                           "a subject; requests stay unresolved", self.rule.look_up_value_in, self.rule.field)
         return self._names_a_key
 
 
-def _names_a_key(field: str, key_names: tuple[str, ...]) -> bool:
+def names_a_key(field: str, key_names: tuple[str, ...]) -> bool:
     """Whether a header or query field is one of key-auth's key names: its value would be an API key."""
     return field.lower() in {name.lower() for name in key_names}

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sqlite3
 import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from agent.flags import seconds, whole_number
+from agent.flags import byte_size, seconds, whole_number
 from agent.sink import Sink
 from agent.sink.datadir import SPOOL_DIR_NAME, STORE_FILE_NAME, default_data_dir, ensure_private_dir
 from agent.sink.ingest import (DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_INTERVAL, DEFAULT_SPOOL_MAX_BYTES, IngestSettings,
@@ -29,25 +28,12 @@ from agent.sink.spool import MIN_SEGMENT_BYTES, SpoolBusy
 from agent.sink.store import StoreSink
 from agent.tokens import TokenError, shown_url
 
-UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 MAX_SPOOL_BYTES = 1 << 50  # beyond any disk: a typo, not a size
+spool_size = byte_size(MIN_SEGMENT_BYTES, MAX_SPOOL_BYTES)
 
 
 class SinkConfigError(ValueError):
     """A sink cannot be set up from the flags given; the message is one line for the user."""
-
-
-def byte_size(text: str) -> int:
-    """`1073741824`, `512M`, `2G`, `2GiB` (binary units)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1073741824, 512M, 2G)")
-    size = int(match[1]) * UNITS[match[2].lower()]
-    if size > MAX_SPOOL_BYTES:
-        raise argparse.ArgumentTypeError(f"at most {MAX_SPOOL_BYTES >> 40} TiB")
-    if size < MIN_SEGMENT_BYTES:
-        raise argparse.ArgumentTypeError(f"at least {MIN_SEGMENT_BYTES} bytes")
-    return size
 
 
 class RefuseTokenOnCommandLine(argparse.Action):
@@ -79,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             " else ~/.local/share/kong-metering-agent)")
     group.add_argument("--spool-dir", metavar="DIR", type=Path,
                        help=f"where undelivered events are kept (default DATA_DIR/{SPOOL_DIR_NAME})")
-    group.add_argument("--spool-max-bytes", metavar="N", type=byte_size, default=DEFAULT_SPOOL_MAX_BYTES,
+    group.add_argument("--spool-max-bytes", metavar="N", type=spool_size, default=DEFAULT_SPOOL_MAX_BYTES,
                        help="bound on the spool's size on disk, e.g. 512M, 4G (default 1G)")
     group.add_argument("--insecure-skip-tls-verify", action="store_true",
                        help="do not verify the ingest endpoint's TLS certificate (testing only)")

@@ -9,14 +9,12 @@ so one worker or several see the same packets the same way.
 
 from __future__ import annotations
 
-import ctypes
-import mmap
-import os
 import select
 import socket
 import struct
 from dataclasses import dataclass
 
+from agent import _core
 from agent.source import kernel_filter
 
 SOL_PACKET = 263
@@ -32,9 +30,6 @@ PACKET_FANOUT_FLAG_UNIQUEID = 0x2000
 PACKET_FANOUT_FLAG_IGNORE_OUTGOING = 0x4000  # newer kernels: outgoing copies are not even cloned
 PACKET_FANOUT_FLAG_DEFRAG = 0x8000
 
-TP_STATUS_KERNEL = 0
-TP_STATUS_USER = 1
-
 BLOCK_BYTES = 1 << 20  # bounds the largest frame: 64 KiB loopback super-frames and BIG TCP fit
 FRAME_BYTES = 1 << 11  # only a bookkeeping unit in V3 (packets are packed), but it must divide the block
 # A block not yet full is handed over after RETIRE_MS: that bounds the delay on a quiet interface, and the
@@ -42,31 +37,8 @@ FRAME_BYTES = 1 << 11  # only a bookkeeping unit in V3 (packets are packed), but
 # gateway's peak: blocks 36% full on average at 20 ms, 75-87% at 100 ms.
 RETIRE_MS = 100
 
-# struct tpacket_block_desc: version, offset_to_priv, then tpacket_hdr_v1: block_status, num_pkts,
-# offset_to_first_pkt, ...
-BLOCK_HEADER = struct.Struct("=8xIII")
-BLOCK_STATUS_OFFSET = 8
-# struct tpacket3_hdr: tp_next_offset, tp_sec, tp_nsec, tp_snaplen, tp_len, tp_status, tp_mac, ...
-PACKET_HEADER = struct.Struct("=IIIII4xH")
 RING_REQUEST = struct.Struct("=7I")  # struct tpacket_req3
 STATISTICS = struct.Struct("=III")   # struct tpacket_stats_v3: packets (drops included), drops, freezes
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def map_ring(fd: int, size: int) -> ctypes.Array:
-    """mmap through libc rather than the mmap module, which keeps a duplicate of the socket's descriptor:
-    the map alone is what a watching process keeps. Slicing the array copies bytes out, as fast."""
-    address = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
-    if address in (None, MAP_FAILED):
-        error = ctypes.get_errno()
-        raise OSError(error, f"cannot map a {size >> 20} MiB ring: {os.strerror(error)}; try a smaller --ring-mb")
-    return (ctypes.c_char * size).from_address(address)
 
 
 @dataclass
@@ -77,7 +49,8 @@ class KernelStatistics:
 
 
 class PacketRing:
-    """One socket, one ring. `next_block()` copies a ready block's frames out and gives the block back."""
+    """One socket, one ring: the socket is set up here, the ring is mapped and read by the core
+    (`core_ring`, which the pipeline reads a block at a time without the GIL)."""
 
     def __init__(self, interface: str, linktype: int, program: list[tuple[int, int, int, int]],
                  ring_bytes: int, fanout_group: int | None = None, ignore_outgoing: bool = False,
@@ -88,11 +61,9 @@ class PacketRing:
         self.block_count = max(2, ring_bytes // block_bytes)
         self.retire_ms = retire_ms
         self.statistics = KernelStatistics()
-        self.truncated = 0  # frames the kernel cut (larger than a block): counted, never silently short
         self.fanout_group = 0
         self.ignores_outgoing = False  # whether the kernel skips outgoing copies before even cloning them
-        self._block = 0
-        self._ring: ctypes.Array | None = None
+        self.core_ring: _core.Ring | None = None
         # Protocol 0: nothing arrives until bind(), so no unfiltered packet ever lands in the ring.
         self._socket = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         try:
@@ -112,7 +83,7 @@ class PacketRing:
         sock.setsockopt(SOL_PACKET, PACKET_RX_RING, RING_REQUEST.pack(
             self.block_bytes, self.block_count, FRAME_BYTES, frames_per_block * self.block_count,
             self.retire_ms, 0, 0))
-        self._ring = map_ring(sock.fileno(), self.block_bytes * self.block_count)
+        self.core_ring = _core.Ring(sock.fileno(), self.block_bytes, self.block_count, self.linktype)
         sock.bind((self.interface, ETH_P_ALL))
         self._join_fanout(fanout_group, ignore_outgoing)
 
@@ -143,49 +114,25 @@ class PacketRing:
         return bool(self._poll.poll(timeout_ms))
 
     def next_block(self) -> list[tuple[float, int, bytes]] | None:
-        """The frames of the next ready block as `(timestamp, linktype, frame)`, or None if none is ready."""
-        ring = self._ring
-        assert ring is not None
-        offset = self._block * self.block_bytes
-        status, count, position = BLOCK_HEADER.unpack_from(ring, offset)
-        if not status & TP_STATUS_USER:
-            return None
-        linktype = self.linktype
-        unpack = PACKET_HEADER.unpack_from
-        frames: list[tuple[float, int, bytes]] = []
-        append = frames.append
-        position += offset
-        truncated = 0
-        for _ in range(count):
-            next_offset, seconds, nanoseconds, captured, length, mac = unpack(ring, position)
-            start = position + mac
-            frame: bytes = ring[start : start + captured]  # type: ignore[assignment]  # c_char slices are bytes
-            append((seconds + nanoseconds * 1e-9, linktype, frame))
-            truncated += captured != length
-            position += next_offset
-        struct.pack_into("=I", ring, offset + BLOCK_STATUS_OFFSET, TP_STATUS_KERNEL)
-        self._block = (self._block + 1) % self.block_count
-        self.truncated += truncated
-        return frames
+        """The frames of the next ready block as `(timestamp, linktype, frame)` (copies), or None if none
+        is ready; the capture loop does not use it (the core reads the ring itself), tests do."""
+        assert self.core_ring is not None
+        return self.core_ring.next_block()
+
+    @property
+    def truncated(self) -> int:
+        """Frames the kernel cut (larger than a block): counted, never silently short."""
+        return self.core_ring.truncated if self.core_ring is not None else 0
 
     def ready_fraction(self) -> float:
         """How full the ring is: the share of blocks handed over and not yet read."""
-        ring = self._ring
-        assert ring is not None
-        unpack, size = BLOCK_HEADER.unpack_from, self.block_bytes
-        ready = sum(1 for index in range(self.block_count) if unpack(ring, index * size)[0] & TP_STATUS_USER)
-        return ready / self.block_count
+        assert self.core_ring is not None
+        return self.core_ring.ready_fraction()
 
     def pending_packets(self) -> int:
         """Packets in blocks handed over but not read yet (what a stop would leave unread)."""
-        ring = self._ring
-        assert ring is not None
-        total = 0
-        for index in range(self.block_count):
-            status, count, _ = BLOCK_HEADER.unpack_from(ring, index * self.block_bytes)
-            if status & TP_STATUS_USER:
-                total += count
-        return total
+        assert self.core_ring is not None
+        return self.core_ring.pending_packets()
 
     def read_statistics(self) -> KernelStatistics:
         """The counts since the last call (the kernel resets them on read); also added to `statistics`."""
@@ -206,7 +153,6 @@ class PacketRing:
 
     def close(self) -> None:
         """Unmap and close; frames already returned are copies and stay valid."""
-        ring, self._ring = self._ring, None
-        if ring is not None:
-            _libc.munmap(ctypes.addressof(ring), ctypes.sizeof(ring))
+        if self.core_ring is not None:
+            self.core_ring.close()
         self._socket.close()

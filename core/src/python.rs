@@ -405,7 +405,180 @@ fn register_metering(_m: &Bound<'_, PyModule>) -> PyResult<()> {
 
 // --- pipeline ---
 
-fn register_pipeline(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+mod pipeline {
+    use pyo3::exceptions::PyValueError;
+    use pyo3::prelude::*;
+    use pyo3::types::{PyBytes, PyDict, PyList};
+
+    use super::{PyCaptureFile, PyRing};
+    use crate::metering::billing::MeterConfig;
+    use crate::metering::credentials::CredentialTable;
+    use crate::metering::key_lookup::KeyAuth;
+    use crate::metering::subject::SubjectRule;
+    use crate::pipeline::{ConnectionDealer, Pipeline, PipelineConfig};
+    use crate::source::capture_file::Frame;
+    use crate::tcp::reassembly::ReassemblyLimits;
+
+    /// The whole data plane. Each call takes a batch (frames, a capture file's next frames, a ring's ready
+    /// blocks) and returns the JSON Lines of the events it completed, as one `bytes`; the GIL is released
+    /// while a capture or a ring is read.
+    #[pyclass(name = "Pipeline", module = "agent._core")]
+    pub struct PyPipeline {
+        pipeline: Pipeline,
+        dealer: ConnectionDealer,
+        share: u32,
+        out: Vec<u8>,
+    }
+
+    impl PyPipeline {
+        fn take_lines<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
+            let lines = PyBytes::new(py, &self.out);
+            self.out.clear();
+            lines
+        }
+    }
+
+    fn subject_rule(subject: &str, field: &str) -> PyResult<SubjectRule> {
+        match subject {
+            "consumer" => Ok(SubjectRule::Consumer),
+            "header" => Ok(SubjectRule::Header(field.to_ascii_lowercase())),
+            "query" => Ok(SubjectRule::Query(field.to_string())),
+            _ => Err(PyValueError::new_err(format!("unknown subject kind {subject:?}"))),
+        }
+    }
+
+    #[pymethods]
+    impl PyPipeline {
+        #[new]
+        #[pyo3(signature = (*, ports, source, subject = "consumer", subject_field = "", max_connections = 1_000_000,
+                            idle_timeout = 300.0, response_timeout = 60.0, max_head_bytes = 65536,
+                            max_memory = 256 << 20, max_held = 100_000, share = 0, shares = 1))]
+        #[allow(clippy::too_many_arguments)]
+        fn new(ports: Vec<u16>, source: String, subject: &str, subject_field: &str, max_connections: usize,
+               idle_timeout: f64, response_timeout: f64, max_head_bytes: usize, max_memory: usize, max_held: usize,
+               share: u32, shares: u32) -> PyResult<Self> {
+            let limits = ReassemblyLimits { max_connections, idle_timeout, ..ReassemblyLimits::default() };
+            let meter = MeterConfig { source, rule: subject_rule(subject, subject_field)?, max_held };
+            let config = PipelineConfig { ports, limits, response_timeout, max_head_bytes, max_memory, meter };
+            Ok(PyPipeline {
+                pipeline: Pipeline::new(config),
+                dealer: ConnectionDealer::new(shares),
+                share,
+                out: Vec::new(),
+            })
+        }
+
+        /// Frames given as a list of `(time, linktype, frame)`; `now` is the credential table's clock.
+        fn feed<'py>(&mut self, py: Python<'py>, frames: &Bound<'py, PyList>, now: f64) -> PyResult<Bound<'py, PyBytes>> {
+            for item in frames.iter() {
+                let (time, linktype, data): (f64, u32, Bound<'py, PyBytes>) = item.extract()?;
+                let frame = Frame { time, linktype, data: data.as_bytes() };
+                if self.dealer.owner(linktype, frame.data) == self.share {
+                    self.pipeline.feed_frame(&frame);
+                }
+            }
+            self.pipeline.end_batch(now, &mut self.out);
+            Ok(self.take_lines(py))
+        }
+
+        /// Up to `max_frames` of the capture's next frames; returns the lines and whether frames remain.
+        fn feed_capture<'py>(&mut self, py: Python<'py>, mut capture: PyRefMut<'py, PyCaptureFile>, max_frames: usize,
+                             now: f64) -> (Bound<'py, PyBytes>, bool) {
+            let file = &mut capture.file;
+            let (pipeline, dealer, share, out) = (&mut self.pipeline, &mut self.dealer, self.share, &mut self.out);
+            let more = py.detach(|| {
+                for _ in 0..max_frames {
+                    let Some(frame) = file.next_frame() else {
+                        pipeline.end_batch(now, out);
+                        return false;
+                    };
+                    if dealer.owner(frame.linktype, frame.data) == share {
+                        pipeline.feed_frame(&frame);
+                    }
+                }
+                pipeline.end_batch(now, out);
+                true
+            });
+            (self.take_lines(py), more)
+        }
+
+        /// Up to `max_blocks` of the ring's ready blocks; returns the lines and the blocks read.
+        fn feed_ring<'py>(&mut self, py: Python<'py>, mut ring: PyRefMut<'py, PyRing>, max_blocks: usize,
+                          now: f64) -> (Bound<'py, PyBytes>, usize) {
+            let ring = &mut ring.ring;
+            let (pipeline, out) = (&mut self.pipeline, &mut self.out);
+            let blocks = py.detach(|| {
+                let mut blocks = 0;
+                while blocks < max_blocks && ring.next_block(|frame| pipeline.feed_frame(&frame)).is_some() {
+                    blocks += 1;
+                }
+                pipeline.end_batch(now, out);
+                blocks
+            });
+            (self.take_lines(py), blocks)
+        }
+
+        /// No packets for a while: `capture_time` has passed all the same (timeouts, idle expiry).
+        fn tick<'py>(&mut self, py: Python<'py>, capture_time: f64, now: f64) -> Bound<'py, PyBytes> {
+            self.pipeline.tick(capture_time, now, &mut self.out);
+            self.take_lines(py)
+        }
+
+        fn finish<'py>(&mut self, py: Python<'py>, now: f64) -> Bound<'py, PyBytes> {
+            self.pipeline.finish(now, &mut self.out);
+            self.take_lines(py)
+        }
+
+        /// key-auth's settings as they apply now; true if they changed.
+        fn set_key_auth(&mut self, key_names: Vec<String>, key_in_header: bool, key_in_query: bool) -> bool {
+            self.pipeline.meter.set_key_auth(KeyAuth { key_names, key_in_header, key_in_query })
+        }
+
+        /// The credential table as `(sha256 digest of the key, subject, expires_at or None)`, or None while
+        /// it has not loaded (consumer subjects are then held).
+        fn set_credentials(&mut self, entries: Option<Vec<(Vec<u8>, String, Option<f64>)>>) -> PyResult<()> {
+            let table = match entries {
+                None => None,
+                Some(entries) => {
+                    let mut rows = Vec::with_capacity(entries.len());
+                    for (digest, subject, expires_at) in entries {
+                        let digest: [u8; 32] = digest
+                            .try_into()
+                            .map_err(|_| PyValueError::new_err("a credential digest is 32 bytes (SHA-256)"))?;
+                        rows.push((digest, subject, expires_at));
+                    }
+                    Some(CredentialTable::new(rows))
+                }
+            };
+            self.pipeline.meter.set_credentials(table);
+            Ok(())
+        }
+
+        /// Requests waiting for the credential table right now.
+        #[getter]
+        fn held(&self) -> u64 {
+            self.pipeline.meter.counters.held
+        }
+
+        /// Bytes the capture state holds now (what `max_memory` limits).
+        #[getter]
+        fn held_bytes(&self) -> usize {
+            self.pipeline.held_bytes()
+        }
+
+        /// Every counter, in the summary line's order.
+        fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+            let dict = PyDict::new(py);
+            for (name, value) in self.pipeline.counters() {
+                dict.set_item(name, value)?;
+            }
+            Ok(dict)
+        }
+    }
+}
+
+fn register_pipeline(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<pipeline::PyPipeline>()?;
     Ok(())
 }
 
