@@ -7,6 +7,7 @@ import logging
 import sys
 
 from agent import options
+from agent._core import CaptureError
 from agent.credentials import options as credential_options
 from agent.credentials.errors import CredentialError
 from agent.flags import FlagParser, not_empty
@@ -14,7 +15,6 @@ from agent.live import options as live_options
 from agent.metering.subject import SubjectError
 from agent.sink import options as sink_options
 from agent.sink.events_command import events_command
-from agent.source.capture_file import CaptureError
 
 log = logging.getLogger("agent")
 

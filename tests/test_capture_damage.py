@@ -16,7 +16,7 @@ from pathlib import Path
 import dpkt
 import pytest
 
-from agent.source.capture_file import CaptureError, CaptureFile
+from agent._core import CaptureError, CaptureFile
 from conftest import CAPTURES, one_line_error, read_events, run_agent, summary
 
 KONG = str(CAPTURES / "kong.yaml")

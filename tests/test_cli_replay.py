@@ -8,9 +8,7 @@ import json
 
 import pytest
 
-from agent.replay import ConnectionDealer
-from agent.source.capture_file import CaptureFile
-from agent.source.frames import flow_hash
+from agent._core import CaptureFile, ConnectionDealer, flow_hash
 from conftest import CAPTURES, one_line_error, read_events, run_agent, summary
 
 KONG = str(CAPTURES / "kong.yaml")

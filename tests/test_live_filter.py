@@ -26,7 +26,7 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Padding
 
 from agent.live.startup_checks import interface_link
-from agent.source.frames import DLT_EN10MB, TCP_FIN, TCP_RST, TCP_SYN, FrameDecoder
+from agent._core import DLT_EN10MB, TCP_FIN, TCP_RST, TCP_SYN, FrameDecoder
 from agent.source.kernel_filter import MAX_PORTS, attach, capture_filter
 from agent.source.packet_ring import PacketRing
 

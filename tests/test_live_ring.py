@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import pytest
 
-from agent.source.frames import DLT_EN10MB, FrameDecoder
+from agent._core import DLT_EN10MB, FrameDecoder
 from agent.source.kernel_filter import capture_filter
 from agent.source.packet_ring import BLOCK_BYTES, PacketRing
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from agent.source.capture_file import CaptureError
-from agent.source.frames import DLT_EN10MB
+from agent._core import DLT_EN10MB, CaptureError
 
 log = logging.getLogger(__name__)
 

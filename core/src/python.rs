@@ -577,8 +577,25 @@ mod pipeline {
     }
 }
 
+/// Which replay share a frame's connection was dealt to (the pipeline deals by itself; a test surface).
+#[pyclass(name = "ConnectionDealer", module = "agent._core")]
+struct PyConnectionDealer(crate::pipeline::ConnectionDealer);
+
+#[pymethods]
+impl PyConnectionDealer {
+    #[new]
+    fn new(shares: u32) -> Self {
+        PyConnectionDealer(crate::pipeline::ConnectionDealer::new(shares))
+    }
+
+    fn __call__(&mut self, linktype: u32, frame: &[u8]) -> u32 {
+        self.0.owner(linktype, frame)
+    }
+}
+
 fn register_pipeline(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pipeline::PyPipeline>()?;
+    m.add_class::<PyConnectionDealer>()?;
     Ok(())
 }
 
