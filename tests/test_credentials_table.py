@@ -42,6 +42,21 @@ def test_key_with_expiry_stops_mapping_when_it_runs_out():
     assert table.lookup("forever") == BOB
 
 
+def test_entries_give_digest_subject_and_expiry_of_each_key_with_a_subject():
+    clock = FakeClock()
+    builder = TableBuilder(clock)
+    builder.add("alice-key", ALICE, expires_at=clock() + 60)
+    builder.add("bob-key", BOB)
+    builder.add("machine-key", MACHINE)
+    table = builder.build()
+    assert sorted(table.entries("custom_id")) == sorted([(key_digest("alice-key"), "cust-alice", clock() + 60),
+                                                         (key_digest("machine-key"), "machine-42", None)])
+    assert sorted(table.entries("username")) == sorted([(key_digest("alice-key"), "alice", clock() + 60),
+                                                        (key_digest("bob-key"), "bob", None),
+                                                        (key_digest("machine-key"), "id-m42", None)])
+    assert all(len(digest) == 32 for digest, _, _ in table.entries("id"))
+
+
 def test_a_key_given_to_two_consumers_is_refused_without_naming_it():
     builder = TableBuilder()
     builder.add("shared-key-123", ALICE)

@@ -1,24 +1,30 @@
 """Metering on its own: finished exchanges (built by hand, as the HTTP stage hands them on) in, Kong-shaped
-CloudEvents out; where key-auth finds the key, which subject an event gets, and which exchanges are billed."""
+CloudEvents out; where key-auth finds the key, which subject an event gets, and which exchanges are billed.
+
+The stage is the core's (`agent._core`): its test surface takes exchanges as dicts and gives the events as
+the JSON lines the sinks write. The helpers below build those dicts and read the lines back, and wrap the
+core in the Python stage's `find_key`, `hide_credentials`, `SubjectResolver` and `Meter`, so that the cases
+are the Python stage's."""
 
 from __future__ import annotations
 
+import hashlib
 import re
+import socket
+import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
+from types import SimpleNamespace
 
 import orjson
 import pytest
 
+from agent import _core
+from agent._core import EVENT_TYPE
 from agent.credentials.key_auth import KeyAuthConfig
 from agent.credentials.table import Consumer, CredentialTable
-from agent.http.exchanges import Exchange
-from agent.http.message import Message
-from agent.metering.events import EVENT_TYPE, build_event
-from agent.metering.key_lookup import find_key, hide_credentials
-from agent.metering.meter import Meter
-from agent.metering.subject import SubjectError, SubjectResolver, SubjectRule
-from agent.tcp.reassembly import Connection
+from agent.metering.subject import SubjectError, SubjectRule
 
 CLIENT, SERVER = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
 START = 1714557600.25  # 2024-05-01T10:00:00.25Z
@@ -27,30 +33,118 @@ NAMELESS = Consumer("a1b2c3d4-0000-4000-8000-000000000002", None, None)
 TABLE = CredentialTable.from_keys([("alice-key-7f3e9", ALICE), ("nameless-key-5d21", NAMELESS)])
 
 
+@dataclass
+class Connection:
+    client: bytes
+    client_port: int
+    server: bytes
+    server_port: int
+    base_seq: int  # the client stream's sequence number at position 0
+
+
+@dataclass
+class Request:
+    head: bytes
+    method: str
+    target: str
+    version: str
+    start_time: float
+    position: int
+    size: int
+
+
+@dataclass
+class Exchange:
+    connection: Connection
+    request: Request
+    status: int = 0
+    response_size: int = 0
+    response_end: float = 0.0
+    proxied_by_kong: bool = False   # X-Kong-Upstream-Latency on the final response
+    answered_by_kong: bool = False  # X-Kong-Response-Latency on the final response
+
+    def fields(self) -> dict:
+        """As `_core.Meter.meter` takes it."""
+        connection, request = self.connection, self.request
+        return {"client": connection.client, "client_port": connection.client_port, "server": connection.server,
+                "server_port": connection.server_port, "base_seq": connection.base_seq, "head": request.head,
+                "method": request.method.encode("latin-1"), "target": request.target.encode("latin-1"),
+                "version": request.version.encode("latin-1"), "start_time": request.start_time,
+                "position": request.position, "size": request.size, "status": self.status,
+                "response_size": self.response_size, "response_end": self.response_end,
+                "proxied_by_kong": self.proxied_by_kong, "answered_by_kong": self.answered_by_kong}
+
+
 def new_connection(client_port: int = 40000, first_seq: int = 1001) -> Connection:
-    connection = Connection(CLIENT, client_port, SERVER, 8000, START, saw_syn=True)
-    connection.to_server.start(first_seq)
-    return connection
+    return Connection(CLIENT, client_port, SERVER, 8000, first_seq)
 
 
 def make_request(target: str = "/orders", headers: tuple[str, ...] = (), method: str = "GET",
-                 start: float = START, position: int = 0) -> Message:
+                 start: float = START, position: int = 0) -> Request:
     head = "\r\n".join([f"{method} {target} HTTP/1.1", "Host: API.Example.com:8000", "User-Agent: curl/8.5.0",
                         *headers]).encode("latin-1") + b"\r\n\r\n"
-    message = Message(start, position, -1)
-    message.head, message.size, message.head_end = head, len(head), position + len(head)
-    message.method, message.target, message.version = method, target, "1.1"
-    message.end_time = start
-    return message
+    return Request(head, method, target, "1.1", start, position, len(head))
 
 
 def make_exchange(target: str = "/orders", headers: tuple[str, ...] = ("apikey: alice-key-7f3e9",),
                   status: int = 200, *, connection: Connection | None = None, position: int = 0,
                   start: float = START, end: float = START + 0.25, response_size: int = 312) -> Exchange:
-    exchange = Exchange(connection or new_connection(), make_request(target, headers, start=start, position=position))
-    exchange.status, exchange.response_size, exchange.response_end = status, response_size, end
-    exchange.request_done = exchange.response_done = True
-    return exchange
+    return Exchange(connection or new_connection(), make_request(target, headers, start=start, position=position),
+                    status, response_size, end)
+
+
+def find_key(request: Request, config: KeyAuthConfig) -> str | None:
+    key = _core.find_key(request.head, request.target.encode("latin-1"), list(config.key_names),
+                         config.key_in_header, config.key_in_query)
+    return None if key is None else key.decode("latin-1")
+
+
+def hide_credentials(target: str, key_names: tuple[str, ...], key: str | None = None) -> str:
+    hidden = _core.hide_credentials(target.encode("latin-1"), list(key_names), None if key is None else key.encode())
+    return hidden.decode("latin-1")
+
+
+NOT_READY = object()
+
+
+class SubjectResolver:
+    """The Python stage's resolver, answered by the core: `resolve` meters the request as a 200."""
+
+    def __init__(self, rule: SubjectRule, key_auth, table) -> None:
+        self.rule, self.key_auth, self.table = rule, key_auth, table
+
+    def resolve(self, request: Request) -> tuple[object, None]:
+        meter = Meter(self, "gateway-1", self.key_auth)
+        events = meter.meter([Exchange(new_connection(), request, 200, 0, request.start_time)])
+        if meter.counters.held:
+            return NOT_READY, None
+        return (events[0]["subject"] if events else None), None
+
+
+class Meter:
+    """The core's meter built as the Python stage's was: before each call the key-auth settings and the
+    credential table are read from their callables and pushed in, as the pipeline pushes them."""
+
+    def __init__(self, resolver: SubjectResolver, source: str, key_auth, max_held: int = 100_000) -> None:
+        rule = resolver.rule
+        name = "" if rule.look_up_value_in == "consumer" else rule.field
+        self.core = _core.Meter(source, rule.look_up_value_in, name, max_held)
+        self.rule, self.key_auth, self.table = rule, key_auth, resolver.table
+        self.pushed: object = None  # the table pushed in last
+
+    def meter(self, exchanges: list[Exchange]) -> list[dict]:
+        config = self.key_auth()
+        self.core.set_key_auth(list(config.key_names), config.key_in_header, config.key_in_query)
+        table = self.table()
+        if table is not self.pushed:
+            self.core.set_credentials(None if table is None else table.entries(self.rule.field))
+            self.pushed = table
+        lines = self.core.meter([exchange.fields() for exchange in exchanges], time.monotonic())
+        return [orjson.loads(line) for line in lines.splitlines()]
+
+    @property
+    def counters(self) -> SimpleNamespace:
+        return SimpleNamespace(**self.core.counters)
 
 
 # ---------------------------------------------------------------- where key-auth finds the key
@@ -154,19 +248,21 @@ def test_header_and_query_subjects_need_no_credential_table():
     assert resolver(SubjectRule.parse("query:Tenant", "username", ("apikey",)), table=None).resolve(request)[0] is None
 
 
-def test_a_subject_field_that_the_gateways_key_auth_names_a_key_is_never_used(caplog):
-    """At the start only the default key name is known; the gateway's own (here x-api-key) comes later."""
-    settings = [KeyAuthConfig()]
-    by_header = SubjectResolver(SubjectRule.parse("header:x-api-key", "username", ("apikey",)),
-                                lambda: settings[-1], lambda: None)
+def test_a_subject_field_that_the_gateways_key_auth_names_a_key_is_never_used():
+    """At the start only the default key name is known; the gateway's own (here x-api-key) comes later.
+    The core reports each change of the settings once, for the pipeline to log it."""
+    core = _core.Meter("gateway-1", "header", SubjectRule.parse("header:x-api-key", "username", ("apikey",)).field)
     request = make_request("/a", ("X-Api-Key: SECRET-KEY-1",))
-    assert by_header.resolve(request)[0] == "SECRET-KEY-1"  # not a key name yet: an ordinary header
-    settings.append(KeyAuthConfig(("x-api-key",)))
-    assert by_header.resolve(request)[0] is None
-    settings.append(KeyAuthConfig(("x-api-key",)))  # the same settings, read again
-    assert by_header.resolve(request)[0] is None
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and "SECRET-KEY-1" not in errors[0]
+
+    def subject() -> str | None:
+        lines = core.meter([Exchange(new_connection(), request, 200, 0, START).fields()], 0.0)
+        return orjson.loads(lines)["subject"] if lines else None
+
+    assert subject() == "SECRET-KEY-1" and not core.subject_names_a_key  # not a key name yet: an ordinary header
+    assert core.set_key_auth(["x-api-key"], True, True) is True
+    assert core.subject_names_a_key and subject() is None
+    assert core.set_key_auth(["x-api-key"], True, True) is False  # the same settings, read again
+    assert subject() is None
 
 
 # ---------------------------------------------------------------- billing rules
@@ -187,11 +283,8 @@ def meter(tables: Tables, max_held: int = 100_000, config: KeyAuthConfig = KeyAu
 def test_a_401_from_the_upstream_is_billed_and_one_from_key_auth_is_not():
     billing = meter(Tables(TABLE))
     by_key_auth, by_upstream = make_exchange("/kong", status=401), make_exchange("/upstream", status=401)
-    by_key_auth.response = Message(START, 0)
-    by_key_auth.response.head = (b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Key\r\n"
-                                 b"X-Kong-Response-Latency: 0\r\n\r\n")
-    by_upstream.response = Message(START, 0)
-    by_upstream.response.head = b"HTTP/1.1 401 Unauthorized\r\nX-Kong-Upstream-Latency: 3\r\n\r\n"
+    by_key_auth.answered_by_kong = True  # X-Kong-Response-Latency: 0
+    by_upstream.proxied_by_kong = True  # X-Kong-Upstream-Latency: 3
     events = billing.meter([by_key_auth, by_upstream])
     assert [(e["data"]["request_uri"], e["data"]["response_http_status"]) for e in events] == [("/upstream", 401)]
     assert billing.counters.rejected == 1
@@ -274,8 +367,11 @@ def test_too_many_held_requests_drop_the_oldest_and_count_them():
 # ---------------------------------------------------------------- the event
 
 
-def event_for(exchange: Exchange, subject: str = "alice", key_names: tuple[str, ...] = ("apikey",)) -> dict:
-    return build_event(exchange, subject, "consumer", "gateway-1", key_names)
+def event_for(exchange: Exchange) -> dict:
+    """The event of an exchange whose key is alice's."""
+    [event] = meter(Tables(TABLE)).meter([exchange])
+    assert event["subject"] == "alice"
+    return event
 
 
 def test_event_has_the_cloudevents_attributes_and_kong_fields_with_their_types():
@@ -332,6 +428,16 @@ def test_event_id_is_deterministic():
     uuid.UUID(first["id"])
 
 
+def test_event_id_is_a_name_based_version_8_uuid_of_the_connection_and_first_byte():
+    """Issue 13: sha256 of `<client hex>:<port>><server hex>:<port>/<sequence number>`, version and variant set."""
+    event = event_for(make_exchange(connection=new_connection(first_seq=1001), position=200))
+    digest = bytearray(hashlib.sha256(b"0a000001:40000>0a000002:8000/1201").digest()[:16])
+    digest[6], digest[8] = (digest[6] & 0x0F) | 0x80, (digest[8] & 0x3F) | 0x80
+    parsed = uuid.UUID(event["id"])
+    assert event["id"] == str(uuid.UUID(bytes=bytes(digest)))
+    assert (parsed.version, parsed.variant) == (8, uuid.RFC_4122)
+
+
 def test_event_ids_differ_for_two_requests_on_one_connection_and_across_connections():
     connection = new_connection()
     first = make_exchange("/one", connection=connection, position=0)
@@ -383,3 +489,22 @@ def test_no_key_value_appears_anywhere_in_the_serialized_event():
 def test_a_capture_clock_stepping_back_gives_latency_zero_not_negative():
     [event] = meter(Tables(TABLE)).meter([make_exchange(start=START, end=START - 3600)])
     assert event["data"]["latency_ms"] == 0
+
+
+@pytest.mark.parametrize("text", ["::", "::1", "::ffff:1.2.3.4", "::1.2.3.4", "::ffff:0:1.2.3.4", "2001:db8::1",
+                                  "2001:db8:0:0:1:0:0:1", "1::", "::2", "1:0:3:4:5:6:7:8", "fe80::abcd:0:0:12",
+                                  "::1:102:304", "0:0:1::", "1:0:0:1:0:0:0:1"])
+def test_client_ip_is_written_as_inet_ntop_writes_it(text):
+    address = socket.inet_pton(socket.AF_INET6, text)
+    assert _core.ip_text(address) == socket.inet_ntop(socket.AF_INET6, address)
+
+
+def test_client_ip_of_random_addresses_is_written_as_inet_ntop_writes_it():
+    import random
+    chooser = random.Random(13)
+    for _ in range(5000):
+        words = [chooser.choice([0, 0, 0, 1, 0xffff, chooser.randrange(1 << 16)]) for _ in range(8)]
+        address = b"".join(word.to_bytes(2, "big") for word in words)
+        assert _core.ip_text(address) == socket.inet_ntop(socket.AF_INET6, address)
+        v4 = address[:4]
+        assert _core.ip_text(v4) == socket.inet_ntop(socket.AF_INET, v4)

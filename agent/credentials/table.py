@@ -76,6 +76,12 @@ class CredentialTable:
     def consumers(self) -> frozenset[Consumer]:
         return frozenset(self._by_digest.values())
 
+    def entries(self, field: str) -> list[tuple[bytes, str, float | None]]:
+        """(digest, subject, expiry) of every key whose consumer has a subject under `--subject-field`,
+        as the core's table is pushed: digests only, never keys. Expiries are on this table's clock."""
+        return [(digest, subject, self._expiries.get(digest)) for digest, consumer in self._by_digest.items()
+                if (subject := consumer.subject(field))]
+
     def mapping(self) -> Mapping[bytes, Consumer]:
         """Read-only view digest -> consumer, for comparing two tables without any key."""
         return MappingProxyType(self._by_digest)

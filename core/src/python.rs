@@ -399,7 +399,216 @@ fn register_http(_m: &Bound<'_, PyModule>) -> PyResult<()> {
 
 // --- metering: key lookup, subject, billing, events ---
 
-fn register_metering(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+mod metering {
+    use pyo3::conversion::FromPyObjectOwned;
+    use pyo3::exceptions::{PyKeyError, PyValueError};
+    use pyo3::prelude::*;
+    use pyo3::types::{PyBytes, PyDict};
+
+    use crate::http::message::{Exchange, Message};
+    use crate::metering::billing::{Meter, MeterConfig};
+    use crate::metering::credentials::CredentialTable;
+    use crate::metering::events::push_ip_text;
+    use crate::metering::key_lookup::{self, KeyAuth};
+    use crate::metering::subject::SubjectRule;
+    use crate::source::frames::Address;
+    use crate::tcp::reassembly::ConnectionInfo;
+
+    fn key_auth(key_names: Vec<String>, key_in_header: bool, key_in_query: bool) -> KeyAuth {
+        KeyAuth { key_names, key_in_header, key_in_query }
+    }
+
+    /// The key key-auth would take from a request (its raw head and target), or None.
+    #[pyfunction]
+    #[pyo3(signature = (head, target, key_names, key_in_header=true, key_in_query=true))]
+    pub fn find_key<'py>(
+        py: Python<'py>,
+        head: &[u8],
+        target: &[u8],
+        key_names: Vec<String>,
+        key_in_header: bool,
+        key_in_query: bool,
+    ) -> Option<Bound<'py, PyBytes>> {
+        let request = Message { head: head.to_vec(), target: target.to_vec(), ..Message::default() };
+        let key_auth = key_auth(key_names, key_in_header, key_in_query);
+        key_lookup::find_key(&request, &key_auth).map(|key| PyBytes::new(py, &key))
+    }
+
+    #[pyfunction]
+    #[pyo3(signature = (target, key_names, key=None))]
+    pub fn hide_credentials<'py>(
+        py: Python<'py>,
+        target: &[u8],
+        key_names: Vec<String>,
+        key: Option<&[u8]>,
+    ) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &key_lookup::hide_credentials(target, &key_names, key))
+    }
+
+    /// A query parameter's value as a `query:NAME` subject reads it (text), or None.
+    #[pyfunction]
+    pub fn query_value(target: &[u8], name: &str) -> Option<String> {
+        key_lookup::raw_query_value(target, name.as_bytes()).map(key_lookup::unquote_plus_text)
+    }
+
+    /// An address (4 or 16 bytes) as the events write it.
+    #[pyfunction]
+    pub fn ip_text(address: &[u8]) -> PyResult<String> {
+        if address.len() != 4 && address.len() != 16 {
+            return Err(PyValueError::new_err("an address is 4 or 16 bytes"));
+        }
+        let mut text = Vec::new();
+        push_ip_text(&mut text, &Address::new(address));
+        Ok(String::from_utf8_lossy(&text).into_owned())
+    }
+
+    fn item<'py, T: FromPyObjectOwned<'py>>(dict: &Bound<'py, PyDict>, name: &str) -> PyResult<T> {
+        match dict.get_item(name)? {
+            Some(value) => value.extract::<T>().map_err(Into::into),
+            None => Err(PyKeyError::new_err(name.to_string())),
+        }
+    }
+
+    fn item_or<'py, T: FromPyObjectOwned<'py>>(dict: &Bound<'py, PyDict>, name: &str, default: T) -> PyResult<T> {
+        match dict.get_item(name)? {
+            Some(value) => value.extract::<T>().map_err(Into::into),
+            None => Ok(default),
+        }
+    }
+
+    /// An exchange from a dict of its fields (the names of `Exchange`, `Message` and `ConnectionInfo`).
+    fn exchange(dict: &Bound<'_, PyDict>) -> PyResult<Exchange> {
+        let address = |name: &str| -> PyResult<Address> {
+            let bytes: Vec<u8> = item(dict, name)?;
+            match bytes.len() {
+                4 | 16 => Ok(Address::new(&bytes)),
+                _ => Err(PyValueError::new_err(format!("{name}: an address is 4 or 16 bytes"))),
+            }
+        };
+        let connection = ConnectionInfo {
+            id: item_or(dict, "connection_id", 0)?,
+            client: address("client")?,
+            client_port: item(dict, "client_port")?,
+            server: address("server")?,
+            server_port: item(dict, "server_port")?,
+            saw_syn: item_or(dict, "saw_syn", true)?,
+            to_server_base_seq: item(dict, "base_seq")?,
+        };
+        let request = Message {
+            start_time: item(dict, "start_time")?,
+            position: item(dict, "position")?,
+            size: item(dict, "size")?,
+            head: item(dict, "head")?,
+            method: item(dict, "method")?,
+            target: item(dict, "target")?,
+            version: item(dict, "version")?,
+            ..Message::default()
+        };
+        Ok(Exchange {
+            connection,
+            request,
+            status: item(dict, "status")?,
+            proxied_by_kong: item_or(dict, "proxied_by_kong", false)?,
+            answered_by_kong: item_or(dict, "answered_by_kong", false)?,
+            response_size: item(dict, "response_size")?,
+            response_end: item(dict, "response_end")?,
+        })
+    }
+
+    /// (digest, subject, expiry) as Python's `CredentialTable.entries` gives it.
+    type TableEntry = (Vec<u8>, String, Option<f64>);
+
+    /// The billing rules and the events: exchanges (dicts) in, JSON lines out.
+    #[pyclass(name = "Meter", module = "agent._core")]
+    pub struct PyMeter(Meter);
+
+    #[pymethods]
+    impl PyMeter {
+        /// `rule`: consumer, header or query; `field`: the header's or parameter's name.
+        #[new]
+        #[pyo3(signature = (source, rule="consumer", field="", max_held=100_000))]
+        fn new(source: String, rule: &str, field: &str, max_held: usize) -> PyResult<Self> {
+            let rule = match rule {
+                "consumer" => SubjectRule::Consumer,
+                "header" => SubjectRule::Header(field.to_string()),
+                "query" => SubjectRule::Query(field.to_string()),
+                _ => return Err(PyValueError::new_err("rule is consumer, header or query")),
+            };
+            Ok(PyMeter(Meter::new(MeterConfig { source, rule, max_held })))
+        }
+
+        /// True if the settings changed.
+        fn set_key_auth(&mut self, key_names: Vec<String>, key_in_header: bool, key_in_query: bool) -> bool {
+            self.0.set_key_auth(key_auth(key_names, key_in_header, key_in_query))
+        }
+
+        #[getter]
+        fn subject_names_a_key(&self) -> bool {
+            self.0.subject_names_a_key()
+        }
+
+        /// `entries`: `(sha256 digest of the key, subject, expiry or None)`, as `CredentialTable.entries`
+        /// gives them; None: no table.
+        fn set_credentials(&mut self, entries: Option<Vec<TableEntry>>) -> PyResult<()> {
+            let table = match entries {
+                None => None,
+                Some(entries) => {
+                    let mut checked = Vec::with_capacity(entries.len());
+                    for (digest, subject, expires_at) in entries {
+                        let digest: [u8; 32] = digest
+                            .try_into()
+                            .map_err(|_| PyValueError::new_err("a key digest is 32 bytes (SHA-256)"))?;
+                        checked.push((digest, subject, expires_at));
+                    }
+                    Some(CredentialTable::new(checked))
+                }
+            };
+            self.0.set_credentials(table);
+            Ok(())
+        }
+
+        /// The JSON lines of these exchanges' events (after any released held ones).
+        fn meter<'py>(
+            &mut self,
+            py: Python<'py>,
+            exchanges: Vec<Bound<'py, PyDict>>,
+            now: f64,
+        ) -> PyResult<Bound<'py, PyBytes>> {
+            let exchanges = exchanges.iter().map(exchange).collect::<PyResult<Vec<_>>>()?;
+            let mut out = Vec::new();
+            self.0.meter(exchanges, now, &mut out);
+            Ok(PyBytes::new(py, &out))
+        }
+
+        fn held_bytes(&self) -> usize {
+            self.0.held_bytes()
+        }
+
+        #[getter]
+        fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+            let c = &self.0.counters;
+            let dict = PyDict::new(py);
+            for (name, value) in [
+                ("events", c.events),
+                ("rejected", c.rejected),
+                ("unresolved", c.unresolved),
+                ("held", c.held),
+                ("held_overflow", c.held_overflow),
+            ] {
+                dict.set_item(name, value)?;
+            }
+            Ok(dict)
+        }
+    }
+}
+
+fn register_metering(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<metering::PyMeter>()?;
+    m.add_function(wrap_pyfunction!(metering::find_key, m)?)?;
+    m.add_function(wrap_pyfunction!(metering::hide_credentials, m)?)?;
+    m.add_function(wrap_pyfunction!(metering::query_value, m)?)?;
+    m.add_function(wrap_pyfunction!(metering::ip_text, m)?)?;
+    m.add("EVENT_TYPE", crate::metering::events::EVENT_TYPE)?;
     Ok(())
 }
 
