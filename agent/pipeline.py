@@ -8,7 +8,6 @@ Python; before each batch this wrapper pushes into the core whatever of it has c
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 from agent import _core
@@ -23,13 +22,11 @@ TableSource = Callable[[], "CredentialTable | None"]
 
 
 class Pipeline:
-    def __init__(self, core: _core.Pipeline, rule: SubjectRule, key_auth: KeyAuthSource, table: TableSource,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, core: _core.Pipeline, rule: SubjectRule, key_auth: KeyAuthSource, table: TableSource) -> None:
         self.core = core
         self.rule = rule
         self._key_auth = key_auth
         self._table = table
-        self._clock = clock  # the credential table's clock, on which key expiries are set
         self._pushed_key_auth: KeyAuthConfig | None = None
         self._pushed_table: object = object()
         self._logged = {"held_overflow": 0, "internal_errors": 0}
@@ -66,7 +63,8 @@ class Pipeline:
         return self.core.counters()
 
     def _sync(self) -> float:
-        """Push what changed into the core; returns the credential clock's now."""
+        """Push what changed into the core; returns the credential table's now (its key expiries are on
+        its own clock)."""
         key_auth = self._key_auth()
         if key_auth is not self._pushed_key_auth and key_auth != self._pushed_key_auth:
             self._pushed_key_auth = key_auth
@@ -76,7 +74,7 @@ class Pipeline:
         if table is not self._pushed_table:
             self._pushed_table = table
             self.core.set_credentials(table.entries(self.rule.field) if table is not None else None)
-        return self._clock()
+        return table.now() if table is not None else 0.0
 
     def _check_rule(self, key_auth: KeyAuthConfig) -> None:
         """The gateway's key-auth settings arrive after the flags were checked (and may change): a header or

@@ -82,6 +82,10 @@ class CredentialTable:
         return [(digest, subject, self._expiries.get(digest)) for digest, consumer in self._by_digest.items()
                 if (subject := consumer.subject(field))]
 
+    def now(self) -> float:
+        """The time on this table's clock, the one its expiries are set on."""
+        return self._clock()
+
     def mapping(self) -> Mapping[bytes, Consumer]:
         """Read-only view digest -> consumer, for comparing two tables without any key."""
         return MappingProxyType(self._by_digest)
