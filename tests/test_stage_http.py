@@ -1,16 +1,22 @@
 """The HTTP stage on its own: the message parser fed one direction's bytes, and the exchange pairing fed
-the stream events of a real TCP reassembler, with sizes and statuses checked against the bytes sent."""
+the stream events of a real TCP reassembler, with sizes and statuses checked against the bytes sent.
+
+Both run in the core. Its reassembler's events carry the connection's id where the Python stage put its
+`Connection`; `Connection._feed` below puts a `ConnectionInfo`-like view there again (ids made unique
+across reassemblers, since several tests share one `HttpExchanges` between two of them)."""
 
 from __future__ import annotations
 
+import itertools
+from types import SimpleNamespace
+
 import pytest
 
-from agent.http.exchanges import MAX_PENDING, HttpExchanges
-from agent.http.message import Message
-from agent.http.parser import MessageParser, ParserCounters
-from agent.source.frames import TCP_ACK, TCP_FIN, TCP_SYN
-from agent.tcp.reassembly import CLOSED, DATA, END, GAP, TcpReassembler
-from agent.tcp.reassembly import Connection as TcpConnection
+from agent import _core
+from agent._core import CLOSED, DATA, END, GAP, MAX_PENDING, TCP_ACK, TCP_FIN, TCP_SYN, HttpExchanges, Message
+from agent._core import MessageParser, ParserCounters
+
+CONNECTION_IDS = itertools.count(1)
 
 PSH = 0x08
 
@@ -367,7 +373,8 @@ class Connection:
     CLIENT, SERVER = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
 
     def __init__(self, http: HttpExchanges | None = None, handshake: bool = True, client_port: int = 40000) -> None:
-        self.tcp = TcpReassembler({8000})
+        self.tcp = _core.TcpReassembler([8000])
+        self.connections: dict[int, SimpleNamespace] = {}
         self.http = http or HttpExchanges()
         self.client_port = client_port
         self.client_next, self.server_next = 1001, 5001
@@ -382,7 +389,15 @@ class Connection:
             segment = (self.CLIENT, self.client_port, self.SERVER, 8000, seq, ack, flags, payload)
         else:
             segment = (self.SERVER, 8000, self.CLIENT, self.client_port, seq, ack, flags, payload)
-        self.http.feed(self.tcp.feed(time, segment))
+        events = self.tcp.feed(time, segment)
+        for connection_id, client, client_port, server, server_port, saw_syn, base_seq, *_ in self.tcp.connections():
+            if connection_id not in self.connections:
+                self.connections[connection_id] = SimpleNamespace(
+                    id=next(CONNECTION_IDS), client=client, client_port=client_port, server=server,
+                    server_port=server_port)
+            self.connections[connection_id].saw_syn, self.connections[connection_id].to_server_base_seq = (
+                saw_syn, base_seq)
+        self.http.feed([(kind, self.connections[connection_id], *rest) for kind, connection_id, *rest in events])
 
     def client(self, data: bytes, time: float = 0.0, lost: bool = False, flags: int = TCP_ACK | PSH) -> None:
         """The client sends `data`; `lost`: it was sent but the capture missed it."""
@@ -483,7 +498,7 @@ def test_lost_body_bytes_leave_the_exchange_complete_with_the_size_sent():
     [exchange] = connection.done()
     assert exchange.request.size == len(wire)
     assert exchange.status == 201
-    assert connection.tcp.counters.gaps == 1
+    assert connection.tcp.counters["gaps"] == 1
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
@@ -586,10 +601,9 @@ def test_a_late_response_does_not_alter_the_exchange_already_handed_on():
 # ---------------------------------------------------------------- exchanges, fed stream events by hand
 
 
-def hand_made_connection(saw_syn: bool = True) -> TcpConnection:
-    connection = TcpConnection(bytes([10, 0, 0, 1]), 40000, bytes([10, 0, 0, 2]), 8000, 0.0, saw_syn=saw_syn)
-    connection.to_server.start(1001)
-    return connection
+def hand_made_connection(saw_syn: bool = True) -> SimpleNamespace:
+    return SimpleNamespace(id=next(CONNECTION_IDS), client=bytes([10, 0, 0, 1]), client_port=40000,
+                           server=bytes([10, 0, 0, 2]), server_port=8000, saw_syn=saw_syn, to_server_base_seq=1001)
 
 
 def test_stream_events_by_hand_gap_in_a_request_head_and_a_close():
@@ -633,11 +647,11 @@ def test_requests_never_answered_keep_the_queue_bounded_and_are_each_emitted_onc
     for number in range(20_000):
         time = number * 0.01
         connection.client(request("GET", f"/n/{number}"), time=time)
-        [state] = http._connections.values()
+        [(_, waiting)] = http.waiting()
         if number % 100 == 0:
             http.expire(time)
             emitted += connection.done()
-        longest_queue = max(longest_queue, len(state.pending))
+        longest_queue = max(longest_queue, waiting)
     connection.client(b"", time=300.0, flags=TCP_ACK | TCP_FIN)
     connection.server(b"", time=300.0, flags=TCP_ACK | TCP_FIN)
     emitted += connection.done()

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.http.message import Message
-from agent.http.parser import MessageParser, ParserCounters
+from agent._core import Message, MessageParser, ParserCounters
 
 
 class Parsed:

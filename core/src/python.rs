@@ -393,7 +393,435 @@ fn register_tcp(m: &Bound<'_, PyModule>) -> PyResult<()> {
 
 // --- http: framing and pairing (a test surface for the stage's own tests) ---
 
-fn register_http(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+mod http {
+    use pyo3::prelude::*;
+    use pyo3::types::{PyBytes, PyList, PyTuple};
+
+    use super::tcp::{CLOSED, DATA, END, GAP};
+    use crate::http::exchanges::{self, ExchangeCounters};
+    use crate::http::message::{self, Exchange, Message};
+    use crate::http::parser::{self, MessageSink, ParserCounters, RequestMethod};
+    use crate::source::frames::Address;
+    use crate::tcp::reassembly::{ConnectionInfo, StreamEvent, StreamSink};
+
+    /// Bytes as the Python stage's strings: Latin-1.
+    fn latin1(bytes: &[u8]) -> String {
+        bytes.iter().map(|&b| char::from(b)).collect()
+    }
+
+    #[pyclass(name = "ParserCounters", module = "agent._core", get_all, set_all)]
+    #[derive(Clone, Default)]
+    pub struct PyParserCounters {
+        parse_errors: u64,
+        lost_heads: u64,
+        resync_skipped_bytes: u64,
+        oversized_heads: u64,
+    }
+
+    #[pymethods]
+    impl PyParserCounters {
+        #[new]
+        fn new() -> Self {
+            PyParserCounters::default()
+        }
+    }
+
+    impl PyParserCounters {
+        fn of(c: &ParserCounters) -> Self {
+            PyParserCounters {
+                parse_errors: c.parse_errors,
+                lost_heads: c.lost_heads,
+                resync_skipped_bytes: c.resync_skipped_bytes,
+                oversized_heads: c.oversized_heads,
+            }
+        }
+
+        fn counters(&self) -> ParserCounters {
+            ParserCounters {
+                parse_errors: self.parse_errors,
+                lost_heads: self.lost_heads,
+                resync_skipped_bytes: self.resync_skipped_bytes,
+                oversized_heads: self.oversized_heads,
+            }
+        }
+    }
+
+    #[pyclass(name = "ExchangeCounters", module = "agent._core", get_all)]
+    pub struct PyExchangeCounters {
+        requests: u64,
+        lost_exchanges: u64,
+        unmatched_responses: u64,
+        unanswered: u64,
+        late_responses: u64,
+        unpaired_overflows: u64,
+    }
+
+    impl PyExchangeCounters {
+        fn of(c: &ExchangeCounters) -> Self {
+            PyExchangeCounters {
+                requests: c.requests,
+                lost_exchanges: c.lost_exchanges,
+                unmatched_responses: c.unmatched_responses,
+                unanswered: c.unanswered,
+                late_responses: c.late_responses,
+                unpaired_overflows: c.unpaired_overflows,
+            }
+        }
+    }
+
+    /// A message as the Python stage showed it: method, target and version as Latin-1 strings.
+    #[pyclass(name = "Message", module = "agent._core")]
+    pub struct PyMessage(Message);
+
+    #[pymethods]
+    impl PyMessage {
+        #[getter]
+        fn start_time(&self) -> f64 {
+            self.0.start_time
+        }
+        #[getter]
+        fn position(&self) -> u64 {
+            self.0.position
+        }
+        #[getter]
+        fn peer_acked(&self) -> i64 {
+            self.0.peer_acked
+        }
+        #[getter]
+        fn end_time(&self) -> f64 {
+            self.0.end_time
+        }
+        #[getter]
+        fn size(&self) -> u64 {
+            self.0.size
+        }
+        #[getter]
+        fn head_end(&self) -> u64 {
+            self.0.head_end
+        }
+        #[getter]
+        fn head<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+            PyBytes::new(py, &self.0.head)
+        }
+        #[getter]
+        fn method(&self) -> String {
+            latin1(&self.0.method)
+        }
+        #[getter]
+        fn target(&self) -> String {
+            latin1(&self.0.target)
+        }
+        #[getter]
+        fn version(&self) -> String {
+            latin1(&self.0.version)
+        }
+        #[getter]
+        fn status(&self) -> u16 {
+            self.0.status
+        }
+        #[getter]
+        fn proxied_by_kong(&self) -> bool {
+            self.0.proxied_by_kong
+        }
+        #[getter]
+        fn answered_by_kong(&self) -> bool {
+            self.0.answered_by_kong
+        }
+
+        fn header(&self, name: &str) -> Option<String> {
+            let name: Vec<u8> = name.chars().map(|c| u8::try_from(c).unwrap_or(b'?')).collect();
+            self.0.header(&name).map(latin1)
+        }
+    }
+
+    /// The parser's callbacks, as the Python stage's `on_head`, `on_complete`, `on_lost` and
+    /// `method_of_response`; the first error a callback raises is raised once the call returns.
+    struct Callbacks<'a, 'py> {
+        py: Python<'py>,
+        parser: &'a PyMessageParserCallbacks,
+        counters: ParserCounters,
+        current: Option<Py<PyMessage>>,
+        error: Option<PyErr>,
+    }
+
+    impl Callbacks<'_, '_> {
+        fn keep(&mut self, result: PyResult<Bound<'_, PyAny>>) {
+            if let Err(error) = result {
+                self.error.get_or_insert(error);
+            }
+        }
+    }
+
+    impl MessageSink for Callbacks<'_, '_> {
+        fn counters(&mut self) -> &mut ParserCounters {
+            &mut self.counters
+        }
+
+        fn answered_method(&mut self) -> RequestMethod {
+            let Some(method_of_response) = &self.parser.method_of_response else { return RequestMethod::Other };
+            match method_of_response.call0(self.py).and_then(|method| method.extract::<String>(self.py)) {
+                Ok(method) => RequestMethod::of(method.as_bytes()),
+                Err(error) => {
+                    self.error.get_or_insert(error);
+                    RequestMethod::Other
+                }
+            }
+        }
+
+        fn head(&mut self, message: Message) {
+            match Py::new(self.py, PyMessage(message)) {
+                Ok(message) => {
+                    let result = self.parser.on_head.bind(self.py).call1((message.clone_ref(self.py),));
+                    self.current = Some(message);
+                    self.keep(result);
+                }
+                Err(error) => self.keep(Err(error)),
+            }
+        }
+
+        fn complete(&mut self, size: u64, end_time: f64) {
+            let Some(message) = self.current.take() else { return };
+            if let Ok(mut reported) = message.bind(self.py).try_borrow_mut() {
+                reported.0.size = size;
+                reported.0.end_time = end_time;
+            }
+            let result = self.parser.on_complete.bind(self.py).call1((message,));
+            self.keep(result);
+        }
+
+        fn lost(&mut self) {
+            let result = self.parser.on_lost.bind(self.py).call0();
+            self.keep(result);
+        }
+    }
+
+    struct PyMessageParserCallbacks {
+        on_head: Py<PyAny>,
+        on_complete: Py<PyAny>,
+        on_lost: Py<PyAny>,
+        method_of_response: Option<Py<PyAny>>,
+    }
+
+    /// One direction's parser, reporting to Python callbacks and counting into a `ParserCounters`.
+    #[pyclass(name = "MessageParser", module = "agent._core", unsendable)]
+    pub struct PyMessageParser {
+        parser: parser::MessageParser,
+        counters: Py<PyParserCounters>,
+        callbacks: PyMessageParserCallbacks,
+        /// the message whose head was reported last, until it completes
+        current: Option<Py<PyMessage>>,
+    }
+
+    impl PyMessageParser {
+        fn call(&mut self, py: Python<'_>, work: impl FnOnce(&mut parser::MessageParser, &mut Callbacks<'_, '_>)) -> PyResult<()> {
+            let counters = self.counters.bind(py).borrow().counters();
+            let mut callbacks =
+                Callbacks { py, parser: &self.callbacks, counters, current: self.current.take(), error: None };
+            work(&mut self.parser, &mut callbacks);
+            let Callbacks { counters, current, error, .. } = callbacks;
+            self.current = current;
+            *self.counters.bind(py).borrow_mut() = PyParserCounters::of(&counters);
+            error.map_or(Ok(()), Err)
+        }
+    }
+
+    #[pymethods]
+    impl PyMessageParser {
+        #[new]
+        #[pyo3(signature = (is_request, synced, counters, on_head, on_complete, on_lost, max_head_bytes = parser::MAX_HEAD_BYTES, method_of_response = None))]
+        #[allow(clippy::too_many_arguments)]
+        fn new(
+            is_request: bool,
+            synced: bool,
+            counters: Py<PyParserCounters>,
+            on_head: Py<PyAny>,
+            on_complete: Py<PyAny>,
+            on_lost: Py<PyAny>,
+            max_head_bytes: usize,
+            method_of_response: Option<Py<PyAny>>,
+        ) -> Self {
+            PyMessageParser {
+                parser: parser::MessageParser::new(is_request, synced, max_head_bytes),
+                counters,
+                callbacks: PyMessageParserCallbacks { on_head, on_complete, on_lost, method_of_response },
+                current: None,
+            }
+        }
+
+        #[pyo3(signature = (data, time, position, peer_acked = -1))]
+        fn feed(&mut self, py: Python<'_>, data: &[u8], time: f64, position: u64, peer_acked: i64) -> PyResult<()> {
+            self.call(py, |parser, sink| parser.feed(data, time, position, peer_acked, sink))
+        }
+
+        fn gap(&mut self, py: Python<'_>, size: u64, time: f64) -> PyResult<()> {
+            self.call(py, |parser, sink| parser.gap(size, time, sink))
+        }
+
+        fn end(&mut self, py: Python<'_>, time: f64) -> PyResult<()> {
+            self.call(py, |parser, sink| parser.end(time, sink))
+        }
+
+        fn resync(&mut self) {
+            self.parser.resync();
+        }
+
+        /// The partial head, chunk line or resync window held now.
+        #[getter]
+        fn buffer<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+            PyBytes::new(py, self.parser.buffered())
+        }
+    }
+
+    /// What an event told of its connection.
+    #[pyclass(name = "ConnectionInfo", module = "agent._core", get_all)]
+    pub struct PyConnectionInfo {
+        id: u64,
+        client: Py<PyBytes>,
+        client_port: u16,
+        server: Py<PyBytes>,
+        server_port: u16,
+        saw_syn: bool,
+        to_server_base_seq: Option<u32>,
+    }
+
+    /// Any object with the attributes of `ConnectionInfo`.
+    fn connection_of(connection: &Bound<'_, PyAny>) -> PyResult<ConnectionInfo> {
+        let address = |name: &str| -> PyResult<Address> {
+            Ok(Address::new(connection.getattr(name)?.cast::<PyBytes>()?.as_bytes()))
+        };
+        Ok(ConnectionInfo {
+            id: connection.getattr("id")?.extract()?,
+            client: address("client")?,
+            client_port: connection.getattr("client_port")?.extract()?,
+            server: address("server")?,
+            server_port: connection.getattr("server_port")?.extract()?,
+            saw_syn: connection.getattr("saw_syn")?.extract()?,
+            to_server_base_seq: connection.getattr("to_server_base_seq")?.extract()?,
+        })
+    }
+
+    #[pyclass(name = "Exchange", module = "agent._core", get_all)]
+    pub struct PyExchange {
+        connection: Py<PyConnectionInfo>,
+        request: Py<PyMessage>,
+        status: u16,
+        proxied_by_kong: bool,
+        answered_by_kong: bool,
+        response_size: u64,
+        response_end: f64,
+    }
+
+    fn py_exchange(py: Python<'_>, exchange: Exchange) -> PyResult<PyExchange> {
+        let c = exchange.connection;
+        let connection = PyConnectionInfo {
+            id: c.id,
+            client: PyBytes::new(py, c.client.bytes()).unbind(),
+            client_port: c.client_port,
+            server: PyBytes::new(py, c.server.bytes()).unbind(),
+            server_port: c.server_port,
+            saw_syn: c.saw_syn,
+            to_server_base_seq: c.to_server_base_seq,
+        };
+        Ok(PyExchange {
+            connection: Py::new(py, connection)?,
+            request: Py::new(py, PyMessage(exchange.request))?,
+            status: exchange.status,
+            proxied_by_kong: exchange.proxied_by_kong,
+            answered_by_kong: exchange.answered_by_kong,
+            response_size: exchange.response_size,
+            response_end: exchange.response_end,
+        })
+    }
+
+    /// The stage fed the reassembler's events as the Python stage's tuples
+    /// `(kind, connection, to_server, time, payload_or_lost, position, peer_acked)`.
+    #[pyclass(name = "HttpExchanges", module = "agent._core")]
+    pub struct PyHttpExchanges(exchanges::HttpExchanges);
+
+    #[pymethods]
+    impl PyHttpExchanges {
+        #[new]
+        #[pyo3(signature = (response_timeout = 60.0, max_head_bytes = parser::MAX_HEAD_BYTES))]
+        fn new(response_timeout: f64, max_head_bytes: usize) -> Self {
+            PyHttpExchanges(exchanges::HttpExchanges::new(response_timeout, max_head_bytes))
+        }
+
+        fn feed(&mut self, events: &Bound<'_, PyAny>) -> PyResult<()> {
+            for event in events.try_iter()? {
+                let event = event?;
+                let event = event.cast::<PyTuple>()?;
+                let kind: u8 = event.get_item(0)?.extract()?;
+                let connection = connection_of(&event.get_item(1)?)?;
+                let to_server: bool = event.get_item(2)?.extract()?;
+                let time: f64 = event.get_item(3)?.extract()?;
+                let payload = event.get_item(4)?;
+                let position: u64 = event.get_item(5)?.extract()?;
+                let peer_acked: i64 = event.get_item(6)?.extract()?;
+                let payload = if kind == DATA { Some(payload.cast::<PyBytes>()?.clone()) } else { None };
+                let stream_event = match kind {
+                    DATA => StreamEvent::Data {
+                        payload: payload.as_ref().map_or(&[][..], |payload| payload.as_bytes()),
+                        position,
+                        peer_acked,
+                    },
+                    GAP => StreamEvent::Gap { lost: event.get_item(4)?.extract()?, position },
+                    END => StreamEvent::End { position },
+                    CLOSED => StreamEvent::Closed,
+                    _ => return Err(pyo3::exceptions::PyValueError::new_err(format!("no event kind {kind}"))),
+                };
+                self.0.event(&connection, to_server, time, stream_event);
+            }
+            Ok(())
+        }
+
+        fn expire(&mut self, now: f64) {
+            self.0.expire(now);
+        }
+
+        fn take<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+            let exchanges: Vec<PyExchange> = self.0.take().map(|exchange| py_exchange(py, exchange)).collect::<PyResult<_>>()?;
+            PyList::new(py, exchanges)
+        }
+
+        fn held_bytes(&self) -> usize {
+            self.0.held_bytes()
+        }
+
+        /// `(connection id, requests waiting)` for each connection tracked.
+        fn waiting(&self) -> Vec<(u64, usize)> {
+            self.0.waiting().collect()
+        }
+
+        #[getter]
+        fn counters(&self) -> PyExchangeCounters {
+            PyExchangeCounters::of(&self.0.counters)
+        }
+
+        #[getter]
+        fn parser_counters(&self) -> PyParserCounters {
+            PyParserCounters::of(&self.0.parser_counters)
+        }
+    }
+
+    /// The first value of a header in a raw head, as `Message.header` reads it.
+    #[pyfunction]
+    pub fn header_value<'py>(py: Python<'py>, head: &[u8], name: &[u8]) -> Option<Bound<'py, PyBytes>> {
+        message::header_value(head, name).map(|value| PyBytes::new(py, value))
+    }
+}
+
+fn register_http(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<http::PyParserCounters>()?;
+    m.add_class::<http::PyExchangeCounters>()?;
+    m.add_class::<http::PyMessage>()?;
+    m.add_class::<http::PyMessageParser>()?;
+    m.add_class::<http::PyConnectionInfo>()?;
+    m.add_class::<http::PyExchange>()?;
+    m.add_class::<http::PyHttpExchanges>()?;
+    m.add_function(wrap_pyfunction!(http::header_value, m)?)?;
+    m.add("MAX_PENDING", crate::http::exchanges::MAX_PENDING)?;
+    m.add("MAX_LINE", crate::http::parser::MAX_LINE)?;
+    m.add("MAX_HEAD_BYTES", crate::http::parser::MAX_HEAD_BYTES)?;
     Ok(())
 }
 

@@ -1,55 +1,532 @@
 //! Pairs requests with responses, in order, per connection: the HTTP stage.
 //! (Ported from the Python `agent/http/exchanges.py`.)
+//!
+//! HTTP/1.x answers requests in the order they were sent, pipelined or not, so each connection keeps a
+//! queue. A response is matched to the oldest unanswered request, but only if the server had received
+//! that request when it began answering (its ACK says so); otherwise the response belongs to a request
+//! we never saw (a capture that began mid-connection) and is set aside.
+//!
+//! Each exchange leaves the stage by value: one handed on early (response timeout) leaves a marker in
+//! its queue, so a late answer still pairs with its place, and cannot alter what was handed on (the
+//! Python's shared objects let a late unreadable response drop the request of an exchange already out).
 
-use crate::http::message::Exchange;
+use std::collections::{HashMap, VecDeque};
+use std::mem::size_of;
+
+use crate::http::message::{Exchange, Message};
+pub use crate::http::parser::ParserCounters;
+use crate::http::parser::{MessageParser, MessageSink, RequestMethod};
 use crate::tcp::reassembly::{ConnectionInfo, StreamEvent, StreamSink};
 
-#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
-pub struct ParserCounters {
-    pub parse_errors: u64,
-    pub lost_heads: u64,
-    pub resync_skipped_bytes: u64,
-    pub oversized_heads: u64,
-}
+/// Requests one connection may have waiting for an answer. Beyond it, the answers are clearly not being
+/// captured (a one-sided capture): holding more would only grow memory.
+pub const MAX_PENDING: usize = 1024;
 
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
 pub struct ExchangeCounters {
     pub requests: u64,
+    /// request or response head lost to a gap or unparseable
     pub lost_exchanges: u64,
+    /// responses to requests the capture never showed
     pub unmatched_responses: u64,
+    /// handed on with status 0
     pub unanswered: u64,
+    /// arrived after the request was handed on unanswered
     pub late_responses: u64,
+    /// a connection's queue hit MAX_PENDING: its waiting requests handed on
     pub unpaired_overflows: u64,
 }
 
+/// One place in a connection's queue.
+struct Waiting {
+    /// The request and what is known of its answer, until handed on; `None` too when the request was lost.
+    exchange: Option<Exchange>,
+    /// A request was seen (the Python's `request is not None`; a handed-on one keeps it).
+    has_request: bool,
+    method: RequestMethod,
+    head_end: u64,
+    request_done: bool,
+    response_done: bool,
+    /// handed on already (response timeout); a late answer is dropped
+    emitted: bool,
+}
+
+/// What an exchange holds on the heap and in place.
+fn exchange_bytes(exchange: &Exchange) -> usize {
+    let request = &exchange.request;
+    size_of::<Exchange>()
+        + request.head.capacity()
+        + request.method.capacity()
+        + request.target.capacity()
+        + request.version.capacity()
+}
+
+/// What a queued exchange holds on the heap (its place in the queue is counted with the queue).
+fn waiting_bytes(waiting: &Waiting) -> usize {
+    waiting.exchange.as_ref().map_or(0, |exchange| exchange_bytes(exchange) - size_of::<Exchange>())
+}
+
+fn is_final(status: u16) -> bool {
+    status >= 200 || status == 101
+}
+
+/// A connection's queue and the state of the response being read.
+#[derive(Default)]
+struct Pairing {
+    pending: VecDeque<Waiting>,
+    /// The response being parsed answers the first unanswered request (it stays that one until it ends).
+    answering: bool,
+    response_status: u16,
+    /// What pairing asked of the parsers, done once the parser at work returns.
+    resync_responses: bool,
+    tunnel_requests: bool,
+    /// heap bytes of the exchanges in `pending`
+    held: usize,
+}
+
+impl Pairing {
+    /// Unanswered requests are a suffix of the queue (responses are done in order), so this is near the front.
+    fn first_unanswered(&self) -> Option<usize> {
+        self.pending.iter().position(|waiting| !waiting.response_done)
+    }
+}
+
+/// Where finished exchanges go, and the counters, shared by every connection (the stage's own fields).
+struct Output<'a> {
+    parser_counters: &'a mut ParserCounters,
+    counters: &'a mut ExchangeCounters,
+    finished: &'a mut Vec<Exchange>,
+    finished_bytes: &'a mut usize,
+}
+
+impl Output<'_> {
+    fn emit(&mut self, mut exchange: Exchange, connection: &ConnectionInfo) {
+        exchange.connection = *connection;
+        if exchange.status == 0 {
+            self.counters.unanswered += 1;
+        }
+        *self.finished_bytes += exchange_bytes(&exchange);
+        self.finished.push(exchange);
+    }
+}
+
+/// One parser's callbacks, for the requests (`to_server`) or the responses of a connection.
+struct Side<'a, 'o> {
+    to_server: bool,
+    pairing: &'a mut Pairing,
+    connection: &'a ConnectionInfo,
+    output: &'a mut Output<'o>,
+}
+
+impl Side<'_, '_> {
+    fn enqueue(&mut self, waiting: Waiting) {
+        if self.pairing.pending.len() >= MAX_PENDING {
+            self.stop_pairing();
+        }
+        self.pairing.held += waiting_bytes(&waiting);
+        self.pairing.pending.push_back(waiting);
+    }
+
+    /// So many requests wait that their answers are not being captured: hand each on, unanswered unless
+    /// its answer began, and let the responses pick up again at the next status line.
+    fn stop_pairing(&mut self) {
+        self.output.counters.unpaired_overflows += 1;
+        for waiting in self.pairing.pending.drain(..) {
+            if let Some(exchange) = waiting.exchange {
+                self.output.emit(exchange, self.connection);
+            }
+        }
+        self.pairing.pending.shrink_to_fit();
+        self.pairing.held = 0;
+        self.pairing.answering = false;
+        self.pairing.resync_responses = true;
+    }
+
+    fn flush(&mut self) {
+        while let Some(front) = self.pairing.pending.front() {
+            if !(front.response_done && front.request_done) {
+                break;
+            }
+            let Some(waiting) = self.pairing.pending.pop_front() else { break };
+            self.pairing.held -= waiting_bytes(&waiting);
+            if let Some(exchange) = waiting.exchange {
+                self.output.emit(exchange, self.connection);
+            }
+        }
+        let pending = &mut self.pairing.pending;
+        if pending.is_empty() && pending.capacity() > 16 {
+            pending.shrink_to(4); // a burst of pipelined requests is over: give its queue back
+        }
+    }
+
+    fn request_head(&mut self, message: Message) {
+        self.output.counters.requests += 1;
+        let (method, head_end) = (RequestMethod::of(&message.method), message.head_end);
+        let exchange = Exchange {
+            connection: *self.connection,
+            request: message,
+            status: 0,
+            proxied_by_kong: false,
+            answered_by_kong: false,
+            response_size: 0,
+            response_end: 0.0,
+        };
+        self.enqueue(Waiting {
+            exchange: Some(exchange),
+            has_request: true,
+            method,
+            head_end,
+            request_done: false,
+            response_done: false,
+            emitted: false,
+        });
+    }
+
+    /// The request in progress is the last one queued, if it is still there (a response lost meanwhile
+    /// may have taken it).
+    fn request_complete(&mut self, size: u64, end_time: f64) {
+        let Some(waiting) = self.pairing.pending.back_mut() else { return };
+        if !waiting.has_request || waiting.request_done {
+            return;
+        }
+        waiting.request_done = true;
+        if let Some(exchange) = &mut waiting.exchange {
+            exchange.request.size = size;
+            exchange.request.end_time = end_time;
+        }
+        self.flush();
+    }
+
+    /// Keep the lost request's place in the queue, so its response pairs with it and is discarded.
+    fn request_lost(&mut self) {
+        self.output.counters.lost_exchanges += 1;
+        self.enqueue(Waiting {
+            exchange: None,
+            has_request: false,
+            method: RequestMethod::Other,
+            head_end: 0,
+            request_done: true,
+            response_done: false,
+            emitted: false,
+        });
+    }
+
+    fn response_head(&mut self, message: Message) {
+        let pairing = &mut *self.pairing;
+        let mut answered = pairing.first_unanswered();
+        if let Some(waiting) = answered.and_then(|index| pairing.pending.get(index)) {
+            let acked = u64::try_from(message.peer_acked).ok();
+            if waiting.has_request && acked.is_some_and(|acked| acked < waiting.head_end) {
+                answered = None; // the server began this answer before it had that request: not its answer
+            }
+        }
+        pairing.answering = answered.is_some();
+        pairing.response_status = message.status;
+        let Some(waiting) = answered.and_then(|index| pairing.pending.get_mut(index)) else { return };
+        if waiting.emitted || !is_final(message.status) {
+            return;
+        }
+        if let Some(exchange) = &mut waiting.exchange {
+            // known even if the body is cut short
+            exchange.status = message.status;
+            exchange.proxied_by_kong = message.proxied_by_kong;
+            exchange.answered_by_kong = message.answered_by_kong;
+        }
+    }
+
+    fn response_complete(&mut self, size: u64, end_time: f64) {
+        let pairing = &mut *self.pairing;
+        let answering = std::mem::take(&mut pairing.answering);
+        let status = pairing.response_status;
+        let answered = pairing.first_unanswered().filter(|_| answering);
+        let Some(waiting) = answered.and_then(|index| pairing.pending.get_mut(index)) else {
+            self.output.counters.unmatched_responses += u64::from(is_final(status));
+            return;
+        };
+        if !is_final(status) {
+            if let Some(exchange) = &mut waiting.exchange {
+                exchange.response_size = exchange.response_size.saturating_add(size);
+            }
+            pairing.answering = true; // an interim response: the final one follows
+            return;
+        }
+        waiting.response_done = true;
+        match &mut waiting.exchange {
+            // handed on unanswered already: it stays as it was billed
+            None if waiting.emitted => self.output.counters.late_responses += 1,
+            None => {}
+            Some(exchange) => {
+                exchange.response_size = exchange.response_size.saturating_add(size);
+                exchange.status = status;
+                exchange.response_end = end_time;
+            }
+        }
+        if status == 101 || (waiting.has_request && waiting.method == RequestMethod::Connect && status < 300) {
+            pairing.tunnel_requests = true; // bill the upgrade, ignore the tunnel
+        }
+        self.flush();
+    }
+
+    /// A response head we could not read: that exchange is lost, the ones after it are not.
+    fn response_lost(&mut self) {
+        let pairing = &mut *self.pairing;
+        pairing.answering = false;
+        let Some(index) = pairing.first_unanswered() else { return };
+        let Some(waiting) = pairing.pending.get_mut(index) else { return };
+        if waiting.has_request && !waiting.emitted {
+            self.output.counters.lost_exchanges += 1;
+        }
+        pairing.held -= waiting_bytes(waiting);
+        (waiting.response_done, waiting.has_request, waiting.request_done) = (true, false, true);
+        waiting.exchange = None;
+        pairing.held += waiting_bytes(waiting);
+        self.flush();
+    }
+}
+
+impl MessageSink for Side<'_, '_> {
+    fn counters(&mut self) -> &mut ParserCounters {
+        self.output.parser_counters
+    }
+
+    fn answered_method(&mut self) -> RequestMethod {
+        let pairing = &self.pairing;
+        let waiting = pairing.first_unanswered().and_then(|index| pairing.pending.get(index));
+        waiting.filter(|waiting| waiting.has_request).map_or(RequestMethod::Other, |waiting| waiting.method)
+    }
+
+    fn head(&mut self, message: Message) {
+        if self.to_server {
+            self.request_head(message);
+        } else {
+            self.response_head(message);
+        }
+    }
+
+    fn complete(&mut self, size: u64, end_time: f64) {
+        if self.to_server {
+            self.request_complete(size, end_time);
+        } else {
+            self.response_complete(size, end_time);
+        }
+    }
+
+    fn lost(&mut self) {
+        if self.to_server {
+            self.request_lost();
+        } else {
+            self.response_lost();
+        }
+    }
+}
+
+struct HttpConnection {
+    connection: ConnectionInfo,
+    /// when the stage first heard of it: expiry hands exchanges on in this order, as the Python did
+    order: u64,
+    requests: MessageParser,
+    responses: MessageParser,
+    pairing: Pairing,
+}
+
+/// What one tracked connection costs in place: its map entry at hashbrown's 7/8 load with its control byte.
+const CONNECTION_BYTES: usize = (size_of::<(u64, HttpConnection)>() + 1) * 8 / 7;
+
+impl HttpConnection {
+    fn new(connection: &ConnectionInfo, order: u64, max_head_bytes: usize) -> HttpConnection {
+        let synced = connection.saw_syn;
+        HttpConnection {
+            connection: *connection,
+            order,
+            requests: MessageParser::new(true, synced, max_head_bytes),
+            responses: MessageParser::new(false, synced, max_head_bytes),
+            pairing: Pairing::default(),
+        }
+    }
+
+    /// Heap bytes held: partial heads and chunk lines, waiting requests.
+    fn held_bytes(&self) -> usize {
+        let queue = self.pairing.pending.capacity() * size_of::<Waiting>();
+        self.requests.held_bytes() + self.responses.held_bytes() + queue + self.pairing.held
+    }
+
+    fn side<'a, 'o>(
+        to_server: bool,
+        pairing: &'a mut Pairing,
+        connection: &'a ConnectionInfo,
+        output: &'a mut Output<'o>,
+    ) -> Side<'a, 'o> {
+        Side { to_server, pairing, connection, output }
+    }
+
+    fn handle(&mut self, to_server: bool, time: f64, event: StreamEvent<'_>, output: &mut Output<'_>) {
+        let parser = if to_server { &mut self.requests } else { &mut self.responses };
+        let mut side = Self::side(to_server, &mut self.pairing, &self.connection, output);
+        match event {
+            StreamEvent::Data { payload, position, peer_acked } => {
+                parser.feed(payload, time, position, peer_acked, &mut side)
+            }
+            StreamEvent::Gap { lost, .. } => parser.gap(lost, time, &mut side),
+            StreamEvent::End { .. } => parser.end(time, &mut side),
+            StreamEvent::Closed => {}
+        }
+        self.follow_up();
+    }
+
+    /// What pairing asked of the parsers while one of them was at work.
+    fn follow_up(&mut self) {
+        let pairing = &mut self.pairing;
+        if std::mem::take(&mut pairing.resync_responses) {
+            self.responses.resync();
+        }
+        if std::mem::take(&mut pairing.tunnel_requests) {
+            if let Some(size) = self.requests.tunnel() {
+                // the request in progress never completes: it is handed on with the bytes seen
+                let in_progress = pairing.pending.back_mut().filter(|waiting| !waiting.request_done);
+                if let Some(exchange) = in_progress.and_then(|waiting| waiting.exchange.as_mut()) {
+                    exchange.request.size = size;
+                }
+            }
+        }
+    }
+
+    /// The connection is over: whatever is still waiting is handed on with what is known of it.
+    fn close(mut self, time: f64, output: &mut Output<'_>) {
+        self.requests.end(time, &mut Self::side(true, &mut self.pairing, &self.connection, output));
+        self.responses.end(time, &mut Self::side(false, &mut self.pairing, &self.connection, output));
+        for waiting in self.pairing.pending.drain(..) {
+            if let Some(exchange) = waiting.exchange {
+                output.emit(exchange, &self.connection);
+            }
+        }
+    }
+
+    /// Hand on, unanswered, complete requests still waiting for a response since before `cutoff`.
+    fn expire(&mut self, cutoff: f64, output: &mut Output<'_>) {
+        let pairing = &mut self.pairing;
+        let answering = if pairing.answering { pairing.first_unanswered() } else { None };
+        for (index, waiting) in pairing.pending.iter_mut().enumerate() {
+            let due = waiting.request_done && !waiting.response_done && Some(index) != answering;
+            let expired = waiting.exchange.as_ref().is_some_and(|exchange| exchange.request.end_time < cutoff);
+            if !(due && expired) {
+                continue;
+            }
+            if let Some(exchange) = waiting.exchange.take() {
+                pairing.held -= exchange_bytes(&exchange) - size_of::<Exchange>();
+                waiting.emitted = true;
+                output.emit(exchange, &self.connection);
+            }
+        }
+    }
+}
+
+/// Stream events in, completed exchanges out, for every connection the reassembler reports.
 pub struct HttpExchanges {
     pub parser_counters: ParserCounters,
     pub counters: ExchangeCounters,
+    response_timeout: f64,
+    max_head_bytes: usize,
+    /// by connection id (ours, from the reassembler: not chosen by whoever sends packets)
+    connections: HashMap<u64, HttpConnection>,
+    next_order: u64,
+    finished: Vec<Exchange>,
+    finished_bytes: usize,
+    /// heap bytes of every connection (see `HttpConnection::held_bytes`)
+    connections_held: usize,
 }
 
 impl HttpExchanges {
-    pub fn new(_response_timeout: f64, _max_head_bytes: usize) -> HttpExchanges {
-        unimplemented!("http helper")
+    pub fn new(response_timeout: f64, max_head_bytes: usize) -> HttpExchanges {
+        HttpExchanges {
+            parser_counters: ParserCounters::default(),
+            counters: ExchangeCounters::default(),
+            response_timeout,
+            max_head_bytes,
+            connections: HashMap::new(),
+            next_order: 0,
+            finished: Vec::new(),
+            finished_bytes: 0,
+            connections_held: 0,
+        }
     }
 
     /// Hand on, unanswered, complete requests waiting longer than the response timeout.
-    pub fn expire(&mut self, _now: f64) {
-        unimplemented!("http helper")
+    pub fn expire(&mut self, now: f64) {
+        let cutoff = now - self.response_timeout;
+        let HttpExchanges {
+            parser_counters, counters, connections, finished, finished_bytes, connections_held, ..
+        } = self;
+        let mut output = Output { parser_counters, counters, finished, finished_bytes };
+        let mut runs = Vec::new();
+        for http in connections.values_mut() {
+            if http.pairing.pending.is_empty() {
+                continue;
+            }
+            let (start, before) = (output.finished.len(), http.held_bytes());
+            http.expire(cutoff, &mut output);
+            *connections_held = *connections_held - before + http.held_bytes();
+            if output.finished.len() > start {
+                runs.push((http.order, start, output.finished.len()));
+            }
+        }
+        if runs.len() > 1 {
+            // connections in the order the stage first heard of them, each one's exchanges in its order
+            runs.sort_unstable_by_key(|&(order, ..)| order);
+            let first = runs.iter().map(|&(_, start, _)| start).min().unwrap_or_default();
+            let mut expired: Vec<Option<Exchange>> = output.finished.drain(first..).map(Some).collect();
+            for (_, start, end) in runs {
+                let run = expired.get_mut(start - first..end - first).unwrap_or_default();
+                output.finished.extend(run.iter_mut().filter_map(Option::take));
+            }
+        }
     }
 
     /// The exchanges finished since the last call, in the order they finished.
     pub fn take(&mut self) -> std::vec::Drain<'_, Exchange> {
-        unimplemented!("http helper")
+        self.finished_bytes = 0;
+        self.finished.drain(..)
     }
 
-    /// Bytes this stage holds now (partial heads, waiting requests, per-connection state), for the budget.
+    /// Bytes this stage holds now (partial heads, waiting requests, per-connection state, finished
+    /// exchanges not yet taken), for the budget.
     pub fn held_bytes(&self) -> usize {
-        unimplemented!("http helper")
+        self.connections.len() * CONNECTION_BYTES + self.connections_held + self.finished_bytes
+    }
+
+    /// The connections tracked now, each with how many requests wait in its queue: for tests and diagnostics.
+    pub fn waiting(&self) -> impl Iterator<Item = (u64, usize)> + '_ {
+        self.connections.iter().map(|(&id, http)| (id, http.pairing.pending.len()))
     }
 }
 
 impl StreamSink for HttpExchanges {
-    fn event(&mut self, _connection: &ConnectionInfo, _to_server: bool, _time: f64, _event: StreamEvent<'_>) {
-        unimplemented!("http helper")
+    fn event(&mut self, connection: &ConnectionInfo, to_server: bool, time: f64, event: StreamEvent<'_>) {
+        let HttpExchanges {
+            parser_counters,
+            counters,
+            connections,
+            finished,
+            finished_bytes,
+            connections_held,
+            next_order,
+            max_head_bytes,
+            ..
+        } = self;
+        let mut output = Output { parser_counters, counters, finished, finished_bytes };
+        if event == StreamEvent::Closed {
+            if let Some(http) = connections.remove(&connection.id) {
+                *connections_held -= http.held_bytes();
+                http.close(time, &mut output);
+            }
+            return;
+        }
+        let http = connections.entry(connection.id).or_insert_with(|| {
+            *next_order += 1;
+            HttpConnection::new(connection, *next_order, *max_head_bytes)
+        });
+        http.connection = *connection;
+        let before = http.held_bytes();
+        http.handle(to_server, time, event, &mut output);
+        *connections_held = *connections_held - before + http.held_bytes();
     }
 }

@@ -4,7 +4,7 @@ use crate::tcp::reassembly::ConnectionInfo;
 
 /// One HTTP message as framed on the wire. Requests keep their raw head (headers are looked up in it
 /// when metering asks); responses keep only what metering needs of theirs.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Message {
     pub start_time: f64,
     /// stream position of the message's first byte
@@ -35,6 +35,26 @@ impl Message {
     /// the first line of the head that starts with the name, optional blanks, then a colon.
     pub fn header(&self, name: &[u8]) -> Option<&[u8]> {
         header_value(&self.head, name)
+    }
+}
+
+/// Without the head and the target: either may carry an API key.
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("start_time", &self.start_time)
+            .field("position", &self.position)
+            .field("peer_acked", &self.peer_acked)
+            .field("end_time", &self.end_time)
+            .field("size", &self.size)
+            .field("head_end", &self.head_end)
+            .field("head_bytes", &self.head.len())
+            .field("method", &String::from_utf8_lossy(&self.method))
+            .field("version", &String::from_utf8_lossy(&self.version))
+            .field("status", &self.status)
+            .field("proxied_by_kong", &self.proxied_by_kong)
+            .field("answered_by_kong", &self.answered_by_kong)
+            .finish_non_exhaustive()
     }
 }
 
@@ -84,7 +104,7 @@ pub fn trim_ascii_whitespace(mut value: &[u8]) -> &[u8] {
 }
 
 /// A request and what is known of its answer, handed to metering once finished.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Exchange {
     pub connection: ConnectionInfo,
     pub request: Message,
@@ -98,6 +118,20 @@ pub struct Exchange {
     pub response_end: f64,
 }
 
+impl std::fmt::Debug for Exchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchange")
+            .field("connection", &self.connection)
+            .field("request", &self.request)
+            .field("status", &self.status)
+            .field("proxied_by_kong", &self.proxied_by_kong)
+            .field("answered_by_kong", &self.answered_by_kong)
+            .field("response_size", &self.response_size)
+            .field("response_end", &self.response_end)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +142,34 @@ mod tests {
         assert_eq!(header_value(head, b"apikey"), Some(&b"k1"[..]));
         assert_eq!(header_value(head, b"host"), Some(&b"a"[..]));
         assert_eq!(header_value(head, b"missing"), None);
+    }
+
+    #[test]
+    fn debug_output_leaves_out_the_head_and_the_target() {
+        let head = b"GET /x?apikey=secret-1 HTTP/1.1\r\napikey: secret-2\r\n\r\n".to_vec();
+        let request =
+            Message { head, method: b"GET".to_vec(), target: b"/x?apikey=secret-1".to_vec(), ..Message::default() };
+        let connection = ConnectionInfo {
+            id: 1,
+            client: crate::source::frames::Address::new(&[10, 0, 0, 1]),
+            client_port: 40000,
+            server: crate::source::frames::Address::new(&[10, 0, 0, 2]),
+            server_port: 8000,
+            saw_syn: true,
+            to_server_base_seq: None,
+        };
+        let exchange = Exchange {
+            connection,
+            request,
+            status: 200,
+            proxied_by_kong: false,
+            answered_by_kong: false,
+            response_size: 0,
+            response_end: 0.0,
+        };
+        let shown = format!("{exchange:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.contains("GET"));
     }
 
     #[test]
