@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterable
 
+import orjson
+
 from agent.http.exchanges import HttpExchanges
 from agent.metering.meter import Meter
 from agent.source.frames import FrameDecoder
@@ -34,8 +36,8 @@ class Pipeline:
         self.last_time = 0.0
         self._next_housekeeping = 0.0
 
-    def feed(self, frames: Iterable[tuple[float, int, bytes]]) -> list[dict]:
-        """Process a batch of frames; returns the events it completed."""
+    def feed(self, frames: Iterable[tuple[float, int, bytes]]) -> bytes:
+        """Process a batch of frames; returns the events it completed, as JSON Lines."""
         decode = self.decoder.decode
         reassemble = self.reassembler.feed
         to_http = self.http.feed
@@ -53,17 +55,23 @@ class Pipeline:
                 to_http(stream_events)
         self.packets += packets
         self.last_time = max(self.last_time, time)
-        return self.meter.meter(self.http.take())
+        return self._events()
 
-    def tick(self, now: float) -> list[dict]:
+    def tick(self, now: float) -> bytes:
         """Let time pass without packets (a quiet live interface): expire what has waited too long."""
         self._housekeeping(now)
-        return self.meter.meter(self.http.take())
+        return self._events()
 
-    def finish(self) -> list[dict]:
+    def finish(self) -> bytes:
         """The capture is over: close every connection, so requests still in flight are emitted too."""
         self.http.feed(self.reassembler.close_all(self.last_time))
-        return self.meter.meter(self.http.take())
+        return self._events()
+
+    def _events(self) -> bytes:
+        """The events metered so far as JSON Lines, the form every sink and worker pipe takes (and the core's
+        pipeline returns)."""
+        dumps = orjson.dumps
+        return b"".join(dumps(event) + b"\n" for event in self.meter.meter(self.http.take()))
 
     def _housekeeping(self, now: float) -> None:
         self._next_housekeeping = now + HOUSEKEEPING_INTERVAL

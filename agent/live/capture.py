@@ -18,7 +18,7 @@ POLL_MS = 100               # longest wait for a block: how quickly a stop signa
 HOUSEKEEPING_SECONDS = 1.0  # kernel counters read; on a quiet interface, timeouts and idle expiry run
 DRAIN_SECONDS = 6.0         # after a stop signal, the longest spent reading what the ring still holds
 
-Emit = Callable[[list[dict]], None]
+Emit = Callable[[bytes], None]  # events as JSON Lines
 
 
 class StopFlag:
