@@ -42,7 +42,7 @@ def segment_files(directory: Path) -> list[Path]:
 
 def test_appended_lines_come_back_in_order_and_acknowledged_ones_are_removed(tmp_path: Path) -> None:
     spool = Spool(tmp_path, BOUND)
-    assert spool.append(joined(lines(0, 500)), block=False) == 500
+    assert spool.append(joined(lines(0, 500)), block=False) == 0  # none refused
     assert spool.pending_events == 500
     assert drain(spool) == lines(0, 500)
     assert spool.pending_events == 0
@@ -105,7 +105,7 @@ def test_an_unreadable_ack_file_means_resending_everything_not_losing_anything(t
 
 def test_segments_rotate_are_read_across_in_order_and_are_deleted_once_acknowledged(tmp_path: Path) -> None:
     spool = Spool(tmp_path, 64 * 1024)  # 4 KiB segments
-    assert spool.append(joined(lines(0, 1000)), block=False) == 1000  # about 24 KiB
+    assert spool.append(joined(lines(0, 1000)), block=False) == 0  # about 24 KiB, none refused
     assert len(segment_files(tmp_path)) > 3
     read = drain(spool, batch_size=37)
     assert read == lines(0, 1000)
@@ -130,12 +130,13 @@ def test_segment_numbers_keep_growing_across_restarts_so_an_old_ack_never_delete
 def test_without_blocking_a_full_spool_keeps_what_fits_and_says_how_many(tmp_path: Path) -> None:
     spool = Spool(tmp_path, 16 * 1024)
     offered = lines(0, 1000, pad=20)
-    kept = spool.append(joined(offered), block=False)
-    assert 0 < kept < 1000
+    refused = spool.append(joined(offered), block=False)
+    assert 0 < refused < 1000
+    kept = 1000 - refused
     assert spool.bytes_used <= 16 * 1024
     assert spool.is_full
     assert drain(spool, batch_size=1000) == offered[:kept]
-    assert spool.append(joined(offered[kept:kept + 10]), block=False) == 10  # room again once acknowledged
+    assert spool.append(joined(offered[kept:kept + 10]), block=False) == 0  # room again once acknowledged
     spool.close()
 
 
@@ -154,7 +155,7 @@ def test_blocking_waits_for_acknowledgements_and_keeps_everything(tmp_path: Path
 
     reader = threading.Thread(target=deliver)
     reader.start()
-    assert spool.append(joined(offered), block=True) == 3000
+    assert spool.append(joined(offered), block=True) == 0
     done.set()
     reader.join(30)
     assert not reader.is_alive()

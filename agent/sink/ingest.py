@@ -43,7 +43,7 @@ from agent.backoff import Backoff
 from agent.sink import split_lines
 from agent.sink.deadletter import DeadLetterFile
 from agent.sink.retry import parse_retry_after
-from agent.sink.spool import Batch, Spool, looks_like_event
+from agent.sink.spool import Batch, Spool
 from agent.sink.validate import parse_line
 from agent.tokens import TokenError, TokenSource
 
@@ -144,30 +144,26 @@ class IngestSink:
     # -- Sink -----------------------------------------------------------------------------------------
 
     def write(self, lines: bytes) -> None:
-        """Spool the events (JSON Lines) as they are; returns once they are on disk. Only lines that cannot be
-        spooled (larger than the spool, or not a JSON object) are looked at one by one here, and
-        dead-lettered: the endpoint's checks are made by the delivery thread, off the pipeline's path."""
+        """Spool the events (JSON Lines) as they are; returns once they are on disk. Nothing is parsed here, on
+        the pipeline's path: the delivery thread checks each event before sending it (see `_handle`). Only
+        when the lines together are larger than the spool are they looked at one by one, to dead-letter an
+        event that could never fit."""
         if self._closed:
             raise RuntimeError("write() after close()")
-        if not lines:
-            return
-        if not lines.endswith(b"\n"):
+        if lines and not lines.endswith(b"\n"):
             lines += b"\n"
-        if len(lines) > self._spool.max_bytes or not _all_objects(lines):
-            lines = self._spoolable(lines)
-        count = lines.count(b"\n")
-        if count:
-            kept = self._spool.append(lines, block=self.settings.block_when_full)
-            if kept < count:
-                self._count_dropped(count - kept)
+        if len(lines) > self._spool.max_bytes:
+            lines = self._fitting_the_spool(lines)
+        if lines:
+            refused = self._spool.append(lines, block=self.settings.block_when_full)
+            if refused:
+                self._count_dropped(refused)
 
-    def _spoolable(self, lines: bytes) -> bytes:
+    def _fitting_the_spool(self, lines: bytes) -> bytes:
         """The lines that the spool can hold, each alone; the others are dead-lettered."""
         kept = []
         for line in split_lines(lines):
-            if not looks_like_event(line):
-                self._dead_letter(line, "event is not a JSON object")
-            elif len(line) + 1 > self._spool.max_bytes:
+            if len(line) + 1 > self._spool.max_bytes:
                 self._dead_letter(line, f"event of {len(line)} bytes is larger than the spool (--spool-max-bytes)")
             else:
                 kept.append(line + b"\n")
@@ -243,7 +239,7 @@ class IngestSink:
 
     def _handle(self, batch: Batch) -> bool:
         for line in batch.unreadable:
-            self._dead_letter(line, "unreadable line in the spool (damaged on disk)")
+            self._dead_letter(line, "not a JSON object (written so, or damaged on disk)")
         lines = []
         for line in batch.lines:  # checked here, once per event read, rather than in write() on the pipeline's path
             _, reason = parse_line(line)
@@ -385,14 +381,6 @@ class IngestSink:
             log.info("waiting for the ingest endpoint to acknowledge %d events%s; interrupt to stop waiting"
                      " (they stay in the spool)", self._spool.pending_events,
                      f" (last: {self._last_problem})" if self._last_problem else "")
-
-
-def _all_objects(lines: bytes) -> bool:
-    """Whether every line of newline-terminated JSON Lines starts with `{` and ends with `}` and none holds a NUL
-    (what the spool checks when reading back): a few scans at C speed instead of a loop over the lines."""
-    count = lines.count(b"\n")
-    return (lines[:1] == b"{" and lines.count(b"}\n") == count and lines.count(b"\n{") == count - 1
-            and b"\x00" not in lines)
 
 
 def _problem(response: httpx.Response) -> tuple[str | None, str | None]:

@@ -117,7 +117,7 @@ class Spool:
 
     def append(self, lines: bytes, *, block: bool) -> int:
         """Append JSON Lines (whole lines, each ending in a newline), as they are and in order; return how many
-        lines were kept.
+        lines were refused (0 when all were kept: counted only when some were not).
 
         With `block`, waits for room (acknowledgements free it) until all are kept or the spool closes;
         without, stops at the first line that does not fit and leaves the rest to the caller.
@@ -127,7 +127,7 @@ class Spool:
         if len(lines) > self.max_bytes and any(len(line) + 1 > self.max_bytes for line in lines.split(b"\n")):
             raise ValueError("an event is larger than the whole spool")
         data = memoryview(lines)
-        kept = start = 0
+        start = 0
         with self._cond:
             while start < len(lines) and not self._closed:
                 end = self._fitting(lines, start)
@@ -146,13 +146,11 @@ class Spool:
                     self._cond.wait(FULL_WAIT_SECONDS)
                     continue
                 self._note_room()
-                take = lines.count(b"\n", start, end)
-                kept += take
+                self._accepted(lines.count(b"\n", start, end))
                 start = end
-                self._accepted(take)
                 if self._segments[self._active] >= self.segment_bytes:
                     self._try_rotate()
-        return kept
+        return lines.count(b"\n", start) if start < len(lines) else 0
 
     def _fitting(self, lines: bytes, start: int) -> int:
         """Where the whole lines from `start` that fit in the bound and (one line at least) in the active
