@@ -2,7 +2,8 @@
 
 Children are forked, never outlive their parent, and leave through `os._exit` so that nothing inherited
 (a sink's buffer, an open file) is flushed or closed twice. A worker sends its events as they come, each
-batch one JSON array, and its counters last; the parent hands the events to the one sink.
+batch one message of JSON Lines, and its counters last; the parent hands the events, as they are, to the one
+sink.
 """
 
 from __future__ import annotations
@@ -64,21 +65,22 @@ def spawn(count: int, work: Callable[[int, Connection], int]) -> dict[Connection
     return children
 
 
-COUNTERS = b"C"  # marks a worker's last message, its counters; every other message is a JSON array of events
+COUNTERS = b"C"  # marks a worker's last message, its counters; every other message is events as JSON Lines
 
 
-def send_events(connection: Connection, events: list[dict]) -> None:
-    connection.send_bytes(orjson.dumps(events))
+def send_events(connection: Connection, lines: bytes) -> None:
+    """Events as JSON Lines (each a JSON object, so never starting with COUNTERS), sent as they are."""
+    connection.send_bytes(lines)
 
 
 def send_counters(connection: Connection, counters: dict[str, int]) -> None:
     connection.send_bytes(COUNTERS + orjson.dumps(counters))
 
 
-def receive(message: bytes, totals: dict[str, int]) -> list[dict] | None:
-    """The events a message carries, or None for a worker's counters (added into `totals`)."""
+def receive(message: bytes, totals: dict[str, int]) -> bytes | None:
+    """The events (JSON Lines) a message carries, or None for a worker's counters (added into `totals`)."""
     if message[:1] != COUNTERS:
-        return orjson.loads(message)
+        return message
     for name, value in orjson.loads(message[1:]).items():
         totals[name] = totals.get(name, 0) + value
     return None

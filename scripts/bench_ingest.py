@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent.backoff import Backoff  # noqa: E402
 from agent.sink.ingest import DEFAULT_BATCH_SIZE, IngestSettings, IngestSink, api_token_source  # noqa: E402
-from tests.doubles.ingest import V1_PATH, kong_events  # noqa: E402
+from tests.doubles.ingest import V1_PATH, json_lines, kong_events  # noqa: E402
 
 from bench_replay import record  # noqa: E402
 from kong_standin import billed_rows  # noqa: E402
@@ -67,9 +67,9 @@ def run(mode: str, count: int, batch_size: int, backoff: Backoff) -> bool:
             in_write = 0.0
             started = time.perf_counter()
             for first in range(0, count, WRITE_CHUNK):
-                events = kong_events(first, min(WRITE_CHUNK, count - first))
+                lines = json_lines(kong_events(first, min(WRITE_CHUNK, count - first)))
                 before = time.perf_counter()
-                sink.write(events)
+                sink.write(lines)
                 in_write += time.perf_counter() - before
             spooled_at = time.perf_counter() - started
             sink.close()

@@ -16,7 +16,7 @@ from openapi_core import Config, OpenAPI
 from openapi_core.testing import MockRequest, MockResponse
 
 from agent.sink.ingest import IngestSettings, IngestSink, api_token_source
-from tests.doubles.ingest import V1_PATH, Fault, IngestDouble, kong_events
+from tests.doubles.ingest import V1_PATH, Fault, IngestDouble, json_lines, kong_events
 
 SPEC = Path(__file__).resolve().parents[1].parent / "shared" / "contracts" / "openmeter-ingest.openapi.yaml"
 JSON_TYPES = ("application/cloudevents+json", "application/cloudevents-batch+json", "application/problem+json")
@@ -131,7 +131,7 @@ def test_every_request_the_agent_sends_is_valid_per_the_spec(
         spec: OpenAPI, double: IngestDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("METERING_API_TOKEN", TOKEN)
     sink = IngestSink(IngestSettings(double.url, tmp_path, batch_size=40, flush_interval=0.05), api_token_source())
-    sink.write(kong_events(0, 100))
+    sink.write(json_lines(kong_events(0, 100)))
     sink.close()
     assert len(double.received) == 3
     for request in double.received:

@@ -18,7 +18,7 @@ import pytest
 from agent.backoff import Backoff
 from agent.sink.ingest import DEAD_LETTER_FILE, IngestSettings, IngestSink, api_token_source
 from agent.tokens import TokenSource
-from tests.doubles.ingest import Fault, IngestDouble, kong_events
+from tests.doubles.ingest import Fault, IngestDouble, json_lines, kong_events
 
 TOKEN = "spat_test_0123456789abcdef"
 
@@ -60,7 +60,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 def write_in_chunks(sink: IngestSink, events: list[dict], chunk: int = 37) -> None:
     for start in range(0, len(events), chunk):
-        sink.write(events[start:start + chunk])
+        sink.write(json_lines(events[start:start + chunk]))
 
 
 def test_events_arrive_in_batches_with_the_bearer_token_and_one_reused_connection(
@@ -83,7 +83,7 @@ def test_events_arrive_in_batches_with_the_bearer_token_and_one_reused_connectio
 def test_konnect_202_counts_as_acknowledged(double: IngestDouble, tmp_path: Path) -> None:
     sent = kong_events(0, 250)
     sink = make_sink(double.konnect_url, tmp_path)
-    sink.write(sent)
+    sink.write(json_lines(sent))
     sink.close()
     assert_all_delivered(double, sent)
     assert {r.status for r in double.received} == {202}
@@ -93,7 +93,7 @@ def test_a_partial_batch_goes_out_after_the_flush_interval_without_waiting_for_m
         double: IngestDouble, tmp_path: Path) -> None:
     sent = kong_events(0, 3)
     sink = make_sink(double.url, tmp_path, batch_size=500, flush_interval=0.1)
-    sink.write(sent)
+    sink.write(json_lines(sent))
     wait_until(lambda: len(double.accepted) == 3)
     sink.close()
     assert_all_delivered(double, sent)
@@ -114,7 +114,7 @@ def test_429_waits_as_long_as_retry_after_says(double: IngestDouble, tmp_path: P
     double.inject(Fault("status", 429, retry_after="1"))
     sent = kong_events(0, 50)
     sink = make_sink(double.url, tmp_path)
-    sink.write(sent)
+    sink.write(json_lines(sent))
     sink.close()
     assert_all_delivered(double, sent)
     refused, retried = double.received[0], double.received[1]
@@ -149,7 +149,7 @@ def test_an_answer_slower_than_the_timeout_is_retried(double: IngestDouble, tmp_
     double.inject(Fault("delay", delay=1.0, times=1))
     sent = kong_events(0, 200)
     sink = make_sink(double.url, tmp_path, timeout=0.3)
-    sink.write(sent)
+    sink.write(json_lines(sent))
     sink.close()
     assert_all_delivered(double, sent)
     assert sink.counters()["retried"] >= 1
@@ -162,7 +162,7 @@ def test_a_refused_token_is_reported_once_keeps_events_and_a_fixed_token_file_re
     token_file.write_text("spat_expired_token\n")
     sent = kong_events(0, 300)
     sink = make_sink(double.url, tmp_path / "spool", api_token_source(token_file))
-    sink.write(sent)
+    sink.write(json_lines(sent))
     wait_until(lambda: double.statuses().count(401) >= 3)
     assert sink.counters()["pending"] == 300
     spooled = b"".join(p.read_bytes() for p in (tmp_path / "spool").glob("spool-*.jsonl"))
@@ -184,7 +184,7 @@ def test_an_invalid_event_is_isolated_and_dead_lettered_and_its_batch_mates_deli
     bad["time"] = "yesterday"  # passes the agent's own check, refused by the endpoint's schema
     double.reject_ids = {sent[77]["id"]}
     sink = make_sink(double.url, tmp_path)
-    sink.write(sent)
+    sink.write(json_lines(sent))
     sink.close()
     good = [e for e in sent if e["id"] not in (bad["id"], sent[77]["id"])]
     assert set(double.accepted_counts()) == keys(good)
@@ -201,7 +201,7 @@ def test_an_event_missing_a_required_attribute_is_dead_lettered_without_a_reques
     (event,) = kong_events(0, 1)
     del event["subject"]
     sink = make_sink(double.url, tmp_path)
-    sink.write([event])
+    sink.write(json_lines([event]))
     sink.close()
     assert double.received == []
     (record,) = [json.loads(line) for line in (tmp_path / DEAD_LETTER_FILE).read_text().splitlines()]
@@ -252,7 +252,7 @@ def test_waiting_for_acknowledgement_can_be_bounded(double: IngestDouble, tmp_pa
                                                     caplog: pytest.LogCaptureFixture) -> None:
     double.inject(Fault("status", 503, times=None))
     sink = make_sink(double.url, tmp_path, ack_timeout=0.3)
-    sink.write(kong_events(0, 10))
+    sink.write(json_lines(kong_events(0, 10)))
     sink.close()
     assert sink.counters()["pending"] == 10
     assert any("10 events stay in the spool" in r.getMessage() for r in caplog.records)

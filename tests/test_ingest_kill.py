@@ -21,7 +21,7 @@ from pathlib import Path
 
 from agent.backoff import Backoff
 from agent.sink.ingest import IngestSettings, IngestSink, api_token_source
-from tests.doubles.ingest import Fault, IngestDouble, kong_events
+from tests.doubles.ingest import Fault, IngestDouble, json_lines, kong_events
 
 TOKEN = "kill-test-token"
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def drive(argv: list[str]) -> int:
     end = args.first + args.count
     for start in range(args.first, end, 7):
         events = kong_events(start, min(7, end - start))
-        sink.write(events)
+        sink.write(json_lines(events))
         print(events[-1]["id"], flush=True)
         time.sleep(args.pause)
     sink.close()

@@ -14,7 +14,7 @@ import pytest
 from agent.sink.ingest import IngestSink
 from agent.sink.jsonl import JsonLinesSink
 from agent.sink.options import SinkConfigError, add_arguments, sink_from_args, spool_size
-from tests.doubles.ingest import Fault, IngestDouble, kong_events
+from tests.doubles.ingest import Fault, IngestDouble, json_lines, kong_events
 
 TOKEN = "options-token"
 
@@ -119,7 +119,7 @@ def tls_double(certificate: tuple[Path, Path]) -> Iterator[IngestDouble]:
 def deliver(double: IngestDouble, tmp_path: Path, *flags: str) -> IngestSink:
     sink = sink_from_args(parse("--ingest-endpoint", double.url, "--data-dir", str(tmp_path), "--read", "x",
                                 "--flush-interval", "0.01", "--ack-timeout", "1", *flags))
-    sink.write(kong_events(0, 20))
+    sink.write(json_lines(kong_events(0, 20)))
     sink.close()
     return sink
 
@@ -145,7 +145,7 @@ def test_exit_when_spooled_leaves_the_rest_for_the_next_start(tmp_path: Path) ->
         double.inject(Fault("status", 503, times=None))
         argv = ("--ingest-endpoint", double.url, "--data-dir", str(tmp_path), "--read", "x")
         first = sink_from_args(parse(*argv, "--exit-when-spooled"))
-        first.write(kong_events(0, 20))
+        first.write(json_lines(kong_events(0, 20)))
         first.close()
         assert first.counters()["pending"] == 20
         double.clear_faults()

@@ -13,12 +13,12 @@ import pytest
 from agent.sink.events_command import events_command
 from agent.sink.options import add_arguments, sink_from_args
 from agent.sink.store import StoreSink
-from tests.doubles.ingest import kong_events
+from tests.doubles.ingest import json_lines, kong_events
 
 
 def store_with(path: Path, events: list[dict]) -> StoreSink:
     sink = StoreSink(path)
-    sink.write(events)
+    sink.write(json_lines(events))
     return sink
 
 
@@ -87,7 +87,7 @@ def test_the_listing_reads_while_the_agent_is_still_writing(tmp_path: Path, caps
     path = tmp_path / "events.sqlite3"
     sink = store_with(path, kong_events(0, 5))
     code, out, _ = run(capsys, "--store", str(path), "--json")
-    sink.write(kong_events(5, 5))
+    sink.write(json_lines(kong_events(5, 5)))
     code_later, out_later, _ = run(capsys, "--store", str(path), "--json")
     sink.close()
     assert (code, code_later) == (0, 0)
@@ -122,7 +122,7 @@ def test_without_output_or_endpoint_events_go_to_the_store_in_a_private_data_dir
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     sink = sink_from_args(parser.parse_args([]))
-    sink.write(kong_events(0, 4))
+    sink.write(json_lines(kong_events(0, 4)))
     sink.close()
     assert isinstance(sink, StoreSink)
     assert os.stat(data_dir).st_mode & 0o777 == 0o700

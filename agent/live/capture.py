@@ -19,7 +19,7 @@ HOUSEKEEPING_SECONDS = 1.0  # kernel counters read; on a quiet interface, timeou
 DRAIN_SECONDS = 6.0         # after a stop signal, the longest spent reading what the ring still holds
 BLOCKS_PER_CALL = 16        # ring blocks the core reads per call (their events are emitted together)
 
-Emit = Callable[[bytes], None]
+Emit = Callable[[bytes], None]  # events as JSON Lines
 
 
 class StopFlag:

@@ -28,14 +28,14 @@ class DeadLetterFile:
         self._lock = threading.Lock()  # the pipeline and the delivery thread both set events aside
         self._last_summary = 0.0
 
-    def add(self, event: dict | bytes, reason: str, *, status: int | None = None,
+    def add(self, line: bytes, reason: str, *, status: int | None = None,
             title: str | None = None, detail: str | None = None) -> None:
-        """Record one event with why it was set aside; logged with its id, never with its content."""
-        if isinstance(event, bytes):
-            try:
-                event = json.loads(event)
-            except ValueError:
-                event = event.decode("ascii", "replace")
+        """Record one event (its JSON line) with why it was set aside; logged with its id, never with its
+        content."""
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = line.decode("utf-8", "replace")
         record = {"at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "reason": reason}
         record.update({k: v for k, v in (("status", status), ("title", title), ("detail", detail)) if v})
         record["event"] = event

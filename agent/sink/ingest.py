@@ -1,9 +1,10 @@
 """Ingest sink: deliver events to an OpenMeter / Konnect ingest endpoint without losing one.
 
 Kong's plugin keeps its queue in memory and drops events after 60 s of retries or on restart. Here:
-- `write()` (the pipeline thread) puts every event in the durable spool (see `agent.sink.spool`) and
-  returns; a background thread sends batches and removes them from the spool once acknowledged, so live
-  capture never waits on the network.
+- `write()` (the pipeline thread) puts the events' JSON Lines in the durable spool as they are (see
+  `agent.sink.spool`) and returns; a background thread sends batches and removes them from the spool once
+  acknowledged, so live capture never waits on the network. That thread also makes the endpoint's own checks
+  (`agent.sink.validate`) on each event before its first send: one that fails is dead-lettered, never sent.
 - A batch is up to `batch_size` events (default 500) or whatever waited `flush_interval` seconds
   (default 1.0), sent as `application/cloudevents-batch+json`. Any 2xx is an acknowledgement
   (OpenMeter's `/api/v1/events` answers 204, Konnect's `/v3/openmeter/events` 202).
@@ -39,10 +40,11 @@ from urllib.parse import urlsplit
 import httpx
 
 from agent.backoff import Backoff
+from agent.sink import split_lines
 from agent.sink.deadletter import DeadLetterFile
 from agent.sink.retry import parse_retry_after
 from agent.sink.spool import Batch, Spool
-from agent.sink.validate import encode_line, invalid_reason
+from agent.sink.validate import parse_line
 from agent.tokens import TokenError, TokenSource
 
 log = logging.getLogger("agent.sink.ingest")
@@ -141,28 +143,31 @@ class IngestSink:
 
     # -- Sink -----------------------------------------------------------------------------------------
 
-    def write(self, events: list[dict]) -> None:
-        """Spool the events (dead-lettering those the endpoint would refuse); returns once they are on disk."""
+    def write(self, lines: bytes) -> None:
+        """Spool the events (JSON Lines) as they are; returns once they are on disk. Nothing is parsed here, on
+        the pipeline's path: the delivery thread checks each event before sending it (see `_handle`). Only
+        when the lines together are larger than the spool are they looked at one by one, to dead-letter an
+        event that could never fit."""
         if self._closed:
             raise RuntimeError("write() after close()")
-        lines: list[bytes] = []
-        for event in events:
-            reason = invalid_reason(event)
-            if reason is None:
-                try:
-                    line = encode_line(event)
-                except (TypeError, ValueError) as exc:
-                    reason = f"not representable as JSON: {exc}"
-                else:
-                    if len(line) + 1 <= self._spool.max_bytes:
-                        lines.append(line)
-                        continue
-                    reason = f"event of {len(line)} bytes is larger than the spool (--spool-max-bytes)"
-            self._dead_letter(event, reason)
+        if lines and not lines.endswith(b"\n"):
+            lines += b"\n"
+        if len(lines) > self._spool.max_bytes:
+            lines = self._fitting_the_spool(lines)
         if lines:
-            kept = self._spool.append(lines, block=self.settings.block_when_full)
-            if kept < len(lines):
-                self._count_dropped(len(lines) - kept)
+            refused = self._spool.append(lines, block=self.settings.block_when_full)
+            if refused:
+                self._count_dropped(refused)
+
+    def _fitting_the_spool(self, lines: bytes) -> bytes:
+        """The lines that the spool can hold, each alone; the others are dead-lettered."""
+        kept = []
+        for line in split_lines(lines):
+            if len(line) + 1 > self._spool.max_bytes:
+                self._dead_letter(line, f"event of {len(line)} bytes is larger than the spool (--spool-max-bytes)")
+            else:
+                kept.append(line + b"\n")
+        return b"".join(kept)
 
     def close(self, wait_for_ack: bool | None = None) -> None:
         """Send what is spooled; with `wait_for_ack` (default: the settings') return only once all of it is
@@ -234,8 +239,15 @@ class IngestSink:
 
     def _handle(self, batch: Batch) -> bool:
         for line in batch.unreadable:
-            self._dead_letter(line, "unreadable line in the spool (damaged on disk)")
-        return not batch.lines or self._deliver(batch.lines)
+            self._dead_letter(line, "not a JSON object (written so, or damaged on disk)")
+        lines = []
+        for line in batch.lines:  # checked here, once per event read, rather than in write() on the pipeline's path
+            _, reason = parse_line(line)
+            if reason is None:
+                lines.append(line)
+            else:
+                self._dead_letter(line, reason)
+        return not lines or self._deliver(lines)
 
     def _deliver(self, lines: list[bytes]) -> bool:
         """Deliver or dead-letter every line; False when asked to stop first (the lines stay spooled)."""
@@ -302,10 +314,11 @@ class IngestSink:
 
     # -- what the operator sees -----------------------------------------------------------------------
 
-    def _dead_letter(self, event: dict | bytes, reason: str, **problem) -> None:
+    def _dead_letter(self, line: bytes, reason: str, **problem) -> None:
         try:
-            self._dead_letters.add(event, reason, **problem)
+            self._dead_letters.add(line, reason, **problem)
         except OSError as exc:
+            event, _ = parse_line(line)
             event_id = event.get("id") if isinstance(event, dict) else None
             log.error("cannot write dead-letter file %s (%s): event %r is lost: %s",
                       self._dead_letters.path, exc.strerror or exc, event_id, reason)

@@ -115,28 +115,30 @@ class Spool:
 
     # -- the pipeline side ------------------------------------------------------------------------
 
-    def append(self, lines: list[bytes], *, block: bool) -> int:
-        """Append whole lines (without newlines) in order; return how many were kept.
+    def append(self, lines: bytes, *, block: bool) -> int:
+        """Append JSON Lines (whole lines, each ending in a newline), as they are and in order; return how many
+        lines were refused (0 when all were kept: counted only when some were not).
 
         With `block`, waits for room (acknowledgements free it) until all are kept or the spool closes;
         without, stops at the first line that does not fit and leaves the rest to the caller.
         """
-        for line in lines:
-            if len(line) + 1 > self.max_bytes:
-                raise ValueError("an event is larger than the whole spool")
-        kept = 0
+        if lines and not lines.endswith(b"\n"):
+            raise ValueError("JSON Lines must end with a newline")
+        if len(lines) > self.max_bytes and any(len(line) + 1 > self.max_bytes for line in lines.split(b"\n")):
+            raise ValueError("an event is larger than the whole spool")
+        data = memoryview(lines)
+        start = 0
         with self._cond:
-            while kept < len(lines) and not self._closed:
-                take = self._fitting(lines, kept)
-                if take == 0:
+            while start < len(lines) and not self._closed:
+                end = self._fitting(lines, start)
+                if end == start:
                     self._note_full()
                     if not block or self._no_waiting:
                         break
                     self._cond.wait(FULL_WAIT_SECONDS)
                     continue
-                data = b"\n".join(lines[kept : kept + take]) + b"\n"
                 try:
-                    self._write(data)
+                    self._write(data[start:end])
                 except OSError as exc:
                     self._note_write_error(exc)
                     if not block or self._no_waiting:
@@ -144,34 +146,31 @@ class Spool:
                     self._cond.wait(FULL_WAIT_SECONDS)
                     continue
                 self._note_room()
-                kept += take
-                self._accepted(take)
+                self._accepted(lines.count(b"\n", start, end))
+                start = end
                 if self._segments[self._active] >= self.segment_bytes:
                     self._try_rotate()
-        return kept
+        return lines.count(b"\n", start) if start < len(lines) else 0
 
-    def _fitting(self, lines: list[bytes], start: int) -> int:
-        """How many lines from `start` fit in the bound and (one line at least) in the active segment,
-        reclaiming the active segment first when it is fully acknowledged."""
+    def _fitting(self, lines: bytes, start: int) -> int:
+        """Where the whole lines from `start` that fit in the bound and (one line at least) in the active
+        segment end, reclaiming the active segment first when it is fully acknowledged; `start` when none fit."""
+        first_end = lines.index(b"\n", start) + 1
         room = self.max_bytes - self._used
-        if len(lines[start]) + 1 > room and self._active_fully_acked() and self._try_rotate():
+        if first_end - start > room and self._active_fully_acked() and self._try_rotate():
             room = self.max_bytes - self._used
-        segment_room = self.segment_bytes - self._segments[self._active]
-        take = size = 0
-        for line in lines[start:]:
-            grown = size + len(line) + 1
-            if grown > room or (take and grown > segment_room):
-                break
-            size = grown
-            take += 1
-        return take
+        if first_end - start > room:
+            return start
+        limit = start + min(room, self.segment_bytes - self._segments[self._active])
+        if limit >= len(lines):
+            return len(lines)
+        return max(first_end, lines.rfind(b"\n", start, limit) + 1)
 
-    def _write(self, data: bytes) -> None:
-        view = memoryview(data)
+    def _write(self, data: memoryview) -> None:
         written = 0
         try:
             while written < len(data):
-                written += os.write(self._fd, view[written:])
+                written += os.write(self._fd, data[written:])
         except OSError:
             if written:  # never leave half a line in the middle of a segment
                 os.ftruncate(self._fd, self._segments[self._active])

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from agent.sink import split_lines
 from agent.sink.datadir import ensure_private_dir
-from agent.sink.validate import encode_line, invalid_reason
+from agent.sink.validate import parse_line
 
 log = logging.getLogger("agent.sink.store")
 
@@ -64,16 +65,13 @@ class StoreSink:
         self.duplicates = 0
         self.invalid = 0
 
-    def write(self, events: list[dict]) -> None:
+    def write(self, lines: bytes) -> None:
         rows = []
-        for event in events:
-            reason = invalid_reason(event)
+        for line in split_lines(lines):
+            event, reason = parse_line(line)
             if reason is None:
-                try:
-                    rows.append(_row(event))
-                    continue
-                except (TypeError, ValueError) as exc:
-                    reason = f"not representable as JSON: {exc}"
+                rows.append(_row(event, line))
+                continue
             self.invalid += 1
             log.warning("event %r not stored: %s", event.get("id") if isinstance(event, dict) else None, reason)
         if not rows:
@@ -96,13 +94,14 @@ class StoreSink:
         return {"stored": self.stored, "duplicates": self.duplicates, "invalid": self.invalid}
 
 
-def _row(event: dict) -> tuple:
+def _row(event: dict, line: bytes) -> tuple:
+    """The columns of a valid event; the event itself is kept as the line it came in (valid UTF-8: parsed)."""
     data = event.get("data") or {}
     status = data.get("response_http_status")
     return (
         event["source"], event["id"], event.get("time"), parse_time(event.get("time")), event["subject"],
         data.get("request_method"), data.get("request_uri"), status if isinstance(status, int) else None,
-        encode_line(event).decode("ascii"),
+        line.decode("utf-8"),
     )
 
 

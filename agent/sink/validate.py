@@ -1,12 +1,12 @@
 """The checks OpenMeter's ingest applies to every event, done before an event is kept or sent.
 
 An event that fails them would be refused with 400 by the ingest endpoint on every attempt, so it is set
-aside at once (dead-lettered, or skipped by the store) instead of occupying the spool.
+aside at once (dead-lettered, or skipped by the store) instead of being sent.
 """
 
 from __future__ import annotations
 
-import json
+import orjson
 
 REQUIRED_ATTRIBUTES = ("id", "source", "specversion", "type", "subject")
 
@@ -25,6 +25,12 @@ def invalid_reason(event: object) -> str | None:
     return None
 
 
-def encode_line(event: dict) -> bytes:
-    """One compact JSON line (no newline); raises ValueError/TypeError for what JSON cannot carry."""
-    return json.dumps(event, separators=(",", ":"), allow_nan=False).encode("ascii")
+def parse_line(line: bytes) -> tuple[object, str | None]:
+    """One JSON Lines line (without its newline) as the event it holds, and why the endpoint would refuse it
+    (None when it would not)."""
+    try:
+        event = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        return None, f"not valid JSON: {exc}"
+    return event, invalid_reason(event)
+

@@ -36,6 +36,8 @@ from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import orjson
+
 V1_PATH = "/api/v1/events"
 V3_PATH = "/v3/openmeter/events"
 SUCCESS = {V1_PATH: 204, V3_PATH: 202}
@@ -102,6 +104,11 @@ def kong_events(first: int, count: int, source: str = "kong-metering-agent/test"
                  "service_id": "5b1e7a9d-3c2f-4d8e-a6b4-7c9d0e1f2a3b", "service_name": "orders",
                  "service_port": 8080, "service_protocol": "http", "subject_type": "consumer"},
     } for i in range(first, first + count)]
+
+
+def json_lines(events: list[dict]) -> bytes:
+    """Events the way the pipeline hands them to a sink: one compact JSON object per line."""
+    return b"".join(orjson.dumps(event) + b"\n" for event in events)
 
 
 def _valid_time(when: str) -> bool:
