@@ -1,2 +1,2 @@
-"""Metering: finds the API key as key-auth does, resolves the subject, applies the billing rules and
-builds one Kong-compatible CloudEvent per billable exchange."""
+"""Metering's control-plane half: the subject rule as the flags state it. Key lookup, the billing rules
+and the event itself run in the core (`core/src/metering/`)."""

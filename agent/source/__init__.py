@@ -1,4 +1,2 @@
-"""Sources of frames: a capture file (replay) or the kernel's packet ring (live).
-
-Both yield `(timestamp, linktype, frame)`; `frames.FrameDecoder` turns a frame into a TCP segment.
-"""
+"""The live source's set-up: the packet socket, its kernel filter and its ring. Capture files, frame
+decoding and reading the ring run in the core (`core/src/source/`)."""

@@ -1,1 +1,0 @@
-"""HTTP/1.x: byte streams in, request/response exchanges out. No sockets, no bodies kept."""

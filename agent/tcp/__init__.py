@@ -1,1 +1,0 @@
-"""TCP reassembly: segments in, ordered byte streams per connection and direction out."""
