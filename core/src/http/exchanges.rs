@@ -530,3 +530,195 @@ impl StreamSink for HttpExchanges {
         *connections_held = *connections_held - before + http.held_bytes();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::frames::Address;
+
+    fn connection(id: u64) -> ConnectionInfo {
+        ConnectionInfo {
+            id,
+            client: Address::new(&[10, 0, 0, 1]),
+            client_port: 40000 + id as u16,
+            server: Address::new(&[10, 0, 0, 2]),
+            server_port: 8000,
+            saw_syn: true,
+            to_server_base_seq: Some(1001),
+        }
+    }
+
+    /// Both directions of one connection, fed as the reassembler would (positions tracked here).
+    struct Conversation {
+        info: ConnectionInfo,
+        sent: [u64; 2],
+    }
+
+    impl Conversation {
+        fn new(id: u64) -> Self {
+            Conversation { info: connection(id), sent: [0, 0] }
+        }
+
+        fn send(&mut self, http: &mut HttpExchanges, to_server: bool, time: f64, payload: &[u8]) {
+            let index = usize::from(!to_server);
+            let position = self.sent[index];
+            self.sent[index] += payload.len() as u64;
+            // the server has everything the client sent
+            let peer_acked = if to_server { -1 } else { self.sent[0] as i64 };
+            http.event(&self.info, to_server, time, StreamEvent::Data { payload, position, peer_acked });
+        }
+
+        fn close(&self, http: &mut HttpExchanges, time: f64) {
+            http.event(&self.info, true, time, StreamEvent::Closed);
+        }
+    }
+
+    const REQUEST: &[u8] = b"GET /orders?page=2 HTTP/1.1\r\nHost: api.example.com\r\napikey: k1\r\n\r\n";
+    const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nX-Kong-Upstream-Latency: 3\r\nContent-Length: 5\r\n\r\n[1,2]";
+
+    #[test]
+    fn a_request_and_its_response_become_one_exchange() {
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send(&mut http, true, 1.0, REQUEST);
+        conversation.send(&mut http, false, 1.25, RESPONSE);
+        let exchanges: Vec<Exchange> = http.take().collect();
+        let [exchange] = &exchanges[..] else { panic!("{exchanges:?}") };
+        assert_eq!(exchange.request.target, b"/orders?page=2");
+        assert_eq!((exchange.request.size, exchange.request.start_time), (REQUEST.len() as u64, 1.0));
+        assert_eq!(
+            (exchange.status, exchange.response_size, exchange.response_end),
+            (200, RESPONSE.len() as u64, 1.25)
+        );
+        assert!(exchange.proxied_by_kong && !exchange.answered_by_kong);
+        assert_eq!(exchange.request.header(b"apikey"), Some(&b"k1"[..]));
+    }
+
+    #[test]
+    fn an_interim_response_counts_towards_the_final_one() {
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+        conversation.send(&mut http, true, 0.0, b"POST /u HTTP/1.1\r\nContent-Length: 4\r\n\r\n");
+        conversation.send(&mut http, false, 0.0, interim);
+        conversation.send(&mut http, true, 0.0, b"data");
+        conversation.send(&mut http, false, 0.0, RESPONSE);
+        let exchanges: Vec<Exchange> = http.take().collect();
+        assert_eq!(
+            exchanges.iter().map(|e| (e.status, e.response_size)).collect::<Vec<_>>(),
+            [(200, (interim.len() + RESPONSE.len()) as u64)]
+        );
+    }
+
+    #[test]
+    fn a_late_unreadable_response_leaves_the_exchange_handed_on_alone() {
+        // The Python's `_response_lost` set `request = None` on the very object it had handed on.
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send(&mut http, true, 10.0, REQUEST);
+        http.expire(71.0);
+        conversation.send(&mut http, false, 80.0, b"HTTP/1.1 200 OK\r\nBad Header\x01Line\r\n\r\n");
+        conversation.send(&mut http, false, 80.0, b"HTTP/9 nonsense\r\n\r\n");
+        let exchanges: Vec<Exchange> = http.take().collect();
+        let [exchange] = &exchanges[..] else { panic!("{exchanges:?}") };
+        assert_eq!(
+            (&exchange.request.target[..], exchange.status, exchange.response_size),
+            (&b"/orders?page=2"[..], 0, 0)
+        );
+        assert_eq!(http.counters.unanswered, 1);
+    }
+
+    #[test]
+    fn a_late_response_is_counted_and_changes_nothing() {
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send(&mut http, true, 10.0, REQUEST);
+        http.expire(71.0);
+        let handed_on: Vec<Exchange> = http.take().collect();
+        conversation.send(&mut http, false, 80.0, RESPONSE);
+        conversation.send(&mut http, true, 81.0, REQUEST);
+        conversation.send(&mut http, false, 81.5, RESPONSE);
+        let after: Vec<Exchange> = http.take().collect();
+        assert_eq!((handed_on.len(), handed_on[0].status), (1, 0));
+        assert_eq!(after.iter().map(|e| e.response_end).collect::<Vec<_>>(), [81.5]);
+        assert_eq!(http.counters.late_responses, 1);
+    }
+
+    #[test]
+    fn closing_a_connection_hands_on_what_waits_and_releases_its_state() {
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send(&mut http, true, 1.0, &[REQUEST, REQUEST, b"GET /partial HTTP/1.1\r\nHo"].concat());
+        assert!(http.held_bytes() > 2 * REQUEST.len());
+        conversation.close(&mut http, 9.0);
+        assert_eq!(http.take().map(|e| e.status).collect::<Vec<_>>(), [0, 0]);
+        assert_eq!((http.held_bytes(), http.waiting().count()), (0, 0));
+        assert_eq!(http.parser_counters.lost_heads, 1);
+    }
+
+    #[test]
+    fn a_connection_s_queue_never_exceeds_max_pending() {
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        for _ in 0..3 * MAX_PENDING {
+            conversation.send(&mut http, true, 0.0, REQUEST);
+            assert!(http.waiting().all(|(_, waiting)| waiting <= MAX_PENDING));
+        }
+        assert_eq!(http.counters.unpaired_overflows, 2);
+        assert_eq!(http.take().count(), 2 * MAX_PENDING);
+    }
+
+    #[test]
+    fn expiry_hands_on_connections_in_the_order_they_were_first_seen() {
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversations: Vec<Conversation> = (1..=40).map(Conversation::new).collect();
+        for conversation in &mut conversations {
+            conversation.send(&mut http, true, 0.0, REQUEST);
+        }
+        http.expire(100.0);
+        let ids: Vec<u64> = http.take().map(|e| e.connection.id).collect();
+        assert_eq!(ids, (1..=40).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn an_upgrade_is_billed_and_its_tunnel_ignored() {
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send(&mut http, true, 0.0, b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n");
+        conversation.send(&mut http, false, 0.0, b"HTTP/1.1 101 Switching Protocols\r\n\r\n");
+        conversation.send(&mut http, true, 0.0, REQUEST);
+        conversation.send(&mut http, false, 0.0, RESPONSE);
+        conversation.close(&mut http, 1.0);
+        assert_eq!(http.take().map(|e| e.status).collect::<Vec<_>>(), [101]);
+        assert_eq!(http.counters.requests, 1);
+    }
+
+    const MAX_HEAD_BYTES_FOR_TESTS: usize = crate::http::parser::MAX_HEAD_BYTES;
+
+    const BENCH: [(u64, u32); 2] = [(10, 50_000), (1000, 500)];
+
+    /// `cargo test --release -- --ignored --nocapture exchanges_per_second`: a typical request and response
+    /// (one segment each), over a few connections and over many.
+    #[test]
+    #[ignore]
+    fn exchanges_per_second() {
+        let request = b"GET /customers/4680/invoices?page=2 HTTP/1.1\r\nHost: api.example.test\r\nUser-Agent: curl/8.5.0\r\nAccept: */*\r\napikey: bob-key-41d2e8\r\n\r\n";
+        let response = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 27\r\nConnection: keep-alive\r\nX-Kong-Upstream-Latency: 2\r\nX-Kong-Proxy-Latency: 0\r\nVia: kong/3.9.0\r\n\r\n{\"invoices\": [1, 2, 3, 4]}\n";
+        for (connections, rounds) in BENCH {
+            let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+            let mut conversations: Vec<Conversation> = (1..=connections).map(Conversation::new).collect();
+            let started = std::time::Instant::now();
+            let mut total = 0;
+            for round in 0..rounds {
+                for conversation in &mut conversations {
+                    conversation.send(&mut http, true, f64::from(round), request);
+                    conversation.send(&mut http, false, f64::from(round), response);
+                }
+                total += http.take().count();
+            }
+            let elapsed = started.elapsed();
+            assert_eq!(total, rounds as usize * conversations.len());
+            println!("{connections} connections: {:.0} ns per exchange", elapsed.as_nanos() as f64 / total as f64);
+        }
+    }
+}

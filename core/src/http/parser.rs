@@ -8,7 +8,11 @@
 //! judged as the gateway's nginx judges them (what it answers 400 or 501 never reaches Kong, so is never
 //! billed); responses stay lenient (the server sent them, so what it answered is billed).
 
-use crate::http::message::{header_value, trim_ascii_whitespace, Message};
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
+
+use crate::http::message::{trim_ascii_whitespace, Message};
 
 /// A chunk-size or trailer line longer than this loses the body's framing.
 pub const MAX_LINE: usize = 4096;
@@ -103,6 +107,8 @@ struct Parsed {
     status: u16,
     state: State,
     remaining: u64,
+    proxied_by_kong: bool,
+    answered_by_kong: bool,
 }
 
 impl MessageParser {
@@ -363,8 +369,8 @@ impl MessageParser {
                 None => buffered,
             };
         } else {
-            message.proxied_by_kong = header_value(bytes, b"x-kong-upstream-latency").is_some();
-            message.answered_by_kong = header_value(bytes, b"x-kong-response-latency").is_some();
+            message.proxied_by_kong = parsed.proxied_by_kong;
+            message.answered_by_kong = parsed.answered_by_kong;
         }
         sink.head(message);
         self.remaining = parsed.remaining;
@@ -377,11 +383,20 @@ impl MessageParser {
     /// The start line and framing of a head; `None` when it is lost (a request nginx would refuse, or a
     /// start line that is none).
     fn parse_head(&self, head: &[u8], sink: &mut impl MessageSink) -> Option<Parsed> {
-        let mut parsed =
-            Parsed { method: (0, 0), target: (0, 0), version: None, status: 0, state: State::Head, remaining: 0 };
+        let mut parsed = Parsed {
+            method: (0, 0),
+            target: (0, 0),
+            version: None,
+            status: 0,
+            state: State::Head,
+            remaining: 0,
+            proxied_by_kong: false,
+            answered_by_kong: false,
+        };
         if self.is_request {
             let line = request_line(head)?;
-            if has_bad_header_line(head, line.end - 1) {
+            let lines = HeaderLines::read(head, true);
+            if lines.bad {
                 return None;
             }
             parsed.method = (0, line.method_end);
@@ -394,10 +409,12 @@ impl MessageParser {
                 parsed.version = Some((start + 5, end));
             }
             let version = parsed.version.and_then(|(start, end)| head.get(start..end)).unwrap_or_default();
-            (parsed.state, parsed.remaining) = request_framing(head, version)?;
+            (parsed.state, parsed.remaining) = request_framing(&lines, version)?;
         } else {
             parsed.status = status_line(head)?;
-            (parsed.state, parsed.remaining) = match response_framing(head, parsed.status, sink.answered_method()) {
+            let lines = HeaderLines::read(head, false);
+            (parsed.proxied_by_kong, parsed.answered_by_kong) = (lines.proxied_by_kong, lines.answered_by_kong);
+            (parsed.state, parsed.remaining) = match response_framing(&lines, parsed.status, sink.answered_method()) {
                 Some(framing) => framing,
                 None => {
                     sink.counters().parse_errors += 1;
@@ -561,18 +578,16 @@ impl MessageParser {
     }
 }
 
-/// HEAD_END (`\r?\n\r?\n`), searched from the start: the end of the first blank line. A candidate is a
-/// `\n` followed by `\n` or `\r\n`; one whose continuation has not arrived yet is no end.
+/// HEAD_END (`\r?\n\r?\n`), searched from the start: the end of the first blank line. The usual one is
+/// CRLF, and the first `\n\r\n` finds it whatever the line before it ended with; only an earlier bare
+/// `\n\n` ends the head sooner. (A `\n\r` at the very end is no end yet.)
 fn find_head_end(bytes: &[u8]) -> Option<usize> {
-    let mut from = 0;
-    while let Some(found) = bytes.get(from..).and_then(|rest| memchr::memchr(b'\n', rest)) {
-        let newline = from + found;
-        if let Some(end) = head_end_at(bytes, newline) {
-            return Some(end);
-        }
-        from = newline + 1;
+    static CRLF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\r\n"));
+    static LF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
+    match CRLF.find(bytes) {
+        Some(blank) => Some(LF.find(bytes.get(..=blank).unwrap_or_default()).map_or(blank + 3, |bare| bare + 2)),
+        None => LF.find(bytes).map(|bare| bare + 2),
     }
-    None
 }
 
 fn head_end_at(bytes: &[u8], newline: usize) -> Option<usize> {
@@ -593,7 +608,8 @@ fn is_space(byte: u8) -> bool {
 
 /// A token character of a method: `[!#$%&'*+.^_`|~0-9A-Za-z-]`.
 fn is_tchar(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric() || b"!#$%&'*+.^_`|~-".contains(&byte)
+    byte.is_ascii_alphanumeric()
+        || matches!(byte, b'!' | b'#'..=b'\'' | b'*' | b'+' | b'-' | b'.' | b'^'..=b'`' | b'|' | b'~')
 }
 
 fn is_digits(bytes: &[u8]) -> bool {
@@ -620,8 +636,6 @@ struct RequestLine {
     method_end: usize,
     target: (usize, usize),
     version: Option<(usize, usize)>,
-    /// just past the line's `\n`
-    end: usize,
 }
 
 /// REQUEST_LINE, lenient on purpose (a server that answers a sloppy version still served a request):
@@ -629,36 +643,33 @@ struct RequestLine {
 /// repetition in it is followed by something it cannot match, so reading greedily is its only match.
 fn request_line(head: &[u8]) -> Option<RequestLine> {
     let at = |i: usize| head.get(i).copied();
-    let run = |mut i: usize, keep: &dyn Fn(u8) -> bool| {
-        while at(i).is_some_and(keep) {
+    let spaces = |mut i: usize| {
+        while at(i) == Some(b' ') {
             i += 1;
         }
         i
     };
-    let method_end = run(0, &is_tchar);
-    let target_start = run(method_end, &|b| b == b' ');
+    let method_end = head.iter().position(|&b| !is_tchar(b)).unwrap_or(head.len());
+    let target_start = spaces(method_end);
     if method_end == 0 || target_start == method_end {
         return None;
     }
-    let target_end = run(target_start, &|b| !is_space(b));
+    let target_end = target_start + head.get(target_start..)?.iter().position(|&b| is_space(b)).unwrap_or(0);
     let line_end = |i: usize| {
-        let i = run(i, &|b| b == b' ');
-        match (at(i), at(i + 1)) {
-            (Some(b'\n'), _) => Some(i + 1),
-            (Some(b'\r'), Some(b'\n')) => Some(i + 2),
-            _ => None,
-        }
+        let i = spaces(i);
+        matches!((at(i), at(i + 1)), (Some(b'\n'), _) | (Some(b'\r'), Some(b'\n')))
     };
-    let version_at = run(target_end, &|b| b == b' ');
+    let version_at = spaces(target_end);
     if version_at > target_end && head.get(version_at..).is_some_and(|rest| rest.starts_with(b"HTTP/")) {
-        let version_end = run(version_at + 5, &|b| b.is_ascii_digit() || b == b'.');
-        if let Some(end) = line_end(version_end) {
+        let digits = head.get(version_at + 5..).unwrap_or_default();
+        let version_end =
+            version_at + 5 + digits.iter().position(|&b| !(b.is_ascii_digit() || b == b'.')).unwrap_or(digits.len());
+        if line_end(version_end) {
             let version = Some((version_at + 5, version_end));
-            return Some(RequestLine { method_end, target: (target_start, target_end), version, end });
+            return Some(RequestLine { method_end, target: (target_start, target_end), version });
         }
     }
-    let end = line_end(target_end)?;
-    Some(RequestLine { method_end, target: (target_start, target_end), version: None, end })
+    line_end(target_end).then_some(RequestLine { method_end, target: (target_start, target_end), version: None })
 }
 
 /// STATUS_LINE, `HTTP/\d\.\d +(\d{3})(?:[ \t][^\n]*)?\r?\n` matched at the start: the status.
@@ -683,57 +694,138 @@ fn status_line(head: &[u8]) -> Option<u16> {
     }
 }
 
-/// BAD_HEADER_LINE searched from the request line's `\n`: a header line nginx answers 400, whose name
-/// holds a space or a control character (`apikey : k`, obsolete line folding, `Bad Name`), or is empty:
-/// `\n(?:[^:\x00-\x20\x7f]++(?!\r?\n)[\x00-\x20\x7f]|[\x00-\x09\x0b\x0c\x0e-\x20\x7f:]|\r(?!\n))`.
-/// A line of name characters alone, without a colon, nginx ignores, and so does this.
-fn has_bad_header_line(head: &[u8], from: usize) -> bool {
-    let control = |b: u8| b <= 0x20 || b == 0x7f;
-    let mut start = from;
-    while let Some(found) = head.get(start..).and_then(|rest| memchr::memchr(b'\n', rest)) {
-        let line = start + found + 1;
-        start = line;
-        let bad = match head.get(line).copied() {
-            None | Some(b'\n') => false,
-            Some(b'\r') => head.get(line + 1) != Some(&b'\n'),
-            Some(first) if control(first) || first == b':' => true,
-            Some(_) => {
-                let mut end = line;
-                while head.get(end).is_some_and(|&b| !control(b) && b != b':') {
-                    end += 1;
-                }
-                match head.get(end).copied() {
-                    None | Some(b':') | Some(b'\n') => false,
-                    Some(b'\r') => head.get(end + 1) != Some(&b'\n'),
-                    Some(_) => true,
-                }
-            }
-        };
-        if bad {
-            return true;
-        }
-    }
-    false
+/// What the header lines of a head say, read in one pass over them (every line after the first `\n`).
+#[derive(Default)]
+struct HeaderLines<'h> {
+    /// BAD_HEADER_LINE (see `is_bad_header_line`) matched
+    bad: bool,
+    /// FRAMING_HEADERS matches, how many (up to 2) and the first
+    framing_count: u8,
+    first_framing: Option<(bool, &'h [u8])>,
+    /// the last Transfer-Encoding's value
+    transfer_encoding: Option<&'h [u8]>,
+    /// the first Content-Length value (each comma-separated part counts), and whether another differs
+    length: Option<&'h [u8]>,
+    lengths_differ: bool,
+    proxied_by_kong: bool,
+    answered_by_kong: bool,
 }
 
-/// FRAMING_HEADERS, `\n(content-length|transfer-encoding)[ \t]*:[ \t]*([^\r\n]*)` case-insensitively:
-/// (is it Content-Length, its value) for each.
-fn framing_headers(head: &[u8]) -> impl Iterator<Item = (bool, &[u8])> {
-    memchr::memchr_iter(b'\n', head).filter_map(move |newline| {
-        let line = head.get(newline + 1..)?;
-        let is_length = match line.first()? | 0x20 {
-            b'c' if line.len() >= 14 && line[..14].eq_ignore_ascii_case(b"content-length") => true,
-            b't' if line.len() >= 17 && line[..17].eq_ignore_ascii_case(b"transfer-encoding") => false,
-            _ => return None,
-        };
-        let blank = |b: &u8| *b == b' ' || *b == b'\t';
-        let mut rest = &line[if is_length { 14 } else { 17 }..];
-        rest = &rest[rest.iter().take_while(|b| blank(b)).count()..];
-        rest = rest.strip_prefix(b":")?;
-        rest = &rest[rest.iter().take_while(|b| blank(b)).count()..];
-        let end = rest.iter().position(|&b| b == b'\r' || b == b'\n').unwrap_or(rest.len());
-        Some((is_length, &rest[..end]))
-    })
+impl<'h> HeaderLines<'h> {
+    /// Requests are checked for bad lines, responses for Kong's headers.
+    fn read(head: &'h [u8], is_request: bool) -> HeaderLines<'h> {
+        let mut lines = HeaderLines::default();
+        for newline in memchr::memchr_iter(b'\n', head) {
+            let line = head.get(newline + 1..).unwrap_or_default();
+            if is_request {
+                // the name runs to the first control character, space or colon
+                let name = line.iter().position(|&b| ENDS_NAME[usize::from(b)]).unwrap_or(line.len());
+                lines.bad |= is_bad_header_line(line, name);
+                if name == 14 || name == 17 {
+                    if let Some(framing) = framing_header(line) {
+                        lines.add_framing(framing);
+                    }
+                }
+                continue;
+            }
+            match line.first().map(|&b| b | 0x20) {
+                Some(b'c' | b't') => {
+                    if let Some(framing) = framing_header(line) {
+                        lines.add_framing(framing);
+                    }
+                }
+                Some(b'x') => {
+                    lines.proxied_by_kong |= names_header(line, b"x-kong-upstream-latency");
+                    lines.answered_by_kong |= names_header(line, b"x-kong-response-latency");
+                }
+                _ => {}
+            }
+        }
+        lines
+    }
+
+    fn add_framing(&mut self, (is_length, value): (bool, &'h [u8])) {
+        if self.framing_count == 0 {
+            self.first_framing = Some((is_length, value));
+        }
+        self.framing_count = self.framing_count.saturating_add(1).min(2);
+        if !is_length {
+            self.transfer_encoding = Some(trim_ascii_whitespace(value));
+            return;
+        }
+        for part in value.split(|&b| b == b',').map(trim_ascii_whitespace) {
+            match self.length {
+                None => self.length = Some(part),
+                Some(seen) => self.lengths_differ |= seen != part,
+            }
+        }
+    }
+}
+
+/// BAD_HEADER_LINE at the start of `line` (just after a `\n`): a header line nginx answers 400, whose
+/// name holds a space or a control character (`apikey : k`, obsolete line folding, `Bad Name`), or is
+/// empty: `\n(?:[^:\x00-\x20\x7f]++(?!\r?\n)[\x00-\x20\x7f]|[\x00-\x09\x0b\x0c\x0e-\x20\x7f:]|\r(?!\n))`.
+/// A line of name characters alone, without a colon, nginx ignores, and so does this.
+/// `name` is where the line's first control character, space or colon is.
+fn is_bad_header_line(line: &[u8], name: usize) -> bool {
+    let control = |b: u8| b <= 0x20 || b == 0x7f;
+    let line_break = |at: usize| match line.get(at) {
+        Some(b'\n') => true,
+        Some(b'\r') => line.get(at + 1) == Some(&b'\n'),
+        _ => false,
+    };
+    match line.first().copied() {
+        None | Some(b'\n') => false,
+        Some(b'\r') => !line_break(0),
+        Some(first) if control(first) || first == b':' => true,
+        Some(_) => line.get(name).is_some_and(|&b| b != b':') && !line_break(name),
+    }
+}
+
+/// FRAMING_HEADERS, `\n(content-length|transfer-encoding)[ \t]*:[ \t]*([^\r\n]*)` case-insensitively, at
+/// the start of `line`: (is it Content-Length, its value).
+fn framing_header(line: &[u8]) -> Option<(bool, &[u8])> {
+    let (is_length, name) = if names(line, b"content-length") {
+        (true, 14)
+    } else if names(line, b"transfer-encoding") {
+        (false, 17)
+    } else {
+        return None;
+    };
+    let value = header_after_name(line, name)?;
+    let end = value.iter().position(|&b| b == b'\r' || b == b'\n').unwrap_or(value.len());
+    Some((is_length, &value[..end]))
+}
+
+/// `line` begins with `name`, case-insensitively.
+fn names(line: &[u8], name: &[u8]) -> bool {
+    line.get(..name.len()).is_some_and(|start| start.eq_ignore_ascii_case(name))
+}
+
+/// `line` is a header `name` (case-insensitively), as `Message::header` finds it.
+fn names_header(line: &[u8], name: &[u8]) -> bool {
+    names(line, name) && header_after_name(line, name.len()).is_some()
+}
+
+/// The bytes that end a header name: controls, space, DEL and the colon.
+static ENDS_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut byte = 0;
+    while byte <= 0x20 {
+        table[byte] = true;
+        byte += 1;
+    }
+    table[0x7f] = true;
+    table[b':' as usize] = true;
+    table
+};
+
+/// What follows `[ \t]*:[ \t]*` after the name's `length` bytes.
+fn header_after_name(line: &[u8], length: usize) -> Option<&[u8]> {
+    let blank = |b: &&u8| **b == b' ' || **b == b'\t';
+    let rest = line.get(length..)?;
+    let rest = rest.get(rest.iter().take_while(blank).count()..)?.strip_prefix(b":")?;
+    rest.get(rest.iter().take_while(blank).count()..)
 }
 
 /// A body of `length` bytes (none at 0).
@@ -747,10 +839,9 @@ fn body_of(length: u64) -> (State, u64) {
 
 /// As strict as nginx, which answers 400 (501 for an unknown coding) before Kong runs: one framing header
 /// at most, a Content-Length of digits only, and `chunked` alone on HTTP/1.1 and later.
-fn request_framing(head: &[u8], version: &[u8]) -> Option<(State, u64)> {
-    let mut found = framing_headers(head);
-    let Some((is_length, value)) = found.next() else { return Some((State::Head, 0)) };
-    if found.next().is_some() {
+fn request_framing(lines: &HeaderLines<'_>, version: &[u8]) -> Option<(State, u64)> {
+    let Some((is_length, value)) = lines.first_framing else { return Some((State::Head, 0)) };
+    if lines.framing_count > 1 {
         return None; // a repeated header, or both framings
     }
     let value = trim_ascii_whitespace(value);
@@ -781,35 +872,20 @@ fn at_least_http_1_1(version: &[u8]) -> bool {
 
 /// Responses stay lenient: a repeated Content-Length with one value, the last Transfer-Encoding ending in
 /// `chunked`; `None` when nothing can be trusted.
-fn response_framing(head: &[u8], status: u16, method: RequestMethod) -> Option<(State, u64)> {
+fn response_framing(lines: &HeaderLines<'_>, status: u16, method: RequestMethod) -> Option<(State, u64)> {
     if status == 101 || (method == RequestMethod::Connect && (200..300).contains(&status)) {
         return Some((State::Tunnel, 0));
     }
     if status < 200 || status == 204 || status == 304 || method == RequestMethod::Head {
         return Some((State::Head, 0));
     }
-    let mut transfer_encoding = None;
-    let mut length: Option<&[u8]> = None;
-    let mut lengths_differ = false;
-    for (is_length, value) in framing_headers(head) {
-        if !is_length {
-            transfer_encoding = Some(trim_ascii_whitespace(value));
-            continue;
-        }
-        for part in value.split(|&b| b == b',').map(trim_ascii_whitespace) {
-            match length {
-                None => length = Some(part),
-                Some(seen) => lengths_differ |= seen != part,
-            }
-        }
-    }
-    if let Some(coding) = transfer_encoding {
+    if let Some(coding) = lines.transfer_encoding {
         let last = coding.rsplit(|&b| b == b',').next().unwrap_or_default();
         return trim_ascii_whitespace(last).eq_ignore_ascii_case(b"chunked").then_some((State::ChunkSize, 0));
     }
-    match length {
+    match lines.length {
         None => Some((State::UntilClose, 0)),
-        Some(_) if lengths_differ => None,
+        Some(_) if lines.lengths_differ => None,
         Some(length) => decimal_length(length).map(body_of),
     }
 }
@@ -880,5 +956,220 @@ impl Window<'_> {
         let kept = memchr::memchr_iter(b'\n', self.kept).map(|newline| newline + 1);
         let data = memchr::memchr_iter(b'\n', self.data).map(|newline| self.kept.len() + newline + 1);
         kept.chain(data).find(|&i| matches(i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the parser reported, in order.
+    #[derive(Default)]
+    struct Recorder {
+        counters: ParserCounters,
+        method: Option<RequestMethod>,
+        heads: Vec<Message>,
+        completed: Vec<(u64, f64)>,
+        calls: Vec<&'static str>,
+    }
+
+    impl MessageSink for Recorder {
+        fn counters(&mut self) -> &mut ParserCounters {
+            &mut self.counters
+        }
+        fn answered_method(&mut self) -> RequestMethod {
+            self.method.unwrap_or(RequestMethod::Other)
+        }
+        fn head(&mut self, message: Message) {
+            self.calls.push("head");
+            self.heads.push(message);
+        }
+        fn complete(&mut self, size: u64, end_time: f64) {
+            self.calls.push("complete");
+            self.completed.push((size, end_time));
+        }
+        fn lost(&mut self) {
+            self.calls.push("lost");
+        }
+    }
+
+    /// `wire` fed in pieces of `piece` bytes to a parser of one direction.
+    fn parse(is_request: bool, synced: bool, wire: &[u8], piece: usize) -> (MessageParser, Recorder) {
+        let mut parser = MessageParser::new(is_request, synced, MAX_HEAD_BYTES);
+        let mut recorder = Recorder::default();
+        for (index, chunk) in wire.chunks(piece.max(1)).enumerate() {
+            parser.feed(chunk, 0.0, (index * piece) as u64, -1, &mut recorder);
+        }
+        (parser, recorder)
+    }
+
+    const GOOD: &[u8] = b"GET /good HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    #[test]
+    fn content_length_body_is_counted_and_ends_the_message() {
+        let first = b"POST /orders HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\n{\"item\": 1}";
+        let (_, recorder) = parse(true, true, &[&first[..], GOOD].concat(), 1 << 16);
+        assert_eq!(recorder.calls, ["head", "complete", "head", "complete"]);
+        let head = &recorder.heads[0];
+        assert_eq!(
+            (&head.method[..], &head.target[..], &head.version[..]),
+            (&b"POST"[..], &b"/orders"[..], &b"1.1"[..])
+        );
+        assert_eq!(head.head_end, first.len() as u64 - 11);
+        assert_eq!(recorder.completed[0].0, first.len() as u64);
+        assert_eq!(recorder.heads[1].position, first.len() as u64);
+    }
+
+    #[test]
+    fn a_chunked_response_is_framed_in_any_pieces() {
+        let chunked: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;name=v\r\nhello\r\nA ; x\r\n0123456789\r\n0\r\nX-Sum: 1\r\n\r\n";
+        for piece in [1, 2, 7, 1 << 16] {
+            let (_, recorder) = parse(false, true, chunked, piece);
+            assert_eq!(recorder.completed, [(chunked.len() as u64, 0.0)], "pieces of {piece}");
+            assert_eq!(recorder.counters, ParserCounters::default());
+        }
+    }
+
+    #[test]
+    fn a_head_end_split_between_cr_and_lf_is_found() {
+        let mut parser = MessageParser::new(true, true, MAX_HEAD_BYTES);
+        let mut recorder = Recorder::default();
+        parser.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r", 0.0, 0, -1, &mut recorder);
+        parser.feed(b"\nGET /b HTTP/1.1\r\n\r\n", 0.0, 26, -1, &mut recorder);
+        assert_eq!(recorder.heads.iter().map(|m| &m.target[..]).collect::<Vec<_>>(), [&b"/"[..], &b"/b"[..]]);
+        assert_eq!(recorder.heads[1].position, 27);
+        assert_eq!(recorder.heads[0].head, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    }
+
+    #[test]
+    fn a_space_in_a_header_name_loses_the_request() {
+        let (_, recorder) =
+            parse(true, true, &[&b"POST /x HTTP/1.1\r\napikey : k\r\n\r\n"[..], GOOD].concat(), 1 << 16);
+        assert_eq!(recorder.calls, ["lost", "head", "complete"]);
+        assert_eq!(recorder.counters.parse_errors, 1);
+    }
+
+    #[test]
+    fn a_repeated_content_length_loses_a_request_but_not_a_response() {
+        let (_, request) =
+            parse(true, true, b"POST /x HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok", 1 << 16);
+        assert_eq!(request.calls, ["lost"]);
+        let answer: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2, 2\r\n\r\nok";
+        let (_, response) = parse(false, true, answer, 1 << 16);
+        assert_eq!(response.completed, [(answer.len() as u64, 0.0)]);
+    }
+
+    #[test]
+    fn a_version_with_a_non_ascii_digit_is_no_version() {
+        // "HTTP/²" (Latin-1 0xB2): Python's str.isdigit() took it, then int() raised
+        let wire = b"OPTIONS HTTP/\xb2.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        let (_, recorder) = parse(true, true, wire, 1 << 16);
+        assert_eq!(recorder.calls, ["lost"]);
+        assert_eq!(recorder.counters.parse_errors, 1);
+    }
+
+    #[test]
+    fn a_chunked_request_needs_http_1_1_or_later() {
+        for (version, calls) in [("1.0", &["lost"][..]), ("1.1", &["head", "complete"]), ("2.0", &["head", "complete"])]
+        {
+            let wire = format!("POST /x HTTP/{version}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+            let (_, recorder) = parse(true, true, wire.as_bytes(), 1 << 16);
+            assert_eq!(recorder.calls, calls, "HTTP/{version}");
+        }
+    }
+
+    #[test]
+    fn a_start_line_at_the_first_kept_byte_is_not_taken_mid_line() {
+        // The resync window keeps the last 256 bytes; they begin here with "HTTP/1.1 200" in the middle of a
+        // line. The Python took that for a start line, and with the head end inside the kept bytes it read
+        // a byte twice.
+        let mut junk = b"x".repeat(44);
+        junk.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        junk.resize(300 - 3, b'y');
+        junk.extend_from_slice(b"\n\ny");
+        let mut parser = MessageParser::new(false, false, MAX_HEAD_BYTES);
+        let mut recorder = Recorder::default();
+        parser.feed(&junk, 0.0, 0, -1, &mut recorder);
+        parser.feed(b"zz", 0.0, 300, -1, &mut recorder);
+        assert!(recorder.calls.is_empty());
+        parser.feed(b"HTTP/1.1 204 No Content\r\n\r\n", 0.0, 302, -1, &mut recorder);
+        assert_eq!(recorder.calls, ["head", "complete"]);
+        assert_eq!(recorder.heads[0].position, 302);
+        assert_eq!(recorder.counters.resync_skipped_bytes, 302);
+    }
+
+    #[test]
+    fn a_start_line_split_across_segments_is_found_while_resyncing() {
+        let mut parser = MessageParser::new(true, false, MAX_HEAD_BYTES);
+        let mut recorder = Recorder::default();
+        let junk = b"...end of a previous body\r\n";
+        parser.feed(&[&junk[..], b"GET /insi"].concat(), 0.0, 0, -1, &mut recorder);
+        parser.feed(b"de HTTP/1.1\r\nHost: a\r\n\r\n", 0.0, junk.len() as u64 + 9, -1, &mut recorder);
+        assert_eq!(recorder.calls, ["head", "complete"]);
+        assert_eq!((&recorder.heads[0].target[..], recorder.heads[0].position), (&b"/inside"[..], junk.len() as u64));
+    }
+
+    #[test]
+    fn a_gap_in_a_head_loses_it_and_the_next_request_line_is_found() {
+        let mut parser = MessageParser::new(true, true, MAX_HEAD_BYTES);
+        let mut recorder = Recorder::default();
+        parser.feed(b"GET /lost HTTP/1.1\r\nHo", 0.0, 0, -1, &mut recorder);
+        parser.gap(10, 0.0, &mut recorder);
+        parser.feed(b"rest of it\r\n\r\n", 0.0, 32, -1, &mut recorder);
+        parser.feed(GOOD, 0.0, 46, -1, &mut recorder);
+        assert_eq!(recorder.calls, ["lost", "head", "complete"]);
+        assert_eq!(recorder.counters.lost_heads, 1);
+    }
+
+    #[test]
+    fn a_head_over_the_limit_is_lost_and_never_buffered_past_it() {
+        let mut parser = MessageParser::new(true, true, 1024);
+        let mut recorder = Recorder::default();
+        parser.feed(b"GET /huge HTTP/1.1\r\n", 0.0, 0, -1, &mut recorder);
+        for _ in 0..200 {
+            parser.feed(&[b"X-Pad: ".as_slice(), &[b'p'; 500], b"\r\n"].concat(), 0.0, 0, -1, &mut recorder);
+            assert!(parser.buffered().len() <= 1024);
+        }
+        assert_eq!((recorder.counters.oversized_heads, &recorder.calls[..]), (1, &["lost"][..]));
+    }
+
+    #[test]
+    fn a_chunk_line_over_the_limit_is_a_parse_error_and_never_buffered_past_it() {
+        let mut parser = MessageParser::new(false, true, MAX_HEAD_BYTES);
+        let mut recorder = Recorder::default();
+        parser.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 0.0, 0, -1, &mut recorder);
+        for _ in 0..10 {
+            parser.feed(&[b'1'; 1000], 0.0, 0, -1, &mut recorder);
+            assert!(parser.buffered().len() <= RESYNC_KEEP.max(MAX_LINE));
+        }
+        assert_eq!(recorder.counters.parse_errors, 1);
+    }
+
+    #[test]
+    fn the_answer_to_head_has_no_body() {
+        let mut parser = MessageParser::new(false, true, MAX_HEAD_BYTES);
+        let mut recorder = Recorder { method: Some(RequestMethod::Head), ..Recorder::default() };
+        let head_only = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n";
+        parser.feed(head_only, 1.0, 0, -1, &mut recorder);
+        assert_eq!(recorder.completed, [(head_only.len() as u64, 1.0)]);
+    }
+
+    #[test]
+    fn a_close_delimited_response_ends_with_the_stream() {
+        let mut parser = MessageParser::new(false, true, MAX_HEAD_BYTES);
+        let mut recorder = Recorder::default();
+        parser.feed(b"HTTP/1.0 200 OK\r\n\r\n", 0.0, 0, -1, &mut recorder);
+        parser.feed(&[b'x'; 5000], 0.0, 19, -1, &mut recorder);
+        parser.gap(100, 0.0, &mut recorder);
+        parser.end(2.0, &mut recorder);
+        assert_eq!(recorder.completed, [(19 + 5000 + 100, 2.0)]);
+    }
+
+    #[test]
+    fn kong_s_latency_headers_mark_a_response() {
+        let (_, recorder) =
+            parse(false, true, b"HTTP/1.1 401 No\r\nX-Kong-Response-Latency: 0\r\nContent-Length: 0\r\n\r\n", 1 << 16);
+        assert!(recorder.heads[0].answered_by_kong && !recorder.heads[0].proxied_by_kong);
+        assert!(recorder.heads[0].head.is_empty(), "a response's head is not kept");
     }
 }
