@@ -1056,6 +1056,9 @@ mod pipeline {
     use crate::source::capture_file::Frame;
     use crate::tcp::reassembly::ReassemblyLimits;
 
+    /// (SHA-256 digest of a key, the subject, when the key expires on the table's clock)
+    type CredentialEntry = (Vec<u8>, String, Option<f64>);
+
     /// The whole data plane. Each call takes a batch (frames, a capture file's next frames, a ring's ready
     /// blocks) and returns the JSON Lines of the events it completed, as one `bytes`; the GIL is released
     /// while a capture or a ring is read.
@@ -1173,7 +1176,7 @@ mod pipeline {
 
         /// The credential table as `(sha256 digest of the key, subject, expires_at or None)`, or None while
         /// it has not loaded (consumer subjects are then held).
-        fn set_credentials(&mut self, entries: Option<Vec<(Vec<u8>, String, Option<f64>)>>) -> PyResult<()> {
+        fn set_credentials(&mut self, entries: Option<Vec<CredentialEntry>>) -> PyResult<()> {
             let table = match entries {
                 None => None,
                 Some(entries) => {
