@@ -1,0 +1,120 @@
+//! The whole data plane on hostile traffic: arbitrary bytes become raw-IPv4 TCP segments of a few
+//! connections to the gateway port (flags, sequence numbers and payloads from the input) with the
+//! credential table loaded, ending with `finish`. It must never panic or count an internal error, every
+//! line it emits must be one JSON object, and no key parameter may be left in its `request_uri`.
+#![no_main]
+
+use _core::metering::billing::MeterConfig;
+use _core::metering::credentials::{key_digest, CredentialTable};
+use _core::metering::key_lookup::unquote_plus;
+use _core::metering::subject::SubjectRule;
+use _core::pipeline::{Pipeline, PipelineConfig};
+use _core::source::capture_file::Frame;
+use _core::source::frames::DLT_IPV4;
+use _core::tcp::reassembly::ReassemblyLimits;
+use libfuzzer_sys::fuzz_target;
+
+const KEY: &[u8] = b"secret-key-1";
+
+struct Input<'a>(&'a [u8]);
+
+impl<'a> Input<'a> {
+    fn byte(&mut self) -> u8 {
+        let (&first, rest) = self.0.split_first().unwrap_or((&0, &[]));
+        self.0 = rest;
+        first
+    }
+
+    fn take(&mut self, length: usize) -> &'a [u8] {
+        let (taken, rest) = self.0.split_at(length.min(self.0.len()));
+        self.0 = rest;
+        taken
+    }
+}
+
+fn frame(to_server: bool, client: u8, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let (client_address, server_address) = ([10, 0, 0, client], [10, 0, 0, 200]);
+    let (source, destination) = if to_server { (client_address, server_address) } else { (server_address, client_address) };
+    let (sport, dport) = if to_server { (40000 + u16::from(client), 8000) } else { (8000, 40000 + u16::from(client)) };
+    let mut packet = vec![0x45, 0];
+    packet.extend_from_slice(&((40 + payload.len()) as u16).to_be_bytes());
+    packet.extend_from_slice(&[0, 1, 0x40, 0, 64, 6, 0, 0]);
+    packet.extend_from_slice(&source);
+    packet.extend_from_slice(&destination);
+    packet.extend_from_slice(&sport.to_be_bytes());
+    packet.extend_from_slice(&dport.to_be_bytes());
+    packet.extend_from_slice(&seq.to_be_bytes());
+    packet.extend_from_slice(&ack.to_be_bytes());
+    packet.extend_from_slice(&[0x50, flags, 0xFF, 0xFF, 0, 0, 0, 0]);
+    packet.extend_from_slice(payload);
+    packet
+}
+
+/// Whether a URI's query still has an `apikey` parameter (key-auth's default key name), by name as
+/// key-auth decodes it.
+fn names_a_key(uri: &[u8]) -> bool {
+    let Some(question) = uri.iter().position(|&b| b == b'?') else {
+        return false;
+    };
+    uri[question + 1..].split(|&b| b == b'&').any(|part| {
+        let name = part.split(|&b| b == b'=').next().unwrap_or(b"");
+        unquote_plus(name).as_ref() == b"apikey"
+    })
+}
+
+/// The `request_uri` value of an event line (up to its closing quote; escaped quotes end it early, which
+/// only shortens what is searched).
+fn request_uri(line: &[u8]) -> &[u8] {
+    const FIELD: &[u8] = b"\"request_uri\":\"";
+    let Some(start) = line.windows(FIELD.len()).position(|window| window == FIELD) else {
+        return b"";
+    };
+    let value = &line[start + FIELD.len()..];
+    &value[..value.iter().position(|&b| b == b'"').unwrap_or(value.len())]
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut input = Input(data);
+    let rule = match input.byte() % 3 {
+        0 => SubjectRule::Consumer,
+        1 => SubjectRule::Header("x-tenant".to_string()),
+        _ => SubjectRule::Query("tenant".to_string()),
+    };
+    let mut pipeline = Pipeline::new(PipelineConfig {
+        ports: vec![8000],
+        limits: ReassemblyLimits { max_connections: 4, max_pending_bytes_per_stream: 4096, idle_timeout: 5.0 },
+        response_timeout: 2.0,
+        max_head_bytes: 1024,
+        max_memory: 64 << 10,
+        meter: MeterConfig { source: "fuzz".to_string(), rule, max_held: 8 },
+    });
+    pipeline.meter.set_credentials(Some(CredentialTable::new([(key_digest(KEY), "alice".to_string(), None)])));
+    let mut out = Vec::new();
+    let mut sequences = [[1000u32, 5000u32]; 4];
+    let mut time = 1.0;
+    while !input.0.is_empty() {
+        let control = input.byte();
+        let client = control & 3;
+        let to_server = control & 4 == 0;
+        let flags = input.byte();
+        let jump = u32::from(input.byte()) << (input.byte() % 24);
+        let length = usize::from(input.byte()) * 2;
+        let payload = input.take(length);
+        time += f64::from(input.byte()) / 16.0;
+        let (ours, theirs) = if to_server { (0, 1) } else { (1, 0) };
+        let stream = &mut sequences[usize::from(client)];
+        let (seq, ack) = (stream[ours].wrapping_add(jump & 0xFF00_0000), stream[theirs]);
+        pipeline.feed_frame(&Frame { time, linktype: DLT_IPV4, data: &frame(to_server, client, seq, ack, flags, payload) });
+        stream[ours] = seq.wrapping_add(payload.len() as u32);
+        if control & 0x80 != 0 {
+            pipeline.end_batch(time, &mut out);
+        }
+    }
+    pipeline.finish(time, &mut out);
+    let counters = pipeline.counters();
+    assert_eq!(counters.iter().find(|(name, _)| *name == "internal_errors").map(|(_, v)| *v), Some(0));
+    for line in out.split(|&b| b == b'\n').filter(|line| !line.is_empty()) {
+        assert!(line.starts_with(b"{\"id\":\"") && line.ends_with(b"}}"), "{}", String::from_utf8_lossy(line));
+        assert!(!names_a_key(request_uri(line)), "a key parameter reached an event's request_uri");
+    }
+});
