@@ -63,12 +63,12 @@ def client_address(index: int) -> bytes:
     return bytes([10, (index >> 16) & 0xFF, (index >> 8) & 0xFF, index & 0xFF])
 
 
-def half_open(writer: PcapWriter, index: int) -> None:
+def half_open(writer: PcapWriter, index: int, padding: int) -> None:
     """A handshake and the start of a head that never ends: the state a slowloris flood leaves behind."""
     client, port = client_address(index), 20000 + index % 40000
     writer.segment(client, port, True, 1000, 0, SYN)
     writer.segment(client, port, False, 9000, 1001, SYN | ACK)
-    head = b"GET /flood/%d HTTP/1.1\r\nHost: api.example.com\r\nX-Padding: %s" % (index, b"p" * 300)
+    head = b"GET /flood/%d HTTP/1.1\r\nHost: api.example.com\r\nX-Padding: %s" % (index, b"p" * padding)
     writer.segment(client, port, True, 1001, 9001, ACK | PSH, head)
 
 
@@ -106,12 +106,13 @@ def legitimate(writer: PcapWriter, index: int) -> dict:
     return {"subject": subject, "uri": uri, "status": 200}
 
 
-def craft(path: Path, half_opens: int, legitimate_count: int, header_bytes: int) -> list[dict]:
+def craft(path: Path, half_opens: int, legitimate_count: int, header_bytes: int, padding: int = 300) -> list[dict]:
+    """Writes the flood; returns the events its legitimate exchanges must give."""
     writer = PcapWriter(path)
     expected = []
     every = max(1, half_opens // legitimate_count)
     for index in range(half_opens):
-        half_open(writer, index)
+        half_open(writer, index, padding)
         if index % every == 0 and len(expected) < legitimate_count:
             expected.append(legitimate(writer, len(expected)))
         if index == half_opens // 2:
