@@ -18,10 +18,14 @@ from agent.source.capture_file import CaptureError
 
 log = logging.getLogger("agent")
 
+USAGE = """%(prog)s (--read FILE | --iface NAME) [--credentials SOURCE] [--port N] [options]
+       %(prog)s events [--since WHEN] [--subject NAME] [--json] [options]"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(
         prog="agent",
+        usage=USAGE,
         description="Passive API metering for Kong Gateway: one usage CloudEvent per billable request.",
         epilog="`agent events --help` shows the events kept in the local store.",
     )
@@ -47,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="agent: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
+        if args.iface:
+            credential_options.refuse_missing_deck_file(args)
         credentials = credential_options.credentials_from_args(args)
         if args.iface:
             from agent.live.run import run_live
@@ -55,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         from agent.replay import replay
 
         return replay(args, credentials, lambda: sink_options.sink_from_args(args))
-    except sink_options.SinkConfigError as error:
+    except (sink_options.SinkConfigError, credential_options.MissingDeckFile) as error:
         print(f"agent: error: {error}", file=sys.stderr)
         return 2
     except (CaptureError, CredentialError, SubjectError, OSError) as error:

@@ -383,3 +383,16 @@ def test_no_key_value_appears_anywhere_in_the_serialized_event():
 def test_a_capture_clock_stepping_back_gives_latency_zero_not_negative():
     [event] = meter(Tables(TABLE)).meter([make_exchange(start=START, end=START - 3600)])
     assert event["data"]["latency_ms"] == 0
+
+
+def test_event_id_is_the_name_based_version_8_uuid_of_the_connection_and_first_byte():
+    """The formula the Rust port shares: SHA-256 of the name, version 8 and the RFC 4122 variant set."""
+    import hashlib
+    exchange = make_exchange(connection=new_connection(client_port=40000, first_seq=1001), position=0)
+    name = b"%s/%d" % (f"{CLIENT.hex()}:40000>{SERVER.hex()}:8000".encode(), 1001)
+    digest = bytearray(hashlib.sha256(name).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x80
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    event_id = event_for(exchange)["id"]
+    assert event_id == str(uuid.UUID(bytes=bytes(digest)))
+    assert uuid.UUID(event_id).version == 8 and uuid.UUID(event_id).variant == uuid.RFC_4122

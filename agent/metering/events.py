@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import socket
+import uuid
 from datetime import datetime, timezone
 
 from cloudevents.core.v1.event import CloudEvent
@@ -19,14 +20,18 @@ def event_id(exchange: Exchange) -> str:
     """Deterministic and unique per request: the connection and the sequence number of the request's first byte.
 
     Replaying a capture, or capturing the same traffic live, gives the same id, so the ingest side's
-    de-duplication on (source, id) counts a re-sent event once.
+    de-duplication on (source, id) counts a re-sent event once. The id is a name-based UUID of version 8
+    (RFC 9562: SHA-256 of the name, version and RFC 4122 variant bits set), valid for a strict ingest side;
+    the Rust core computes the same.
     """
     connection, request = exchange.connection, exchange.request
     assert request is not None and connection.to_server.base_seq is not None
     first_byte = (connection.to_server.base_seq + request.position) & 0xFFFFFFFF  # as on the wire
     prefix = _connection_identity(connection.client, connection.client_port, connection.server, connection.server_port)
-    digest = hashlib.sha256(b"%s/%d" % (prefix, first_byte)).hexdigest()
-    return f"{digest[:8]}-{digest[8:12]}-5{digest[13:16]}-{digest[16:20]}-{digest[20:32]}"  # UUID-shaped
+    digest = bytearray(hashlib.sha256(b"%s/%d" % (prefix, first_byte)).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x80  # version 8
+    digest[8] = (digest[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    return str(uuid.UUID(bytes=bytes(digest)))
 
 
 @functools.lru_cache(maxsize=4096)

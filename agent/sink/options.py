@@ -101,7 +101,7 @@ def sink_from_args(args: argparse.Namespace) -> Sink:
         raise SinkConfigError("--api-token-file needs --ingest-endpoint")
     if output:
         _refuse_overwriting_an_input(output, args)
-        return JsonLinesSink(output)
+        return _json_lines_sink(output)
     data_dir = _data_dir(args)
     try:
         if args.ingest_endpoint:
@@ -139,6 +139,16 @@ def _refuse_overwriting_an_input(output: str, args: argparse.Namespace) -> None:
                 raise SinkConfigError(f"--output {output} is the {flag} file; it would be overwritten")
         except OSError:  # the input does not exist (yet): nothing to overwrite
             continue
+
+
+def _json_lines_sink(output: str) -> JsonLinesSink:
+    try:
+        return JsonLinesSink(output)
+    except OSError as exc:
+        directory = os.path.dirname(output) or "."
+        if isinstance(exc, FileNotFoundError) and not os.path.isdir(directory):
+            raise SinkConfigError(f"--output {output}: the directory {directory} does not exist") from None
+        raise SinkConfigError(f"--output {output}: cannot write there ({exc.strerror or exc})") from None
 
 
 def _ingest_sink(args: argparse.Namespace, data_dir: Path) -> IngestSink:
