@@ -31,6 +31,7 @@ from agent.tokens import TokenError, shown_url
 
 UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 MAX_SPOOL_BYTES = 1 << 50  # beyond any disk: a typo, not a size
+DEFAULT_GIVE_UP_AFTER = 60.0  # a one-off backfill should end on its own when the endpoint is gone
 
 
 class SinkConfigError(ValueError):
@@ -90,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             " the endpoint to acknowledge it (the next start sends the rest)")
     group.add_argument("--ack-timeout", metavar="SECONDS", type=seconds(zero_allowed=True),
                        help="with --read: stop waiting for acknowledgements after this long (default: wait)")
+    group.add_argument("--give-up-after", metavar="SECONDS", type=seconds(zero_allowed=True),
+                       default=DEFAULT_GIVE_UP_AFTER,
+                       help="with --read: the ingest endpoint is waited for as long as it acknowledges events;"
+                            " after SECONDS of waiting without one acknowledgement, the replay gives up and exits 1,"
+                            " the rest kept in the spool for the next start"
+                            f" (default {DEFAULT_GIVE_UP_AFTER:g}; 0: wait as long as it takes)")
 
 
 def sink_from_args(args: argparse.Namespace) -> Sink:
@@ -178,6 +185,7 @@ def _ingest_sink(args: argparse.Namespace, data_dir: Path) -> IngestSink:
         block_when_full=replay,
         wait_for_ack=replay and not args.exit_when_spooled,
         ack_timeout=args.ack_timeout,
+        give_up_after=args.give_up_after or None,
         verify=_tls_verification(args),
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per batch would drown the rest

@@ -31,6 +31,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -115,11 +116,12 @@ class Spool:
 
     # -- the pipeline side ------------------------------------------------------------------------
 
-    def append(self, lines: list[bytes], *, block: bool) -> int:
+    def append(self, lines: list[bytes], *, block: bool, give_up: Callable[[], bool] | None = None) -> int:
         """Append whole lines (without newlines) in order; return how many were kept.
 
-        With `block`, waits for room (acknowledgements free it) until all are kept or the spool closes;
-        without, stops at the first line that does not fit and leaves the rest to the caller.
+        With `block`, waits for room (acknowledgements free it) until all are kept, the spool closes or
+        `give_up()` says so; without, stops at the first line that does not fit and leaves the rest to the
+        caller.
         """
         for line in lines:
             if len(line) + 1 > self.max_bytes:
@@ -130,7 +132,7 @@ class Spool:
                 take = self._fitting(lines, kept)
                 if take == 0:
                     self._note_full()
-                    if not block or self._no_waiting:
+                    if not block or self._no_waiting or (give_up is not None and give_up()):
                         break
                     self._cond.wait(FULL_WAIT_SECONDS)
                     continue
@@ -139,7 +141,7 @@ class Spool:
                     self._write(data)
                 except OSError as exc:
                     self._note_write_error(exc)
-                    if not block or self._no_waiting:
+                    if not block or self._no_waiting or (give_up is not None and give_up()):
                         break
                     self._cond.wait(FULL_WAIT_SECONDS)
                     continue
