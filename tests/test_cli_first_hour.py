@@ -210,3 +210,26 @@ def test_help_states_the_give_up_default_and_the_exit_statuses():
     assert "--give-up-after SECONDS" in text and "(default 60; 0: wait as long as it takes)" in text
     for status in ("130", "143", "3"):
         assert status in text.split("exit status", 1)[1]
+
+
+# the quick start follows Kong's tutorial
+
+
+def test_the_example_deck_file_has_the_tutorials_consumer_key_service_and_route():
+    import yaml
+
+    from agent.credentials.deck import load_deck_file
+
+    table = load_deck_file(CAPTURES / "kong.yaml").table
+    assert table.lookup("alice-key").subject("username") == "alice"
+    assert table.lookup("alice-key-7f3a9c") == table.lookup("alice-key")  # the fixtures' key stays
+    services = {service["name"]: service for service in yaml.safe_load((CAPTURES / "kong.yaml").read_text())["services"]}
+    routes = {route["name"]: route for route in services["example-service"]["routes"]}
+    assert routes["example-route"]["paths"] == ["/anything"]
+
+
+def test_the_readme_quick_start_shows_the_curl_and_what_agent_events_prints():
+    readme = (REPO / "README.md").read_text()
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "curl -H 'apikey: alice-key' localhost:8000/anything" in quick_start
+    assert "agent events" in quick_start and "alice" in quick_start.split("agent events", 2)[2]

@@ -15,7 +15,7 @@ from conftest import CAPTURES, one_line_error, read_events, run_agent, summary
 
 KONG = str(CAPTURES / "kong.yaml")
 BASIC = str(CAPTURES / "nginx-basic.pcap")
-KEYS = ["alice-key-7f3a9c", "bob-key-41d2e8", "carol-key-old-5b7e", "carol-key-new-9c1f", "m42-key-e6a0b3"]
+KEYS = ["alice-key", "alice-key-7f3a9c", "bob-key-41d2e8", "carol-key-old-5b7e", "carol-key-new-9c1f", "m42-key-e6a0b3"]
 
 
 def test_events_go_to_standard_output_with_a_dash(tmp_path):
