@@ -18,12 +18,31 @@ from agent.sink.events_command import events_command
 
 log = logging.getLogger("agent")
 
+USAGE = """%(prog)s (--read FILE | --iface NAME) [--credentials SOURCE] [--port N] [options]
+       %(prog)s events [--since WHEN] [--subject NAME] [--json] [options]"""
+
+EPILOG = """\
+`agent events --help` shows the events kept in the local store.
+
+exit status of a replay (--read):
+  0    every event written (for --ingest-endpoint: acknowledged) from a clean capture
+  1    an input that cannot be read (the capture, the credentials), or events left in the spool (the
+       endpoint is down or refuses them; --give-up-after passed) or dead-lettered; the next start
+       sends what the spool holds
+  2    a usage error: a bad flag, an --output that cannot be written
+  3    the capture is damaged (cut short, corrupt): every event that could be read was written
+  130  stopped by SIGINT (Ctrl-C); 143: stopped by SIGTERM. Either way the summary line and the spool
+       line are printed and nothing spooled is lost
+live capture (--iface) runs until SIGINT or SIGTERM and then exits 0 (1 if a worker failed)."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(
         prog="agent",
+        usage=USAGE,
         description="Passive API metering for Kong Gateway: one usage CloudEvent per billable request.",
-        epilog="`agent events --help` shows the events kept in the local store.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--read", metavar="FILE", type=not_empty, help="replay a pcap/pcapng capture (optionally .gz)")
@@ -47,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="agent: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
+        if args.iface:
+            credential_options.refuse_missing_deck_file(args)
         credentials = credential_options.credentials_from_args(args)
         if args.iface:
             from agent.live.run import run_live
@@ -55,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         from agent.replay import replay
 
         return replay(args, credentials, lambda: sink_options.sink_from_args(args))
-    except sink_options.SinkConfigError as error:
+    except (sink_options.SinkConfigError, credential_options.MissingDeckFile) as error:
         print(f"agent: error: {error}", file=sys.stderr)
         return 2
     except (CaptureError, CredentialError, SubjectError, OSError) as error:

@@ -23,7 +23,8 @@ def test_fixture_file_maps_every_key_to_its_consumer():
     assert machine.subject("username") == "0a9b8c7d-6e5f-4a3b-9c2d-1e0f9a8b7c04"  # no username: its id
     assert machine.subject("custom_id") == "machine-42"
     assert table.lookup("not-a-key") is None
-    assert len(table) == 5 and len(table.consumers()) == 4
+    assert table.lookup("alice-key").subject("username") == "alice"  # the quick start's, as Kong's tutorial
+    assert len(table) == 6 and len(table.consumers()) == 4
     assert snapshot.key_auth == KeyAuthConfig(("apikey",), True, True, False)
 
 

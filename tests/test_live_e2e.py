@@ -113,7 +113,7 @@ def start_agent(tmp_path: Path):
         agent = LiveAgent(output, port, *extra, user=user, deck=deck)
         agents.append(agent)
         agent.wait_for("capturing on lo")
-        if deck.exists():
+        if deck.exists() and deck.stat().st_size:  # an empty one is a file not written yet
             agent.wait_for("credentials: loaded")
         return agent
 
@@ -374,7 +374,8 @@ def test_nothing_listening_is_a_warning_and_a_gateway_started_later_is_metered(s
 
 def test_credentials_arriving_after_the_start_release_the_requests_held_meanwhile(gateway, start_agent,
                                                                                   tmp_path: Path) -> None:
-    deck = tmp_path / "kong.yaml"  # not there yet: the agent captures anyway and holds what it cannot meter
+    deck = tmp_path / "kong.yaml"  # not written yet: the agent captures anyway and holds what it cannot meter
+    deck.write_text("")  # (a path that does not exist at all is a mistake, refused at start)
     agent = start_agent(gateway.port, deck=deck)
     curl("-H", f"apikey: {BOB}", f"{gateway.base_url}/before-credentials")
     entries = gateway.access_log_entries(expect=1)

@@ -46,6 +46,19 @@ def source_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
     return DeckFileSource(Path(spec))
 
 
+class MissingDeckFile(CredentialError):
+    """A usage error, not an outage: live capture would otherwise wait for a table that never comes."""
+
+
+def refuse_missing_deck_file(args: argparse.Namespace) -> None:
+    """Live mode, at start: a decK file that is not there is a mistyped path. The Admin API, and a file that
+    disappears later, get the documented patience instead (the last table is kept, loads are retried)."""
+    spec = args.credentials
+    if spec and "://" not in spec and not os.path.exists(spec):
+        raise MissingDeckFile(f"--credentials {spec}: no such file (a decK state file must exist when live"
+                              " capture starts)")
+
+
 def credentials_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> CredentialSync | None:
     source = source_from_args(args, environ)
     return CredentialSync(source, args.credentials_refresh) if source is not None else None

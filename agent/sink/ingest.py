@@ -17,6 +17,10 @@ Kong's plugin keeps its queue in memory and drops events after 60 s of retries o
 Event ids are deterministic, so a batch re-sent after a lost acknowledgement is de-duplicated by the
 ingest side on (source, id): at least once here, exactly once there.
 
+A replay (`wait_for_ack`, `block_when_full`) waits for the endpoint as long as it acknowledges events;
+with `give_up_after`, once that many seconds of waiting pass without one acknowledgement, it gives up:
+`close()` returns with the rest spooled, and a `write()` waiting for room raises `DeliveryStalled`.
+
 When the spool is full, `block_when_full` (replay) makes `write()` wait for room; otherwise (live
 capture, which cannot wait without the kernel dropping packets) new events are refused, counted in
 `dropped_full` and logged at ERROR (first drop, then every 10 s with the running count). Events already
@@ -80,12 +84,20 @@ class IngestSettings:
     block_when_full: bool = False
     wait_for_ack: bool = True
     ack_timeout: float | None = None
+    give_up_after: float | None = None  # seconds of waiting without an acknowledgement; None: no limit
     verify: bool | ssl.SSLContext = True
     connect_timeout: float = 10.0
     timeout: float = 30.0
     backoff: Backoff = field(default_factory=Backoff)
     auth_retry_interval: float = DEFAULT_AUTH_RETRY_INTERVAL
     fsync_interval: float = 1.0
+
+
+class DeliveryStalled(Exception):
+    """A replay waited `give_up_after` seconds for room in the spool without the endpoint acknowledging
+    anything; the message is one line for the user. `counters`: the replay's, when it stopped."""
+
+    counters: dict[str, int] | None = None
 
 
 class Outcome(Enum):
@@ -131,6 +143,8 @@ class IngestSink:
         self._dropped_full = 0
         self._last_drop_log = 0.0
         self._failing_since: float | None = None
+        self._last_progress = time.monotonic()  # the last acknowledgement (delivered or dead-lettered)
+        self._stopped_waiting = False
         self._last_failure_log = 0.0
         self._last_problem = ""
         self._refused_problem: str | None = None
@@ -155,8 +169,13 @@ class IngestSink:
         if len(lines) > self._spool.max_bytes:
             lines = self._fitting_the_spool(lines)
         if lines:
-            refused = self._spool.append(lines, block=self.settings.block_when_full)
+            waiting_since = time.monotonic()
+            refused = self._spool.append(lines, block=self.settings.block_when_full,
+                                         give_up=lambda: self._stalled(waiting_since))
             if refused:
+                if self.settings.block_when_full and not self._stopped_waiting and self._stalled(waiting_since):
+                    raise DeliveryStalled(f"gave up: no event acknowledged for {self._give_up_text()} s while the"
+                                          f" spool was full (last: {self._last_problem or 'no answer'})")
                 self._count_dropped(refused)
 
     def _fitting_the_spool(self, lines: bytes) -> bytes:
@@ -168,6 +187,12 @@ class IngestSink:
             else:
                 kept.append(line + b"\n")
         return b"".join(kept)
+
+    def stop_waiting(self) -> None:
+        """A stop signal: from now on a write that finds the spool full counts the rest as `dropped_full`
+        instead of waiting for room."""
+        self._stopped_waiting = True
+        self._spool.stop_waiting_for_room()
 
     def close(self, wait_for_ack: bool | None = None) -> None:
         """Send what is spooled; with `wait_for_ack` (default: the settings') return only once all of it is
@@ -352,7 +377,16 @@ class IngestSink:
                       " (the token is re-read from %s)", self.settings.endpoint, reason,
                       self.settings.auth_retry_interval, self._token_source.describe())
 
+    def _stalled(self, waiting_since: float) -> bool:
+        """`give_up_after` seconds have passed, since the wait began, without an acknowledgement."""
+        limit = self.settings.give_up_after
+        return limit is not None and time.monotonic() - max(waiting_since, self._last_progress) >= limit
+
+    def _give_up_text(self) -> str:
+        return f"{self.settings.give_up_after:g}"
+
     def _note_success(self) -> None:
+        self._last_progress = time.monotonic()
         if self._failing_since is not None:
             log.info("ingest endpoint reachable again after %.1f s; delivery resumed",
                      time.monotonic() - self._failing_since)
@@ -363,13 +397,21 @@ class IngestSink:
         self._last_problem = ""
 
     def _wait_for_acks(self) -> None:
-        started = time.monotonic()
+        started = last_log = time.monotonic()
         timeout = self.settings.ack_timeout
         while self._spool.pending_events:
             if not self._thread.is_alive():
                 log.error("delivery stopped: %d events stay in the spool", self._spool.pending_events)
                 return
+            if self._stalled(started):
+                log.error("gave up: no event acknowledged for %s s (last: %s); %d events stay in the spool %s"
+                          " for the next start", self._give_up_text(), self._last_problem or "no answer",
+                          self._spool.pending_events, self.settings.spool_dir)
+                return
             step = WAIT_LOG_SECONDS
+            if self.settings.give_up_after is not None:
+                step = min(step, max(0.05, max(started, self._last_progress) + self.settings.give_up_after
+                                     - time.monotonic()))
             if timeout is not None:
                 step = min(step, started + timeout - time.monotonic())
                 if step <= 0:
@@ -378,6 +420,9 @@ class IngestSink:
                     return
             if self._spool.wait_empty(step):
                 return
+            if time.monotonic() - last_log < WAIT_LOG_SECONDS:
+                continue
+            last_log = time.monotonic()
             log.info("waiting for the ingest endpoint to acknowledge %d events%s; interrupt to stop waiting"
                      " (they stay in the spool)", self._spool.pending_events,
                      f" (last: {self._last_problem})" if self._last_problem else "")

@@ -30,6 +30,7 @@ from agent.tokens import TokenError, shown_url
 
 MAX_SPOOL_BYTES = 1 << 50  # beyond any disk: a typo, not a size
 spool_size = byte_size(MIN_SEGMENT_BYTES, MAX_SPOOL_BYTES)
+DEFAULT_GIVE_UP_AFTER = 60.0  # a one-off backfill should end on its own when the endpoint is gone
 
 
 class SinkConfigError(ValueError):
@@ -76,6 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             " the endpoint to acknowledge it (the next start sends the rest)")
     group.add_argument("--ack-timeout", metavar="SECONDS", type=seconds(zero_allowed=True),
                        help="with --read: stop waiting for acknowledgements after this long (default: wait)")
+    group.add_argument("--give-up-after", metavar="SECONDS", type=seconds(zero_allowed=True),
+                       default=DEFAULT_GIVE_UP_AFTER,
+                       help="with --read: the ingest endpoint is waited for as long as it acknowledges events;"
+                            " after SECONDS of waiting without one acknowledgement, the replay gives up and exits 1,"
+                            " the rest kept in the spool for the next start"
+                            f" (default {DEFAULT_GIVE_UP_AFTER:g}; 0: wait as long as it takes)")
 
 
 def sink_from_args(args: argparse.Namespace) -> Sink:
@@ -87,7 +94,7 @@ def sink_from_args(args: argparse.Namespace) -> Sink:
         raise SinkConfigError("--api-token-file needs --ingest-endpoint")
     if output:
         _refuse_overwriting_an_input(output, args)
-        return JsonLinesSink(output)
+        return _json_lines_sink(output)
     data_dir = _data_dir(args)
     try:
         if args.ingest_endpoint:
@@ -127,6 +134,16 @@ def _refuse_overwriting_an_input(output: str, args: argparse.Namespace) -> None:
             continue
 
 
+def _json_lines_sink(output: str) -> JsonLinesSink:
+    try:
+        return JsonLinesSink(output)
+    except OSError as exc:
+        directory = os.path.dirname(output) or "."
+        if isinstance(exc, FileNotFoundError) and not os.path.isdir(directory):
+            raise SinkConfigError(f"--output {output}: the directory {directory} does not exist") from None
+        raise SinkConfigError(f"--output {output}: cannot write there ({exc.strerror or exc})") from None
+
+
 def _ingest_sink(args: argparse.Namespace, data_dir: Path) -> IngestSink:
     endpoint = args.ingest_endpoint
     try:
@@ -154,6 +171,7 @@ def _ingest_sink(args: argparse.Namespace, data_dir: Path) -> IngestSink:
         block_when_full=replay,
         wait_for_ack=replay and not args.exit_when_spooled,
         ack_timeout=args.ack_timeout,
+        give_up_after=args.give_up_after or None,
         verify=_tls_verification(args),
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per batch would drown the rest

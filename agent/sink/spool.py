@@ -31,6 +31,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -115,12 +116,13 @@ class Spool:
 
     # -- the pipeline side ------------------------------------------------------------------------
 
-    def append(self, lines: bytes, *, block: bool) -> int:
+    def append(self, lines: bytes, *, block: bool, give_up: Callable[[], bool] | None = None) -> int:
         """Append JSON Lines (whole lines, each ending in a newline), as they are and in order; return how many
         lines were refused (0 when all were kept: counted only when some were not).
 
-        With `block`, waits for room (acknowledgements free it) until all are kept or the spool closes;
-        without, stops at the first line that does not fit and leaves the rest to the caller.
+        With `block`, waits for room (acknowledgements free it) until all are kept, the spool closes or
+        `give_up()` says so; without, stops at the first line that does not fit and leaves the rest to the
+        caller.
         """
         if lines and not lines.endswith(b"\n"):
             raise ValueError("JSON Lines must end with a newline")
@@ -133,7 +135,7 @@ class Spool:
                 end = self._fitting(lines, start)
                 if end == start:
                     self._note_full()
-                    if not block or self._no_waiting:
+                    if not block or self._no_waiting or (give_up is not None and give_up()):
                         break
                     self._cond.wait(FULL_WAIT_SECONDS)
                     continue
@@ -141,7 +143,7 @@ class Spool:
                     self._write(data[start:end])
                 except OSError as exc:
                     self._note_write_error(exc)
-                    if not block or self._no_waiting:
+                    if not block or self._no_waiting or (give_up is not None and give_up()):
                         break
                     self._cond.wait(FULL_WAIT_SECONDS)
                     continue
