@@ -13,7 +13,7 @@ from collections.abc import Callable
 from agent import _core
 from agent.credentials.key_auth import KeyAuthConfig
 from agent.credentials.table import CredentialTable
-from agent.metering.subject import SubjectRule, names_a_key
+from agent.metering.subject import SubjectRule
 
 log = logging.getLogger("agent.pipeline")
 
@@ -69,30 +69,32 @@ class Pipeline:
         if key_auth is not self._pushed_key_auth and key_auth != self._pushed_key_auth:
             self._pushed_key_auth = key_auth
             self.core.set_key_auth(list(key_auth.key_names), key_auth.key_in_header, key_auth.key_in_query)
-            self._check_rule(key_auth)
+            self._check_rule()
         table = self._table()
         if table is not self._pushed_table:
             self._pushed_table = table
             self.core.set_credentials(table.entries(self.rule.field) if table is not None else None)
         return table.now() if table is not None else 0.0
 
-    def _check_rule(self, key_auth: KeyAuthConfig) -> None:
+    def _check_rule(self) -> None:
         """The gateway's key-auth settings arrive after the flags were checked (and may change): a header or
         query subject that is now one of the key names would be an API key; the core leaves such requests
         unresolved, and this says why, once per change."""
-        if self.rule.look_up_value_in != "consumer" and names_a_key(self.rule.field, key_auth.key_names):
+        if self.core.subject_names_a_key:
             log.error("--subject %s:%s names one of key-auth's key names: its value is an API key, never a subject;"
                       " requests stay unresolved", self.rule.look_up_value_in, self.rule.field)
 
     def _after(self, lines: bytes) -> bytes:
-        """Says once each what the core can only count: requests dropped while the table is missing, and
-        frames the core failed on (a bug: counted, the frame skipped, the capture going on)."""
+        """Says once each what the core can only count: requests dropped while the table is missing (or to
+        stay within --max-memory), and frames the core failed on (a bug: counted; the connections open
+        then are dropped and the capture goes on)."""
         counters = self.core.counters()
         if counters["held_overflow"] and not self._logged["held_overflow"]:
-            log.error("credential table still not loaded: too many requests waiting, dropping the oldest "
-                      "(counted as unresolved)")
+            log.error("credential table still not loaded: too many requests waiting (or too many bytes for"
+                      " --max-memory), dropping the oldest (counted as unresolved)")
         if counters["internal_errors"] > self._logged["internal_errors"]:
-            log.error("%d frames could not be processed (an internal error; please report it)",
+            log.error("%d frames could not be processed and the connections open then were dropped (an internal"
+                      " error; please report it)",
                       counters["internal_errors"] - self._logged["internal_errors"])
         self._logged = {name: counters[name] for name in self._logged}
         return lines

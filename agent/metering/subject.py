@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent import _core
+
 
 class SubjectError(ValueError):
     """A subject rule that cannot be used; the message is one line for the user."""
@@ -20,12 +22,8 @@ class SubjectRule:
         if kind == "consumer" and not name:
             return cls("consumer", consumer_field)
         if kind in ("header", "query") and name:
-            if names_a_key(name, key_names):
+            if _core.names_a_key(kind, name, list(key_names)):
                 raise SubjectError(f"--subject {kind}:{name} would put API keys into events; choose another field")
             return cls(kind, name.lower() if kind == "header" else name)
         raise SubjectError(f"--subject {text!r}: expected consumer, header:NAME or query:NAME")
 
-
-def names_a_key(field: str, key_names: tuple[str, ...]) -> bool:
-    """Whether a header or query field is one of key-auth's key names: its value would be an API key."""
-    return field.lower() in {name.lower() for name in key_names}

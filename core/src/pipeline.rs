@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::http::exchanges::HttpExchanges;
 use crate::metering::billing::{Meter, MeterConfig};
@@ -23,10 +24,14 @@ pub struct PipelineConfig {
     pub limits: ReassemblyLimits,
     pub response_timeout: f64,
     pub max_head_bytes: usize,
-    /// Bytes the capture state (connections, held segments, partial heads, waiting requests) may hold;
-    /// past it the least recently active connections are closed early (counted `shed_connections`).
+    /// Bytes the pipeline's state (connections, held segments, partial heads, waiting requests, requests
+    /// waiting for the credential table) may hold; see `Pipeline::keep_within_budget` for what goes first.
     pub max_memory: usize,
     pub meter: MeterConfig,
+    /// Replay workers: this pipeline takes the connections dealt to `share` of `shares` (see
+    /// `ConnectionDealer`); a single process is share 0 of 1.
+    pub share: u32,
+    pub shares: u32,
 }
 
 pub struct Pipeline {
@@ -34,12 +39,24 @@ pub struct Pipeline {
     reassembler: TcpReassembler,
     http: HttpExchanges,
     pub meter: Meter,
+    dealer: ConnectionDealer,
+    share: u32,
+    /// what a fresh start of the capture state needs (after an internal error)
+    ports: Vec<u16>,
+    limits: ReassemblyLimits,
+    response_timeout: f64,
+    max_head_bytes: usize,
     max_memory: usize,
     packets: u64,
     last_time: f64,
     next_housekeeping: f64,
     fed_since_budget_check: usize,
-    /// Frames whose processing panicked: a bug, never expected; counted and logged rather than fatal.
+    /// the credential table's clock as the batch began (key expiry)
+    now: f64,
+    /// events metered in the middle of a batch (to free what their exchanges held), handed out with it
+    lines: Vec<u8>,
+    /// Frames or batches whose processing panicked: a bug, never expected; counted and logged rather than
+    /// fatal, and the capture state is started afresh, since a panic may have left it half-updated.
     internal_errors: u64,
 }
 
@@ -50,21 +67,37 @@ impl Pipeline {
             reassembler: TcpReassembler::new(&config.ports, config.limits),
             http: HttpExchanges::new(config.response_timeout, config.max_head_bytes),
             meter: Meter::new(config.meter),
+            dealer: ConnectionDealer::new(config.shares),
+            share: config.share,
+            ports: config.ports,
+            limits: config.limits,
+            response_timeout: config.response_timeout,
+            max_head_bytes: config.max_head_bytes,
             max_memory: config.max_memory,
             packets: 0,
             last_time: 0.0,
             next_housekeeping: 0.0,
             fed_since_budget_check: 0,
+            now: 0.0,
+            lines: Vec::new(),
             internal_errors: 0,
         }
     }
 
-    /// One frame through decoding, reassembly and HTTP framing; its exchanges wait for `end_batch`.
+    /// Starts a batch: `now` is the credential table's clock (for key expiry).
+    pub fn begin_batch(&mut self, now: f64) {
+        self.now = now;
+    }
+
+    /// One frame through decoding, reassembly and HTTP framing, if its connection is this share's; its
+    /// exchanges are metered by `end_batch`.
     pub fn feed_frame(&mut self, frame: &Frame<'_>) {
+        if self.dealer.owner(frame.linktype, frame.data) != self.share {
+            return;
+        }
         self.packets += 1;
-        let outcome = panic::catch_unwind(AssertUnwindSafe(|| self.process(frame)));
-        if outcome.is_err() {
-            self.internal_errors += 1;
+        if panic::catch_unwind(AssertUnwindSafe(|| self.process(frame))).is_err() {
+            self.start_afresh();
         }
     }
 
@@ -76,7 +109,8 @@ impl Pipeline {
         if time > self.last_time {
             self.last_time = time;
         }
-        if time >= self.next_housekeeping {
+        // also when the clock went back (a bogus future timestamp must not stop housekeeping for good)
+        if time >= self.next_housekeeping || time < self.next_housekeeping - 2.0 * HOUSEKEEPING_INTERVAL {
             self.housekeeping(time);
         }
         self.fed_since_budget_check += segment.payload.len();
@@ -86,23 +120,24 @@ impl Pipeline {
         }
     }
 
-    /// The events of every exchange finished since the last call, appended to `out` as JSON Lines.
-    /// `now` is the credential table's clock (for key expiry).
-    pub fn end_batch(&mut self, now: f64, out: &mut Vec<u8>) {
+    /// Appends to `out` the JSON Lines of every exchange finished since the last call.
+    pub fn end_batch(&mut self, out: &mut Vec<u8>) {
+        out.append(&mut self.lines);
+        self.meter_finished(out);
         self.keep_within_budget();
-        self.meter.meter(self.http.take(), now, out);
+        out.append(&mut self.lines);
     }
 
     /// Time passes without packets (a quiet live interface): expire what has waited too long.
-    pub fn tick(&mut self, capture_time: f64, now: f64, out: &mut Vec<u8>) {
+    pub fn tick(&mut self, capture_time: f64, out: &mut Vec<u8>) {
         self.housekeeping(capture_time);
-        self.end_batch(now, out);
+        self.end_batch(out);
     }
 
     /// The capture is over: every connection is closed, so requests still in flight are emitted too.
-    pub fn finish(&mut self, now: f64, out: &mut Vec<u8>) {
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
         self.reassembler.close_all(self.last_time, &mut self.http);
-        self.meter.meter(self.http.take(), now, out);
+        self.end_batch(out);
     }
 
     fn housekeeping(&mut self, now: f64) {
@@ -111,20 +146,57 @@ impl Pipeline {
         self.http.expire(now);
     }
 
-    /// Closes the least recently active connections while the capture state is over budget: a flood of
-    /// half-open requests costs the oldest of them, never the process's memory.
-    fn keep_within_budget(&mut self) {
-        self.fed_since_budget_check = 0;
-        while self.held_bytes() > self.max_memory {
-            if !self.reassembler.shed_oldest(self.last_time, &mut self.http) {
-                break;
-            }
+    /// The finished exchanges' events into `out`. A panic while metering loses the rest of this call's
+    /// exchanges (counted as an internal error), never a line half-written.
+    fn meter_finished(&mut self, out: &mut Vec<u8>) {
+        let start = out.len();
+        let (meter, http, now) = (&mut self.meter, &mut self.http, self.now);
+        if panic::catch_unwind(AssertUnwindSafe(|| meter.meter(http.take(), now, out))).is_err() {
+            let whole = out[start..].iter().rposition(|&byte| byte == b'\n').map_or(start, |end| start + end + 1);
+            out.truncate(whole);
+            self.internal_errors += 1;
         }
     }
 
-    /// Bytes the capture state holds now (what the budget limits).
+    /// Keeps what the pipeline holds within `max_memory`. Finished exchanges are metered first (their
+    /// events cost nothing here); then, while still over, requests waiting for the credential table go,
+    /// oldest first (counted `held_overflow`, unresolved); then the least recently active connections
+    /// are closed early (counted `shed_connections`; what they held is handed on as on any close). A flood
+    /// of half-open requests costs the oldest of them, never the process's memory.
+    fn keep_within_budget(&mut self) {
+        self.fed_since_budget_check = 0;
+        if self.held_bytes() <= self.max_memory {
+            return;
+        }
+        let mut lines = std::mem::take(&mut self.lines);
+        self.meter_finished(&mut lines);
+        while self.held_bytes() > self.max_memory {
+            if self.meter.drop_oldest_held() {
+                continue;
+            }
+            if !self.reassembler.shed_oldest(self.last_time, &mut self.http) {
+                break;
+            }
+            self.meter_finished(&mut lines);
+        }
+        self.lines = lines;
+    }
+
+    /// After a panic the stages' state may be half-updated: the connections open then are dropped and the
+    /// capture state starts afresh (the counters are kept), so that one bad frame cannot poison the rest.
+    fn start_afresh(&mut self) {
+        self.internal_errors += 1;
+        let (tcp, parser, http) = (self.reassembler.counters, self.http.parser_counters, self.http.counters);
+        self.reassembler = TcpReassembler::new(&self.ports, self.limits);
+        self.http = HttpExchanges::new(self.response_timeout, self.max_head_bytes);
+        self.reassembler.counters = tcp;
+        self.http.parser_counters = parser;
+        self.http.counters = http;
+    }
+
+    /// Bytes the pipeline's state holds now (what the budget limits).
     pub fn held_bytes(&self) -> usize {
-        self.reassembler.held_bytes() + self.http.held_bytes()
+        self.reassembler.held_bytes() + self.http.held_bytes() + self.meter.held_bytes() + self.dealer.held_bytes()
     }
 
     /// Everything counted along the way, by stage, in the summary line's order.
@@ -168,13 +240,16 @@ impl Pipeline {
 /// Which replay worker a frame belongs to: connections are dealt out in turn as they first appear, so the
 /// workers get equal shares (a hash alone left one with 58% of a 33-connection load). Every worker sees
 /// the same frames in the same order, so each deals the same way without talking to the others.
-/// Connections are told apart by flow hash: two that share one share a worker, and the table stays small.
-/// Frames no connection claims (not TCP, corrupt) are share 0's, to be counted once.
+/// Connections are told apart by flow hash: two that share one share a worker, and the table stays small;
+/// past `MAX_DEALT_FLOWS` (a hostile capture of random ports) new flows go by hash alone. Frames no
+/// connection claims (not TCP, corrupt) are share 0's, to be counted once.
 pub struct ConnectionDealer {
     shares: u32,
     owners: HashMap<u32, u32>,
     dealt: u32,
 }
+
+const MAX_DEALT_FLOWS: usize = 1 << 20;
 
 impl ConnectionDealer {
     pub fn new(shares: u32) -> ConnectionDealer {
@@ -188,13 +263,34 @@ impl ConnectionDealer {
         let Some(flow) = flow_hash(linktype, frame) else {
             return 0;
         };
-        let (shares, dealt) = (self.shares, &mut self.dealt);
-        *self.owners.entry(flow).or_insert_with(|| {
-            let owner = *dealt % shares;
-            *dealt = dealt.wrapping_add(1);
-            owner
-        })
+        if let Some(&owner) = self.owners.get(&flow) {
+            return owner;
+        }
+        if self.owners.len() >= MAX_DEALT_FLOWS {
+            return flow % self.shares;
+        }
+        let owner = self.dealt % self.shares;
+        self.dealt = self.dealt.wrapping_add(1);
+        self.owners.insert(flow, owner);
+        owner
     }
+
+    /// What the table of dealt flows holds (for the budget; it is bounded by `MAX_DEALT_FLOWS` itself).
+    fn held_bytes(&self) -> usize {
+        self.owners.capacity() * 2 * std::mem::size_of::<u32>()
+    }
+}
+
+/// Rust's default panic message can quote the data it failed on; the core's say only where they
+/// happened, once per process (each one is counted as `internal_errors` and logged by the control plane).
+pub fn quiet_panics() {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    panic::set_hook(Box::new(|info| {
+        if !SAID.swap(true, Ordering::Relaxed) {
+            let place = info.location().map_or_else(String::new, |at| format!(" at {}:{}", at.file(), at.line()));
+            eprintln!("agent: error: internal error in the core{place}; the frame is skipped and counted");
+        }
+    }));
 }
 
 #[cfg(test)]
@@ -226,6 +322,10 @@ mod tests {
     }
 
     fn pipeline(max_memory: usize) -> Pipeline {
+        pipeline_with(max_memory, SubjectRule::Header("x-tenant".to_string()))
+    }
+
+    fn pipeline_with(max_memory: usize, rule: SubjectRule) -> Pipeline {
         Pipeline::new(PipelineConfig {
             ports: vec![PORT],
             limits: ReassemblyLimits::default(),
@@ -234,9 +334,11 @@ mod tests {
             max_memory,
             meter: MeterConfig {
                 source: "test".to_string(),
-                rule: SubjectRule::Header("x-tenant".to_string()),
-                max_held: 100,
+                rule,
+                max_held: 100_000,
             },
+            share: 0,
+            shares: 1,
         })
     }
 
@@ -266,7 +368,7 @@ mod tests {
         let request = b"GET /orders?page=2 HTTP/1.1\r\nHost: api.example.com\r\nX-Tenant: acme\r\n\r\n";
         conversation(&mut pipeline, 40000, request, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
         let mut out = Vec::new();
-        pipeline.end_batch(0.0, &mut out);
+        pipeline.end_batch(&mut out);
         let text = String::from_utf8(out).unwrap();
         assert_eq!(text.lines().count(), 1, "{text}");
         assert!(text.ends_with('\n'));
@@ -284,9 +386,9 @@ mod tests {
         feed(&mut pipeline, 1.001, &frame(false, 40001, 5000, 1001, TCP_SYN | TCP_ACK, b""));
         feed(&mut pipeline, 1.002, &frame(true, 40001, 1001, 5001, TCP_ACK, b"GET / HTTP/1.1\r\nX-Tenant: t\r\n\r\n"));
         let mut out = Vec::new();
-        pipeline.end_batch(0.0, &mut out);
+        pipeline.end_batch(&mut out);
         assert!(out.is_empty());
-        pipeline.finish(0.0, &mut out);
+        pipeline.finish(&mut out);
         assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
         assert_eq!(counter(&pipeline, "unanswered"), 1);
     }
@@ -303,7 +405,7 @@ mod tests {
             feed(&mut pipeline, 1.0, &frame(true, port, 1001, 0, TCP_ACK, &partial));
         }
         let mut out = Vec::new();
-        pipeline.end_batch(0.0, &mut out);
+        pipeline.end_batch(&mut out);
         assert!(counter(&pipeline, "shed_connections") > 0);
         assert!(pipeline.held_bytes() <= budget, "{} held", pipeline.held_bytes());
     }
@@ -316,9 +418,67 @@ mod tests {
                          b"HTTP/1.1 204 No Content\r\n\r\n");
         }
         let mut out = Vec::new();
-        pipeline.end_batch(0.0, &mut out);
+        pipeline.end_batch(&mut out);
         assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 50);
         assert_eq!(counter(&pipeline, "shed_connections"), 0);
+    }
+
+    /// A request whose head carries `padding` bytes of one header.
+    fn big_request(padding: usize) -> Vec<u8> {
+        [b"GET / HTTP/1.1\r\nX-Tenant: t\r\napikey: k\r\nX-Padding: ".as_slice(), &vec![b'p'; padding], b"\r\n\r\n"]
+            .concat()
+    }
+
+    #[test]
+    fn requests_waiting_for_the_credential_table_are_within_the_budget() {
+        let budget = 16 << 20;
+        let mut pipeline = pipeline_with(budget, SubjectRule::Consumer);
+        for index in 0..400u16 {
+            conversation(&mut pipeline, 20_000 + index, &big_request(60_000), b"HTTP/1.1 200 OK\r\n\r\n");
+        }
+        let mut out = Vec::new();
+        pipeline.end_batch(&mut out);
+        assert!(pipeline.held_bytes() <= budget, "{} held", pipeline.held_bytes());
+        assert!(counter(&pipeline, "held_overflow") > 0);
+        assert_eq!(counter(&pipeline, "shed_connections"), 0, "dropping waiting requests frees enough");
+    }
+
+    #[test]
+    fn finished_exchanges_do_not_cost_connections_their_place() {
+        let mut pipeline = pipeline(16 << 20);
+        for index in 0..10u16 {
+            let port = 10_000 + index;
+            feed(&mut pipeline, 1.0, &frame(true, port, 1000, 0, TCP_SYN, b""));
+            feed(&mut pipeline, 1.0, &frame(true, port, 1001, 0, TCP_ACK, b"GET /slow HTTP/1.1\r\nX-Tenant: t\r\n"));
+        }
+        for index in 0..300u16 {
+            conversation(&mut pipeline, 20_000 + index, &big_request(60_000), b"HTTP/1.1 204 No Content\r\n\r\n");
+        }
+        let mut out = Vec::new();
+        pipeline.end_batch(&mut out);
+        assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 300);
+        assert_eq!(counter(&pipeline, "shed_connections"), 0);
+        pipeline.finish(&mut out);
+        assert_eq!(counter(&pipeline, "lost_exchanges") + counter(&pipeline, "unanswered"), 10);
+    }
+
+    #[test]
+    fn a_pipeline_takes_only_the_connections_dealt_to_its_share() {
+        let mut shares: Vec<Pipeline> = (0..2)
+            .map(|share| {
+                let mut one = pipeline(256 << 20);
+                (one.share, one.dealer) = (share, ConnectionDealer::new(2));
+                one
+            })
+            .collect();
+        for pipeline in &mut shares {
+            for index in 0..4u16 {
+                conversation(pipeline, 30_000 + index, b"GET / HTTP/1.1\r\nX-Tenant: t\r\n\r\n",
+                             b"HTTP/1.1 204 No Content\r\n\r\n");
+            }
+        }
+        let requests: Vec<u64> = shares.iter().map(|pipeline| counter(pipeline, "requests")).collect();
+        assert_eq!(requests, vec![2, 2]);
     }
 
     #[test]

@@ -360,8 +360,7 @@ mod tcp {
         #[getter]
         fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
             let c = &self.0.counters;
-            let dict = PyDict::new(py);
-            for (name, value) in [
+            super::counters_dict(py, [
                 ("connections", c.connections),
                 ("other_ports", c.other_ports),
                 ("duplicate_segments", c.duplicate_segments),
@@ -371,10 +370,7 @@ mod tcp {
                 ("expired_connections", c.expired_connections),
                 ("evicted_connections", c.evicted_connections),
                 ("shed_connections", c.shed_connections),
-            ] {
-                dict.set_item(name, value)?;
-            }
-            Ok(dict)
+            ])
         }
     }
 }
@@ -825,6 +821,46 @@ fn register_http(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
+// --- conversions the sections share ---
+
+/// (SHA-256 digest of a key, the subject, when the key expires on the table's clock), as Python's
+/// `CredentialTable.entries` gives them.
+type CredentialEntry = (Vec<u8>, String, Option<f64>);
+
+/// The core's credential table from `CredentialTable.entries`; None: no table (yet).
+fn credential_table(entries: Option<Vec<CredentialEntry>>) -> PyResult<Option<crate::metering::credentials::CredentialTable>> {
+    let Some(entries) = entries else {
+        return Ok(None);
+    };
+    let mut checked = Vec::with_capacity(entries.len());
+    for (digest, subject, expires_at) in entries {
+        let digest: [u8; 32] =
+            digest.try_into().map_err(|_| PyValueError::new_err("a key digest is 32 bytes (SHA-256)"))?;
+        checked.push((digest, subject, expires_at));
+    }
+    Ok(Some(crate::metering::credentials::CredentialTable::new(checked)))
+}
+
+/// `look_up_value_in` (consumer, header, query) and, for a header or query, its name.
+fn subject_rule(kind: &str, field: &str) -> PyResult<crate::metering::subject::SubjectRule> {
+    use crate::metering::subject::SubjectRule;
+    match kind {
+        "consumer" => Ok(SubjectRule::Consumer),
+        "header" => Ok(SubjectRule::Header(field.to_ascii_lowercase())),
+        "query" => Ok(SubjectRule::Query(field.to_string())),
+        _ => Err(PyValueError::new_err(format!("a subject is looked up in consumer, header or query, not {kind:?}"))),
+    }
+}
+
+/// Counters as a dict, in the order given.
+fn counters_dict<'py>(py: Python<'py>, counters: impl IntoIterator<Item = (&'static str, u64)>) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    for (name, value) in counters {
+        dict.set_item(name, value)?;
+    }
+    Ok(dict)
+}
+
 // --- metering: key lookup, subject, billing, events ---
 
 mod metering {
@@ -835,15 +871,21 @@ mod metering {
 
     use crate::http::message::{Exchange, Message};
     use crate::metering::billing::{Meter, MeterConfig};
-    use crate::metering::credentials::CredentialTable;
     use crate::metering::events::push_ip_text;
     use crate::metering::key_lookup::{self, KeyAuth};
-    use crate::metering::subject::SubjectRule;
     use crate::source::frames::Address;
     use crate::tcp::reassembly::ConnectionInfo;
 
     fn key_auth(key_names: Vec<String>, key_in_header: bool, key_in_query: bool) -> KeyAuth {
         KeyAuth { key_names, key_in_header, key_in_query }
+    }
+
+    /// Whether a header or query subject would be an API key under these key names (`kind`: consumer,
+    /// header or query).
+    #[pyfunction]
+    pub fn names_a_key(kind: &str, field: &str, key_names: Vec<String>) -> PyResult<bool> {
+        let key_auth = KeyAuth { key_names, ..KeyAuth::default() };
+        Ok(crate::metering::subject::SubjectResolver::new(super::subject_rule(kind, field)?, &key_auth).names_a_key())
     }
 
     /// The key key-auth would take from a request (its raw head and target), or None.
@@ -943,9 +985,6 @@ mod metering {
         })
     }
 
-    /// (digest, subject, expiry) as Python's `CredentialTable.entries` gives it.
-    type TableEntry = (Vec<u8>, String, Option<f64>);
-
     /// The billing rules and the events: exchanges (dicts) in, JSON lines out.
     #[pyclass(name = "Meter", module = "agent._core")]
     pub struct PyMeter(Meter);
@@ -956,12 +995,7 @@ mod metering {
         #[new]
         #[pyo3(signature = (source, rule="consumer", field="", max_held=100_000))]
         fn new(source: String, rule: &str, field: &str, max_held: usize) -> PyResult<Self> {
-            let rule = match rule {
-                "consumer" => SubjectRule::Consumer,
-                "header" => SubjectRule::Header(field.to_string()),
-                "query" => SubjectRule::Query(field.to_string()),
-                _ => return Err(PyValueError::new_err("rule is consumer, header or query")),
-            };
+            let rule = super::subject_rule(rule, field)?;
             Ok(PyMeter(Meter::new(MeterConfig { source, rule, max_held })))
         }
 
@@ -977,21 +1011,8 @@ mod metering {
 
         /// `entries`: `(sha256 digest of the key, subject, expiry or None)`, as `CredentialTable.entries`
         /// gives them; None: no table.
-        fn set_credentials(&mut self, entries: Option<Vec<TableEntry>>) -> PyResult<()> {
-            let table = match entries {
-                None => None,
-                Some(entries) => {
-                    let mut checked = Vec::with_capacity(entries.len());
-                    for (digest, subject, expires_at) in entries {
-                        let digest: [u8; 32] = digest
-                            .try_into()
-                            .map_err(|_| PyValueError::new_err("a key digest is 32 bytes (SHA-256)"))?;
-                        checked.push((digest, subject, expires_at));
-                    }
-                    Some(CredentialTable::new(checked))
-                }
-            };
-            self.0.set_credentials(table);
+        fn set_credentials(&mut self, entries: Option<Vec<super::CredentialEntry>>) -> PyResult<()> {
+            self.0.set_credentials(super::credential_table(entries)?);
             Ok(())
         }
 
@@ -1015,17 +1036,13 @@ mod metering {
         #[getter]
         fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
             let c = &self.0.counters;
-            let dict = PyDict::new(py);
-            for (name, value) in [
+            super::counters_dict(py, [
                 ("events", c.events),
                 ("rejected", c.rejected),
                 ("unresolved", c.unresolved),
                 ("held", c.held),
                 ("held_overflow", c.held_overflow),
-            ] {
-                dict.set_item(name, value)?;
-            }
-            Ok(dict)
+            ])
         }
     }
 }
@@ -1033,6 +1050,7 @@ mod metering {
 fn register_metering(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<metering::PyMeter>()?;
     m.add_function(wrap_pyfunction!(metering::find_key, m)?)?;
+    m.add_function(wrap_pyfunction!(metering::names_a_key, m)?)?;
     m.add_function(wrap_pyfunction!(metering::hide_credentials, m)?)?;
     m.add_function(wrap_pyfunction!(metering::query_value, m)?)?;
     m.add_function(wrap_pyfunction!(metering::ip_text, m)?)?;
@@ -1043,30 +1061,22 @@ fn register_metering(m: &Bound<'_, PyModule>) -> PyResult<()> {
 // --- pipeline ---
 
 mod pipeline {
-    use pyo3::exceptions::PyValueError;
     use pyo3::prelude::*;
     use pyo3::types::{PyBytes, PyDict, PyList};
 
     use super::{PyCaptureFile, PyRing};
     use crate::metering::billing::MeterConfig;
-    use crate::metering::credentials::CredentialTable;
     use crate::metering::key_lookup::KeyAuth;
-    use crate::metering::subject::SubjectRule;
-    use crate::pipeline::{ConnectionDealer, Pipeline, PipelineConfig};
+    use crate::pipeline::{Pipeline, PipelineConfig};
     use crate::source::capture_file::Frame;
     use crate::tcp::reassembly::ReassemblyLimits;
 
-    /// (SHA-256 digest of a key, the subject, when the key expires on the table's clock)
-    type CredentialEntry = (Vec<u8>, String, Option<f64>);
-
     /// The whole data plane. Each call takes a batch (frames, a capture file's next frames, a ring's ready
     /// blocks) and returns the JSON Lines of the events it completed, as one `bytes`; the GIL is released
-    /// while a capture or a ring is read.
+    /// while a capture or a ring is read. `now` is the credential table's clock (key expiry).
     #[pyclass(name = "Pipeline", module = "agent._core")]
     pub struct PyPipeline {
         pipeline: Pipeline,
-        dealer: ConnectionDealer,
-        share: u32,
         out: Vec<u8>,
     }
 
@@ -1075,15 +1085,6 @@ mod pipeline {
             let lines = PyBytes::new(py, &self.out);
             self.out.clear();
             lines
-        }
-    }
-
-    fn subject_rule(subject: &str, field: &str) -> PyResult<SubjectRule> {
-        match subject {
-            "consumer" => Ok(SubjectRule::Consumer),
-            "header" => Ok(SubjectRule::Header(field.to_ascii_lowercase())),
-            "query" => Ok(SubjectRule::Query(field.to_string())),
-            _ => Err(PyValueError::new_err(format!("unknown subject kind {subject:?}"))),
         }
     }
 
@@ -1098,46 +1099,37 @@ mod pipeline {
                idle_timeout: f64, response_timeout: f64, max_head_bytes: usize, max_memory: usize, max_held: usize,
                share: u32, shares: u32) -> PyResult<Self> {
             let limits = ReassemblyLimits { max_connections, idle_timeout, ..ReassemblyLimits::default() };
-            let meter = MeterConfig { source, rule: subject_rule(subject, subject_field)?, max_held };
-            let config = PipelineConfig { ports, limits, response_timeout, max_head_bytes, max_memory, meter };
-            Ok(PyPipeline {
-                pipeline: Pipeline::new(config),
-                dealer: ConnectionDealer::new(shares),
-                share,
-                out: Vec::new(),
-            })
+            let meter = MeterConfig { source, rule: super::subject_rule(subject, subject_field)?, max_held };
+            let config =
+                PipelineConfig { ports, limits, response_timeout, max_head_bytes, max_memory, meter, share, shares };
+            Ok(PyPipeline { pipeline: Pipeline::new(config), out: Vec::new() })
         }
 
-        /// Frames given as a list of `(time, linktype, frame)`; `now` is the credential table's clock.
+        /// Frames given as a list of `(time, linktype, frame)`.
         fn feed<'py>(&mut self, py: Python<'py>, frames: &Bound<'py, PyList>, now: f64) -> PyResult<Bound<'py, PyBytes>> {
+            self.pipeline.begin_batch(now);
             for item in frames.iter() {
                 let (time, linktype, data): (f64, u32, Bound<'py, PyBytes>) = item.extract()?;
-                let frame = Frame { time, linktype, data: data.as_bytes() };
-                if self.dealer.owner(linktype, frame.data) == self.share {
-                    self.pipeline.feed_frame(&frame);
-                }
+                self.pipeline.feed_frame(&Frame { time, linktype, data: data.as_bytes() });
             }
-            self.pipeline.end_batch(now, &mut self.out);
+            self.pipeline.end_batch(&mut self.out);
             Ok(self.take_lines(py))
         }
 
         /// Up to `max_frames` of the capture's next frames; returns the lines and whether frames remain.
         fn feed_capture<'py>(&mut self, py: Python<'py>, mut capture: PyRefMut<'py, PyCaptureFile>, max_frames: usize,
                              now: f64) -> (Bound<'py, PyBytes>, bool) {
-            let file = &mut capture.file;
-            let (pipeline, dealer, share, out) = (&mut self.pipeline, &mut self.dealer, self.share, &mut self.out);
+            let (file, pipeline, out) = (&mut capture.file, &mut self.pipeline, &mut self.out);
             let more = py.detach(|| {
-                for _ in 0..max_frames {
-                    let Some(frame) = file.next_frame() else {
-                        pipeline.end_batch(now, out);
-                        return false;
-                    };
-                    if dealer.owner(frame.linktype, frame.data) == share {
-                        pipeline.feed_frame(&frame);
-                    }
+                pipeline.begin_batch(now);
+                let mut read = 0;
+                while read < max_frames {
+                    let Some(frame) = file.next_frame() else { break };
+                    pipeline.feed_frame(&frame);
+                    read += 1;
                 }
-                pipeline.end_batch(now, out);
-                true
+                pipeline.end_batch(out);
+                read == max_frames
             });
             (self.take_lines(py), more)
         }
@@ -1145,14 +1137,14 @@ mod pipeline {
         /// Up to `max_blocks` of the ring's ready blocks; returns the lines and the blocks read.
         fn feed_ring<'py>(&mut self, py: Python<'py>, mut ring: PyRefMut<'py, PyRing>, max_blocks: usize,
                           now: f64) -> (Bound<'py, PyBytes>, usize) {
-            let ring = &mut ring.ring;
-            let (pipeline, out) = (&mut self.pipeline, &mut self.out);
+            let (ring, pipeline, out) = (&mut ring.ring, &mut self.pipeline, &mut self.out);
             let blocks = py.detach(|| {
+                pipeline.begin_batch(now);
                 let mut blocks = 0;
                 while blocks < max_blocks && ring.next_block(|frame| pipeline.feed_frame(&frame)).is_some() {
                     blocks += 1;
                 }
-                pipeline.end_batch(now, out);
+                pipeline.end_batch(out);
                 blocks
             });
             (self.take_lines(py), blocks)
@@ -1160,12 +1152,14 @@ mod pipeline {
 
         /// No packets for a while: `capture_time` has passed all the same (timeouts, idle expiry).
         fn tick<'py>(&mut self, py: Python<'py>, capture_time: f64, now: f64) -> Bound<'py, PyBytes> {
-            self.pipeline.tick(capture_time, now, &mut self.out);
+            self.pipeline.begin_batch(now);
+            self.pipeline.tick(capture_time, &mut self.out);
             self.take_lines(py)
         }
 
         fn finish<'py>(&mut self, py: Python<'py>, now: f64) -> Bound<'py, PyBytes> {
-            self.pipeline.finish(now, &mut self.out);
+            self.pipeline.begin_batch(now);
+            self.pipeline.finish(&mut self.out);
             self.take_lines(py)
         }
 
@@ -1174,23 +1168,16 @@ mod pipeline {
             self.pipeline.meter.set_key_auth(KeyAuth { key_names, key_in_header, key_in_query })
         }
 
-        /// The credential table as `(sha256 digest of the key, subject, expires_at or None)`, or None while
-        /// it has not loaded (consumer subjects are then held).
-        fn set_credentials(&mut self, entries: Option<Vec<CredentialEntry>>) -> PyResult<()> {
-            let table = match entries {
-                None => None,
-                Some(entries) => {
-                    let mut rows = Vec::with_capacity(entries.len());
-                    for (digest, subject, expires_at) in entries {
-                        let digest: [u8; 32] = digest
-                            .try_into()
-                            .map_err(|_| PyValueError::new_err("a credential digest is 32 bytes (SHA-256)"))?;
-                        rows.push((digest, subject, expires_at));
-                    }
-                    Some(CredentialTable::new(rows))
-                }
-            };
-            self.pipeline.meter.set_credentials(table);
+        /// Whether a header or query subject is one of the key names (its requests stay unresolved).
+        #[getter]
+        fn subject_names_a_key(&self) -> bool {
+            self.pipeline.meter.subject_names_a_key()
+        }
+
+        /// The credential table (see `CredentialEntry`), or None while it has not loaded (consumer
+        /// subjects are then held).
+        fn set_credentials(&mut self, entries: Option<Vec<super::CredentialEntry>>) -> PyResult<()> {
+            self.pipeline.meter.set_credentials(super::credential_table(entries)?);
             Ok(())
         }
 
@@ -1200,7 +1187,7 @@ mod pipeline {
             self.pipeline.meter.counters.held
         }
 
-        /// Bytes the capture state holds now (what `max_memory` limits).
+        /// Bytes the pipeline's state holds now (what `max_memory` limits).
         #[getter]
         fn held_bytes(&self) -> usize {
             self.pipeline.held_bytes()
@@ -1208,11 +1195,7 @@ mod pipeline {
 
         /// Every counter, in the summary line's order.
         fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-            let dict = PyDict::new(py);
-            for (name, value) in self.pipeline.counters() {
-                dict.set_item(name, value)?;
-            }
-            Ok(dict)
+            super::counters_dict(py, self.pipeline.counters())
         }
     }
 }
@@ -1241,6 +1224,7 @@ fn register_pipeline(m: &Bound<'_, PyModule>) -> PyResult<()> {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    crate::pipeline::quiet_panics();
     register_source(m)?;
     register_tcp(m)?;
     register_http(m)?;

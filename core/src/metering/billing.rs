@@ -106,6 +106,19 @@ impl Meter {
         self.held_bytes
     }
 
+    /// Drops the oldest exchange waiting for the credential table (counted as an overflow, unresolved),
+    /// for the memory budget; false when none waits.
+    pub fn drop_oldest_held(&mut self) -> bool {
+        let Some(oldest) = self.held.pop_front() else {
+            return false;
+        };
+        self.held_bytes = self.held_bytes.saturating_sub(footprint(&oldest));
+        self.counters.held = self.held.len() as u64;
+        self.counters.held_overflow += 1;
+        self.counters.unresolved += 1;
+        true
+    }
+
     fn meter_one(&mut self, exchange: Exchange, now: f64, out: &mut Vec<u8>) {
         if exchange.status == 401 && !exchange.proxied_by_kong {
             self.counters.rejected += 1;

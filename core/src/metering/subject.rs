@@ -60,7 +60,12 @@ impl SubjectResolver {
     pub fn check(&mut self, key_auth: &KeyAuth) {
         self.names_a_key = match &self.rule {
             SubjectRule::Consumer => false,
-            SubjectRule::Header(field) | SubjectRule::Query(field) => {
+            SubjectRule::Header(field) => {
+                // key-auth also reads a key named `api_key` from the header `api-key` (as OpenResty does)
+                let header = |name: &str| name.to_lowercase().replace('_', "-");
+                key_auth.key_names.iter().any(|name| header(name) == header(field))
+            }
+            SubjectRule::Query(field) => {
                 let field = field.to_lowercase();
                 key_auth.key_names.iter().any(|name| name.to_lowercase() == field)
             }
@@ -118,6 +123,14 @@ impl SubjectResolver {
 mod tests {
     use super::*;
     use crate::metering::credentials::key_digest;
+
+    #[test]
+    fn a_header_subject_of_a_key_name_with_underscores_names_a_key() {
+        let key_auth = KeyAuth { key_names: vec!["api_key".to_string()], ..KeyAuth::default() };
+        assert!(SubjectResolver::new(SubjectRule::Header("api-key".to_string()), &key_auth).names_a_key());
+        assert!(SubjectResolver::new(SubjectRule::Header("API_KEY".to_string()), &key_auth).names_a_key());
+        assert!(!SubjectResolver::new(SubjectRule::Query("api-key".to_string()), &key_auth).names_a_key());
+    }
 
     fn request(target: &str, headers: &[&str]) -> Message {
         let mut head = format!("GET {target} HTTP/1.1\r\n");

@@ -56,7 +56,7 @@ impl Address {
 }
 
 /// One TCP segment, its payload borrowed from the frame.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct Segment<'a> {
     pub src: Address,
     pub sport: u16,
@@ -66,6 +66,22 @@ pub struct Segment<'a> {
     pub ack: u32,
     pub flags: u8,
     pub payload: &'a [u8],
+}
+
+/// Without the payload: it carries request heads, API keys among them.
+impl std::fmt::Debug for Segment<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("src", &self.src)
+            .field("sport", &self.sport)
+            .field("dst", &self.dst)
+            .field("dport", &self.dport)
+            .field("seq", &self.seq)
+            .field("ack", &self.ack)
+            .field("flags", &self.flags)
+            .field("payload_bytes", &self.payload.len())
+            .finish()
+    }
 }
 
 const ETH_IPV4: u16 = 0x0800;

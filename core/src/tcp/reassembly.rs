@@ -33,7 +33,7 @@ pub struct ConnectionInfo {
 }
 
 /// What happened in one direction of a connection, in stream order.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 pub enum StreamEvent<'a> {
     /// Bytes at `position`; `peer_acked` is the position in the opposite stream this segment
     /// acknowledges, or -1 when unknown.
@@ -44,6 +44,25 @@ pub enum StreamEvent<'a> {
     End { position: u64 },
     /// The connection is over (both FINs, RST, idle, evicted, shed, capture end). `to_server` is true.
     Closed,
+}
+
+/// Without the payload: it carries request heads, API keys among them.
+impl std::fmt::Debug for StreamEvent<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamEvent::Data { payload, position, peer_acked } => f
+                .debug_struct("Data")
+                .field("payload_bytes", &payload.len())
+                .field("position", position)
+                .field("peer_acked", peer_acked)
+                .finish(),
+            StreamEvent::Gap { lost, position } => {
+                f.debug_struct("Gap").field("lost", lost).field("position", position).finish()
+            }
+            StreamEvent::End { position } => f.debug_struct("End").field("position", position).finish(),
+            StreamEvent::Closed => f.write_str("Closed"),
+        }
+    }
 }
 
 /// Where the reassembler delivers its events (the HTTP stage, or a test collecting them).
