@@ -349,4 +349,33 @@ mod tests {
     fn meter_config() -> MeterConfig {
         MeterConfig { source: "gateway-1".into(), rule: SubjectRule::Consumer, max_held: 100_000 }
     }
+
+    /// ns per event for lookup and render: `cargo test --release -q metering_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn metering_speed() {
+        let keys: Vec<String> = (0..10_000).map(|n| format!("key-{n:05}")).collect();
+        let entries = keys.iter().map(|key| (key_digest(key.as_bytes()), format!("consumer-{key}"), None));
+        let mut billing = meter();
+        billing.set_credentials(Some(CredentialTable::new(entries)));
+        let exchanges: Vec<Exchange> = (0..100_000)
+            .map(|n| {
+                let mut exchange = exchange(
+                    "/orders/1234?page=2&sort=asc",
+                    &["User-Agent: curl/8.5.0", "Accept: */*", &format!("apikey: {}", keys[n % keys.len()])],
+                    200,
+                );
+                exchange.connection.client_port = 40000 + (n / 10) as u16; // ten requests per connection
+                exchange.request.start_time = START + n as f64 * 1e-5;
+                exchange.request.position = (n % 10 * 200) as u64;
+                exchange
+            })
+            .collect();
+        let mut out = Vec::with_capacity(exchanges.len() * 700);
+        let started = std::time::Instant::now();
+        billing.meter(exchanges, 0.0, &mut out);
+        let elapsed = started.elapsed();
+        assert_eq!(billing.counters.events, 100_000);
+        println!("{:.0} ns per event ({} bytes per line)", elapsed.as_nanos() as f64 / 1e5, out.len() / 100_000);
+    }
 }
