@@ -1,7 +1,8 @@
 //! The whole data plane on hostile traffic: arbitrary bytes become raw-IPv4 TCP segments of a few
 //! connections to the gateway port (flags, sequence numbers and payloads from the input) with the
 //! credential table loaded, ending with `finish`. It must never panic or count an internal error, every
-//! line it emits must be one JSON object, and no key parameter may be left in its `request_uri`.
+//! line it emits must be one JSON object, no key parameter may be left in its `request_uri`, a consumer
+//! subject is the key's consumer, and the state stays within its memory budget.
 #![no_main]
 
 use _core::metering::billing::MeterConfig;
@@ -62,6 +63,10 @@ fn names_a_key(uri: &[u8]) -> bool {
     })
 }
 
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|window| window == needle)
+}
+
 /// The `request_uri` value of an event line (up to its closing quote; escaped quotes end it early, which
 /// only shortens what is searched).
 fn request_uri(line: &[u8]) -> &[u8] {
@@ -75,7 +80,8 @@ fn request_uri(line: &[u8]) -> &[u8] {
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
-    let rule = match input.byte() % 3 {
+    let choice = input.byte() % 3;
+    let rule = match choice {
         0 => SubjectRule::Consumer,
         1 => SubjectRule::Header("x-tenant".to_string()),
         _ => SubjectRule::Query("tenant".to_string()),
@@ -87,8 +93,15 @@ fuzz_target!(|data: &[u8]| {
         max_head_bytes: 1024,
         max_memory: 64 << 10,
         meter: MeterConfig { source: "fuzz".to_string(), rule, max_held: 8 },
+        share: 0,
+        shares: 1,
     });
-    pipeline.meter.set_credentials(Some(CredentialTable::new([(key_digest(KEY), "alice".to_string(), None)])));
+    // the table loaded, or not yet (consumer subjects held, then dropped to stay within the budget)
+    let table_loaded = input.byte() & 1 == 0;
+    if table_loaded {
+        pipeline.meter.set_credentials(Some(CredentialTable::new([(key_digest(KEY), "alice".to_string(), None)])));
+    }
+    pipeline.begin_batch(1.0);
     let mut out = Vec::new();
     let mut sequences = [[1000u32, 5000u32]; 4];
     let mut time = 1.0;
@@ -107,14 +120,18 @@ fuzz_target!(|data: &[u8]| {
         pipeline.feed_frame(&Frame { time, linktype: DLT_IPV4, data: &frame(to_server, client, seq, ack, flags, payload) });
         stream[ours] = seq.wrapping_add(payload.len() as u32);
         if control & 0x80 != 0 {
-            pipeline.end_batch(time, &mut out);
+            pipeline.end_batch(&mut out);
+            assert!(pipeline.held_bytes() <= 64 << 10, "{} bytes held", pipeline.held_bytes());
         }
     }
-    pipeline.finish(time, &mut out);
+    pipeline.finish(&mut out);
     let counters = pipeline.counters();
     assert_eq!(counters.iter().find(|(name, _)| *name == "internal_errors").map(|(_, v)| *v), Some(0));
     for line in out.split(|&b| b == b'\n').filter(|line| !line.is_empty()) {
         assert!(line.starts_with(b"{\"id\":\"") && line.ends_with(b"}}"), "{}", String::from_utf8_lossy(line));
         assert!(!names_a_key(request_uri(line)), "a key parameter reached an event's request_uri");
+        if choice == 0 {
+            assert!(contains(line, b"\"subject\":\"alice\""), "a consumer subject is the key's consumer");
+        }
     }
 });
