@@ -1,5 +1,4 @@
 //! Pairs requests with responses, in order, per connection: the HTTP stage.
-//! (Ported from the Python `agent/http/exchanges.py`.)
 //!
 //! HTTP/1.x answers requests in the order they were sent, pipelined or not, so each connection keeps a
 //! queue. A response is matched to the oldest unanswered request, but only if the server had received

@@ -1,6 +1,6 @@
 //! Incremental HTTP/1.x message framing for one direction of a connection.
-//! (Ported from the Python `agent/http/parser.py`; its regular expressions are written out by hand here,
-//! each function saying which one it is.)
+//! The rules are nginx's lenient ones, as regular expressions once stated them; they are written out by
+//! hand here, each function saying which one it is.
 //!
 //! Fed bytes (and gaps) in stream order, it reports where each message's head ends and where the message
 //! ends, counting body bytes without keeping them. After a gap it cannot bridge, or a message it cannot

@@ -1,4 +1,4 @@
-//! The billing rules: which exchanges become events. (Ported from the Python `agent/metering/meter.py`.)
+//! The billing rules: which exchanges become events.
 //!
 //! One event per request whose subject resolves and whose final status is not 401 (key-auth's rejection,
 //! so a key the table still knows but the gateway has revoked is not billed; a 401 that Kong proxied from

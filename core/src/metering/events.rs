@@ -1,5 +1,5 @@
 //! The CloudEvent of one billed exchange, rendered as one JSON line, with the fields and names of Kong's
-//! Metering & Billing plugin. (Ported from the Python `agent/metering/events.py`.)
+//! Metering & Billing plugin.
 //!
 //! The line is byte for byte what the Python sinks wrote (`orjson.dumps` of the event dict): keys in the
 //! dict's order, no spaces, `"`, `\` and control characters escaped as orjson escapes them, everything

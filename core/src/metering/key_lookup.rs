@@ -1,5 +1,4 @@
 //! Where key-auth looks for the key, and how `hide_credentials` strips it from the URI.
-//! (Ported from the Python `agent/metering/key_lookup.py`.)
 //!
 //! Kong's key-auth tries each name in `key_names` in turn: the request headers first (name
 //! case-insensitive), then the query string (name case-sensitive, URL-decoded). Keys in the body

@@ -1,5 +1,4 @@
 //! The event subject, as Kong's plugin chooses it with `subject.look_up_value_in` and `subject.field`.
-//! (Ported from the Python `agent/metering/subject.py`; parsing `--subject` stays in Python.)
 
 use std::borrow::Cow;
 

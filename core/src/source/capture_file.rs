@@ -1,5 +1,4 @@
 //! Capture files: pcap or pcapng, optionally gzip-compressed, cut into records by hand a megabyte at a time.
-//! (Ported from the Python `agent/source/capture_file.py`.)
 //!
 //! A record cut short at the end of the file (a capture still being written, a truncated copy), damaged
 //! compressed data, or a record with an impossible length ends the reading; a packet that cannot be used

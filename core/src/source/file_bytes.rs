@@ -1,5 +1,4 @@
 //! The bytes of a capture file, a megabyte at a time, inflated when it is gzip-compressed.
-//! (Ported from the Python `agent/source/file_bytes.py`.)
 //!
 //! Damaged or cut-short gzip data is reported only after everything before the damage was handed over, so
 //! that the capture reader can keep the good records and count the rest. The gzip framing (header, trailer,

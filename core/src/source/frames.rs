@@ -1,5 +1,5 @@
 //! Frame decoding: link layer -> IPv4/IPv6 -> TCP. Anything that cannot be made sense of is counted,
-//! never raised. (Ported from the Python `agent/source/frames.py`; see its tests for the cases.)
+//! never raised.
 
 pub const DLT_NULL: u32 = 0;
 pub const DLT_EN10MB: u32 = 1;

@@ -1,5 +1,4 @@
 //! TCP reassembly into one ordered byte stream per direction, by sequence number.
-//! (Ported from the Python `agent/tcp/reassembly.py`; its docstrings say why it works as it does.)
 //!
 //! Not by ACK number (grouping by ACK splits messages). A hole in a stream is declared a gap as soon as
 //! the peer acknowledges bytes beyond it: the peer got them, so the capture lost them. Streams without a
