@@ -32,9 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="connections tracked at once (default 1000000); past it the least recently active"
                             " one is closed out (counted evicted_connections)")
     group.add_argument("--max-memory", type=byte_size(16 << 20, 1 << 40), default=256 << 20, metavar="SIZE",
-                       help="bound on what the capture state holds (open connections, held segments, partial"
-                            " heads), e.g. 256M (default); past it the least recently active connections are"
-                            " closed early (counted shed_connections)")
+                       help="bound on what the data plane holds (open connections, held segments, partial heads,"
+                            " waiting requests), shared by the --workers, e.g. 256M (default); past it the oldest"
+                            " requests waiting for credentials go, then the least recently active connections"
+                            " are closed early (counted held_overflow, shed_connections)")
     group.add_argument("--idle-timeout", type=seconds(), default=300.0, metavar="SECONDS",
                        help="capture time after which a silent connection is closed out")
     group.add_argument("--max-head-bytes", type=whole_number(1024, 1 << 24), default=65536,
@@ -77,12 +78,16 @@ def pipeline_from_args(args: argparse.Namespace, credentials: CredentialSync | N
     """The pipeline the flags describe; with `shares` > 1 (replay workers), it takes only the connections
     dealt to `share`."""
     key_auth = key_auth_from_args(args, credentials)
-    rule = SubjectRule.parse(args.subject, args.subject_field, key_auth().key_names)
+    gateway = credentials.key_auth if credentials is not None else None
+    # the gateway's own key names too: `--key-names` changes where the agent looks, not where Kong does
+    key_names = key_auth().key_names + (gateway.key_names if gateway is not None else ())
+    rule = SubjectRule.parse(args.subject, args.subject_field, key_names)
     if rule.look_up_value_in == "consumer" and credentials is None:
         raise SubjectError("--subject consumer needs --credentials (a decK file or the Admin API)")
     core = _core.Pipeline(
         ports=sorted(set(args.port or [8000])), source=args.source, subject=rule.look_up_value_in,
         subject_field=rule.field, max_connections=args.max_connections, idle_timeout=args.idle_timeout,
-        response_timeout=args.response_timeout, max_head_bytes=args.max_head_bytes, max_memory=args.max_memory,
+        response_timeout=args.response_timeout, max_head_bytes=args.max_head_bytes,
+        max_memory=args.max_memory // args.workers,  # one budget for the agent: each worker gets its share
         share=share, shares=shares)
     return Pipeline(core, rule, key_auth, lambda: credentials.table if credentials is not None else None)

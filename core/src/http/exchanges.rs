@@ -81,6 +81,11 @@ struct Pairing {
     tunnel_requests: bool,
     /// heap bytes of the exchanges in `pending`
     held: usize,
+    /// Final responses still to come for requests handed on unanswered when the queue overflowed: each is
+    /// that request's late answer (counted `late_responses`), never the answer of a request after it.
+    late_answers: u64,
+    /// the response being parsed is one of those
+    answering_late: bool,
 }
 
 impl Pairing {
@@ -130,6 +135,10 @@ impl Side<'_, '_> {
     /// its answer began, and let the responses pick up again at the next status line.
     fn stop_pairing(&mut self) {
         self.output.counters.unpaired_overflows += 1;
+        // the response in progress, if any, is skipped by the resync; every other unanswered one will come
+        let unanswered = self.pairing.pending.iter().filter(|waiting| !waiting.response_done).count() as u64;
+        let in_progress = u64::from(self.pairing.answering && !self.pairing.answering_late);
+        self.pairing.late_answers += unanswered.saturating_sub(in_progress);
         for waiting in self.pairing.pending.drain(..) {
             if let Some(exchange) = waiting.exchange {
                 self.output.emit(exchange, self.connection);
@@ -212,6 +221,16 @@ impl Side<'_, '_> {
 
     fn response_head(&mut self, message: Message) {
         let pairing = &mut *self.pairing;
+        pairing.response_status = message.status;
+        if pairing.late_answers > 0 {
+            pairing.answering_late = true;
+            pairing.answering = false;
+            if is_final(message.status) {
+                pairing.late_answers -= 1;
+            }
+            return;
+        }
+        pairing.answering_late = false;
         let mut answered = pairing.first_unanswered();
         if let Some(waiting) = answered.and_then(|index| pairing.pending.get(index)) {
             let acked = u64::try_from(message.peer_acked).ok();
@@ -237,6 +256,10 @@ impl Side<'_, '_> {
         let pairing = &mut *self.pairing;
         let answering = std::mem::take(&mut pairing.answering);
         let status = pairing.response_status;
+        if std::mem::take(&mut pairing.answering_late) {
+            self.output.counters.late_responses += u64::from(is_final(status));
+            return;
+        }
         let answered = pairing.first_unanswered().filter(|_| answering);
         let Some(waiting) = answered.and_then(|index| pairing.pending.get_mut(index)) else {
             self.output.counters.unmatched_responses += u64::from(is_final(status));

@@ -281,7 +281,13 @@ fn ipv6(frame: &[u8], offset: usize) -> Result<Segment<'_>, Skip> {
         position += length;
     }
     if next_header == IPV6_FRAGMENT {
-        return Err(Skip::Fragment);
+        // an atomic fragment (offset 0, no more fragments: RFC 6946) is a whole packet; others are skipped
+        let fragment = frame.get(position..position + 8).filter(|_| position + 8 <= end).ok_or(Skip::Corrupt)?;
+        if u16::from_be_bytes([fragment[2], fragment[3]]) & 0xFFF9 != 0 {
+            return Err(Skip::Fragment);
+        }
+        next_header = fragment[0];
+        position += 8;
     }
     if next_header != IPPROTO_TCP {
         return Err(Skip::NotTcp);
@@ -485,6 +491,14 @@ mod tests {
         assert!(decoder.decode(DLT_EN10MB, &later).is_none());
         assert!(decoder.decode(101, &v6).is_none());
         assert_eq!(decoder.counters, DecodeCounters { fragments: 3, ..DecodeCounters::default() });
+    }
+
+    #[test]
+    fn an_ipv6_atomic_fragment_is_a_whole_packet() {
+        let mut decoder = FrameDecoder::default();
+        let atomic = ipv6_with(&[(IPV6_FRAGMENT, vec![0, 0, 0, 0, 0, 0, 7])], IPPROTO_TCP, &segment_bytes(PAYLOAD));
+        assert_eq!(decoder.decode(101, &atomic).map(|segment| segment.payload), Some(PAYLOAD));
+        assert_eq!(decoder.counters, DecodeCounters::default());
     }
 
     fn with_byte(mut frame: Vec<u8>, index: usize, value: u8) -> Vec<u8> {

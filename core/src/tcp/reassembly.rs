@@ -115,6 +115,9 @@ const HELD_SEGMENT_OVERHEAD: usize = 2 * size_of::<(i64, Box<[u8]>)>() + 16;
 const CONNECTION_BYTES: usize = size_of::<Option<Connection>>() + (size_of::<(FourTuple, u32)>() + 1) * 8 / 7;
 // 208 + 51 = 259 bytes on 64-bit targets: keep it a few hundred.
 const _: () = assert!(CONNECTION_BYTES <= 320);
+/// What the budget counts per connection: the slab and the index grow by doubling (and a resizing index
+/// briefly holds its old table and its new one), so at times they hold twice what their entries need.
+const BUDGETED_CONNECTION_BYTES: usize = 2 * CONNECTION_BYTES;
 
 /// Stream positions are `i64` inside: the Python compared them with positions computed from sequence
 /// numbers, which may lie before position 0 (a retransmission older than the first byte seen, an ACK
@@ -588,7 +591,7 @@ impl TcpReassembler {
     /// Bytes this stage holds now: out-of-order payloads plus its per-connection state, for the budget.
     /// (The slab and the index keep the capacity of their peak, at most `max_connections`, after closes.)
     pub fn held_bytes(&self) -> usize {
-        self.pending_footprint + self.len() * CONNECTION_BYTES
+        self.pending_footprint + self.len() * BUDGETED_CONNECTION_BYTES
     }
 
     /// The open connections, least recently seen first, each with the payload bytes its two directions
@@ -1347,7 +1350,7 @@ mod tests {
         assert_eq!(positions(&h.events), (0..u64::from(HELD_SEGMENTS)).collect::<Vec<_>>());
         assert_eq!(received(&h.events, true), content);
         assert_eq!((h.counters().gaps, h.counters().duplicate_segments), (0, 0));
-        assert_eq!(h.reassembler.held_bytes(), CONNECTION_BYTES);
+        assert_eq!(h.reassembler.held_bytes(), BUDGETED_CONNECTION_BYTES);
     }
 
     #[test]
@@ -1439,13 +1442,13 @@ mod tests {
         second.handshake(&mut h, 1.0);
         second.client_sends(&mut h, second.client_at(4), data(b"held"));
         first.client_sends(&mut h, first.client_at(0), data(b"x").at(2.0));
-        assert_eq!(h.reassembler.held_bytes(), 2 * CONNECTION_BYTES + 4 + HELD_SEGMENT_OVERHEAD);
+        assert_eq!(h.reassembler.held_bytes(), 2 * BUDGETED_CONNECTION_BYTES + 4 + HELD_SEGMENT_OVERHEAD);
         let mut recorder = Recorder::default();
         assert!(h.reassembler.shed_oldest(3.0, &mut recorder));
         let shed = std::mem::take(&mut recorder.0);
         assert_eq!(kinds(&shed), [K::Gap, K::Data, K::Closed]);
         assert!(shed.iter().all(|event| event.info.client_port == 40002));
-        assert_eq!(h.reassembler.held_bytes(), CONNECTION_BYTES);
+        assert_eq!(h.reassembler.held_bytes(), BUDGETED_CONNECTION_BYTES);
         assert!(h.reassembler.shed_oldest(3.0, &mut recorder));
         assert!(!h.reassembler.shed_oldest(3.0, &mut recorder));
         assert_eq!(h.counters().shed_connections, 2);
