@@ -8,24 +8,11 @@ use _core::source::frames::Address;
 use _core::tcp::reassembly::{ConnectionInfo, StreamEvent, StreamSink};
 use libfuzzer_sys::fuzz_target;
 
+#[path = "input.rs"]
+mod input;
+use input::Input;
+
 const MAX_HEAD_BYTES: usize = 512;
-
-/// Reads the input a byte at a time, zeros once it is used up.
-struct Input<'a>(&'a [u8]);
-
-impl<'a> Input<'a> {
-    fn byte(&mut self) -> u8 {
-        let (&first, rest) = self.0.split_first().unwrap_or((&0, &[]));
-        self.0 = rest;
-        first
-    }
-
-    fn take(&mut self, length: usize) -> &'a [u8] {
-        let (taken, rest) = self.0.split_at(length.min(self.0.len()));
-        self.0 = rest;
-        taken
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);

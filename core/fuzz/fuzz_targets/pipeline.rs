@@ -15,23 +15,11 @@ use _core::source::frames::DLT_IPV4;
 use _core::tcp::reassembly::ReassemblyLimits;
 use libfuzzer_sys::fuzz_target;
 
+#[path = "input.rs"]
+mod input;
+use input::Input;
+
 const KEY: &[u8] = b"secret-key-1";
-
-struct Input<'a>(&'a [u8]);
-
-impl<'a> Input<'a> {
-    fn byte(&mut self) -> u8 {
-        let (&first, rest) = self.0.split_first().unwrap_or((&0, &[]));
-        self.0 = rest;
-        first
-    }
-
-    fn take(&mut self, length: usize) -> &'a [u8] {
-        let (taken, rest) = self.0.split_at(length.min(self.0.len()));
-        self.0 = rest;
-        taken
-    }
-}
 
 fn frame(to_server: bool, client: u8, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
     let (client_address, server_address) = ([10, 0, 0, client], [10, 0, 0, 200]);

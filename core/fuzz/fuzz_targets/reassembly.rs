@@ -9,6 +9,10 @@ use _core::source::frames::{Address, Segment};
 use _core::tcp::reassembly::{ConnectionInfo, ReassemblyLimits, StreamEvent, StreamSink, TcpReassembler};
 use libfuzzer_sys::fuzz_target;
 
+#[path = "input.rs"]
+mod input;
+use input::Input;
+
 const SERVER_PORT: u16 = 80;
 
 #[derive(Default)]
@@ -72,27 +76,12 @@ impl StreamSink for Checker {
     }
 }
 
-/// Reads the input a byte at a time, zeros once it is used up.
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn byte(&mut self) -> u8 {
-        let (&first, rest) = self.0.split_first().unwrap_or((&0, &[]));
-        self.0 = rest;
-        first
-    }
-
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes([self.byte(), self.byte(), self.byte(), self.byte()])
-    }
-
-    /// A sequence number: near the stream's start mostly, anywhere sometimes.
-    fn seq(&mut self, base: u32) -> u32 {
-        match self.byte() % 4 {
-            0 => self.u32(),
-            1 => base.wrapping_add(u32::from(self.byte()) * 256 + u32::from(self.byte())),
-            _ => base.wrapping_add(u32::from(self.byte() % 64)).wrapping_sub(8),
-        }
+/// A sequence number: near the stream's start mostly, anywhere sometimes.
+fn sequence_number(input: &mut Input<'_>, base: u32) -> u32 {
+    match input.byte() % 4 {
+        0 => input.u32(),
+        1 => base.wrapping_add(u32::from(input.byte()) * 256 + u32::from(input.byte())),
+        _ => base.wrapping_add(u32::from(input.byte() % 64)).wrapping_sub(8),
     }
 }
 
@@ -131,8 +120,8 @@ fuzz_target!(|data: &[u8]| {
                 let to_server = selector & 4 != 0;
                 let (own, peer) = if to_server { (0, 1) } else { (1, 0) };
                 let connection_bases = [bases[usize::from(selector & 3)], bases[usize::from(selector & 3) ^ 1]];
-                let seq = input.seq(connection_bases[own]);
-                let ack = input.seq(connection_bases[peer]);
+                let seq = sequence_number(&mut input, connection_bases[own]);
+                let ack = sequence_number(&mut input, connection_bases[peer]);
                 let flags = input.byte();
                 let length = usize::from(input.byte());
                 let payload = payload.get(..length).unwrap_or_default();
