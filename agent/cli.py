@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return events_command(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    options.check_arguments(parser, args)
     logging.basicConfig(level=args.log_level.upper(), format="agent: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
         if args.iface:

@@ -14,6 +14,8 @@ from agent.metering.subject import SubjectError, SubjectRule
 from agent.pipeline import Pipeline
 
 
+MIN_MEMORY_PER_WORKER = 16 << 20  # a few heads of the largest size, and a few thousand connections
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("metering")
     group.add_argument("--port", type=whole_number(1, 65535), action="append", metavar="N",
@@ -31,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-connections", type=whole_number(1, 100_000_000), default=1_000_000, metavar="N",
                        help="connections tracked at once (default 1000000); past it the least recently active"
                             " one is closed out (counted evicted_connections)")
-    group.add_argument("--max-memory", type=byte_size(16 << 20, 1 << 40), default=256 << 20, metavar="SIZE",
+    group.add_argument("--max-memory", type=byte_size(MIN_MEMORY_PER_WORKER, 1 << 40), default=256 << 20, metavar="SIZE",
                        help="bound on what the data plane holds (open connections, held segments, partial heads,"
                             " waiting requests), shared by the --workers, e.g. 256M (default); past it the oldest"
                             " requests waiting for credentials go, then the least recently active connections"
@@ -40,6 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="capture time after which a silent connection is closed out")
     group.add_argument("--max-head-bytes", type=whole_number(1024, 1 << 24), default=65536,
                        help="largest request or response head buffered (default 64 KiB)")
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What the flags must say together: each worker gets its share of `--max-memory`."""
+    if args.max_memory // args.workers < MIN_MEMORY_PER_WORKER:
+        parser.error(f"argument --max-memory: {args.workers} workers need at least"
+                     f" {args.workers * (MIN_MEMORY_PER_WORKER >> 20)}M (16M each)")
 
 
 def key_name_list(text: str) -> tuple[str, ...]:

@@ -47,3 +47,9 @@ def test_a_budget_too_small_or_malformed_is_refused_in_one_line(tmp_path):
         result = run_agent("--read", str(tmp_path / "none.pcap"), "--credentials", KONG, "--max-memory", value,
                            check=False)
         assert result.returncode == 2 and "--max-memory" in one_line_error(result)
+
+
+def test_the_workers_share_the_budget_and_each_needs_a_share_that_works(tmp_path):
+    result = run_agent("--read", str(tmp_path / "none.pcap"), "--credentials", KONG, "--max-memory", "32M",
+                       "--workers", "4", check=False)
+    assert result.returncode == 2 and "4 workers need at least 64M" in one_line_error(result)

@@ -159,10 +159,11 @@ impl Pipeline {
     }
 
     /// Keeps what the pipeline holds within `max_memory`. Finished exchanges are metered first (their
-    /// events cost nothing here); then, while still over, requests waiting for the credential table go,
-    /// oldest first (counted `held_overflow`, unresolved); then the least recently active connections
-    /// are closed early (counted `shed_connections`; what they held is handed on as on any close). A flood
-    /// of half-open requests costs the oldest of them, never the process's memory.
+    /// events cost nothing here). Then, while still over: while requests waiting for the credential table
+    /// hold more than half the budget, the oldest of them goes (counted `held_overflow`, unresolved);
+    /// otherwise the least recently active connection is closed early (counted `shed_connections`; what
+    /// it held is handed on as on any close). A flood of half-open requests costs the oldest of them, never
+    /// the process's memory, and never the finished requests waiting for the table while they fit.
     fn keep_within_budget(&mut self) {
         self.fed_since_budget_check = 0;
         if self.held_bytes() <= self.max_memory {
@@ -170,23 +171,32 @@ impl Pipeline {
         }
         let mut lines = std::mem::take(&mut self.lines);
         self.meter_finished(&mut lines);
+        self.lines = lines;
         while self.held_bytes() > self.max_memory {
-            if self.meter.drop_oldest_held() {
+            let waiting_hold_most = self.meter.held_bytes() > self.max_memory / 2;
+            if waiting_hold_most && self.meter.drop_oldest_held() {
                 continue;
             }
-            if !self.reassembler.shed_oldest(self.last_time, &mut self.http) {
+            if !self.reassembler.shed_oldest(self.last_time, &mut self.http) && !self.meter.drop_oldest_held() {
                 break;
             }
+            let mut lines = std::mem::take(&mut self.lines);
             self.meter_finished(&mut lines);
+            self.lines = lines;
         }
-        self.lines = lines;
     }
 
-    /// After a panic the stages' state may be half-updated: the connections open then are dropped and the
-    /// capture state starts afresh (the counters are kept), so that one bad frame cannot poison the rest.
+    /// After a panic the stages' state may be half-updated: what had finished is metered, the requests
+    /// still in flight are counted lost, and the capture state starts afresh (the counters are kept), so
+    /// that one bad frame cannot poison the rest.
     fn start_afresh(&mut self) {
         self.internal_errors += 1;
-        let (tcp, parser, http) = (self.reassembler.counters, self.http.parser_counters, self.http.counters);
+        let mut lines = std::mem::take(&mut self.lines);
+        self.meter_finished(&mut lines);
+        self.lines = lines;
+        let in_flight: usize = self.http.waiting().map(|(_, waiting)| waiting).sum();
+        let (tcp, parser, mut http) = (self.reassembler.counters, self.http.parser_counters, self.http.counters);
+        http.lost_exchanges += in_flight as u64;
         self.reassembler = TcpReassembler::new(&self.ports, self.limits);
         self.http = HttpExchanges::new(self.response_timeout, self.max_head_bytes);
         self.reassembler.counters = tcp;
@@ -194,9 +204,10 @@ impl Pipeline {
         self.http.counters = http;
     }
 
-    /// Bytes the pipeline's state holds now (what the budget limits).
+    /// Bytes the pipeline's state holds now (what the budget limits). The replay dealer's table is not
+    /// in it: nothing can be shed from it, and it bounds itself (`MAX_DEALT_FLOWS`, about 15 MB).
     pub fn held_bytes(&self) -> usize {
-        self.reassembler.held_bytes() + self.http.held_bytes() + self.meter.held_bytes() + self.dealer.held_bytes()
+        self.reassembler.held_bytes() + self.http.held_bytes() + self.meter.held_bytes()
     }
 
     /// Everything counted along the way, by stage, in the summary line's order.
@@ -275,10 +286,6 @@ impl ConnectionDealer {
         owner
     }
 
-    /// What the table of dealt flows holds (for the budget; it is bounded by `MAX_DEALT_FLOWS` itself).
-    fn held_bytes(&self) -> usize {
-        self.owners.capacity() * 2 * std::mem::size_of::<u32>()
-    }
 }
 
 /// Rust's default panic message can quote the data it failed on; the core's say only where they
@@ -288,7 +295,7 @@ pub fn quiet_panics() {
     panic::set_hook(Box::new(|info| {
         if !SAID.swap(true, Ordering::Relaxed) {
             let place = info.location().map_or_else(String::new, |at| format!(" at {}:{}", at.file(), at.line()));
-            eprintln!("agent: error: internal error in the core{place}; the frame is skipped and counted");
+            eprintln!("agent: error: internal error in the core{place}; counted as internal_errors, the capture goes on");
         }
     }));
 }

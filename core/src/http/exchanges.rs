@@ -137,7 +137,9 @@ impl Side<'_, '_> {
         self.output.counters.unpaired_overflows += 1;
         // the response in progress, if any, is skipped by the resync; every other unanswered one will come
         let unanswered = self.pairing.pending.iter().filter(|waiting| !waiting.response_done).count() as u64;
-        let in_progress = u64::from(self.pairing.answering && !self.pairing.answering_late);
+        let pairing = &self.pairing;
+        // (after an interim response `answering` stays set, but the final one has not begun: it will come)
+        let in_progress = u64::from(pairing.answering && !pairing.answering_late && is_final(pairing.response_status));
         self.pairing.late_answers += unanswered.saturating_sub(in_progress);
         for waiting in self.pairing.pending.drain(..) {
             if let Some(exchange) = waiting.exchange {
@@ -293,6 +295,14 @@ impl Side<'_, '_> {
     fn response_lost(&mut self) {
         let pairing = &mut *self.pairing;
         pairing.answering = false;
+        if pairing.late_answers > 0 || pairing.answering_late {
+            // the late answer of a request handed on already (see `late_answers`), lost to a gap
+            if !std::mem::take(&mut pairing.answering_late) {
+                pairing.late_answers -= 1;
+            }
+            self.output.counters.late_responses += 1;
+            return;
+        }
         let Some(index) = pairing.first_unanswered() else { return };
         let Some(waiting) = pairing.pending.get_mut(index) else { return };
         if waiting.has_request && !waiting.emitted {
@@ -614,6 +624,75 @@ mod tests {
         );
         assert!(exchange.proxied_by_kong && !exchange.answered_by_kong);
         assert_eq!(exchange.request.header(b"apikey"), Some(&b"k1"[..]));
+    }
+
+    /// `MAX_PENDING + extra` pipelined requests, each for a distinct path; the queue overflows once.
+    fn overflowing(http: &mut HttpExchanges, conversation: &mut Conversation, extra: usize) {
+        for index in 0..MAX_PENDING + extra {
+            conversation.send(http, true, 1.0, format!("GET /{index} HTTP/1.1\r\n\r\n").as_bytes());
+        }
+    }
+
+    fn response(status: u16) -> Vec<u8> {
+        format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n").into_bytes()
+    }
+
+    #[test]
+    fn after_a_queue_overflow_the_late_answers_pair_with_no_later_request() {
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        overflowing(&mut http, &mut conversation, 2);
+        let handed: Vec<Exchange> = http.take().collect();
+        assert_eq!(handed.len(), MAX_PENDING);
+        assert!(handed.iter().all(|exchange| exchange.status == 0));
+        for _ in 0..MAX_PENDING {
+            conversation.send(&mut http, false, 2.0, &response(404));
+        }
+        for _ in 0..2 {
+            conversation.send(&mut http, false, 2.0, &response(200));
+        }
+        let answered: Vec<Exchange> = http.take().collect();
+        assert_eq!(answered.iter().map(|exchange| exchange.status).collect::<Vec<_>>(), vec![200, 200]);
+        assert_eq!(answered[0].request.target, format!("/{MAX_PENDING}").into_bytes());
+        assert_eq!(http.counters.late_responses, MAX_PENDING as u64);
+    }
+
+    #[test]
+    fn an_interim_late_answer_leaves_its_final_one_to_come() {
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send(&mut http, true, 1.0, b"GET /first HTTP/1.1\r\n\r\n");
+        conversation.send(&mut http, false, 1.5, b"HTTP/1.1 100 Continue\r\n\r\n");
+        overflowing(&mut http, &mut conversation, 0);
+        http.take().for_each(drop);
+        // the first request's final answer and those of the 1023 handed on with it are late
+        for _ in 0..MAX_PENDING {
+            conversation.send(&mut http, false, 2.0, &response(404));
+        }
+        conversation.send(&mut http, false, 2.0, &response(200));
+        let answered: Vec<Exchange> = http.take().collect();
+        assert_eq!(answered.iter().map(|exchange| exchange.status).collect::<Vec<_>>(), vec![200]);
+        assert_eq!(http.counters.late_responses, MAX_PENDING as u64);
+    }
+
+    #[test]
+    fn a_late_answer_lost_to_a_gap_costs_no_later_request_its_answer() {
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        overflowing(&mut http, &mut conversation, 1);
+        http.take().for_each(drop);
+        conversation.send(&mut http, false, 2.0, &response(404));
+        let position = conversation.sent[1];
+        let lost = response(404).len() as u64;
+        http.event(&conversation.info, false, 2.0, StreamEvent::Gap { lost, position });
+        conversation.sent[1] += lost;
+        for _ in 2..MAX_PENDING {
+            conversation.send(&mut http, false, 2.0, &response(404));
+        }
+        conversation.send(&mut http, false, 2.0, &response(200));
+        let answered: Vec<Exchange> = http.take().collect();
+        assert_eq!(answered.iter().map(|exchange| exchange.status).collect::<Vec<_>>(), vec![200]);
+        assert_eq!(http.counters.lost_exchanges, 0);
     }
 
     #[test]
