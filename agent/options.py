@@ -99,4 +99,5 @@ def pipeline_from_args(args: argparse.Namespace, credentials: CredentialSync | N
         response_timeout=args.response_timeout, max_head_bytes=args.max_head_bytes,
         max_memory=args.max_memory // args.workers,  # one budget for the agent: each worker gets its share
         share=share, shares=shares)
-    return Pipeline(core, rule, key_auth, lambda: credentials.table if credentials is not None else None)
+    return Pipeline(core, rule, key_auth, lambda: credentials.table if credentials is not None else None,
+                    lambda: credentials.key_auth if credentials is not None else None)

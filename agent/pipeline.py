@@ -22,11 +22,14 @@ TableSource = Callable[[], "CredentialTable | None"]
 
 
 class Pipeline:
-    def __init__(self, core: _core.Pipeline, rule: SubjectRule, key_auth: KeyAuthSource, table: TableSource) -> None:
+    def __init__(self, core: _core.Pipeline, rule: SubjectRule, key_auth: KeyAuthSource, table: TableSource,
+                 gateway_key_auth: Callable[[], KeyAuthConfig | None] = lambda: None) -> None:
         self.core = core
         self.rule = rule
         self._key_auth = key_auth
         self._table = table
+        self._gateway_key_auth = gateway_key_auth  # the gateway's own settings, before flags override them
+        self._pushed_gateway: object = None
         self._pushed_key_auth: KeyAuthConfig | None = None
         self._pushed_table: object = object()
         self._logged = {"held_overflow": 0, "internal_errors": 0}
@@ -70,6 +73,11 @@ class Pipeline:
             self._pushed_key_auth = key_auth
             self.core.set_key_auth(list(key_auth.key_names), key_auth.key_in_header, key_auth.key_in_query)
             self._check_rule()
+        gateway = self._gateway_key_auth()
+        if gateway is not self._pushed_gateway:
+            self._pushed_gateway = gateway
+            if self.core.set_gateway_key_names(list(gateway.key_names) if gateway is not None else []):
+                self._check_rule()
         table = self._table()
         if table is not self._pushed_table:
             self._pushed_table = table

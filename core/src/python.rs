@@ -1168,6 +1168,11 @@ mod pipeline {
             self.pipeline.meter.set_key_auth(KeyAuth { key_names, key_in_header, key_in_query })
         }
 
+        /// The key names the gateway's key-auth reads (where flags override the agent's); true if changed.
+        fn set_gateway_key_names(&mut self, key_names: Vec<String>) -> bool {
+            self.pipeline.meter.set_gateway_key_names(key_names)
+        }
+
         /// Whether a header or query subject is one of the key names (its requests stay unresolved).
         #[getter]
         fn subject_names_a_key(&self) -> bool {

@@ -39,6 +39,7 @@ pub struct Meter {
     max_held: usize,
     resolver: SubjectResolver,
     key_auth: KeyAuth,
+    gateway_key_names: Vec<String>,
     table: Option<CredentialTable>,
     held: VecDeque<Exchange>,
     held_bytes: usize,
@@ -54,6 +55,7 @@ impl Meter {
             max_held: config.max_held,
             resolver: SubjectResolver::new(config.rule, &key_auth),
             key_auth,
+            gateway_key_names: Vec::new(),
             table: None,
             held: VecDeque::new(),
             held_bytes: 0,
@@ -68,9 +70,25 @@ impl Meter {
         if key_auth == self.key_auth {
             return false;
         }
-        self.resolver.check(&key_auth);
         self.key_auth = key_auth;
+        self.check_rule();
         true
+    }
+
+    /// The key names the gateway's key-auth itself reads, where flags (`--key-names`) changed where the
+    /// agent looks: a subject that is one of them still carries API keys. True if they changed.
+    pub fn set_gateway_key_names(&mut self, names: Vec<String>) -> bool {
+        if names == self.gateway_key_names {
+            return false;
+        }
+        self.gateway_key_names = names;
+        self.check_rule();
+        true
+    }
+
+    fn check_rule(&mut self) {
+        let key_names = self.key_auth.key_names.iter().chain(&self.gateway_key_names).cloned().collect();
+        self.resolver.check(&KeyAuth { key_names, ..self.key_auth.clone() });
     }
 
     /// The header or query subject names one of key-auth's key names, so requests stay unresolved: a
@@ -239,6 +257,19 @@ mod tests {
         meter.meter(exchanges, 0.0, &mut out);
         assert!(out.is_empty() || out.ends_with(b"\n"));
         uris(&out)
+    }
+
+    #[test]
+    fn a_header_subject_of_one_of_the_gateways_own_key_names_stays_unresolved() {
+        let mut meter = Meter::new(MeterConfig {
+            source: "gw".to_string(),
+            rule: SubjectRule::Header("apikey".to_string()),
+            max_held: 10,
+        });
+        meter.set_key_auth(KeyAuth { key_names: vec!["x".to_string()], ..KeyAuth::default() });
+        assert!(!meter.subject_names_a_key());
+        assert!(meter.set_gateway_key_names(vec!["apikey".to_string()]));
+        assert!(meter.subject_names_a_key());
     }
 
     #[test]
