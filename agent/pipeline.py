@@ -34,10 +34,6 @@ class Pipeline:
         self._pushed_table: object = object()
         self._logged = {"held_overflow": 0, "internal_errors": 0}
 
-    def feed(self, frames: list[tuple[float, int, bytes]]) -> bytes:
-        """A batch of frames; returns the JSON Lines of the events it completed."""
-        return self._after(self.core.feed(frames, self._sync()))
-
     def feed_capture(self, capture: _core.CaptureFile, max_frames: int) -> tuple[bytes, bool]:
         """The capture's next frames (the core reads them itself, without the GIL); also whether any remain."""
         lines, more = self.core.feed_capture(capture, max_frames, self._sync())

@@ -1062,18 +1062,17 @@ fn register_metering(m: &Bound<'_, PyModule>) -> PyResult<()> {
 
 mod pipeline {
     use pyo3::prelude::*;
-    use pyo3::types::{PyBytes, PyDict, PyList};
+    use pyo3::types::{PyBytes, PyDict};
 
     use super::{PyCaptureFile, PyRing};
     use crate::metering::billing::MeterConfig;
     use crate::metering::key_lookup::KeyAuth;
     use crate::pipeline::{Pipeline, PipelineConfig};
-    use crate::source::capture_file::Frame;
     use crate::tcp::reassembly::ReassemblyLimits;
 
-    /// The whole data plane. Each call takes a batch (frames, a capture file's next frames, a ring's ready
-    /// blocks) and returns the JSON Lines of the events it completed, as one `bytes`; the GIL is released
-    /// while a capture or a ring is read. `now` is the credential table's clock (key expiry).
+    /// The whole data plane. Each call takes a batch (a capture file's next frames, a ring's ready blocks)
+    /// and returns the JSON Lines of the events it completed, as one `bytes`; the GIL is released while
+    /// it reads a capture or a ring. `now` is the credential table's clock (key expiry).
     #[pyclass(name = "Pipeline", module = "agent._core")]
     pub struct PyPipeline {
         pipeline: Pipeline,
@@ -1103,17 +1102,6 @@ mod pipeline {
             let config =
                 PipelineConfig { ports, limits, response_timeout, max_head_bytes, max_memory, meter, share, shares };
             Ok(PyPipeline { pipeline: Pipeline::new(config), out: Vec::new() })
-        }
-
-        /// Frames given as a list of `(time, linktype, frame)`.
-        fn feed<'py>(&mut self, py: Python<'py>, frames: &Bound<'py, PyList>, now: f64) -> PyResult<Bound<'py, PyBytes>> {
-            self.pipeline.begin_batch(now);
-            for item in frames.iter() {
-                let (time, linktype, data): (f64, u32, Bound<'py, PyBytes>) = item.extract()?;
-                self.pipeline.feed_frame(&Frame { time, linktype, data: data.as_bytes() });
-            }
-            self.pipeline.end_batch(&mut self.out);
-            Ok(self.take_lines(py))
         }
 
         /// Up to `max_frames` of the capture's next frames; returns the lines and whether frames remain.
