@@ -74,10 +74,10 @@ impl Ring {
         if self.base.is_null() || block >= self.block_count {
             return None;
         }
-        // SAFETY: `block < block_count` and `offset + 4 <= BLOCK_HEADER <= block_bytes`, so the word lies in
-        // the map, which lives as long as `self`; it is 4-aligned (the map is page-aligned, block_bytes a
-        // multiple of 8, offset a multiple of 4). The kernel and other processes change it concurrently,
-        // which is why it is only touched through an atomic.
+        // `block < block_count` and `offset + 4 <= BLOCK_HEADER <= block_bytes`, so the word lies in the map,
+        // which lives as long as `self`; the map is page-aligned, block_bytes a multiple of 8 and offset of 4.
+        // SAFETY: an in-bounds, 4-aligned word of a live map; the kernel and other processes change it
+        // concurrently, which is why it is only ever touched through an atomic.
         Some(unsafe { AtomicU32::from_ptr(self.base.add(block * self.block_bytes + offset).cast()) })
     }
 
@@ -94,9 +94,10 @@ impl Ring {
         if !self.is_ready(self.next) {
             return None;
         }
-        // SAFETY: the block lies in the map (`next < block_count`, checked by `is_ready`), and while its
-        // status says TP_STATUS_USER the kernel writes none of it until the status is set back below, after
-        // this slice's last use; another process sharing the map only reads the status word.
+        // The block lies in the map (`next < block_count`, checked by `is_ready`); another process sharing
+        // the map only reads the status word.
+        // SAFETY: while the status says TP_STATUS_USER the kernel writes none of the block, until the status
+        // is set back below, after this slice's last use.
         let block = unsafe { std::slice::from_raw_parts(self.base.add(self.next * self.block_bytes), self.block_bytes) };
         let word = |offset: usize| {
             block.get(offset..offset + 4).map(|bytes| u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
