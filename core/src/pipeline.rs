@@ -53,7 +53,7 @@ pub struct Pipeline {
     fed_since_budget_check: usize,
     /// the credential table's clock as the batch began (key expiry)
     now: f64,
-    /// events metered in the middle of a batch (to free what their exchanges held), handed out with it
+    /// the batch's events so far (some metered mid-batch, to free what their exchanges held)
     lines: Vec<u8>,
     /// Frames or batches whose processing panicked: a bug, never expected; counted and logged rather than
     /// fatal, and the capture state is started afresh, since a panic may have left it half-updated.
@@ -122,8 +122,7 @@ impl Pipeline {
 
     /// Appends to `out` the JSON Lines of every exchange finished since the last call.
     pub fn end_batch(&mut self, out: &mut Vec<u8>) {
-        out.append(&mut self.lines);
-        self.meter_finished(out);
+        self.meter_finished();
         self.keep_within_budget();
         out.append(&mut self.lines);
     }
@@ -146,11 +145,11 @@ impl Pipeline {
         self.http.expire(now);
     }
 
-    /// The finished exchanges' events into `out`. A panic while metering loses the rest of this call's
-    /// exchanges (counted as an internal error), never a line half-written.
-    fn meter_finished(&mut self, out: &mut Vec<u8>) {
+    /// The finished exchanges' events, appended to `lines`. A panic while metering loses the rest of this
+    /// call's exchanges (counted as an internal error), never a line half-written.
+    fn meter_finished(&mut self) {
+        let (meter, http, now, out) = (&mut self.meter, &mut self.http, self.now, &mut self.lines);
         let start = out.len();
-        let (meter, http, now) = (&mut self.meter, &mut self.http, self.now);
         if panic::catch_unwind(AssertUnwindSafe(|| meter.meter(http.take(), now, out))).is_err() {
             let whole = out[start..].iter().rposition(|&byte| byte == b'\n').map_or(start, |end| start + end + 1);
             out.truncate(whole);
@@ -169,9 +168,7 @@ impl Pipeline {
         if self.held_bytes() <= self.max_memory {
             return;
         }
-        let mut lines = std::mem::take(&mut self.lines);
-        self.meter_finished(&mut lines);
-        self.lines = lines;
+        self.meter_finished();
         while self.held_bytes() > self.max_memory {
             let waiting_hold_most = self.meter.held_bytes() > self.max_memory / 2;
             if waiting_hold_most && self.meter.drop_oldest_held() {
@@ -180,9 +177,7 @@ impl Pipeline {
             if !self.reassembler.shed_oldest(self.last_time, &mut self.http) && !self.meter.drop_oldest_held() {
                 break;
             }
-            let mut lines = std::mem::take(&mut self.lines);
-            self.meter_finished(&mut lines);
-            self.lines = lines;
+            self.meter_finished();
         }
     }
 
@@ -191,9 +186,7 @@ impl Pipeline {
     /// that one bad frame cannot poison the rest.
     fn start_afresh(&mut self) {
         self.internal_errors += 1;
-        let mut lines = std::mem::take(&mut self.lines);
-        self.meter_finished(&mut lines);
-        self.lines = lines;
+        self.meter_finished();
         let in_flight: usize = self.http.waiting().map(|(_, waiting)| waiting).sum();
         let (tcp, parser, mut http) = (self.reassembler.counters, self.http.parser_counters, self.http.counters);
         http.lost_exchanges += in_flight as u64;
