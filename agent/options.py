@@ -6,15 +6,15 @@ import argparse
 import socket
 from collections.abc import Callable
 
+from agent import _core
 from agent.credentials.key_auth import KeyAuthConfig
 from agent.credentials.sync import CredentialSync
-from agent import _core
 from agent.flags import byte_size, not_empty, seconds, whole_number
 from agent.metering.subject import SubjectError, SubjectRule
 from agent.pipeline import Pipeline
 
-
 MIN_MEMORY_PER_WORKER = 16 << 20  # a few heads of the largest size, and a few thousand connections
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("metering")
@@ -33,11 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-connections", type=whole_number(1, 100_000_000), default=1_000_000, metavar="N",
                        help="connections tracked at once (default 1000000); past it the least recently active"
                             " one is closed out (counted evicted_connections)")
-    group.add_argument("--max-memory", type=byte_size(MIN_MEMORY_PER_WORKER, 1 << 40), default=256 << 20, metavar="SIZE",
+    group.add_argument("--max-memory", type=byte_size(MIN_MEMORY_PER_WORKER, 1 << 40), default=256 << 20,
+                       metavar="SIZE",
                        help="bound on what the data plane holds (open connections, held segments, partial heads,"
                             " waiting requests), shared by the --workers, e.g. 256M (default); past it the oldest"
-                            " requests waiting for credentials go, then the least recently active connections"
-                            " are closed early (counted held_overflow, shed_connections)")
+                            " requests waiting for credentials go while they hold more than half of it, else the"
+                            " least recently active connections are closed early (counted held_overflow,"
+                            " shed_connections)")
     group.add_argument("--idle-timeout", type=seconds(), default=300.0, metavar="SECONDS",
                        help="capture time after which a silent connection is closed out")
     group.add_argument("--max-head-bytes", type=whole_number(1024, 1 << 24), default=65536,
@@ -47,8 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What the flags must say together: each worker gets its share of `--max-memory`."""
     if args.max_memory // args.workers < MIN_MEMORY_PER_WORKER:
-        parser.error(f"argument --max-memory: {args.workers} workers need at least"
-                     f" {args.workers * (MIN_MEMORY_PER_WORKER >> 20)}M (16M each)")
+        each = MIN_MEMORY_PER_WORKER >> 20
+        parser.error(f"argument --max-memory: {args.workers} workers need at least {args.workers * each}M"
+                     f" ({each}M each)")
 
 
 def key_name_list(text: str) -> tuple[str, ...]:
