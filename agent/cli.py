@@ -13,6 +13,7 @@ from agent.credentials.errors import CredentialError
 from agent.flags import FlagParser, not_empty
 from agent.live import options as live_options
 from agent.metering.subject import SubjectError
+from agent.observe import server as observe_options
 from agent.sink import options as sink_options
 from agent.sink.events_command import events_command
 
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_arguments(parser)
     live_options.add_arguments(parser)
     credential_options.add_arguments(parser)
+    observe_options.add_arguments(parser)
     return parser
 
 
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     options.check_arguments(parser, args)
+    if args.metrics_listen and args.read:
+        parser.error("--metrics-listen goes with live capture (--iface), not --read")
     logging.basicConfig(level=args.log_level.upper(), format="agent: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
         if args.iface:
