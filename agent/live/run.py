@@ -16,8 +16,8 @@ import argparse
 import logging
 import os
 import signal
-import sys
 
+from agent import logs
 from agent.credentials.sync import CredentialSync
 from agent.live.capture import StopFlag, capture, nothing, yield_cpu
 from agent.live.cpu_share import CATCH_UP_NICE, allow_return_after_privilege_drop, can_take_priority_back
@@ -27,7 +27,7 @@ from agent.live.startup_checks import (Link, LiveCaptureError, check_ring_memory
                                        socket_error)
 from agent.observe.server import Monitor
 from agent.options import pipeline_from_args
-from agent.pipeline import Pipeline, summary_line
+from agent.pipeline import Pipeline
 from agent.sink import Sink
 from agent.sink.datadir import hand_over
 from agent.sink.options import state_dirs
@@ -91,7 +91,7 @@ def _capture_until_stopped(args: argparse.Namespace, link: Link, ports: set[int]
         counters, clean = run_workers(rings, args, credentials, stop, sink, where, status)
     sink.close()  # in live capture a spool is not waited for: what it holds is sent at the next start
     delivery = sink.counters()
-    print(summary_line({**counters, **delivery}), file=sys.stderr)
+    logs.summary({**counters, **delivery})
     return 0 if clean else 1
 
 
