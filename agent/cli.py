@@ -21,7 +21,8 @@ from agent.sink.events_command import events_command
 log = logging.getLogger("agent")
 
 USAGE = """%(prog)s (--read FILE | --iface NAME) [--credentials SOURCE] [--port N] [options]
-       %(prog)s events [--since WHEN] [--subject NAME] [--json] [options]"""
+       %(prog)s events [--since WHEN] [--subject NAME] [--json] [options]
+       %(prog)s doctor [the options of a start]"""
 
 EPILOG = """\
 `agent events --help` shows the events kept in the local store; `agent doctor` checks what a start needs.
@@ -72,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["events"]:
         return events_command(argv[1:])
+    if argv[:1] == ["doctor"]:
+        from agent.doctor import doctor
+
+        return doctor(build_parser(), argv[1:])
     parser = build_parser()
     args = config.parse_args(parser, argv, os.environ)
     options.check_arguments(parser, args)
