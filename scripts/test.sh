@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs what the tests need (nginx, tcpdump, curl, wrk, and systemd for systemd-analyze, from Debian; the agent with its test extras, which
-# builds the Rust core) and runs the whole suite: the core's own units (cargo test), clippy with warnings as
-# errors, then pytest. Run as root: the live-capture tests open AF_PACKET sockets.
+# Installs what the tests need (nginx, tcpdump, curl, wrk and systemd's systemd-analyze from Debian; the agent
+# with its test extras, which builds the Rust core) and runs the whole suite: the core's own units (cargo test),
+# clippy with warnings as errors, then pytest. Run as root: the live-capture tests open AF_PACKET sockets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
