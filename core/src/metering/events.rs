@@ -359,7 +359,7 @@ fn push_padded(out: &mut Vec<u8>, value: u64, width: usize) {
 /// A JSON string as orjson writes it: `"` and `\` escaped, control characters as `\b \t \n \f \r` or
 /// `\u00xx`, the rest as is. `latin1`: the bytes are Latin-1 text, so 0x80..0xFF become two UTF-8 bytes;
 /// otherwise they are UTF-8 already.
-fn push_string(out: &mut Vec<u8>, bytes: &[u8], latin1: bool) {
+pub(crate) fn push_string(out: &mut Vec<u8>, bytes: &[u8], latin1: bool) {
     out.push(b'"');
     let mut plain_from = 0;
     for (i, &byte) in bytes.iter().enumerate() {

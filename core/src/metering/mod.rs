@@ -5,4 +5,5 @@ pub mod billing;
 pub mod credentials;
 pub mod events;
 pub mod key_lookup;
+pub mod routes;
 pub mod subject;
