@@ -101,7 +101,13 @@ pub struct Routes {
     owners: HashMap<Uuid, usize>,
     reads: Reads,
     context: Context<'static>,
+    /// what recent requests matched, by what the routes read of them (Kong's router caches the same way)
+    cache: HashMap<Vec<u8>, Option<usize>>,
+    key: Vec<u8>,
 }
+
+/// Requests whose match is remembered; beyond it the cache starts afresh (bounded, and cheap to keep).
+const CACHED_MATCHES: usize = 4096;
 
 impl Routes {
     /// The routes, in the order Kong created them; also one line for each route that could not be used
@@ -151,7 +157,8 @@ impl Routes {
             });
         }
         let reads = reads_of(&router);
-        let routes = Routes { router, routes, owners, reads, context: Context::new(schema()) };
+        let context = Context::new(schema());
+        let routes = Routes { router, routes, owners, reads, context, cache: HashMap::new(), key: Vec::new() };
         (routes, refused)
     }
 
@@ -169,6 +176,41 @@ impl Routes {
 
     /// The index of the route this request hits; None is Kong's `404 no Route matched`.
     pub fn route_of(&mut self, request: &Message, server_port: u16) -> Option<usize> {
+        self.cache_key(request, server_port);
+        if let Some(&cached) = self.cache.get(&self.key[..]) {
+            return cached;
+        }
+        let matched = self.matching(request, server_port);
+        if self.cache.len() >= CACHED_MATCHES {
+            self.cache.clear();
+        }
+        self.cache.insert(self.key.clone(), matched);
+        matched
+    }
+
+    /// Everything of the request the match depends on: method, target up to its query, `Host`, the
+    /// server's port, and the values of the headers the routes read.
+    fn cache_key(&mut self, request: &Message, server_port: u16) {
+        let key = &mut self.key;
+        key.clear();
+        let target = &request.target;
+        key.extend_from_slice(&request.method);
+        key.push(0);
+        key.extend_from_slice(&target[..memchr::memchr(b'?', target).unwrap_or(target.len())]);
+        key.push(0);
+        key.extend_from_slice(request.header(b"host").unwrap_or_default());
+        key.push(0);
+        key.extend_from_slice(&server_port.to_be_bytes());
+        for (_, name) in &self.reads.headers {
+            for value in header_values(&request.head, name) {
+                key.push(0);
+                key.extend_from_slice(value);
+            }
+            key.push(1);
+        }
+    }
+
+    fn matching(&mut self, request: &Message, server_port: u16) -> Option<usize> {
         let context = &mut self.context;
         context.reset();
         let reads = &self.reads;
@@ -682,6 +724,21 @@ mod tests {
             String::from_utf8(event_fields(&bare)).unwrap(),
             r#""route_id":"r-2","route_name":null,"service_id":null,"service_name":null,"service_port":null,"service_protocol":null"#
         );
+    }
+
+    #[test]
+    fn remembered_matches_tell_apart_what_the_routes_read() {
+        let spec = RouteSpec { headers: vec![("x-version".to_string(), vec!["v2".to_string()])], ..paths("v2", &["/"]) };
+        let mut r = routes(vec![spec, paths("rest", &["/"])]);
+        for _ in 0..3 {
+            assert_eq!(hit(&mut r, "GET", "/a?x=1", &["X-Version: v2"]).as_deref(), Some("v2"));
+            assert_eq!(hit(&mut r, "GET", "/a?x=2", &["X-Version: v1"]).as_deref(), Some("rest"));
+            assert_eq!(hit(&mut r, "GET", "/a", &[]).as_deref(), Some("rest"));
+        }
+        for n in 0..(CACHED_MATCHES + 10) {
+            assert_eq!(hit(&mut r, "GET", &format!("/n/{n}"), &["X-Version: v2"]).as_deref(), Some("v2"));
+        }
+        assert!(r.cache.len() <= CACHED_MATCHES);
     }
 
     #[test]
