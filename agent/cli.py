@@ -11,8 +11,11 @@ from agent._core import CaptureError
 from agent.credentials import options as credential_options
 from agent.credentials.errors import CredentialError
 from agent.flags import FlagParser, not_empty
+from agent.gateway import options as gateway_options
+from agent.gateway.errors import GatewayConfigError
 from agent.live import options as live_options
 from agent.metering.subject import SubjectError
+from agent.sink import Sink
 from agent.sink import options as sink_options
 from agent.sink.events_command import events_command
 
@@ -55,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_arguments(parser)
     live_options.add_arguments(parser)
     credential_options.add_arguments(parser)
+    gateway_options.add_arguments(parser)
     return parser
 
 
@@ -65,19 +69,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     options.check_arguments(parser, args)
+    gateway_options.check_arguments(parser, args)
     logging.basicConfig(level=args.log_level.upper(), format="agent: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
         if args.iface:
             credential_options.refuse_missing_deck_file(args)
         credentials = credential_options.credentials_from_args(args)
+
+        def open_sink() -> Sink:
+            """Once the credentials (and with them the plugin's endpoint) are loaded."""
+            gateway_options.adopt_plugin_delivery(args, credentials)
+            return sink_options.sink_from_args(args)
+
         if args.iface:
             from agent.live.run import run_live
 
-            return run_live(args, credentials, sink_options.sink_from_args(args))
+            if credentials is not None:
+                credentials.load_at_start()
+            return run_live(args, credentials, open_sink())
         from agent.replay import replay
 
-        return replay(args, credentials, lambda: sink_options.sink_from_args(args))
-    except (sink_options.SinkConfigError, credential_options.MissingDeckFile) as error:
+        return replay(args, credentials, open_sink)
+    except (sink_options.SinkConfigError, credential_options.MissingDeckFile, GatewayConfigError) as error:
         print(f"agent: error: {error}", file=sys.stderr)
         return 2
     except (CaptureError, CredentialError, SubjectError, OSError) as error:
