@@ -182,6 +182,8 @@ def _status_codes(codes: object, where: str) -> tuple[tuple[int, int], ...] | No
 
 def _shown(name: object) -> str:
     """A field name as a message may show it: a name is not a value, but a mangled file may put anything
-    where a name goes, so only a short, plain one is shown."""
+    where a name goes (a pasted token), so only one shaped like a setting's name is shown: short, words
+    and underscores, hardly any digits."""
     text = str(name)
-    return text if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", text) else "(a field)"
+    shaped = re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,47}", text) and sum(ch.isdigit() for ch in text) <= 2
+    return text if shaped else "(a field not shown: it does not look like a name)"
