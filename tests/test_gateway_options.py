@@ -253,3 +253,17 @@ def test_entries_naming_two_endpoints_are_refused_with_one_line(tmp_path):
     flagged = args_for("--credentials", deck, "--ingest-endpoint", "https://a.example/v3/openmeter/events")
     with pytest.raises(GatewayConfigError):
         gateway_options.adopt_plugin_delivery(flagged, sync, {})
+
+
+def test_live_start_tries_once_refusing_a_bad_configuration_and_riding_out_an_outage(tmp_path, caplog):
+    bad = with_entries(tmp_path, {"subject": {"look_up_value_in": "application"}})
+    with pytest.raises(GatewayConfigError):
+        credentials_from_args(args_for("--credentials", bad)).load_at_start()
+    args = args_for("--credentials", "http://127.0.0.1:9")  # nothing listens: an outage, not a refusal
+    sync = credentials_from_args(args)
+    with caplog.at_level(logging.WARNING):
+        sync.load_at_start()
+        gateway_options.adopt_plugin_delivery(args, sync)
+    assert not sync.ready and args.ingest_endpoint is None
+    assert "retrying with backoff" in caplog.text
+    assert "could not be read at start: events go to the local store" in caplog.text

@@ -80,11 +80,15 @@ def adopt_plugin_delivery(args: argparse.Namespace, credentials: CredentialSync 
     (`args.ingest_endpoint`); `args.plugin_api_token` is the entries' token for that endpoint, if any.
     Read once, at start: a later change of endpoint needs a restart."""
     args.plugin_api_token = None
+    if credentials is not None and not credentials.ready and not args.ingest_endpoint and not args.output:
+        log.warning("the gateway's configuration could not be read at start: events go to the local store, even"
+                    " if its %s entries name an ingest endpoint (give --ingest-endpoint)", NAME)
+        return
     config = credentials.gateway if credentials is not None else None
     endpoint, token = _plugin_delivery(config, environ)
     if endpoint is None:
         return
-    if not args.ingest_endpoint and not getattr(args, "output", None):
+    if not args.ingest_endpoint and not args.output:
         args.ingest_endpoint = endpoint
         log.info("events go to the ingest endpoint the %s entries name: %s", NAME, shown_url(endpoint))
     if args.ingest_endpoint == endpoint and token is not None:
