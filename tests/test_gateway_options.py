@@ -247,8 +247,9 @@ def test_entries_naming_two_endpoints_are_refused_with_one_line(tmp_path):
     deck = with_entries(tmp_path, {"ingest_endpoint": "https://a.example/v3/openmeter/events"},
                         {"ingest_endpoint": "https://b.example/v3/openmeter/events"})
     sync, _ = loaded("--credentials", deck)
-    with pytest.raises(GatewayConfigError, match=r"name 2 different ingest endpoints \(.*kong.yaml: plugins\[1\] and "
-                                                 r".*kong.yaml: plugins\[2\]\); the agent sends to one: give --ingest-endpoint$"):
+    with pytest.raises(GatewayConfigError, match=r"name 2 different ingest endpoints \(.*kong.yaml: plugins\[1\] "
+                                                 r"and .*kong.yaml: plugins\[2\]\); the agent sends to one: "
+                                                 r"give --ingest-endpoint$"):
         gateway_options.adopt_plugin_delivery(args_for("--credentials", deck), sync, {})
     flagged = args_for("--credentials", deck, "--ingest-endpoint", "https://a.example/v3/openmeter/events")
     with pytest.raises(GatewayConfigError):

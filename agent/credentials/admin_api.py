@@ -98,7 +98,8 @@ class AdminApiSource:
             plugins = self._readable(pages, "/plugins", lambda: list(pages.items("/plugins")))
             key_auth, metering = gateway.read_plugins(pages, plugins or [])
             services = self._readable(pages, "/services", lambda: gateway.read_services(pages))
-            routes = self._readable(pages, "/routes", lambda: gateway.read_routes(pages)) if services is not None else None
+            routes = (self._readable(pages, "/routes", lambda: gateway.read_routes(pages))
+                      if services is not None else None)
         config = gateway.gateway_config(*(services or ([], set())), routes or [], (key_auth, metering), consumers)
         return Snapshot(builder.build(), merge(i.config for i in key_auth) if plugins is not None else None,
                         skipped, config)
