@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from agent import options
+from agent import config, logs, options
 from agent._core import CaptureError
 from agent.credentials import options as credential_options
 from agent.credentials.errors import CredentialError
@@ -15,6 +16,7 @@ from agent.gateway import options as gateway_options
 from agent.gateway.errors import GatewayConfigError
 from agent.live import options as live_options
 from agent.metering.subject import SubjectError
+from agent.observe import server as observe_options
 from agent.sink import Sink
 from agent.sink import options as sink_options
 from agent.sink.events_command import events_command
@@ -22,10 +24,15 @@ from agent.sink.events_command import events_command
 log = logging.getLogger("agent")
 
 USAGE = """%(prog)s (--read FILE | --iface NAME) [--credentials SOURCE] [--port N] [options]
-       %(prog)s events [--since WHEN] [--subject NAME] [--json] [options]"""
+       %(prog)s events [--since WHEN] [--subject NAME] [--json] [options]
+       %(prog)s doctor [the options of a start]"""
 
 EPILOG = """\
-`agent events --help` shows the events kept in the local store.
+`agent events --help` shows the events kept in the local store; `agent doctor` checks what a start needs.
+
+configuration: each flag can also be set by its long name in the --config FILE (YAML: `iface: eth0`,
+`port: [8000, 8443]`, `no-yield-cpu: true`) or in the environment as $AGENT_<FLAG> (AGENT_IFACE=eth0,
+AGENT_RING_MB=512, AGENT_CONFIG=FILE). Precedence: a flag given > the environment > the file.
 
 exit status of a replay (--read):
   0    every event written (for --ingest-endpoint: acknowledged) from a clean capture
@@ -55,10 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write events as JSON Lines to PATH ('-': stdout)")
     sink_options.add_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=logs.LOG_FORMATS,
+                        help="json: one object a line (time, level, logger, message, fields), for log shippers")
     options.add_arguments(parser)
     live_options.add_arguments(parser)
     credential_options.add_arguments(parser)
     gateway_options.add_arguments(parser)
+    observe_options.add_arguments(parser)
+    config.add_arguments(parser)
     return parser
 
 
@@ -66,11 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["events"]:
         return events_command(argv[1:])
+    if argv[:1] == ["doctor"]:
+        from agent.doctor import doctor
+
+        return doctor(build_parser(), argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = config.parse_args(parser, argv, os.environ)
     options.check_arguments(parser, args)
     gateway_options.check_arguments(parser, args)
-    logging.basicConfig(level=args.log_level.upper(), format="agent: %(levelname)s: %(message)s", stream=sys.stderr)
+    if args.metrics_listen and args.read:
+        parser.error("--metrics-listen goes with live capture (--iface), not --read")
+    logs.configure(args.log_level, args.log_format)
     try:
         if args.iface:
             credential_options.refuse_missing_deck_file(args)
@@ -91,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return replay(args, credentials, open_sink)
     except (sink_options.SinkConfigError, credential_options.MissingDeckFile, GatewayConfigError) as error:
-        print(f"agent: error: {error}", file=sys.stderr)
+        logs.error(str(error))
         return 2
     except (CaptureError, CredentialError, SubjectError, OSError) as error:
-        print(f"agent: error: {error}", file=sys.stderr)
+        logs.error(str(error))
         return 1
     except KeyboardInterrupt:
         return 130

@@ -11,9 +11,38 @@ from collections.abc import Callable
 from typing import NoReturn
 
 
+class FlagError(ValueError):
+    """A flag's value is refused (raised by `FlagParser.given(..., raising=True)`)."""
+
+
 class FlagParser(argparse.ArgumentParser):
+    _raising = False
+
     def error(self, message: str) -> NoReturn:
+        if self._raising:
+            raise FlagError(message)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def given(self, argv: list[str], *, raising: bool = False) -> dict[str, object]:
+        """What `argv` sets, by dest, parsed and checked as usual but without defaults, and without asking for
+        what the rest of the command line may still give (a required mode): the config file and the
+        environment complete it. With `raising`, a refused value raises FlagError instead of exiting."""
+        unset = object()
+        repeatable = {action.dest for action in self._actions if isinstance(action, argparse._AppendAction)}
+        namespace = argparse.Namespace(**{action.dest: None if action.dest in repeatable else unset
+                                          for action in self._actions if action.dest != argparse.SUPPRESS})
+        required = [group for group in self._mutually_exclusive_groups if group.required]
+        for group in required:
+            group.required = False
+        self._raising = raising
+        try:
+            self.parse_args(argv, namespace)
+        finally:
+            self._raising = False
+            for group in required:
+                group.required = True
+        return {dest: value for dest, value in vars(namespace).items()
+                if value is not unset and not (dest in repeatable and value is None)}
 
 
 def whole_number(low: int, high: int) -> Callable[[str], int]:

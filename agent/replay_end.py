@@ -14,11 +14,10 @@ tells the ways apart:
 from __future__ import annotations
 
 import signal
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from agent.pipeline import summary_line
+from agent import logs
 from agent.sink import Sink
 from agent.sink.ingest import IngestSink
 
@@ -94,22 +93,21 @@ def finish(path: str, counters: dict[str, int], delivery: dict[str, int], *, exi
            stop: Interrupted | None = None, gave_up: str | None = None) -> int:
     """Print the summary and what is left where; returns the exit status."""
     damaged = counters.pop(DAMAGED_RECORDS, 0)
-    print(summary_line({**counters, **delivery}), file=sys.stderr)
+    logs.summary({**counters, **delivery})
     if gave_up:
-        print(f"agent: error: {gave_up}; the replay stopped before the end of {path}", file=sys.stderr)
+        logs.error(f"{gave_up}; the replay stopped before the end of {path}")
     if damaged:
-        print(f"agent: error: {path} is damaged: {damaged} record{'' if damaged == 1 else 's'} could not be read;"
-              " every event that could be was written", file=sys.stderr)
+        logs.error(f"{path} is damaged: {damaged} record{'' if damaged == 1 else 's'} could not be read;"
+                   " every event that could be was written")
     pending = delivery.get("pending", 0)
     if pending and (not exit_when_spooled or stop is not None or gave_up):
-        print(f"agent: error: {pending} events are still in the spool, not yet acknowledged; the next start"
-              " sends them", file=sys.stderr)
+        logs.error(f"{pending} events are still in the spool, not yet acknowledged; the next start sends them")
     if stop is not None:
         return stop.exit_status
     if (pending and not exit_when_spooled) or gave_up:
         return EXIT_UNDELIVERED
     if delivery.get("dead_lettered"):
-        print(f"agent: error: the ingest endpoint refused {delivery['dead_lettered']} events as invalid; they are"
-              " in the dead-letter file, not delivered", file=sys.stderr)
+        logs.error(f"the ingest endpoint refused {delivery['dead_lettered']} events as invalid; they are"
+                   " in the dead-letter file, not delivered")
         return EXIT_UNDELIVERED
     return EXIT_DAMAGED if damaged else 0

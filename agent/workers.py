@@ -65,7 +65,8 @@ def spawn(count: int, work: Callable[[int, Connection], int]) -> dict[Connection
     return children
 
 
-COUNTERS = b"C"  # marks a worker's last message, its counters; every other message is events as JSON Lines
+COUNTERS = b"C"  # marks a worker's last message, its counters
+PROGRESS = b"P"  # marks a live worker's report for monitoring; every other message is events as JSON Lines
 
 
 def send_events(connection: Connection, lines: bytes) -> None:
@@ -77,8 +78,18 @@ def send_counters(connection: Connection, counters: dict[str, int]) -> None:
     connection.send_bytes(COUNTERS + orjson.dumps(counters))
 
 
-def receive(message: bytes, totals: dict[str, int]) -> bytes | None:
-    """The events (JSON Lines) a message carries, or None for a worker's counters (added into `totals`)."""
+def send_progress(connection: Connection, report: dict) -> None:
+    connection.send_bytes(PROGRESS + orjson.dumps(report))
+
+
+def receive(message: bytes, totals: dict[str, int],
+            progress: Callable[[dict], None] | None = None) -> bytes | None:
+    """The events (JSON Lines) a message carries, or None for a worker's counters (added into `totals`) or
+    its report (handed to `progress`)."""
+    if message[:1] == PROGRESS:
+        if progress is not None:
+            progress(orjson.loads(message[1:]))
+        return None
     if message[:1] != COUNTERS:
         return message
     for name, value in orjson.loads(message[1:]).items():

@@ -54,6 +54,7 @@ class CredentialSync:
         self._polled_fingerprint: object = _NEVER_TRIED  # ... and at the last check for a change
         self._failures = 0  # consecutive failed tries: non-zero during an outage
         self._outage_started = 0.0
+        self.loaded_at: float | None = None  # wall-clock time of the last good load (monitoring: its age)
 
     @property
     def table(self) -> CredentialTable | None:
@@ -183,6 +184,7 @@ class CredentialSync:
         with self._install_lock:
             previous = self._snapshot
             self._snapshot = snapshot
+            self.loaded_at = time.time()
             table_change = describe_change(previous.table if previous else None, snapshot.table)
             skipped = f"; {snapshot.skipped} listed credentials cannot be mapped" if snapshot.skipped else ""
             if table_change:

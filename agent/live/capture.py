@@ -4,11 +4,14 @@ then the ring is drained and the connections still open are closed out."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 
 from agent.credentials.sync import CredentialSync
 from agent.live.cpu_share import catch_up_priority, start_watcher, stop_watcher
+from agent.observe.status import Report
+from agent.observe.tables import table_statuses
 from agent.pipeline import Pipeline
 from agent.source.packet_ring import PacketRing
 
@@ -20,6 +23,7 @@ DRAIN_SECONDS = 6.0         # after a stop signal, the longest spent reading wha
 BLOCKS_PER_CALL = 16        # ring blocks the core reads per call (their events are emitted together)
 
 Emit = Callable[[bytes], None]  # events as JSON Lines
+Reporter = Callable[[Report], None]  # monitoring: where the loop's counters go once a second
 
 
 class StopFlag:
@@ -50,11 +54,14 @@ def nothing() -> None:
 
 
 def capture(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | None, stop: StopFlag,
-            emit: Emit, on_stop: Callable[[], None], label: str = "") -> dict[str, int]:
-    """Ring -> pipeline -> `emit(events)` until stopped, then drain and close out; returns the counters."""
+            emit: Emit, on_stop: Callable[[], None], label: str = "", report: Reporter | None = None) -> dict[str, int]:
+    """Ring -> pipeline -> `emit(events)` until stopped, then drain and close out; returns the counters.
+    With `report`, what the summary line would say goes there too, at the start and once a second."""
     if credentials is not None:
         credentials.start()  # a first load that fails is retried; events wait for the table meanwhile
     try:
+        if report is not None:
+            report(_report(ring, pipeline, credentials))
         next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
         truncated = 0
         while stop.signal is None:
@@ -67,6 +74,8 @@ def capture(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | 
             if now >= next_housekeeping:
                 next_housekeeping = now + HOUSEKEEPING_SECONDS
                 truncated = _watch_kernel(ring, label, truncated)
+                if report is not None:
+                    report(_report(ring, pipeline, credentials))
                 if not blocks:  # caught up: let time pass, so timeouts and idle expiry still happen
                     events = pipeline.tick(time.time())
                     if events:
@@ -83,12 +92,22 @@ def capture(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | 
     if pipeline.held:
         log.warning("%s%d requests were still waiting for the credential table and are not metered",
                     label, pipeline.held)
+    return _counters(ring, pipeline, unread)
+
+
+def _counters(ring: PacketRing, pipeline: Pipeline, unread: int) -> dict[str, int]:
+    """The summary line's counters of this capture (the kernel's as last read)."""
     counters = pipeline.counters()
     counters["corrupt_packets"] += ring.truncated
     counters["kernel_packets"] = ring.statistics.packets
     counters["kernel_drops"] = ring.statistics.drops
     counters["unread_packets"] = unread
     return counters
+
+
+def _report(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | None) -> Report:
+    return {"counters": _counters(ring, pipeline, 0), "ring_fill": ring.ready_fraction(),
+            "tables": table_statuses(credentials), "pid": os.getpid()}
 
 
 def _drain(ring: PacketRing, pipeline: Pipeline, emit: Emit, deadline: float, label: str) -> int:

@@ -15,10 +15,11 @@ from multiprocessing.connection import Connection, wait
 from agent.credentials.sync import CredentialSync
 from agent.live.capture import POLL_MS, StopFlag, capture, nothing, yield_cpu
 from agent.live.cpu_share import catch_up_priority
+from agent.observe.status import LiveStatus
 from agent.options import pipeline_from_args
 from agent.sink import Sink
 from agent.source.packet_ring import PacketRing
-from agent.workers import receive, send_counters, send_events, spawn
+from agent.workers import receive, send_counters, send_events, send_progress, spawn
 
 log = logging.getLogger("agent.live")
 
@@ -26,12 +27,15 @@ WORKER_EXIT_SECONDS = 8.5   # after forwarding a stop, the longest the parent wa
 
 
 def run_workers(rings: list[PacketRing], args: argparse.Namespace, credentials: CredentialSync | None,
-                stop: StopFlag, sink: Sink, where: str) -> tuple[dict[str, int], bool]:
+                stop: StopFlag, sink: Sink, where: str,
+                status: LiveStatus | None = None) -> tuple[dict[str, int], bool]:
+    """With `status`, each worker reports to it once a second (through its pipe)."""
+
     def work(index: int, writer: Connection) -> int:
         for other in rings:
             if other is not rings[index]:
                 other.close()
-        return _worker(index + 1, rings[index], args, credentials, stop, writer)
+        return _worker(index + 1, rings[index], args, credentials, stop, writer, reporting=status is not None)
 
     children = spawn(len(rings), work)
     # the parent yields along with its workers: it only has work when they do
@@ -39,26 +43,30 @@ def run_workers(rings: list[PacketRing], args: argparse.Namespace, credentials: 
     for ring in rings:
         ring.close()  # the workers' copies are the ones in use
     log.info("%s", where)
-    return _collect(children, stop, sink, on_stop)
+    return _collect(children, stop, sink, on_stop, status)
 
 
 def _worker(number: int, ring: PacketRing, args: argparse.Namespace, credentials: CredentialSync | None,
-            stop: StopFlag, connection: Connection) -> int:
-    """One worker's capture; its events and, last, its counters go to the parent as JSON."""
+            stop: StopFlag, connection: Connection, reporting: bool) -> int:
+    """One worker's capture; its events, its reports when `reporting` and, last, its counters go to the
+    parent as JSON."""
 
     on_stop = catch_up_priority if args.yield_cpu else nothing
     try:
         counters = capture(ring, pipeline_from_args(args, credentials), credentials, stop,
-                           lambda events: send_events(connection, events), on_stop, label=f"worker {number}: ")
+                           lambda events: send_events(connection, events), on_stop, label=f"worker {number}: ",
+                           report=(lambda report: send_progress(connection, report)) if reporting else None)
         send_counters(connection, counters)
     except (BrokenPipeError, ConnectionResetError):
         return 1  # the parent is gone
     return 0
 
 
-def _collect(children: dict[Connection, int], stop: StopFlag, sink: Sink,
-             on_stop: Callable[[], None]) -> tuple[dict[str, int], bool]:
-    """Events to the sink as they come; counters summed. A worker that fails stops them all."""
+def _collect(children: dict[Connection, int], stop: StopFlag, sink: Sink, on_stop: Callable[[], None],
+             status: LiveStatus | None) -> tuple[dict[str, int], bool]:
+    """Events to the sink as they come; counters summed; reports to `status`. A worker that fails stops
+    them all."""
+    numbers = {reader: number for number, reader in enumerate(children, 1)}
     totals: dict[str, int] = {}
     reported: set[Connection] = set()
     clean = True
@@ -89,7 +97,8 @@ def _collect(children: dict[Connection, int], stop: StopFlag, sink: Sink,
                         log.error("a worker (pid %d) ended unexpectedly; stopping", pid)
                         stop.signal = signal.SIGTERM
                 continue
-            events = receive(message, totals)
+            progress = (lambda report, number=numbers[reader]: status.update(number, report)) if status else None
+            events = receive(message, totals, progress)
             if events is not None:
                 sink.write(events)
             else:

@@ -16,8 +16,8 @@ import argparse
 import logging
 import os
 import signal
-import sys
 
+from agent import logs
 from agent.credentials.sync import CredentialSync
 from agent.live.capture import StopFlag, capture, nothing, yield_cpu
 from agent.live.cpu_share import CATCH_UP_NICE, allow_return_after_privilege_drop, can_take_priority_back
@@ -25,8 +25,9 @@ from agent.live.fanout import run_workers
 from agent.live.privileges import drop_privileges, user_entry
 from agent.live.startup_checks import (Link, LiveCaptureError, check_ring_memory, interface_link, report_listeners,
                                        socket_error)
+from agent.observe.server import Monitor
 from agent.options import pipeline_from_args
-from agent.pipeline import summary_line
+from agent.pipeline import Pipeline
 from agent.sink import Sink
 from agent.sink.datadir import hand_over
 from agent.sink.options import state_dirs
@@ -46,6 +47,20 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, sink:
     check_ring_memory(args.ring_mb << 20, args.workers)
     if args.user:
         user_entry(args.user)
+    stop = StopFlag()
+    # listening before the rings open: a busy port fails first, and a port below 1024 works with --user
+    monitor = (Monitor(args.metrics_listen, args.workers, sink, lambda: stop.signal is not None)
+               if args.metrics_listen else None)
+    try:
+        return _capture_until_stopped(args, link, ports, pipeline, credentials, sink, stop, monitor)
+    finally:
+        if monitor is not None:
+            monitor.close()
+
+
+def _capture_until_stopped(args: argparse.Namespace, link: Link, ports: set[int], pipeline: Pipeline,
+                           credentials: CredentialSync | None, sink: Sink, stop: StopFlag,
+                           monitor: Monitor | None) -> int:
     rings = open_rings(link, ports, args.workers, args.ring_mb << 20)
     try:
         report_listeners(ports)
@@ -60,22 +75,23 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, sink:
         for ring in rings:
             ring.close()
         raise
-    stop = StopFlag()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
     where = (f"capturing on {link.interface} (ports {', '.join(map(str, sorted(ports)))}; "
              f"{len(rings)} x {rings[0].ring_bytes >> 20} MiB ring)")
+    status = monitor.status if monitor is not None else None
     if len(rings) == 1:
         on_stop = yield_cpu([(os.getpid(), rings[0])]) if args.yield_cpu else nothing
         log.info("%s", where)
-        counters = capture(rings[0], pipeline, credentials, stop, sink.write, on_stop)
+        counters = capture(rings[0], pipeline, credentials, stop, sink.write, on_stop,
+                           report=(lambda report: status.update(1, report)) if status is not None else None)
         rings[0].close()
         clean = True
     else:
-        counters, clean = run_workers(rings, args, credentials, stop, sink, where)
+        counters, clean = run_workers(rings, args, credentials, stop, sink, where, status)
     sink.close()  # in live capture a spool is not waited for: what it holds is sent at the next start
     delivery = sink.counters()
-    print(summary_line({**counters, **delivery}), file=sys.stderr)
+    logs.summary({**counters, **delivery})
     return 0 if clean else 1
 
 

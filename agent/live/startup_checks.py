@@ -79,20 +79,26 @@ def socket_error(interface: str, error: OSError) -> LiveCaptureError:
 def report_listeners(ports: set[int]) -> None:
     """Log who listens on each gateway port, or warn that nobody does yet."""
     try:
-        connections = psutil.net_connections(kind="tcp")
+        listeners = listening_pids(ports)
     except (psutil.Error, OSError) as error:
         log.warning("cannot list listening sockets (%s); capturing anyway", type(error).__name__)
         return
-    listeners: dict[int, set[int | None]] = {port: set() for port in ports}
-    for connection in connections:
-        if connection.status == psutil.CONN_LISTEN and connection.laddr and connection.laddr.port in ports:
-            listeners[connection.laddr.port].add(connection.pid)
     for port in sorted(ports):
         pids = listeners[port]
         if not pids:
             log.warning("nothing is listening on port %d yet; capturing anyway", port)
             continue
         log.info("port %d: %s", port, describe_listener(pids))
+
+
+def listening_pids(ports: set[int]) -> dict[int, set[int | None]]:
+    """For each port, the processes listening on it (None: not visible to this user); psutil.Error or
+    OSError when the sockets cannot be listed."""
+    listeners: dict[int, set[int | None]] = {port: set() for port in ports}
+    for connection in psutil.net_connections(kind="tcp"):
+        if connection.status == psutil.CONN_LISTEN and connection.laddr and connection.laddr.port in ports:
+            listeners[connection.laddr.port].add(connection.pid)
+    return listeners
 
 
 def describe_listener(pids: set[int | None]) -> str:

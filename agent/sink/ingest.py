@@ -93,6 +93,13 @@ class IngestSettings:
     fsync_interval: float = 1.0
 
 
+@dataclass(frozen=True)
+class SpoolStatus:
+    bytes_used: int
+    max_bytes: int
+    oldest_event: bytes | None  # the first event not yet acknowledged, as spooled
+
+
 class DeliveryStalled(Exception):
     """A replay waited `give_up_after` seconds for room in the spool without the endpoint acknowledging
     anything; the message is one line for the user. `counters`: the replay's, when it stopped."""
@@ -140,6 +147,7 @@ class IngestSink:
         )
         self._delivered = 0
         self._retried = 0
+        self._batches: dict[str, int] = {}  # batches sent, by the answer's status class
         self._dropped_full = 0
         self._last_drop_log = 0.0
         self._failing_since: float | None = None
@@ -227,6 +235,14 @@ class IngestSink:
             "spooled_bytes": self._spool.bytes_used,
             "pending": self._spool.pending_events,
         }
+
+    def batches_by_status(self) -> dict[str, int]:
+        """Batches sent so far, by the status class of the answer (`2xx`, `4xx`, ...; `no_answer`), for
+        monitoring."""
+        return dict(self._batches)
+
+    def spool_status(self) -> SpoolStatus:
+        return SpoolStatus(self._spool.bytes_used, self._spool.max_bytes, self._spool.oldest_pending())
 
     # -- delivery thread ------------------------------------------------------------------------------
 
@@ -316,8 +332,13 @@ class IngestSink:
         try:
             response = self._client.post(self.settings.endpoint, content=body, headers=headers)
         except httpx.RequestError as exc:
+            self._count_batch("no_answer")
             return Answer(Outcome.UNAVAILABLE, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        self._count_batch(f"{response.status_code // 100}xx")
         return self._classify(response)
+
+    def _count_batch(self, status_class: str) -> None:
+        self._batches[status_class] = self._batches.get(status_class, 0) + 1
 
     def _classify(self, response: httpx.Response) -> Answer:
         status = response.status_code

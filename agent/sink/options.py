@@ -172,7 +172,7 @@ def _ingest_sink(args: argparse.Namespace, data_dir: Path) -> IngestSink:
         wait_for_ack=replay and not args.exit_when_spooled,
         ack_timeout=args.ack_timeout,
         give_up_after=args.give_up_after or None,
-        verify=_tls_verification(args),
+        verify=tls_verification(args),
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per batch would drown the rest
     try:
@@ -183,7 +183,7 @@ def _ingest_sink(args: argparse.Namespace, data_dir: Path) -> IngestSink:
         raise SinkConfigError(f"cannot open the spool {spool_dir}: {exc.strerror or exc}") from None
 
 
-def _tls_verification(args: argparse.Namespace) -> bool | ssl.SSLContext:
+def tls_verification(args: argparse.Namespace) -> bool | ssl.SSLContext:
     if args.ingest_ca_file is None:
         return not args.insecure_skip_tls_verify
     try:

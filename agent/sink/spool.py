@@ -336,6 +336,26 @@ class Spool:
     def pending_events(self) -> int:
         return self._pending
 
+    def oldest_pending(self) -> bytes | None:
+        """The first event not yet acknowledged, read from disk (for monitoring its age), or None when there
+        is none. A file of its own, not the delivery thread's reader."""
+        with self._cond:
+            if self._closed or not self._pending:
+                return None
+            acked = self._acked
+            segments = [(number, size) for number, size in self._segments.items() if number >= acked.segment]
+        for number, size in segments:
+            offset = acked.offset if number == acked.segment else 0
+            if offset >= size:
+                continue
+            try:
+                with open(self._segment_path(number), "rb") as segment:
+                    segment.seek(offset)
+                    return segment.readline(min(size - offset, MAX_SEGMENT_BYTES)).rstrip(b"\n")
+            except FileNotFoundError:  # acknowledged and reclaimed meanwhile
+                continue
+        return None
+
     @property
     def is_full(self) -> bool:
         return self._full_since is not None
