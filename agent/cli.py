@@ -12,9 +12,12 @@ from agent._core import CaptureError
 from agent.credentials import options as credential_options
 from agent.credentials.errors import CredentialError
 from agent.flags import FlagParser, not_empty
+from agent.gateway import options as gateway_options
+from agent.gateway.errors import GatewayConfigError
 from agent.live import options as live_options
 from agent.metering.subject import SubjectError
 from agent.observe import server as observe_options
+from agent.sink import Sink
 from agent.sink import options as sink_options
 from agent.sink.events_command import events_command
 
@@ -64,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_arguments(parser)
     live_options.add_arguments(parser)
     credential_options.add_arguments(parser)
+    gateway_options.add_arguments(parser)
     observe_options.add_arguments(parser)
     config.add_arguments(parser)
     return parser
@@ -80,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = config.parse_args(parser, argv, os.environ)
     options.check_arguments(parser, args)
+    gateway_options.check_arguments(parser, args)
     if args.metrics_listen and args.read:
         parser.error("--metrics-listen goes with live capture (--iface), not --read")
     logs.configure(args.log_level, args.log_format)
@@ -87,14 +92,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.iface:
             credential_options.refuse_missing_deck_file(args)
         credentials = credential_options.credentials_from_args(args)
+
+        def open_sink() -> Sink:
+            """Once the credentials (and with them the plugin's endpoint) are loaded."""
+            gateway_options.adopt_plugin_delivery(args, credentials)
+            return sink_options.sink_from_args(args)
+
         if args.iface:
             from agent.live.run import run_live
 
-            return run_live(args, credentials, sink_options.sink_from_args(args))
+            if credentials is not None:
+                credentials.load_at_start()
+            return run_live(args, credentials, open_sink())
         from agent.replay import replay
 
-        return replay(args, credentials, lambda: sink_options.sink_from_args(args))
-    except (sink_options.SinkConfigError, credential_options.MissingDeckFile) as error:
+        return replay(args, credentials, open_sink)
+    except (sink_options.SinkConfigError, credential_options.MissingDeckFile, GatewayConfigError) as error:
         logs.error(str(error))
         return 2
     except (CaptureError, CredentialError, SubjectError, OSError) as error:

@@ -10,6 +10,7 @@ from agent import _core
 from agent.credentials.key_auth import KeyAuthConfig
 from agent.credentials.sync import CredentialSync
 from agent.flags import byte_size, not_empty, seconds, whole_number
+from agent.gateway.options import gateway_from_args
 from agent.metering.subject import SubjectError, SubjectRule
 from agent.pipeline import Pipeline
 
@@ -24,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="key-auth's key_names (default: the gateway's, else apikey)")
     group.add_argument("--no-key-in-header", action="store_true", help="as key-auth's key_in_header=false")
     group.add_argument("--no-key-in-query", action="store_true", help="as key-auth's key_in_query=false")
-    group.add_argument("--subject", default="consumer", metavar="consumer|header:NAME|query:NAME",
-                       help="Kong's subject.look_up_value_in with subject.field (default consumer)")
+    group.add_argument("--subject", metavar="consumer|header:NAME|query:NAME",
+                       help="Kong's subject.look_up_value_in with subject.field (default: each metering-and-billing"
+                            " entry's own, else consumer); given, it replaces every entry's subject")
     group.add_argument("--source", type=not_empty, default=socket.gethostname(),
                        help="the events' CloudEvents source, stable per gateway host (default: the host name)")
     group.add_argument("--response-timeout", type=seconds(), default=60.0, metavar="SECONDS",
@@ -93,7 +95,7 @@ def pipeline_from_args(args: argparse.Namespace, credentials: CredentialSync | N
     gateway = credentials.key_auth if credentials is not None else None
     # the gateway's own key names too: `--key-names` changes where the agent looks, not where Kong does
     key_names = key_auth().key_names + (gateway.key_names if gateway is not None else ())
-    rule = SubjectRule.parse(args.subject, args.subject_field, key_names)
+    rule = SubjectRule.parse(args.subject or "consumer", args.subject_field, key_names)
     if rule.look_up_value_in == "consumer" and credentials is None:
         raise SubjectError("--subject consumer needs --credentials (a decK file or the Admin API)")
     core = _core.Pipeline(
@@ -103,4 +105,5 @@ def pipeline_from_args(args: argparse.Namespace, credentials: CredentialSync | N
         max_memory=args.max_memory // args.workers,  # one budget for the agent: each worker gets its share
         share=share, shares=shares)
     return Pipeline(core, rule, key_auth, lambda: credentials.table if credentials is not None else None,
-                    lambda: credentials.key_auth if credentials is not None else None)
+                    lambda: credentials.key_auth if credentials is not None else None,
+                    gateway_from_args(args, credentials))

@@ -1,8 +1,9 @@
 """The data plane as the control plane drives it: the core's pipeline, kept in step with the gateway.
 
 Every stage runs in the Rust core (`agent._core.Pipeline`): frames in, JSON Lines of events out, one call
-per batch. What changes while the agent runs (key-auth's settings, the credential table) lives in
-Python; before each batch this wrapper pushes into the core whatever of it has changed since the last.
+per batch. What changes while the agent runs (key-auth's settings, the credential table, the gateway's
+routes and Metering & Billing entries) lives in Python; before each batch this wrapper pushes into the
+core whatever of it has changed since the last.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ log = logging.getLogger("agent.pipeline")
 
 KeyAuthSource = Callable[[], KeyAuthConfig]
 TableSource = Callable[[], "CredentialTable | None"]
+GatewaySource = Callable[[], "dict | None"]
 
 
 class Pipeline:
     def __init__(self, core: _core.Pipeline, rule: SubjectRule, key_auth: KeyAuthSource, table: TableSource,
-                 gateway_key_auth: Callable[[], KeyAuthConfig | None] = lambda: None) -> None:
+                 gateway_key_auth: Callable[[], KeyAuthConfig | None] = lambda: None,
+                 gateway: GatewaySource = lambda: None) -> None:
         self.core = core
         self.rule = rule
         self._key_auth = key_auth
@@ -32,6 +35,8 @@ class Pipeline:
         self._pushed_gateway: object = None
         self._pushed_key_auth: KeyAuthConfig | None = None
         self._pushed_table: object = object()
+        self._gateway = gateway  # routes and plugin entries, as `_core.Pipeline.set_gateway` takes them
+        self._pushed_config: object = None
         self._logged = {"held_overflow": 0, "internal_errors": 0}
 
     def feed_capture(self, capture: _core.CaptureFile, max_frames: int) -> tuple[bytes, bool]:
@@ -74,6 +79,12 @@ class Pipeline:
             self._pushed_gateway = gateway
             if self.core.set_gateway_key_names(list(gateway.key_names) if gateway is not None else []):
                 self._check_rule()
+        config = self._gateway()
+        if config is not self._pushed_config:
+            self._pushed_config = config
+            for refused in self.core.set_gateway(config):
+                log.warning("%s; requests it would match are not metered (counted no_route)", refused)
+            self._check_rule()
         table = self._table()
         if table is not self._pushed_table:
             self._pushed_table = table

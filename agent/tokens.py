@@ -10,25 +10,40 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Protocol
 
 
 class TokenError(ValueError):
     """The token cannot be read or is malformed; the message never contains the token."""
 
 
+class Fallback(Protocol):
+    """Where a token comes from when neither the file nor the variable gives one (the plugin's api_token)."""
+
+    def describe(self) -> str: ...
+
+    def read(self) -> str: ...
+
+
 class TokenSource:
     def __init__(self, path: Path | None, env_name: str, label: str,
-                 environ: Mapping[str, str] | None = None) -> None:
+                 environ: Mapping[str, str] | None = None, fallback: Fallback | None = None) -> None:
         self.path = path
         self.env_name = env_name
         self.label = label  # what the token is, for messages: "API token", "admin token"
         self._environ = environ
+        self._fallback = fallback
 
     def describe(self) -> str:
-        return f"{self.label} file {self.path}" if self.path else f"${self.env_name}"
+        if self.path:
+            return f"{self.label} file {self.path}"
+        if self._fallback is not None:
+            return f"${self.env_name}, else {self._fallback.describe()}"
+        return f"${self.env_name}"
 
     def read(self) -> str | None:
-        """The current token (the file when given, else the environment), or None when none is configured."""
+        """The current token (the file when given, else the environment, else the fallback), or None when
+        none is configured."""
         if self.path is not None:
             try:
                 raw = self.path.read_text(encoding="utf-8")
@@ -41,7 +56,7 @@ class TokenSource:
         if not token:
             if self.path is not None:
                 raise TokenError(f"{self.label} file {self.path} is empty")
-            return None
+            return self._fallback.read() if self._fallback is not None else None
         if not all(0x21 <= ord(ch) <= 0x7E for ch in token):  # what an HTTP header can carry
             raise TokenError(f"the {self.label} from {self.describe()} holds characters a header cannot carry")
         return token

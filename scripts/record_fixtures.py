@@ -35,6 +35,7 @@ from pathlib import Path
 
 import dpkt
 import httpx
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kong_standin import DEFAULT_DECK_FILE, KongStandin, StandinError, load_consumers, strip_key_params  # noqa: E402
@@ -260,6 +261,86 @@ def scenario_http10(t: Traffic) -> None:
     t.raw(_request("GET", f"/orders?{KEY_NAME}={CAROL_NEW}", {}, version="1.0"), requests=1)
 
 
+TUTORIAL_DECK = DEFAULT_DECK_FILE.with_name("kong-tutorial.yaml")
+TUTORIAL_ALICE, TUTORIAL_BOB = "alice-key", "bob-key-41d2e8"
+
+
+def scenario_routes(t: Traffic) -> None:
+    """Kong's metering tutorial behind the stand-in's routes: the plugin's service (attributes, its status
+    filter), a service without the plugin, a request no route matches, a 401, a route on its own host whose
+    entry takes the subject from a header, and one connection crossing two routes."""
+    alice, bob = f"{KEY_NAME}: {TUTORIAL_ALICE}", f"{KEY_NAME}: {TUTORIAL_BOB}"
+    t.fetch("-H", alice, "-H", "X-Department: engineering", t.url("/anything?project=apollo"))
+    t.fetch("-H", alice, t.url("/anything/deep/path"))
+    t.fetch("-H", bob, "-H", "Content-Type: application/json", "--data-binary", '{"sku":"SKU-0001"}',
+            t.url("/anything"))
+    for code in (404, 500, 429):  # the plugin bills 200-299 and 404 only
+        t.fetch("-H", alice, t.url(f"/status/{code}"))
+    t.fetch("-H", alice, t.url("/orders/17"))  # orders has no plugin: not metered
+    t.fetch("-H", bob, "-H", "X-Department: sales", t.url("/orders"))
+    t.fetch("-H", alice, t.url("/nowhere"))  # no route: Kong's 404, before key-auth
+    t.fetch(t.url("/anything"))  # no key: 401
+    t.fetch("-H", bob, "-H", "Host: billing.example.com", "-H", "X-Tenant-Id: tenant-9", t.url("/invoices"))
+    t.fetch("-H", alice, "-H", "Host: billing.example.com", t.url("/anything"))  # no tenant: no subject
+    t.curl("-o", "/dev/null", "-o", "/dev/null", "-H", alice, "-H", "X-Department: research",
+           t.url("/anything?project=zeus&page=2"), t.url("/orders/18"), requests=2)
+
+
+def tutorial_entities() -> tuple[dict[str, dict], dict[str, dict]]:
+    """Routes and services of the tutorial's decK file, by name, as the truth names them."""
+    state = yaml.safe_load(TUTORIAL_DECK.read_text(encoding="utf-8"))
+    routes, services = {}, {}
+    for service in state["services"]:
+        services[service["name"]] = service
+        for route in service.get("routes") or []:
+            routes[route["name"]] = {**route, "service": service["name"]}
+    return routes, services
+
+
+def tutorial_event(checked: Checked) -> dict | None:
+    """What Kong's plugin sends for one request of the tutorial's setup, from nginx's log line: which
+    location (route) answered, the consumer key-auth resolved, and the decK file's plugin entries, written
+    out here as the file says them (no agent code)."""
+    log = checked.log
+    route_name, status = log["route_name"], log["status"]
+    if not route_name or not log["consumer"] or status == 401:
+        return None  # no route (Kong's 404, no plugin runs), or key-auth's rejection
+    routes, services = tutorial_entities()
+    route = routes[route_name]
+    service = services[route["service"]]
+    attributes: dict[str, str] = {}
+    if route["service"] == "example-service":
+        if not (200 <= status <= 299 or status == 404):
+            return None  # allow_status_codes: ["200-299", "404"]
+        subject = log["consumer"]
+        if log["http_x_department"]:
+            attributes["department"] = log["http_x_department"]
+        query = log["request_uri"].partition("?")[2]
+        project = next((v for n, _, v in (p.partition("=") for p in query.split("&")) if n == "project"), None)
+        if project is not None:
+            attributes["project"] = project
+    elif route_name == "billing-route":
+        subject = log["http_x_tenant_id"]  # subject.look_up_value_in header, field X-Tenant-Id
+        if not subject:
+            return None  # no subject: dropped, as Kong's plugin drops it
+    else:
+        return None  # a service without the plugin
+    scheme, _, rest = service["url"].partition("://")
+    port = rest.rpartition(":")[2] if ":" in rest else ("443" if scheme == "https" else "80")
+    return {"subject": subject, "method": log["request_method"], "uri": strip_key_params(log["request_uri"]),
+            "status": status, "request_size": log["request_length"], "response_size": log["bytes_sent"],
+            "route_id": route["id"], "route_name": route_name, "service_id": service["id"],
+            "service_name": service["name"], "service_port": int(port), "service_protocol": scheme,
+            "attributes": attributes}
+
+
+def tutorial_counters(checked: list[Checked]) -> dict[str, int]:
+    logs = [c.log for c in checked]
+    return {"rejected": sum(1 for log in logs if log["route_name"] and log["status"] == 401),
+            "no_route": sum(1 for log in logs if not log["route_name"]),
+            "out_of_scope": sum(1 for log in logs if log["route_name"] == "orders-route")}
+
+
 def check_one_connection(checked: list[Checked]) -> None:
     if len({c.log["connection"] for c in checked}) != 1:
         raise RecordError("the client did not keep one connection")
@@ -281,6 +362,10 @@ class Fixture:
     description: str
     variants: bool = False  # also write pcapng, gzip and `-i any` copies
     check: Callable[[list[Checked]], None] | None = None  # what the theme must really have put on the wire
+    deck: Path = DEFAULT_DECK_FILE  # the gateway's configuration (the stand-in's keys, and routes if `routes`)
+    routes: bool = False  # the stand-in routes as the decK file's routes say
+    event: Callable[[Checked], dict | None] | None = None  # the truth's event for a request; None: not billed
+    counters: Callable[[list[Checked]], dict[str, int]] | None = None
 
 
 FIXTURES = [
@@ -310,6 +395,15 @@ FIXTURES = [
             "HTTP/1.0 clients: one request per connection, a Connection: keep-alive pair, responses delimited "
             "by connection close (gzip and chunked upstream bodies re-sent without Content-Length), HEAD, a 401, "
             "and a request without a Host header."),
+    Fixture("nginx-routes", scenario_routes,
+            "Kong's metering tutorial (captures/kong-tutorial.yaml) behind nginx locations made from its routes: "
+            "the plugin on example-service with attributes (header X-Department, query project) and "
+            "allow_status_codes 200-299 and 404 (so 500 and 429 are not billed), orders without the plugin "
+            "(not metered), a path no route matches (Kong's 404), a 401, billing-route on its own host with a "
+            "route entry taking the subject from X-Tenant-Id (absent once: dropped), and one connection crossing "
+            "two routes. Each event carries the route and service of the location that answered, with the "
+            "decK file's ids.",
+            deck=TUTORIAL_DECK, routes=True, event=tutorial_event, counters=tutorial_counters),
 ]
 
 
@@ -652,6 +746,8 @@ def size_findings(checked: list[Checked]) -> tuple[list[str], list[str]]:
 
 
 def build_truth(fixture: Fixture, capture_name: str, checked: list[Checked], port: int, note: str = "") -> dict:
+    if fixture.event is not None:
+        return _configured_truth(fixture, capture_name, checked, port, note)
     billed = [c for c in checked if c.log["consumer"] and c.log["status"] != 401]
     events = [
         {
@@ -677,6 +773,19 @@ def build_truth(fixture: Fixture, capture_name: str, checked: list[Checked], por
         "events": events,
         "counters": {"rejected": rejected, "gaps": 0, "parse_errors": 0},
     }
+
+
+def _configured_truth(fixture: Fixture, capture_name: str, checked: list[Checked], port: int, note: str) -> dict:
+    """The truth of a fixture recorded with a gateway configuration: its own rules say what is billed."""
+    assert fixture.event is not None and fixture.counters is not None
+    events = [event for event in map(fixture.event, checked) if event is not None]
+    description = fixture.description + note + (
+        " Truth from nginx's access log (the location that answered, $request_length, $bytes_sent, resolved "
+        "consumer, the headers attributes come from), checked byte for byte against the capture; events in the "
+        "order of the requests' first bytes on the wire.")
+    return {"capture": capture_name, "made_by": MADE_BY, "description": description, "ports": [port],
+            "args": ["--credentials", str(fixture.deck.relative_to(fixture.deck.parent.parent))],
+            "events": events, "counters": {**fixture.counters(checked), "gaps": 0, "parse_errors": 0}}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -718,7 +827,7 @@ def record(fixture: Fixture, out_dir: Path, port: int, workdir: Path) -> list[st
 def run_scenario(fixture: Fixture, targets: list[tuple[str, Path]], port: int, workdir: Path) -> list[dict]:
     """Start a fresh gateway and the capture, send the theme's traffic, return nginx's log lines."""
     traffic = Traffic(port=port, workdir=workdir)
-    with KongStandin(port=port) as gateway:
+    with KongStandin(port=port, deck_file=fixture.deck, routes=fixture.routes) as gateway:
         with capturing(targets, port):
             fixture.scenario(traffic)
             entries = gateway.access_log_entries(expect=traffic.sent)
@@ -729,7 +838,7 @@ def run_scenario(fixture: Fixture, targets: list[tuple[str, Path]], port: int, w
 
 def verify(fixture: Fixture, entries: list[dict], capture: Path, port: int) -> tuple[list[Checked], list[str]]:
     """All checks of the log against the capture; returns the paired requests and explained differences."""
-    checked = match_log_to_wire(entries, capture, port, load_consumers(DEFAULT_DECK_FILE))
+    checked = match_log_to_wire(entries, capture, port, load_consumers(fixture.deck))
     try:
         if fixture.check:
             fixture.check(checked)

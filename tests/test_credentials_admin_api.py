@@ -42,7 +42,8 @@ def test_workspace_prefix_reads_only_that_workspace(kong):
     snapshot = AdminApiSource(kong.url + "/team-a/").load()
     assert snapshot.table.lookup("team-key").username == "team-user"
     assert snapshot.table.lookup("default-key") is None
-    assert {r.path for r in kong.requests} == {"/team-a/consumers", "/team-a/key-auths", "/team-a/plugins"}
+    assert {r.path for r in kong.requests} == {"/team-a/consumers", "/team-a/key-auths", "/team-a/plugins",
+                                               "/team-a/services", "/team-a/routes"}
 
 
 def test_key_auth_settings_are_read_from_plugins(kong):

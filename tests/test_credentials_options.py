@@ -7,12 +7,16 @@ import pytest
 from agent.credentials.admin_api import AdminApiSource
 from agent.credentials.deck import DeckFileSource
 from agent.credentials.errors import CredentialError
+from agent import options
 from agent.credentials.options import add_arguments, credentials_from_args
+from agent.gateway import options as gateway_options
 
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
+    options.add_arguments(parser)  # the overrides of the gateway's configuration
+    gateway_options.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -28,14 +32,14 @@ def test_admin_api_url_with_workspace_and_token_file(tmp_path):
     token_file.write_text("t")
     sync = credentials_from_args(parse("--credentials", "https://kong:8444/team-a", "--credentials-refresh",
                                        "5", "--admin-token-file", str(token_file), "--subject-field", "custom_id"))
-    assert isinstance(sync.source, AdminApiSource) and sync.refresh_seconds == 5.0
+    assert isinstance(sync.source.inner, AdminApiSource) and sync.refresh_seconds == 5.0
     assert sync.source.description == "Admin API https://kong:8444/team-a"
     assert not sync.ready
 
 
 def test_deck_file(tmp_path):
     sync = credentials_from_args(parse("--credentials", str(tmp_path / "kong.yaml")))
-    assert isinstance(sync.source, DeckFileSource)
+    assert isinstance(sync.source.inner, DeckFileSource)
 
 
 def test_token_file_with_a_deck_file_is_a_mistake(tmp_path):

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from agent import _core
-from agent._core import CLOSED, DATA, END, GAP, MAX_PENDING, TCP_ACK, TCP_FIN, TCP_SYN, HttpExchanges, Message
+from agent._core import CLOSED, DATA, END, GAP, MAX_PENDING, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, HttpExchanges, Message
 from agent._core import MessageParser, ParserCounters
 
 CONNECTION_IDS = itertools.count(1)
@@ -389,7 +389,9 @@ class Connection:
             segment = (self.CLIENT, self.client_port, self.SERVER, 8000, seq, ack, flags, payload)
         else:
             segment = (self.SERVER, 8000, self.CLIENT, self.client_port, seq, ack, flags, payload)
-        events = self.tcp.feed(time, segment)
+        self._deliver(self.tcp.feed(time, segment))
+
+    def _deliver(self, events: list) -> None:
         for connection_id, client, client_port, server, server_port, saw_syn, base_seq, *_ in self.tcp.connections():
             if connection_id not in self.connections:
                 self.connections[connection_id] = SimpleNamespace(
@@ -409,6 +411,10 @@ class Connection:
         """The server sends `data`, acknowledging everything the client sent unless told otherwise."""
         self._feed(time, False, self.server_next, self.client_next if ack is None else ack, flags, data)
         self.server_next += len(data)
+
+    def end_of_capture(self, time: float) -> None:
+        """The capture ends: every connection still open is closed."""
+        self._deliver(self.tcp.close_all(time))
 
     def done(self) -> list:
         return self.http.take()
@@ -653,9 +659,31 @@ def test_requests_never_answered_keep_the_queue_bounded_and_are_each_emitted_onc
             emitted += connection.done()
         longest_queue = max(longest_queue, waiting)
     connection.client(b"", time=300.0, flags=TCP_ACK | TCP_FIN)
-    connection.server(b"", time=300.0, flags=TCP_ACK | TCP_FIN)
+    connection.end_of_capture(300.0)  # the server's side, its FIN included, never shows
     emitted += connection.done()
     assert longest_queue <= MAX_PENDING
     assert sorted(e.request.target for e in emitted) == sorted(f"/n/{number}" for number in range(20_000))
     assert {e.status for e in emitted} == {0} and http.counters.unanswered == 20_000
     assert http.counters.unpaired_overflows >= 1
+
+
+def test_a_request_its_client_gave_up_on_is_logged_as_nginx_logs_it_499():
+    """The client closes (or resets) before any response and the server then closes too: nginx's 499."""
+    for closing in (TCP_ACK | TCP_FIN, TCP_RST):
+        connection = Connection()
+        connection.client(request("GET", "/slow"), time=1.0)
+        connection.client(b"", time=6.0, flags=closing)
+        if closing != TCP_RST:
+            connection.server(b"", time=6.001, flags=TCP_ACK | TCP_FIN)
+        [exchange] = connection.done()
+        assert (exchange.status, exchange.response_size) == (499, 0)
+        assert (connection.http.counters.client_closed, connection.http.counters.unanswered) == (1, 0)
+
+
+def test_a_server_that_closes_first_leaves_the_request_unanswered():
+    connection = Connection()
+    connection.client(request("GET", "/dropped"), time=1.0)
+    connection.server(b"", time=2.0, flags=TCP_ACK | TCP_FIN)
+    connection.client(b"", time=2.001, flags=TCP_ACK | TCP_FIN)
+    [exchange] = connection.done()
+    assert exchange.status == 0 and connection.http.counters.unanswered == 1

@@ -347,7 +347,10 @@ def test_rst_closes_the_connection_after_delivering_what_was_held():
     conversation.from_client(conversation.client_at(0), b"abc")
     conversation.from_client(conversation.client_at(6), b"ghi")  # 3..5 never captured
     reset = conversation.from_server(conversation.server_at(0), flags=TCP_RST, ack=0)
-    assert [(kind, payload) for kind, _, _, _, payload, *_ in reset] == [(GAP, 3), (DATA, b"ghi"), (CLOSED, 0)]
+    # the reset ends both streams, the server's (which reset it) first, then the connection closes
+    assert [(kind, to_server) for kind, _, to_server, *_ in reset] == [
+        (GAP, True), (DATA, True), (END, False), (END, True), (CLOSED, True)]
+    assert [payload for kind, _, _, _, payload, *_ in reset[:2]] == [3, b"ghi"]
     assert len(reassembler) == 0
 
 

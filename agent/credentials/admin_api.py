@@ -1,4 +1,5 @@
-"""Read consumers, key-auth credentials and key-auth's settings from Kong's Admin API.
+"""Read consumers, key-auth credentials and key-auth's settings from Kong's Admin API, and with them the
+gateway's services, routes and plugins (`agent/gateway/admin_api.py`).
 
 `--credentials http://HOST:8001[/WORKSPACE]`: a path after the host is put before every request path,
 which is how an Enterprise workspace (`/team-a/consumers`) is addressed. Lists are read a page at a time
@@ -16,16 +17,18 @@ import json
 import logging
 import os
 import time
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 
 from agent.credentials.errors import CredentialError
-from agent.credentials.key_auth import KeyAuthConfig, from_plugin_config, merge
+from agent.credentials.key_auth import merge
 from agent.credentials.source import Snapshot
 from agent.credentials.table import Clock, Consumer, TableBuilder
+from agent.gateway import admin_api as gateway
 from agent.tokens import TokenError, TokenSource, shown_url
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,7 @@ TOKEN_HEADER = "Kong-Admin-Token"
 PAGE_SIZE = 1000
 MAX_PAGE_BYTES = 64 << 20  # a page of 1000 credentials is well under a megabyte
 MAX_PAGES = 100_000
+T = TypeVar("T")
 
 
 def split_admin_url(url: str) -> tuple[str, str]:
@@ -71,7 +75,7 @@ class AdminApiSource:
         self._timeout = timeout
         self._max_load_seconds = max_load_seconds
         self._clock = clock
-        self._warned_plugins = False
+        self._warned: set[str] = set()  # the lists RBAC keeps from this token, said once each
 
     @property
     def description(self) -> str:
@@ -87,12 +91,18 @@ class AdminApiSource:
             headers[TOKEN_HEADER] = token
         deadline = time.monotonic() + self._max_load_seconds
         with httpx.Client(base_url=self._base, headers=headers, timeout=self._timeout) as client:
-            pages = _Pager(client, self._prefix, self.description, bool(token), deadline, self._clock)
+            pages = Pager(client, self._prefix, self.description, bool(token), deadline, self._clock)
             consumers = {c.id: c for c in _consumers(pages)}
             builder = TableBuilder(self._clock)
             skipped = _key_auths(pages, consumers, builder)
-            key_auth = self._key_auth(pages)
-        return Snapshot(builder.build(), key_auth, skipped)
+            plugins = self._readable(pages, "/plugins", lambda: list(pages.items("/plugins")))
+            key_auth, metering = gateway.read_plugins(pages, plugins or [])
+            services = self._readable(pages, "/services", lambda: gateway.read_services(pages))
+            routes = (self._readable(pages, "/routes", lambda: gateway.read_routes(pages))
+                      if services is not None else None)
+        config = gateway.gateway_config(*(services or ([], set())), routes or [], (key_auth, metering), consumers)
+        return Snapshot(builder.build(), merge(i.config for i in key_auth) if plugins is not None else None,
+                        skipped, config)
 
     def _token(self) -> str | None:
         try:
@@ -100,28 +110,27 @@ class AdminApiSource:
         except TokenError as error:
             raise CredentialError(str(error)) from None
 
-    def _key_auth(self, pages: "_Pager") -> KeyAuthConfig | None:
-        """key-auth's settings; an RBAC role that may read credentials but not plugins only loses this."""
-        configs = []
+    def _readable(self, pages: "Pager", path: str, read: Callable[[], T]) -> T | None:
+        """`read()`, or None when RBAC lets the token read credentials but not this list: without /plugins
+        key-auth's settings come from flags or defaults and nothing is scoped; without /services or
+        /routes there are no routes. Said once per source."""
         try:
-            for index, plugin, where in pages.items("/plugins"):
-                if plugin.get("name") == "key-auth" and plugin.get("enabled", True) is not False:
-                    label = f"{self.description}: malformed page from {where}: data[{index}]"
-                    configs.append(from_plugin_config(plugin.get("config"), label))
+            return read()
         except _Forbidden:
-            if not self._warned_plugins:
-                log.warning("credentials: %s does not let this token read /plugins; key-auth settings "
-                            "come from flags or defaults", self.description)
-                self._warned_plugins = True
+            if path not in self._warned:
+                consequence = ("key-auth settings come from flags or defaults, and no metering-and-billing"
+                               " entry is read" if path == "/plugins" else "routes and services are not known")
+                log.warning("credentials: %s does not let this token read %s; %s", self.description, path,
+                            consequence)
+                self._warned.add(path)
             return None
-        return merge(configs)
 
 
 class _Forbidden(CredentialError):
     """RBAC lets the token read some lists but not this one."""
 
 
-class _Pager:
+class Pager:
     """Reads one list endpoint page by page, checking each page's shape, within one load's deadline."""
 
     def __init__(self, client: httpx.Client, prefix: str, description: str, has_token: bool,
@@ -200,7 +209,7 @@ class _Pager:
             hint = ("the admin token was refused" if self._has_token
                     else f"RBAC needs a token: set {TOKEN_ENV} or --admin-token-file")
             return CredentialError(f"{message} ({hint})")
-        if status in (403, 404) and path == "/plugins":
+        if status in (403, 404) and path in ("/plugins", "/services", "/routes"):
             return _Forbidden(message)
         if status == 404 and self._prefix:
             return CredentialError(f"{message} (is {self._prefix.lstrip('/')} a workspace?)")
@@ -210,7 +219,7 @@ class _Pager:
         return CredentialError(f"{self.description}: malformed page from {where}: {what}")
 
 
-def _consumers(pages: _Pager) -> Iterator[Consumer]:
+def _consumers(pages: Pager) -> Iterator[Consumer]:
     for index, item, where in pages.items("/consumers"):
         consumer_id = item.get("id")
         if not isinstance(consumer_id, str) or not consumer_id:
@@ -224,7 +233,7 @@ def _consumers(pages: _Pager) -> Iterator[Consumer]:
         yield Consumer(id=consumer_id, **names)
 
 
-def _key_auths(pages: _Pager, consumers: dict[str, Consumer], builder: TableBuilder) -> int:
+def _key_auths(pages: Pager, consumers: dict[str, Consumer], builder: TableBuilder) -> int:
     """Adds every mappable key; returns how many were listed but could not be mapped."""
     skipped = 0
     for index, item, where in pages.items("/key-auths"):

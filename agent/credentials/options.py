@@ -13,6 +13,7 @@ from agent.credentials.errors import CredentialError
 from agent.credentials.source import CredentialSource
 from agent.credentials.sync import CredentialSync
 from agent.flags import seconds
+from agent.gateway import options as gateway_options
 
 SUBJECT_FIELDS = ("username", "id", "custom_id")
 
@@ -60,5 +61,8 @@ def refuse_missing_deck_file(args: argparse.Namespace) -> None:
 
 
 def credentials_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> CredentialSync | None:
+    """The sync of the source the flags name, its snapshots completed with the gateway's configuration."""
     source = source_from_args(args, environ)
-    return CredentialSync(source, args.credentials_refresh) if source is not None else None
+    if source is None:
+        return None
+    return CredentialSync(gateway_options.wrap_source(source, args), args.credentials_refresh)

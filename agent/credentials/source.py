@@ -1,4 +1,5 @@
-"""What every credential source gives: a whole table plus key-auth's settings, read in one go."""
+"""What every credential source gives: a whole table plus key-auth's settings and the gateway's configuration,
+read in one go, so that they refresh together in one swap."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Protocol
 
 from agent.credentials.key_auth import KeyAuthConfig
 from agent.credentials.table import CredentialTable
+from agent.gateway.model import GatewayConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,6 +17,7 @@ class Snapshot:
     table: CredentialTable
     key_auth: KeyAuthConfig | None  # None: the source says nothing about key-auth; use flags or defaults
     skipped: int = 0  # credentials listed but not mappable (no key, unknown consumer, ttl ran out)
+    gateway: GatewayConfig | None = None  # services, routes, plugins; None: the source says nothing of them
 
 
 class CredentialSource(Protocol):

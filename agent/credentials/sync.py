@@ -21,6 +21,8 @@ from agent.credentials.errors import CredentialError
 from agent.credentials.key_auth import KeyAuthConfig
 from agent.credentials.source import CredentialSource, Snapshot
 from agent.credentials.table import Consumer, CredentialTable
+from agent.gateway.errors import GatewayConfigError
+from agent.gateway.model import GatewayConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,11 @@ class CredentialSync:
         return snapshot.key_auth if snapshot else None
 
     @property
+    def gateway(self) -> GatewayConfig | None:
+        snapshot = self._snapshot
+        return snapshot.gateway if snapshot else None
+
+    @property
     def ready(self) -> bool:
         """True once a table has loaded; it stays true through later outages (the last table is kept)."""
         return self._ready.is_set()
@@ -85,6 +92,20 @@ class CredentialSync:
         self._tried_fingerprint = fingerprint
         self._install(snapshot)
         return snapshot
+
+    def load_at_start(self) -> None:
+        """Live capture's start: one try now, so that a configuration the agent refuses stops the start
+        (GatewayConfigError, a usage error) and the plugin's ingest endpoint is known before the sink is
+        opened. Any other failure is the outage it would be later: said once, and retried by `start()`."""
+        self._tried_fingerprint = self.source.fingerprint()
+        try:
+            snapshot = self.source.load()
+        except GatewayConfigError:
+            raise
+        except CredentialError as exc:
+            self._note_failure(str(exc))
+            return
+        self._install(snapshot)
 
     def start(self) -> None:
         """Load in the background (at once if nothing is loaded yet), then keep refreshing."""

@@ -76,11 +76,12 @@ class CredentialTable:
     def consumers(self) -> frozenset[Consumer]:
         return frozenset(self._by_digest.values())
 
-    def entries(self, field: str) -> list[tuple[bytes, str, float | None]]:
-        """(digest, subject, expiry) of every key whose consumer has a subject under `--subject-field`,
-        as the core's table is pushed: digests only, never keys. Expiries are on this table's clock."""
-        return [(digest, subject, self._expiries.get(digest)) for digest, consumer in self._by_digest.items()
-                if (subject := consumer.subject(field))]
+    def entries(self, field: str) -> list[tuple[bytes, str | None, str, float | None]]:
+        """(digest, subject under `--subject-field` or None, consumer id, expiry) of every key, as the core's
+        table is pushed: digests only, never keys. A consumer without a subject is still known by its id,
+        for plugin entries scoped to it. Expiries are on this table's clock."""
+        return [(digest, consumer.subject(field) or None, consumer.id, self._expiries.get(digest))
+                for digest, consumer in self._by_digest.items()]
 
     def now(self) -> float:
         """The time on this table's clock, the one its expiries are set on."""

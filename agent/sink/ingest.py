@@ -49,7 +49,7 @@ from agent.sink.deadletter import DeadLetterFile
 from agent.sink.retry import parse_retry_after
 from agent.sink.spool import Batch, Spool
 from agent.sink.validate import parse_line
-from agent.tokens import TokenError, TokenSource
+from agent.tokens import Fallback, TokenError, TokenSource
 
 log = logging.getLogger("agent.sink.ingest")
 
@@ -70,9 +70,9 @@ READY_POLL_SECONDS = 0.5
 
 
 
-def api_token_source(path: Path | None = None) -> TokenSource:
-    """`--api-token-file`, else `$METERING_API_TOKEN`."""
-    return TokenSource(path, API_TOKEN_ENV, "API token")
+def api_token_source(path: Path | None = None, fallback: Fallback | None = None) -> TokenSource:
+    """`--api-token-file`, else `$METERING_API_TOKEN`, else `fallback` (the plugin's api_token)."""
+    return TokenSource(path, API_TOKEN_ENV, "API token", fallback=fallback)
 
 @dataclass(frozen=True)
 class IngestSettings:

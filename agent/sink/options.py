@@ -176,7 +176,7 @@ def _ingest_sink(args: argparse.Namespace, data_dir: Path) -> IngestSink:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per batch would drown the rest
     try:
-        return IngestSink(settings, api_token_source(args.api_token_file))
+        return IngestSink(settings, api_token_source(args.api_token_file, getattr(args, "plugin_api_token", None)))
     except (TokenError, SpoolBusy) as exc:
         raise SinkConfigError(str(exc)) from None
     except OSError as exc:

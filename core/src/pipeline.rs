@@ -217,7 +217,11 @@ impl Pipeline {
             ("events", meter.events),
             ("rejected", meter.rejected),
             ("unresolved", meter.unresolved),
+            ("no_route", meter.no_route),
+            ("out_of_scope", meter.out_of_scope),
+            ("status_filtered", meter.status_filtered),
             ("unanswered", http.unanswered),
+            ("client_closed", http.client_closed),
             ("gaps", tcp.gaps),
             ("gap_bytes", tcp.gap_bytes),
             ("lost_exchanges", http.lost_exchanges),
@@ -297,7 +301,7 @@ pub fn quiet_panics() {
 mod tests {
     use super::*;
     use crate::metering::subject::SubjectRule;
-    use crate::source::frames::{DLT_IPV4, TCP_ACK, TCP_FIN, TCP_SYN};
+    use crate::source::frames::{DLT_IPV4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
     const CLIENT: [u8; 4] = [10, 0, 0, 1];
     const SERVER: [u8; 4] = [10, 0, 0, 2];
@@ -391,6 +395,25 @@ mod tests {
         pipeline.finish(&mut out);
         assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
         assert_eq!(counter(&pipeline, "unanswered"), 1);
+    }
+
+    #[test]
+    fn a_request_its_client_gave_up_on_is_a_499() {
+        for close in [TCP_ACK | TCP_FIN, TCP_RST] {
+            let mut pipeline = pipeline(256 << 20);
+            feed(&mut pipeline, 1.0, &frame(true, 40001, 1000, 0, TCP_SYN, b""));
+            feed(&mut pipeline, 1.001, &frame(false, 40001, 5000, 1001, TCP_SYN | TCP_ACK, b""));
+            let request = b"GET / HTTP/1.1\r\nX-Tenant: t\r\n\r\n";
+            feed(&mut pipeline, 1.002, &frame(true, 40001, 1001, 5001, TCP_ACK, request));
+            feed(&mut pipeline, 2.0, &frame(true, 40001, 1001 + request.len() as u32, 5001, close, b""));
+            feed(&mut pipeline, 2.001, &frame(false, 40001, 5001, 1002 + request.len() as u32, TCP_ACK | TCP_FIN, b""));
+            let mut out = Vec::new();
+            pipeline.end_batch(&mut out);
+            pipeline.finish(&mut out);
+            let line = String::from_utf8(out).unwrap();
+            assert!(line.contains(r#""response_http_status":499,"response_size_bytes":0,"upstream_status":null"#), "{line}");
+            assert_eq!((counter(&pipeline, "client_closed"), counter(&pipeline, "unanswered")), (1, 0));
+        }
     }
 
     #[test]

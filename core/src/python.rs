@@ -448,6 +448,7 @@ mod http {
         lost_exchanges: u64,
         unmatched_responses: u64,
         unanswered: u64,
+        client_closed: u64,
         late_responses: u64,
         unpaired_overflows: u64,
     }
@@ -459,6 +460,7 @@ mod http {
                 lost_exchanges: c.lost_exchanges,
                 unmatched_responses: c.unmatched_responses,
                 unanswered: c.unanswered,
+                client_closed: c.client_closed,
                 late_responses: c.late_responses,
                 unpaired_overflows: c.unpaired_overflows,
             }
@@ -823,9 +825,9 @@ fn register_http(m: &Bound<'_, PyModule>) -> PyResult<()> {
 
 // --- conversions the sections share ---
 
-/// (SHA-256 digest of a key, the subject, when the key expires on the table's clock), as Python's
-/// `CredentialTable.entries` gives them.
-type CredentialEntry = (Vec<u8>, String, Option<f64>);
+/// (SHA-256 digest of a key, the subject or None, the consumer's id, when the key expires on the table's
+/// clock), as Python's `CredentialTable.entries` gives them.
+type CredentialEntry = (Vec<u8>, Option<String>, String, Option<f64>);
 
 /// The core's credential table from `CredentialTable.entries`; None: no table (yet).
 fn credential_table(entries: Option<Vec<CredentialEntry>>) -> PyResult<Option<crate::metering::credentials::CredentialTable>> {
@@ -833,10 +835,10 @@ fn credential_table(entries: Option<Vec<CredentialEntry>>) -> PyResult<Option<cr
         return Ok(None);
     };
     let mut checked = Vec::with_capacity(entries.len());
-    for (digest, subject, expires_at) in entries {
+    for (digest, subject, consumer, expires_at) in entries {
         let digest: [u8; 32] =
             digest.try_into().map_err(|_| PyValueError::new_err("a key digest is 32 bytes (SHA-256)"))?;
-        checked.push((digest, subject, expires_at));
+        checked.push((digest, subject, consumer, expires_at));
     }
     Ok(Some(crate::metering::credentials::CredentialTable::new(checked)))
 }
@@ -850,6 +852,105 @@ fn subject_rule(kind: &str, field: &str) -> PyResult<crate::metering::subject::S
         "query" => Ok(SubjectRule::Query(field.to_string())),
         _ => Err(PyValueError::new_err(format!("a subject is looked up in consumer, header or query, not {kind:?}"))),
     }
+}
+
+/// `dict[name]` converted, or `default` when absent or None.
+fn field_or<'py, T: for<'a> pyo3::FromPyObject<'a, 'py>>(dict: &Bound<'py, PyDict>, name: &str, default: T) -> PyResult<T> {
+    match dict.get_item(name)? {
+        Some(value) if !value.is_none() => value
+            .extract::<T>()
+            .map_err(|_| PyValueError::new_err(format!("gateway configuration: {name} has the wrong type"))),
+        _ => Ok(default),
+    }
+}
+
+fn key_auth_of(dict: &Bound<'_, PyDict>) -> PyResult<crate::metering::key_lookup::KeyAuth> {
+    Ok(crate::metering::key_lookup::KeyAuth {
+        key_names: field_or(dict, "key_names", vec!["apikey".to_string()])?,
+        key_in_header: field_or(dict, "key_in_header", true)?,
+        key_in_query: field_or(dict, "key_in_query", true)?,
+    })
+}
+
+fn route_spec(route: &Bound<'_, PyDict>) -> PyResult<crate::metering::routes::RouteSpec> {
+    use crate::metering::routes::{RouteSpec, ServiceSpec};
+    let service = match route.get_item("service")? {
+        Some(service) if !service.is_none() => {
+            let service = service.cast_into::<PyDict>().map_err(|_| PyValueError::new_err("a route's service is a dict"))?;
+            Some(ServiceSpec {
+                id: field_or(&service, "id", String::new())?,
+                name: field_or(&service, "name", None)?,
+                port: field_or(&service, "port", None)?,
+                protocol: field_or(&service, "protocol", None)?,
+            })
+        }
+        _ => None,
+    };
+    let key_auth = match route.get_item("key_auth")? {
+        Some(key_auth) if !key_auth.is_none() => Some(key_auth_of(
+            &key_auth.cast_into::<PyDict>().map_err(|_| PyValueError::new_err("a route's key_auth is a dict"))?,
+        )?),
+        _ => None,
+    };
+    let headers: std::collections::BTreeMap<String, Vec<String>> = field_or(route, "headers", Default::default())?;
+    Ok(RouteSpec {
+        id: field_or(route, "id", String::new())?,
+        name: field_or(route, "name", None)?,
+        service,
+        expression: field_or(route, "expression", None)?,
+        priority: field_or(route, "priority", 0)?,
+        methods: field_or(route, "methods", Vec::new())?,
+        hosts: field_or(route, "hosts", Vec::new())?,
+        paths: field_or(route, "paths", Vec::new())?,
+        headers: headers.into_iter().collect(),
+        snis: field_or(route, "snis", Vec::new())?,
+        regex_priority: field_or(route, "regex_priority", 0)?,
+        key_auth,
+    })
+}
+
+fn metering_entry(entry: &Bound<'_, PyDict>) -> PyResult<crate::metering::plugins::MeteringEntry> {
+    use crate::metering::plugins::{Attribute, AttributeSource, MeteringEntry};
+    let subject: std::collections::HashMap<String, Option<String>> = field_or(entry, "subject", Default::default())?;
+    let kind = subject.get("look_up_value_in").cloned().flatten().unwrap_or_else(|| "consumer".to_string());
+    let field = subject.get("field").cloned().flatten().unwrap_or_default();
+    let mut attributes = Vec::new();
+    for attribute in field_or::<Vec<std::collections::HashMap<String, String>>>(entry, "attributes", Vec::new())? {
+        let get = |name: &str| {
+            attribute.get(name).cloned().ok_or_else(|| PyValueError::new_err(format!("an attribute has no {name}")))
+        };
+        let source = match get("source")?.as_str() {
+            "header" => AttributeSource::Header,
+            "query" => AttributeSource::Query,
+            other => return Err(PyValueError::new_err(format!("an attribute's source is header or query, not {other:?}"))),
+        };
+        let name = get("name")?;
+        let name = if source == AttributeSource::Header { name.to_ascii_lowercase() } else { name };
+        attributes.push(Attribute { source, name, property: get("property")? });
+    }
+    Ok(MeteringEntry {
+        route: field_or(entry, "route", None)?,
+        service: field_or(entry, "service", None)?,
+        consumer: field_or(entry, "consumer", None)?,
+        meter_api_requests: field_or(entry, "meter_api_requests", true)?,
+        rule: subject_rule(&kind, &field)?,
+        attributes,
+        allow_status_codes: field_or(entry, "allow_status_codes", None)?,
+    })
+}
+
+/// The gateway's routes and Metering & Billing entries, from the dict the control plane builds (see
+/// `agent.gateway`); None: nothing known, so everything is metered by the command line's rule.
+fn gateway(config: Option<Bound<'_, PyDict>>) -> PyResult<Option<crate::metering::billing::Gateway>> {
+    let Some(config) = config else {
+        return Ok(None);
+    };
+    let routes: Vec<Bound<'_, PyDict>> = field_or(&config, "routes", Vec::new())?;
+    let entries: Vec<Bound<'_, PyDict>> = field_or(&config, "metering", Vec::new())?;
+    Ok(Some(crate::metering::billing::Gateway {
+        routes: routes.iter().map(route_spec).collect::<PyResult<_>>()?,
+        entries: entries.iter().map(metering_entry).collect::<PyResult<_>>()?,
+    }))
 }
 
 /// Counters as a dict, in the order given.
@@ -1016,6 +1117,11 @@ mod metering {
             Ok(())
         }
 
+        /// The gateway's routes and plugin entries (see `gateway`); the lines of routes left out.
+        fn set_gateway(&mut self, config: Option<Bound<'_, PyDict>>) -> PyResult<Vec<String>> {
+            Ok(self.0.set_gateway(super::gateway(config)?))
+        }
+
         /// The JSON lines of these exchanges' events (after any released held ones).
         fn meter<'py>(
             &mut self,
@@ -1040,6 +1146,9 @@ mod metering {
                 ("events", c.events),
                 ("rejected", c.rejected),
                 ("unresolved", c.unresolved),
+                ("no_route", c.no_route),
+                ("out_of_scope", c.out_of_scope),
+                ("status_filtered", c.status_filtered),
                 ("held", c.held),
                 ("held_overflow", c.held_overflow),
             ])
@@ -1047,8 +1156,39 @@ mod metering {
     }
 }
 
+/// The gateway's routes as the core matches them (a test surface for the routing rules).
+#[pyclass(name = "Routes", module = "agent._core", unsendable)]
+struct PyRoutes {
+    routes: crate::metering::routes::Routes,
+    #[pyo3(get)]
+    refused: Vec<String>,
+}
+
+#[pymethods]
+impl PyRoutes {
+    #[new]
+    fn new(routes: Vec<Bound<'_, PyDict>>) -> PyResult<Self> {
+        let specs = routes.iter().map(route_spec).collect::<PyResult<Vec<_>>>()?;
+        let (routes, refused) = crate::metering::routes::Routes::new(specs);
+        Ok(PyRoutes { routes, refused })
+    }
+
+    /// The id of the route a request hits (`head`: the request's raw head), or None (Kong's 404).
+    fn route_of(&mut self, head: &[u8], server_port: u16) -> Option<String> {
+        let request = crate::http::message::Message {
+            head: head.to_vec(),
+            method: head.split(|&b| b == b' ').next().unwrap_or_default().to_vec(),
+            target: head.split(|&b| b == b' ').nth(1).unwrap_or_default().to_vec(),
+            ..Default::default()
+        };
+        let index = self.routes.route_of(&request, server_port)?;
+        Some(self.routes.route(index).id.clone())
+    }
+}
+
 fn register_metering(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<metering::PyMeter>()?;
+    m.add_class::<PyRoutes>()?;
     m.add_function(wrap_pyfunction!(metering::find_key, m)?)?;
     m.add_function(wrap_pyfunction!(metering::names_a_key, m)?)?;
     m.add_function(wrap_pyfunction!(metering::hide_credentials, m)?)?;
@@ -1172,6 +1312,18 @@ mod pipeline {
         fn set_credentials(&mut self, entries: Option<Vec<super::CredentialEntry>>) -> PyResult<()> {
             self.pipeline.meter.set_credentials(super::credential_table(entries)?);
             Ok(())
+        }
+
+        /// The gateway's routes and Metering & Billing entries (see `gateway`), or None; returns one line
+        /// for each route Kong's router would refuse too (left out).
+        fn set_gateway(&mut self, config: Option<Bound<'_, PyDict>>) -> PyResult<Vec<String>> {
+            Ok(self.pipeline.meter.set_gateway(super::gateway(config)?))
+        }
+
+        /// Routes in use.
+        #[getter]
+        fn routes(&self) -> usize {
+            self.pipeline.meter.routes()
         }
 
         /// Requests waiting for the credential table right now.

@@ -1,7 +1,8 @@
 """A stand-in for Kong's Admin API, read side: a real HTTP server on loopback.
 
 It answers what `kong-admin-read.openapi.yaml` describes: `GET /consumers`, `/consumers/{id or username}`,
-`/consumers/{id or username}/key-auth`, `/key-auths`, `/key-auths/{id}`, `/plugins`, each also under a
+`/consumers/{id or username}/key-auth`, `/key-auths`, `/key-auths/{id}`, `/plugins`, `/services`, `/routes`
+(traditional and expression routes, each with the fields Kong returns), each also under a
 `/{workspace}/` prefix; Kong's pages (`data`, `offset`, `next` null on the last page, `size` 100 by
 default and at most 1000, keyset offsets so a change between pages does not shift them); an optional
 RBAC token in `Kong-Admin-Token` (401 with Kong's error body without it). Tests change its state while it
@@ -54,6 +55,8 @@ class _Workspace:
     key_auths: dict[str, dict] = field(default_factory=dict)
     key_expiry: dict[str, float] = field(default_factory=dict)  # key-auth id -> time on the double's clock
     plugins: dict[str, dict] = field(default_factory=dict)
+    services: dict[str, dict] = field(default_factory=dict)
+    routes: dict[str, dict] = field(default_factory=dict)
 
 
 class KongAdminDouble:
@@ -151,14 +154,55 @@ class KongAdminDouble:
                 del ws.key_auths[credential_id]
                 ws.key_expiry.pop(credential_id, None)
 
-    def add_plugin(self, name: str, config: dict, enabled: bool = True, workspace: str = "default") -> dict:
+    def add_plugin(self, name: str, config: dict, enabled: bool = True, workspace: str = "default",
+                   route: str | None = None, service: str | None = None, consumer: str | None = None) -> dict:
+        """A plugin, scoped as Kong stores it (`{"id": ...}` references) to the route, service and consumer
+        with these ids or names."""
         now = int(time.time())
-        plugin = {"id": str(uuid.uuid4()), "name": name, "config": config, "enabled": enabled,
-                  "protocols": ["grpc", "grpcs", "http", "https"], "consumer": None, "route": None,
-                  "service": None, "created_at": now, "updated_at": now, "tags": None}
         with self._lock:
-            self._workspaces[workspace].plugins[plugin["id"]] = plugin
+            ws = self._workspaces[workspace]
+            refs = {"route": _ref(ws.routes, route), "service": _ref(ws.services, service),
+                    "consumer": None if consumer is None else {"id": _find_consumer(ws, consumer)["id"]}}
+            plugin = {"id": str(uuid.uuid4()), "name": name, "instance_name": None, "config": config,
+                      "enabled": enabled, "protocols": ["grpc", "grpcs", "http", "https"], **refs,
+                      "consumer_group": None, "ordering": None, "partials": None, "condition": None,
+                      "created_at": now, "updated_at": now, "tags": None}
+            ws.plugins[plugin["id"]] = plugin
         return plugin
+
+    def add_service(self, name: str | None, host: str = "example.internal", port: int = 80, protocol: str = "http",
+                    enabled: bool = True, id: str | None = None, workspace: str = "default") -> dict:
+        """A service as Kong returns it (`url` is write-only: Kong answers with protocol, host, port, path)."""
+        now = int(time.time())
+        service = {"id": id or str(uuid.uuid4()), "name": name, "protocol": protocol, "host": host, "port": port,
+                   "path": None, "retries": 5, "connect_timeout": 60000, "write_timeout": 60000,
+                   "read_timeout": 60000, "tags": None, "client_certificate": None, "tls_verify": None,
+                   "tls_verify_depth": None, "ca_certificates": None, "enabled": enabled, "created_at": now,
+                   "updated_at": now}
+        with self._lock:
+            self._workspaces[workspace].services[service["id"]] = service
+        return service
+
+    def add_route(self, service: str | None, name: str | None = None, created_at: int | None = None,
+                  id: str | None = None, workspace: str = "default", expression: str | None = None,
+                  priority: int = 0, **fields: object) -> dict:
+        """A route of the service with this id or name; `fields` are the traditional ones (paths, hosts,
+        methods, headers, snis, protocols, regex_priority). With `expression`, an expression route."""
+        now = created_at if created_at is not None else int(time.time())
+        with self._lock:
+            ws = self._workspaces[workspace]
+            common = {"id": id or str(uuid.uuid4()), "name": name, "service": _ref(ws.services, service),
+                      "protocols": fields.pop("protocols", ["http", "https"]), "https_redirect_status_code": 426,
+                      "strip_path": True, "path_handling": "v0", "preserve_host": False, "request_buffering": True,
+                      "response_buffering": True, "tags": None, "created_at": now, "updated_at": now}
+            if expression is not None:
+                route = {**common, "expression": expression, "priority": priority}
+            else:
+                traditional = {field: None for field in ("methods", "hosts", "paths", "headers", "snis", "sources",
+                                                         "destinations")}
+                route = {**common, **traditional, "regex_priority": 0, **fields}
+            ws.routes[route["id"]] = route
+        return route
 
     # -- failures ----------------------------------------------------------------------------------
     def fail_next(self, count: int, status: int = 503) -> None:
@@ -239,6 +283,10 @@ class KongAdminDouble:
                 return _json(200, self._key_view(ws, credential)) if credential else _not_found()
             case ["plugins"]:
                 return self._page(list(ws.plugins.values()), query, f"{prefix}/plugins")
+            case ["services"]:
+                return self._page(list(ws.services.values()), query, f"{prefix}/services")
+            case ["routes"]:
+                return self._page(list(ws.routes.values()), query, f"{prefix}/routes")
         return _not_found()
 
     def _expire(self, ws: _Workspace) -> None:
@@ -284,6 +332,18 @@ def _find_consumer(ws: _Workspace, ref: str) -> dict | None:
     if ref in ws.consumers:
         return ws.consumers[ref]
     return next((c for c in ws.consumers.values() if c["username"] == ref), None)
+
+
+def _ref(entities: dict[str, dict], ref: str | None) -> dict | None:
+    """`{"id": ...}` for the entity with this id or name, as Kong's foreign keys read."""
+    if ref is None:
+        return None
+    if ref in entities:
+        return {"id": ref}
+    found = next((e for e in entities.values() if e.get("name") == ref), None)
+    if found is None:
+        raise KeyError(f"no entity {ref}")
+    return {"id": found["id"]}
 
 
 def _json(status: int, body: object) -> tuple[int, bytes]:

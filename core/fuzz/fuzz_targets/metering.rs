@@ -93,7 +93,7 @@ fuzz_target!(|data: &[u8]| {
     let mut out = Vec::new();
     meter.meter([exchange.clone()], 0.0, &mut out);
     let digest = key.as_deref().map(key_digest).unwrap_or([0; 32]);
-    meter.set_credentials(Some(CredentialTable::new([(digest, "subject".to_string(), None)])));
+    meter.set_credentials(Some(CredentialTable::new([(digest, Some("subject".to_string()), "consumer".to_string(), None)])));
     meter.meter([exchange], 0.0, &mut out);
     let text = std::str::from_utf8(&out).expect("events are UTF-8");
     assert_eq!(text.lines().count() as u64, meter.counters.events);

@@ -87,7 +87,7 @@ fuzz_target!(|data: &[u8]| {
     // the table loaded, or not yet (consumer subjects held, then dropped to stay within the budget)
     let table_loaded = input.byte() & 1 == 0;
     if table_loaded {
-        pipeline.meter.set_credentials(Some(CredentialTable::new([(key_digest(KEY), "alice".to_string(), None)])));
+        pipeline.meter.set_credentials(Some(CredentialTable::new([(key_digest(KEY), Some("alice".to_string()), "c-alice".to_string(), None)])));
     }
     pipeline.begin_batch(1.0);
     let mut out = Vec::new();

@@ -30,6 +30,8 @@ pub struct ExchangeCounters {
     pub unmatched_responses: u64,
     /// handed on with status 0
     pub unanswered: u64,
+    /// handed on with status 499: the client closed the connection before any response
+    pub client_closed: u64,
     /// arrived after the request was handed on unanswered
     pub late_responses: u64,
     /// a connection's queue hit MAX_PENDING: its waiting requests handed on
@@ -86,6 +88,11 @@ struct Pairing {
     late_answers: u64,
     /// the response being parsed is one of those
     answering_late: bool,
+    /// the client's stream ended (FIN or reset) while the server's was open, and then the server's: the
+    /// server saw the client go, so a request still unanswered is one nginx logs as 499 (a capture of the
+    /// client's side alone never shows the server's end, and its requests stay unanswered)
+    client_left_first: bool,
+    server_ended: bool,
 }
 
 impl Pairing {
@@ -108,6 +115,8 @@ impl Output<'_> {
         exchange.connection = *connection;
         if exchange.status == 0 {
             self.counters.unanswered += 1;
+        } else if exchange.status == CLIENT_CLOSED_REQUEST && exchange.response_size == 0 {
+            self.counters.client_closed += 1;
         }
         *self.finished_bytes += exchange_bytes(&exchange);
         self.finished.push(exchange);
@@ -399,7 +408,15 @@ impl HttpConnection {
                 parser.feed(payload, time, position, peer_acked, &mut side)
             }
             StreamEvent::Gap { lost, .. } => parser.gap(lost, time, &mut side),
-            StreamEvent::End { .. } => parser.end(time, &mut side),
+            StreamEvent::End { .. } => {
+                let pairing = &mut side.pairing;
+                if to_server {
+                    pairing.client_left_first = !pairing.server_ended;
+                } else {
+                    pairing.server_ended = true;
+                }
+                parser.end(time, &mut side)
+            }
             StreamEvent::Closed => {}
         }
         self.follow_up();
@@ -426,9 +443,10 @@ impl HttpConnection {
     fn close(mut self, time: f64, output: &mut Output<'_>) {
         self.requests.end(time, &mut Self::side(true, &mut self.pairing, &self.connection, output));
         self.responses.end(time, &mut Self::side(false, &mut self.pairing, &self.connection, output));
+        let client_left = self.pairing.client_left_first && self.pairing.server_ended;
         for waiting in self.pairing.pending.drain(..) {
             if let Some(exchange) = waiting.exchange {
-                output.emit(exchange, &self.connection);
+                output.emit(client_gone(exchange, client_left), &self.connection);
             }
         }
     }
@@ -451,6 +469,17 @@ impl HttpConnection {
         }
     }
 }
+
+/// A request the client gave up on before any response is logged by nginx (and Kong) with status 499.
+fn client_gone(mut exchange: Exchange, client_left: bool) -> Exchange {
+    if client_left && exchange.status == 0 && exchange.response_size == 0 {
+        exchange.status = CLIENT_CLOSED_REQUEST;
+    }
+    exchange
+}
+
+/// nginx's status for a request whose client closed the connection first.
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 /// Stream events in, completed exchanges out, for every connection the reassembler reports.
 pub struct HttpExchanges {

@@ -4,6 +4,11 @@
 //! so a key the table still knows but the gateway has revoked is not billed; a 401 that Kong proxied from
 //! the upstream service is billed). No subject: dropped and counted, as Kong's plugin drops it. While the
 //! credential table has not loaded yet, exchanges are held (up to a bound) rather than dropped.
+//!
+//! Once the gateway's routes are known, a request no route matches is Kong's 404 and is not billed
+//! (`no_route`); the route's key-auth says where its key is. Once the Metering & Billing plugin's entries
+//! are known, the most specific entry that applies decides: none applies, or it does not meter API
+//! requests (`out_of_scope`); its status filter (`status_filtered`); its subject and attributes.
 
 use std::collections::VecDeque;
 
@@ -11,7 +16,9 @@ use crate::http::message::Exchange;
 use crate::metering::credentials::CredentialTable;
 use crate::metering::events::{EventContext, EventWriter};
 use crate::metering::key_lookup::KeyAuth;
-use crate::metering::subject::{Resolution, SubjectResolver, SubjectRule};
+use crate::metering::plugins::{applicable, MeteringEntry};
+use crate::metering::routes::{RouteSpec, Routes};
+use crate::metering::subject::{identify, Resolution, SubjectResolver, SubjectRule};
 
 pub struct MeterConfig {
     /// the events' CloudEvents `source`
@@ -28,40 +35,74 @@ pub struct MeterCounters {
     pub rejected: u64,
     /// no subject
     pub unresolved: u64,
+    /// no route of the gateway's matched (Kong answered 404)
+    pub no_route: u64,
+    /// no Metering & Billing entry applies, or the one that does meters no API requests
+    pub out_of_scope: u64,
+    /// a status the applicable entry's `allow_status_codes` leaves out
+    pub status_filtered: u64,
     /// waiting for the credential table right now
     pub held: u64,
     /// dropped (and counted unresolved) because too many were waiting
     pub held_overflow: u64,
 }
 
+/// What the gateway's configuration says beyond credentials: its routes (empty: none known, so nothing
+/// is attributed and everything is metered) and the Metering & Billing plugin's entries (empty: none, so
+/// every request is metered by the command line's rule).
+#[derive(Default)]
+pub struct Gateway {
+    pub routes: Vec<RouteSpec>,
+    pub entries: Vec<MeteringEntry>,
+}
+
 pub struct Meter {
     source: String,
     max_held: usize,
+    /// the command line's rule, for requests when no plugin entry is known
     resolver: SubjectResolver,
     key_auth: KeyAuth,
     gateway_key_names: Vec<String>,
+    routes: Option<Routes>,
+    entries: Vec<MeteringEntry>,
+    /// each entry's subject rule, checked against the key names
+    resolvers: Vec<SubjectResolver>,
+    /// every key name anywhere (flags, the gateway's, each route's): hidden from every event's URI
+    hidden_names: Vec<String>,
+    /// some rule or scope needs the request's consumer, so requests wait for the credential table
+    needs_table: bool,
     table: Option<CredentialTable>,
     held: VecDeque<Exchange>,
     held_bytes: usize,
     writer: EventWriter,
+    attributes: Vec<u8>,
     pub counters: MeterCounters,
 }
 
 impl Meter {
     pub fn new(config: MeterConfig) -> Meter {
         let key_auth = KeyAuth::default();
-        Meter {
+        let needs_table = config.rule == SubjectRule::Consumer;
+        let mut meter = Meter {
             source: config.source,
             max_held: config.max_held,
             resolver: SubjectResolver::new(config.rule, &key_auth),
             key_auth,
             gateway_key_names: Vec::new(),
+            routes: None,
+            entries: Vec::new(),
+            resolvers: Vec::new(),
+            hidden_names: Vec::new(),
+            needs_table,
             table: None,
             held: VecDeque::new(),
             held_bytes: 0,
             writer: EventWriter::default(),
+            attributes: Vec::new(),
             counters: MeterCounters::default(),
-        }
+        };
+        meter.check_rules();
+        meter
     }
 
     /// The gateway's key-auth settings (as the agent applies them); true if they changed, and then the
@@ -71,7 +112,7 @@ impl Meter {
             return false;
         }
         self.key_auth = key_auth;
-        self.check_rule();
+        self.check_rules();
         true
     }
 
@@ -82,19 +123,61 @@ impl Meter {
             return false;
         }
         self.gateway_key_names = names;
-        self.check_rule();
+        self.check_rules();
         true
     }
 
-    fn check_rule(&mut self) {
-        let key_names = self.key_auth.key_names.iter().chain(&self.gateway_key_names).cloned().collect();
-        self.resolver.check(&KeyAuth { key_names, ..self.key_auth.clone() });
+    /// Swaps in the gateway's routes and plugin entries whole (None: none known); returns one line for
+    /// each route Kong's router would refuse too, which is left out.
+    pub fn set_gateway(&mut self, gateway: Option<Gateway>) -> Vec<String> {
+        let gateway = gateway.unwrap_or_default();
+        let (routes, refused) = if gateway.routes.is_empty() { (None, Vec::new()) } else {
+            let (routes, refused) = Routes::new(gateway.routes);
+            (Some(routes), refused)
+        };
+        self.routes = routes;
+        self.resolvers = gateway.entries.iter().map(|entry| SubjectResolver::new(entry.rule.clone(), &self.key_auth)).collect();
+        self.entries = gateway.entries;
+        self.needs_table = if self.entries.is_empty() {
+            self.resolver.rule == SubjectRule::Consumer
+        } else {
+            self.entries.iter().any(|entry| entry.consumer.is_some() || entry.rule == SubjectRule::Consumer)
+        };
+        self.check_rules();
+        refused
     }
 
-    /// The header or query subject names one of key-auth's key names, so requests stay unresolved: a
+    /// Routes in use (those the router took).
+    pub fn routes(&self) -> usize {
+        self.routes.as_ref().map_or(0, Routes::len)
+    }
+
+    fn check_rules(&mut self) {
+        let mut key_names: Vec<String> = self.key_auth.key_names.iter().chain(&self.gateway_key_names).cloned().collect();
+        if let Some(routes) = &self.routes {
+            for index in 0..routes.len() {
+                if let Some(key_auth) = &routes.route(index).key_auth {
+                    key_names.extend(key_auth.key_names.iter().cloned());
+                }
+            }
+        }
+        key_names.sort_unstable();
+        key_names.dedup();
+        let all = KeyAuth { key_names, ..self.key_auth.clone() };
+        self.resolver.check(&all);
+        for resolver in &mut self.resolvers {
+            resolver.check(&all);
+        }
+        self.hidden_names = all.key_names;
+    }
+
+    /// A header or query subject names one of key-auth's key names, so its requests stay unresolved: a
     /// subject is never an API key. The caller says so once per change of the settings.
     pub fn subject_names_a_key(&self) -> bool {
-        self.resolver.names_a_key()
+        if self.entries.is_empty() {
+            return self.resolver.names_a_key();
+        }
+        self.resolvers.iter().any(SubjectResolver::names_a_key)
     }
 
     /// Swaps in a new credential table whole (None: not loaded, or lost).
@@ -106,7 +189,7 @@ impl Meter {
     /// the credential table now resolves (with no exchanges, it only releases those: live capture calls
     /// it every second even when idle). `now` is on the clock of the table's expiries.
     pub fn meter(&mut self, exchanges: impl IntoIterator<Item = Exchange>, now: f64, out: &mut Vec<u8>) {
-        if !self.held.is_empty() && self.resolver.ready(self.table.as_ref()) {
+        if !self.held.is_empty() && (self.table.is_some() || !self.needs_table) {
             let held = std::mem::take(&mut self.held);
             self.held_bytes = 0;
             self.counters.held = 0;
@@ -142,19 +225,68 @@ impl Meter {
             self.counters.rejected += 1;
             return;
         }
-        match self.resolver.resolve(&exchange.request, &self.key_auth, self.table.as_ref(), now) {
-            Resolution::NotReady => self.hold(exchange),
-            Resolution::Unresolved => self.counters.unresolved += 1,
+        if self.needs_table && self.table.is_none() {
+            self.hold(exchange);
+            return;
+        }
+        let Meter {
+            routes, entries, resolvers, resolver, table, counters, writer, attributes, key_auth, source, hidden_names, ..
+        } = self;
+        let route = match routes {
+            None => None,
+            Some(routes) => match routes.route_of(&exchange.request, exchange.connection.server_port) {
+                Some(index) => Some(routes.route(index)),
+                None => {
+                    counters.no_route += 1;
+                    return;
+                }
+            },
+        };
+        // the key-auth of the route (none: no consumer there), or, with no routes known, the gateway's
+        let key_auth = match route {
+            Some(route) => route.key_auth.as_ref(),
+            None => Some(&*key_auth),
+        };
+        let caller = match (key_auth, table.as_ref()) {
+            (Some(key_auth), Some(table)) => identify(&exchange.request, key_auth, table, now),
+            _ => None,
+        };
+        let (entry, resolver) = if entries.is_empty() {
+            (None, &*resolver)
+        } else {
+            let consumer = caller.as_ref().and_then(|caller| caller.owner).map(|(_, consumer)| consumer);
+            let route_id = route.map(|route| route.id.as_str());
+            let service_id = route.and_then(|route| route.service_id.as_deref());
+            match applicable(entries, route_id, service_id, consumer) {
+                Some(index) if entries[index].meter_api_requests => (Some(&entries[index]), &resolvers[index]),
+                _ => {
+                    counters.out_of_scope += 1;
+                    return;
+                }
+            }
+        };
+        if entry.is_some_and(|entry| !entry.bills_status(exchange.status)) {
+            counters.status_filtered += 1;
+            return;
+        }
+        match resolver.resolve(&exchange.request, caller.as_ref()) {
+            Resolution::Unresolved => counters.unresolved += 1,
             Resolution::Resolved { subject, key } => {
+                attributes.clear();
+                if let Some(entry) = entry {
+                    entry.push_attributes(&exchange.request, caller.as_ref().map(|caller| &caller.key[..]), attributes);
+                }
                 let context = EventContext {
-                    source: &self.source,
+                    source,
                     subject: &subject,
-                    subject_type: self.resolver.rule.look_up_value_in(),
-                    key_names: &self.key_auth.key_names,
-                    key: key.as_deref(),
+                    subject_type: resolver.rule.look_up_value_in(),
+                    key_names: hidden_names,
+                    key,
+                    route: route.map(|route| &route.event_fields[..]),
+                    attributes,
                 };
-                self.writer.write(&exchange, &context, out);
-                self.counters.events += 1;
+                writer.write(&exchange, &context, out);
+                counters.events += 1;
             }
         }
     }
@@ -188,6 +320,7 @@ fn footprint(exchange: &Exchange) -> usize {
 mod tests {
     use super::*;
     use crate::http::message::Message;
+    use crate::metering::plugins::MeteringEntry;
     use crate::metering::credentials::key_digest;
     use crate::source::frames::Address;
     use crate::tcp::reassembly::ConnectionInfo;
@@ -195,7 +328,7 @@ mod tests {
     const START: f64 = 1714557600.25;
 
     fn table() -> CredentialTable {
-        CredentialTable::new([(key_digest(b"alice-key"), "alice".to_string(), None)])
+        CredentialTable::new([(key_digest(b"alice-key"), Some("alice".to_string()), "c-alice".to_string(), None)])
     }
 
     fn exchange(target: &str, headers: &[&str], status: u16) -> Exchange {
@@ -369,7 +502,7 @@ mod tests {
     #[test]
     fn an_expired_key_is_unresolved() {
         let mut billing = meter();
-        billing.set_credentials(Some(CredentialTable::new([(key_digest(b"alice-key"), "alice".into(), Some(5.0))])));
+        billing.set_credentials(Some(CredentialTable::new([(key_digest(b"alice-key"), Some("alice".into()), "c-alice".into(), Some(5.0))])));
         let mut out = Vec::new();
         billing.meter([keyed("/a", 200)], 4.0, &mut out);
         billing.meter([keyed("/b", 200)], 5.0, &mut out);
@@ -377,22 +510,203 @@ mod tests {
         assert_eq!(billing.counters.unresolved, 1);
     }
 
+    fn service(id: &str) -> crate::metering::routes::ServiceSpec {
+        crate::metering::routes::ServiceSpec {
+            id: id.to_string(),
+            name: Some(format!("{id}-name")),
+            port: Some(80),
+            protocol: Some("http".to_string()),
+        }
+    }
+
+    fn gateway_route(id: &str, path: &str, service_id: &str, key_auth: Option<KeyAuth>) -> RouteSpec {
+        RouteSpec {
+            id: id.to_string(),
+            name: Some(id.to_string()),
+            service: Some(service(service_id)),
+            paths: vec![path.to_string()],
+            key_auth,
+            ..RouteSpec::default()
+        }
+    }
+
+    fn entry(route: Option<&str>, service: Option<&str>, consumer: Option<&str>) -> MeteringEntry {
+        MeteringEntry {
+            route: route.map(str::to_string),
+            service: service.map(str::to_string),
+            consumer: consumer.map(str::to_string),
+            meter_api_requests: true,
+            rule: SubjectRule::Consumer,
+            attributes: Vec::new(),
+            allow_status_codes: None,
+        }
+    }
+
+    fn lines(meter: &mut Meter, exchanges: Vec<Exchange>) -> Vec<String> {
+        let mut out = Vec::new();
+        meter.meter(exchanges, 0.0, &mut out);
+        String::from_utf8(out).unwrap().lines().map(str::to_string).collect()
+    }
+
+    fn seeded() -> Meter {
+        let mut billing = meter();
+        billing.set_credentials(Some(table()));
+        let refused = billing.set_gateway(Some(Gateway {
+            routes: vec![
+                gateway_route("r-any", "/anything", "s-example", Some(KeyAuth::default())),
+                gateway_route("r-open", "/open", "s-other", None),
+                gateway_route("r-other", "/other", "s-other", Some(KeyAuth::default())),
+            ],
+            entries: vec![entry(None, Some("s-example"), None)],
+        }));
+        assert!(refused.is_empty());
+        billing
+    }
+
+    #[test]
+    fn events_name_the_route_and_service_and_unmatched_requests_are_not_billed() {
+        let mut billing = seeded();
+        let events = lines(&mut billing, vec![keyed("/anything/x", 200), keyed("/nowhere", 404)]);
+        assert_eq!(events.len(), 1);
+        assert!(events[0].contains(r#""route_id":"r-any","route_name":"r-any","service_id":"s-example","service_name":"s-example-name","service_port":80,"service_protocol":"http""#), "{}", events[0]);
+        assert_eq!((billing.counters.events, billing.counters.no_route), (1, 1));
+    }
+
+    #[test]
+    fn a_service_without_the_plugin_is_out_of_scope() {
+        let mut billing = seeded();
+        assert!(lines(&mut billing, vec![keyed("/other", 200), keyed("/open", 200)]).is_empty());
+        assert_eq!(billing.counters.out_of_scope, 2);
+    }
+
+    #[test]
+    fn the_routes_key_auth_says_where_the_key_is() {
+        let mut billing = meter();
+        billing.set_credentials(Some(table()));
+        let header_only = KeyAuth { key_names: vec!["x-key".to_string()], key_in_query: false, ..KeyAuth::default() };
+        billing.set_gateway(Some(Gateway {
+            routes: vec![gateway_route("r", "/", "s", Some(header_only)), gateway_route("bare", "/bare", "s", None)],
+            entries: Vec::new(),
+        }));
+        let by_header = exchange("/a", &["x-key: alice-key"], 200);
+        let by_query = exchange("/a?x-key=alice-key", &[], 200);
+        let default_name = exchange("/a", &["apikey: alice-key"], 200);
+        let no_key_auth = keyed("/bare", 200);
+        assert_eq!(lines(&mut billing, vec![by_header, by_query, default_name, no_key_auth]).len(), 1);
+        assert_eq!(billing.counters.unresolved, 3);
+    }
+
+    #[test]
+    fn a_consumer_scoped_entry_beats_the_service_one() {
+        let mut billing = meter();
+        billing.set_credentials(Some(table()));
+        let mut by_tenant = entry(None, None, Some("c-alice"));
+        by_tenant.rule = SubjectRule::Header("x-tenant".to_string());
+        billing.set_gateway(Some(Gateway {
+            routes: vec![gateway_route("r", "/", "s", Some(KeyAuth::default()))],
+            entries: vec![entry(None, Some("s"), None), by_tenant],
+        }));
+        let events = lines(&mut billing, vec![exchange("/a", &["apikey: alice-key", "X-Tenant: acme"], 200)]);
+        assert!(events[0].contains(r#""subject":"acme""#) && events[0].contains(r#""subject_type":"header""#));
+    }
+
+    #[test]
+    fn an_entry_that_meters_no_api_requests_and_status_filters() {
+        let mut billing = meter();
+        billing.set_credentials(Some(table()));
+        let mut quiet = entry(Some("r-quiet"), None, None);
+        quiet.meter_api_requests = false;
+        let mut successes = entry(None, None, None);
+        successes.allow_status_codes = Some(vec![(200, 299)]);
+        billing.set_gateway(Some(Gateway {
+            routes: vec![
+                gateway_route("r-quiet", "/quiet", "s", Some(KeyAuth::default())),
+                gateway_route("r", "/", "s", Some(KeyAuth::default())),
+            ],
+            entries: vec![quiet, successes],
+        }));
+        let events = lines(&mut billing, vec![keyed("/quiet", 200), keyed("/a", 200), keyed("/a", 500), keyed("/a", 0)]);
+        assert_eq!(events.len(), 1);
+        assert_eq!((billing.counters.out_of_scope, billing.counters.status_filtered), (1, 2));
+    }
+
+    #[test]
+    fn attributes_land_in_data_and_keys_stay_out_of_uris_on_every_route() {
+        let mut billing = meter();
+        billing.set_credentials(Some(table()));
+        let mut with_attributes = entry(None, None, None);
+        with_attributes.rule = SubjectRule::Header("x-tenant".to_string());
+        with_attributes.attributes = vec![crate::metering::plugins::Attribute {
+            source: crate::metering::plugins::AttributeSource::Header,
+            name: "x-plan".to_string(),
+            property: "plan".to_string(),
+        }];
+        billing.set_gateway(Some(Gateway {
+            routes: vec![gateway_route("bare", "/", "s", None)],
+            entries: vec![with_attributes],
+        }));
+        let events = lines(&mut billing, vec![exchange("/a?apikey=alice-key", &["X-Tenant: acme", "X-Plan: gold"], 200)]);
+        assert!(events[0].contains(r#""subject_type":"header","plan":"gold","latency_ms""#), "{}", events[0]);
+        assert!(!events[0].contains("alice-key"));
+    }
+
+    #[test]
+    fn consumer_scopes_make_requests_wait_for_the_table() {
+        let mut billing = meter();
+        let mut by_tenant = entry(None, None, Some("c-alice"));
+        by_tenant.rule = SubjectRule::Header("x-tenant".to_string());
+        billing.set_gateway(Some(Gateway { routes: Vec::new(), entries: vec![by_tenant] }));
+        assert!(lines(&mut billing, vec![exchange("/a", &["apikey: alice-key", "X-Tenant: acme"], 200)]).is_empty());
+        assert_eq!(billing.counters.held, 1);
+        billing.set_credentials(Some(table()));
+        assert_eq!(lines(&mut billing, vec![]).len(), 1);
+    }
+
+    #[test]
+    fn without_gateway_configuration_everything_is_metered_as_before() {
+        let mut billing = seeded();
+        billing.set_gateway(None);
+        let events = lines(&mut billing, vec![keyed("/nowhere", 200)]);
+        assert!(events[0].contains(r#""route_id":null"#));
+    }
+
     fn meter_config() -> MeterConfig {
         MeterConfig { source: "gateway-1".into(), rule: SubjectRule::Consumer, max_held: 100_000 }
     }
 
-    /// ns per event for lookup and render: `cargo test --release -q metering_speed -- --ignored --nocapture`
+    /// ns per event for lookup and render, without routes and with 50 (the request hitting the last
+    /// prefix tried): `cargo test --release -q metering_speed -- --ignored --nocapture`
     #[test]
     #[ignore]
     fn metering_speed() {
+        // (routes, distinct request paths): with 100_000 distinct paths no match is ever remembered
+        for (routes, paths) in [(0, 1000), (50, 1000), (50, 100_000)] {
+            metering_speed_with(routes, paths);
+        }
+    }
+
+    fn metering_speed_with(routes: usize, paths: usize) {
         let keys: Vec<String> = (0..10_000).map(|n| format!("key-{n:05}")).collect();
-        let entries = keys.iter().map(|key| (key_digest(key.as_bytes()), format!("consumer-{key}"), None));
+        let entries = keys.iter().map(|key| (key_digest(key.as_bytes()), Some(format!("consumer-{key}")), format!("id-{key}"), None));
         let mut billing = meter();
         billing.set_credentials(Some(CredentialTable::new(entries)));
+        if routes > 0 {
+            let specs = (0..routes)
+                .map(|n| {
+                    let path = if n == 0 { "/orders".to_string() } else { format!("/api/v{n}/items") };
+                    let mut route = gateway_route(&format!("r-{n}"), &path, &format!("s-{}", n % 10), Some(KeyAuth::default()));
+                    if n % 5 == 1 {
+                        route.hosts = vec![format!("h{n}.example.com")];
+                    }
+                    route
+                })
+                .collect();
+            billing.set_gateway(Some(Gateway { routes: specs, entries: vec![entry(None, None, None)] }));
+        }
         let exchanges: Vec<Exchange> = (0..100_000)
             .map(|n| {
                 let mut exchange = exchange(
-                    "/orders/1234?page=2&sort=asc",
+                    &format!("/orders/{}?page=2&sort=asc", n % paths),
                     &["User-Agent: curl/8.5.0", "Accept: */*", &format!("apikey: {}", keys[n % keys.len()])],
                     200,
                 );
@@ -407,6 +721,10 @@ mod tests {
         billing.meter(exchanges, 0.0, &mut out);
         let elapsed = started.elapsed();
         assert_eq!(billing.counters.events, 100_000);
-        println!("{:.0} ns per event ({} bytes per line)", elapsed.as_nanos() as f64 / 1e5, out.len() / 100_000);
+        println!(
+            "{routes} routes, {paths} paths: {:.0} ns per event ({} bytes per line)",
+            elapsed.as_nanos() as f64 / 1e5,
+            out.len() / 100_000
+        );
     }
 }

@@ -39,7 +39,9 @@ impl Hasher for DigestHasher {
 }
 
 struct Entry {
-    subject: String,
+    /// None: the consumer has no subject under `--subject-field`, but is known for plugins' scopes
+    subject: Option<String>,
+    consumer: String,
     /// on the clock the caller's `now` is read from (the Python table's, `time.monotonic` by default)
     expires_at: Option<f64>,
 }
@@ -50,19 +52,23 @@ pub struct CredentialTable {
 }
 
 impl CredentialTable {
-    /// From `(digest of the key, subject, expiry)`; a digest given twice keeps the last, as a dict would.
-    pub fn new(entries: impl IntoIterator<Item = (KeyDigest, String, Option<f64>)>) -> CredentialTable {
-        let by_digest =
-            entries.into_iter().map(|(digest, subject, expires_at)| (digest, Entry { subject, expires_at })).collect();
+    /// From `(digest of the key, subject, consumer id, expiry)`; a digest given twice keeps the last, as a
+    /// dict would.
+    pub fn new(entries: impl IntoIterator<Item = (KeyDigest, Option<String>, String, Option<f64>)>) -> CredentialTable {
+        let by_digest = entries
+            .into_iter()
+            .map(|(digest, subject, consumer, expires_at)| (digest, Entry { subject, consumer, expires_at }))
+            .collect();
         CredentialTable { by_digest }
     }
 
-    /// The subject of a key, unless unknown or expired (`now >= expires_at`).
-    pub fn lookup(&self, key: &[u8], now: f64) -> Option<&str> {
+    /// The subject (if it has one) and the consumer id of a key, unless unknown or expired
+    /// (`now >= expires_at`).
+    pub fn lookup(&self, key: &[u8], now: f64) -> Option<(Option<&str>, &str)> {
         let entry = self.by_digest.get(&key_digest(key))?;
         match entry.expires_at {
             Some(expires_at) if now >= expires_at => None,
-            _ => Some(&entry.subject),
+            _ => Some((entry.subject.as_deref(), &entry.consumer)),
         }
     }
 
@@ -88,14 +94,14 @@ mod tests {
 
     fn table() -> CredentialTable {
         CredentialTable::new([
-            (key_digest(b"alice-key"), "alice".to_string(), None),
-            (key_digest(b"short-lived"), "bob".to_string(), Some(100.0)),
+            (key_digest(b"alice-key"), Some("alice".to_string()), "c-1".to_string(), None),
+            (key_digest(b"short-lived"), Some("bob".to_string()), "c-2".to_string(), Some(100.0)),
         ])
     }
 
     #[test]
     fn a_known_key_gives_its_subject() {
-        assert_eq!(table().lookup(b"alice-key", 0.0), Some("alice"));
+        assert_eq!(table().lookup(b"alice-key", 0.0), Some((Some("alice"), "c-1")));
     }
 
     #[test]
@@ -107,26 +113,26 @@ mod tests {
     #[test]
     fn a_key_expires_at_its_expiry() {
         let table = table();
-        assert_eq!(table.lookup(b"short-lived", 99.9), Some("bob"));
+        assert_eq!(table.lookup(b"short-lived", 99.9), Some((Some("bob"), "c-2")));
         assert_eq!(table.lookup(b"short-lived", 100.0), None);
-        assert_eq!(table.lookup(b"alice-key", f64::INFINITY), Some("alice"));
+        assert!(table.lookup(b"alice-key", f64::INFINITY).is_some());
     }
 
     #[test]
     fn the_digest_is_sha256_of_the_key_bytes() {
         let digest = key_digest(b"abc");
         assert_eq!(digest[..4], [0xba, 0x78, 0x16, 0xbf]);
-        let non_ascii = CredentialTable::new([(key_digest("ключ".as_bytes()), "ivan".to_string(), None)]);
-        assert_eq!(non_ascii.lookup("ключ".as_bytes(), 0.0), Some("ivan"));
+        let non_ascii = CredentialTable::new([(key_digest("ключ".as_bytes()), None, "ivan".to_string(), None)]);
+        assert_eq!(non_ascii.lookup("ключ".as_bytes(), 0.0), Some((None, "ivan")));
     }
 
     #[test]
     fn a_digest_given_twice_keeps_the_last() {
         let twice = CredentialTable::new([
-            (key_digest(b"k"), "first".to_string(), None),
-            (key_digest(b"k"), "second".to_string(), None),
+            (key_digest(b"k"), None, "first".to_string(), None),
+            (key_digest(b"k"), None, "second".to_string(), None),
         ]);
-        assert_eq!((twice.len(), twice.lookup(b"k", 0.0)), (1, Some("second")));
+        assert_eq!((twice.len(), twice.lookup(b"k", 0.0)), (1, Some((None, "second"))));
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub struct EventContext<'a> {
     pub key_names: &'a [String],
     /// the key the subject came from, which must not reach the event under any parameter name
     pub key: Option<&'a [u8]>,
+    /// the matched route's six fields, rendered (`routes::Route::event_fields`); None: no routes known
+    pub route: Option<&'a [u8]>,
+    /// the plugin entry's attributes, rendered as `,"name":"value"...` (empty: none)
+    pub attributes: &'a [u8],
 }
 
 /// The connection a cached id prefix belongs to.
@@ -76,20 +80,25 @@ impl EventWriter {
         out.extend_from_slice(b",\"response_size_bytes\":");
         push_u64(out, exchange.response_size);
         out.extend_from_slice(b",\"upstream_status\":");
-        if exchange.status != 0 && !exchange.answered_by_kong {
-            // as nginx's $upstream_status; null when Kong answered itself
+        if exchange.status != 0 && exchange.response_size > 0 && !exchange.answered_by_kong {
+            // as nginx's $upstream_status, a string; null when Kong answered itself or nothing answered
             out.push(b'"');
             push_u64(out, exchange.status.into());
             out.push(b'"');
         } else {
             out.extend_from_slice(b"null");
         }
-        // Kong knows which route and service matched; the wire does not say
-        out.extend_from_slice(
-            b",\"route_id\":null,\"route_name\":null,\"service_id\":null,\"service_name\":null,\
-              \"service_port\":null,\"service_protocol\":null,\"subject_type\":",
-        );
+        out.push(b',');
+        match context.route {
+            Some(fields) => out.extend_from_slice(fields),
+            None => out.extend_from_slice(
+                b"\"route_id\":null,\"route_name\":null,\"service_id\":null,\"service_name\":null,\
+                  \"service_port\":null,\"service_protocol\":null",
+            ),
+        }
+        out.extend_from_slice(b",\"subject_type\":");
         push_string(out, context.subject_type.as_bytes(), false);
+        out.extend_from_slice(context.attributes);
         out.extend_from_slice(b",\"latency_ms\":");
         match latency_ms(exchange) {
             Some(latency) => push_u64(out, latency),
@@ -157,9 +166,9 @@ impl EventWriter {
 }
 
 /// First request byte to last response byte, rounded half to even, never negative (capture clocks can
-/// step back); None for an unanswered request.
+/// step back); None for a request that saw no response (unanswered, or given up on by its client: 499).
 fn latency_ms(exchange: &Exchange) -> Option<u64> {
-    if exchange.status == 0 {
+    if exchange.status == 0 || exchange.response_size == 0 {
         return None;
     }
     let milliseconds = ((exchange.response_end - exchange.request.start_time) * 1000.0).round_ties_even();
@@ -359,7 +368,7 @@ fn push_padded(out: &mut Vec<u8>, value: u64, width: usize) {
 /// A JSON string as orjson writes it: `"` and `\` escaped, control characters as `\b \t \n \f \r` or
 /// `\u00xx`, the rest as is. `latin1`: the bytes are Latin-1 text, so 0x80..0xFF become two UTF-8 bytes;
 /// otherwise they are UTF-8 already.
-fn push_string(out: &mut Vec<u8>, bytes: &[u8], latin1: bool) {
+pub(crate) fn push_string(out: &mut Vec<u8>, bytes: &[u8], latin1: bool) {
     out.push(b'"');
     let mut plain_from = 0;
     for (i, &byte) in bytes.iter().enumerate() {
@@ -444,6 +453,8 @@ mod tests {
             subject_type: "consumer",
             key_names: &key_names,
             key: None,
+            route: None,
+            attributes: b"",
         };
         let mut out = Vec::new();
         EventWriter::default().write(exchange, &context, &mut out);

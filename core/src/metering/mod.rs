@@ -5,4 +5,6 @@ pub mod billing;
 pub mod credentials;
 pub mod events;
 pub mod key_lookup;
+pub mod plugins;
+pub mod routes;
 pub mod subject;

@@ -28,16 +28,29 @@ impl SubjectRule {
     }
 }
 
+/// Whose key a request carries, as the credential table says (looked up once per request, when a rule
+/// or a plugin's scope needs the consumer).
+pub struct Caller<'r> {
+    pub key: Cow<'r, [u8]>,
+    /// the key's consumer: its id, and its subject under `--subject-field` (None: it has none)
+    pub owner: Option<(Option<&'r str>, &'r str)>,
+}
+
+/// The key a request carries and its owner; None without a key.
+pub fn identify<'r>(request: &'r Message, key_auth: &KeyAuth, table: &'r CredentialTable, now: f64) -> Option<Caller<'r>> {
+    let key = find_key(request, key_auth)?;
+    let owner = table.lookup(&key, now);
+    Some(Caller { key, owner })
+}
+
 /// What the resolver made of one request.
 pub enum Resolution<'r> {
-    /// the credential table has not loaded yet: the subject cannot be decided now
-    NotReady,
     Unresolved,
     /// the subject, and the key it came from (None for a header or query subject), so that the event
     /// can be kept clear of that key
     Resolved {
         subject: Cow<'r, str>,
-        key: Option<Cow<'r, [u8]>>,
+        key: Option<&'r [u8]>,
     },
 }
 
@@ -76,19 +89,9 @@ impl SubjectResolver {
         self.names_a_key
     }
 
-    /// False while a consumer subject cannot be decided (the credential table has not loaded yet).
-    pub fn ready(&self, table: Option<&CredentialTable>) -> bool {
-        self.rule != SubjectRule::Consumer || table.is_some()
-    }
-
-    /// The subject of a request; an empty one is no subject (a CloudEvent's subject is never empty).
-    pub fn resolve<'r>(
-        &self,
-        request: &'r Message,
-        key_auth: &KeyAuth,
-        table: Option<&'r CredentialTable>,
-        now: f64,
-    ) -> Resolution<'r> {
+    /// The subject of a request whose caller (for a consumer subject) is known as far as it can be; an
+    /// empty one is no subject (a CloudEvent's subject is never empty).
+    pub fn resolve<'r>(&self, request: &'r Message, caller: Option<&'r Caller<'r>>) -> Resolution<'r> {
         if self.names_a_key {
             return Resolution::Unresolved;
         }
@@ -102,13 +105,10 @@ impl SubjectResolver {
                 None,
             ),
             SubjectRule::Consumer => {
-                let Some(table) = table else {
-                    return Resolution::NotReady;
-                };
-                let Some(key) = find_key(request, key_auth) else {
+                let Some(caller) = caller else {
                     return Resolution::Unresolved;
                 };
-                (table.lookup(&key, now).map(Cow::Borrowed), Some(key))
+                (caller.owner.and_then(|(subject, _)| subject).map(Cow::Borrowed), Some(&caller.key[..]))
             }
         };
         match subject {
@@ -142,16 +142,17 @@ mod tests {
 
     fn table() -> CredentialTable {
         CredentialTable::new([
-            (key_digest(b"alice-key"), "alice".to_string(), None),
-            (key_digest(b"empty-subject-key"), String::new(), None),
+            (key_digest(b"alice-key"), Some("alice".to_string()), "c-alice".to_string(), None),
+            (key_digest(b"empty-subject-key"), Some(String::new()), "c-empty".to_string(), None),
+            (key_digest(b"no-subject-key"), None, "c-none".to_string(), None),
         ])
     }
 
     fn subject(resolver: &SubjectResolver, request: &Message, table: Option<&CredentialTable>) -> Option<String> {
-        match resolver.resolve(request, &KeyAuth::default(), table, 0.0) {
+        let caller = table.and_then(|table| identify(request, &KeyAuth::default(), table, 0.0));
+        match resolver.resolve(request, caller.as_ref()) {
             Resolution::Resolved { subject, .. } => Some(subject.into_owned()),
             Resolution::Unresolved => None,
-            Resolution::NotReady => Some("NOT_READY".to_string()),
         }
     }
 
@@ -160,19 +161,18 @@ mod tests {
         let resolver = SubjectResolver::new(SubjectRule::Consumer, &KeyAuth::default());
         let table = table();
         let request = request("/a", &["apikey: alice-key"]);
-        match resolver.resolve(&request, &KeyAuth::default(), Some(&table), 0.0) {
-            Resolution::Resolved { subject, key } => {
-                assert_eq!((&*subject, key.as_deref()), ("alice", Some(&b"alice-key"[..])))
-            }
+        let caller = identify(&request, &KeyAuth::default(), &table, 0.0).unwrap();
+        assert_eq!(caller.owner, Some((Some("alice"), "c-alice")));
+        match resolver.resolve(&request, Some(&caller)) {
+            Resolution::Resolved { subject, key } => assert_eq!((&*subject, key), ("alice", Some(&b"alice-key"[..]))),
             _ => panic!("not resolved"),
         }
     }
 
     #[test]
-    fn consumer_subject_is_not_ready_without_a_table() {
+    fn a_consumer_without_a_subject_is_unresolved() {
         let resolver = SubjectResolver::new(SubjectRule::Consumer, &KeyAuth::default());
-        assert!(!resolver.ready(None));
-        assert_eq!(subject(&resolver, &request("/a", &["apikey: alice-key"]), None).as_deref(), Some("NOT_READY"));
+        assert_eq!(subject(&resolver, &request("/a", &["apikey: no-subject-key"]), Some(&table())), None);
     }
 
     #[test]
@@ -200,7 +200,6 @@ mod tests {
         let by_header = SubjectResolver::new(SubjectRule::Header("x-tenant".into()), &KeyAuth::default());
         let by_query = SubjectResolver::new(SubjectRule::Query("tenant".into()), &KeyAuth::default());
         let wrong_case = SubjectResolver::new(SubjectRule::Query("Tenant".into()), &KeyAuth::default());
-        assert!(by_header.ready(None));
         assert_eq!(subject(&by_header, &request, None).as_deref(), Some("globex"));
         assert_eq!(subject(&by_query, &request, None).as_deref(), Some("acme corp"));
         assert_eq!(subject(&wrong_case, &request, None), None);

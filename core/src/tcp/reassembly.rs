@@ -358,8 +358,9 @@ impl Connection {
         self.stream(to_server).ended
     }
 
-    /// What is still held back is delivered, with its holes as gaps, then CLOSED.
-    fn finish(&mut self, time: f64, counters: &mut ReassemblyCounters, sink: &mut impl StreamSink) {
+    /// What is still held back is delivered, with its holes as gaps, then CLOSED. A reset ends both
+    /// streams first, the resetting side's first (so the HTTP stage sees who went away first, as for FINs).
+    fn finish(&mut self, time: f64, reset_by_client: Option<bool>, counters: &mut ReassemblyCounters, sink: &mut impl StreamSink) {
         for to_server in [true, false] {
             let held_end = self
                 .stream(to_server)
@@ -369,6 +370,16 @@ impl Connection {
                 .max();
             if let Some(held_end) = held_end {
                 self.advance(to_server, held_end, time, counters, sink);
+            }
+        }
+        if let Some(by_client) = reset_by_client {
+            for to_server in [by_client, !by_client] {
+                let stream = self.stream(to_server);
+                if !stream.ended {
+                    stream.ended = true;
+                    let position = delivered(stream.position);
+                    self.emit(sink, to_server, time, StreamEvent::End { position });
+                }
             }
         }
         self.emit(sink, true, time, StreamEvent::Closed);
@@ -505,7 +516,7 @@ impl TcpReassembler {
         let footprint_after = connection.footprint();
         self.pending_footprint = self.pending_footprint - footprint_before + footprint_after;
         if flags & TCP_RST != 0 {
-            self.close(slot, time, sink);
+            self.close_reset(slot, time, Some(to_server), sink);
         } else {
             // this segment's data, or its ACK of the peer's, may have completed either direction
             let peer_ended = connection.check_end(!to_server, time, sink);
@@ -647,9 +658,14 @@ impl TcpReassembler {
 
     /// End a connection: what is still held back is delivered, with its holes as gaps.
     fn close(&mut self, slot: u32, time: f64, sink: &mut impl StreamSink) {
+        self.close_reset(slot, time, None, sink);
+    }
+
+    /// End a connection; `reset_by_client`: Some when a reset ends it (true: the client's).
+    fn close_reset(&mut self, slot: u32, time: f64, reset_by_client: Option<bool>, sink: &mut impl StreamSink) {
         let Some(connection) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else { return };
         let footprint = connection.footprint();
-        connection.finish(time, &mut self.counters, sink);
+        connection.finish(time, reset_by_client, &mut self.counters, sink);
         let tuple = connection.tuple;
         self.pending_footprint -= footprint;
         self.unlink(slot);
@@ -1216,9 +1232,22 @@ mod tests {
         c.client_sends(&mut h, c.client_at(0), data(b"abc"));
         c.client_sends(&mut h, c.client_at(6), data(b"ghi")); // 3..5 never captured
         let reset = c.server_sends(&mut h, c.server_at(0), flagged(TCP_RST).ack(0));
-        let kinds: Vec<Kind> = reset.iter().map(|event| event.kind.clone()).collect();
-        assert_eq!(kinds, [Kind::Gap(3), Kind::Data(b"ghi".to_vec(), -1), Closed]);
+        let kinds: Vec<(bool, Kind)> = reset.iter().map(|event| (event.to_server, event.kind.clone())).collect();
+        // the reset ends both streams, the resetting server's first
+        let expected =
+            [(true, Kind::Gap(3)), (true, Kind::Data(b"ghi".to_vec(), -1)), (false, End), (true, End), (true, Closed)];
+        assert_eq!(kinds, expected);
         assert_eq!(h.reassembler.len(), 0);
+    }
+
+    #[test]
+    fn a_client_reset_ends_the_clients_stream_first() {
+        let (mut h, c) = new();
+        c.handshake(&mut h, 0.0);
+        c.client_sends(&mut h, c.client_at(0), data(b"abc"));
+        let reset = c.client_sends(&mut h, c.client_at(3), flagged(TCP_RST));
+        let ends: Vec<bool> = reset.iter().filter(|event| event.kind == End).map(|event| event.to_server).collect();
+        assert_eq!(ends, [true, false]);
     }
 
     #[test]
