@@ -164,7 +164,7 @@ def test_metrics_flag_errors_are_one_line(tmp_path: Path) -> None:
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
         result = run_agent("--iface", "lo", "--credentials", str(DECK), "--output", str(tmp_path / "e.jsonl"),
-                           "--metrics-listen", f"127.0.0.1:{port}", check=False)
+                           "--metrics-listen", f"127.0.0.1:{port}", "--log-level", "warning", check=False)
     assert result.returncode == 1
     assert one_line_error(result) == (f"agent: error: --metrics-listen 127.0.0.1:{port}: cannot listen there"
                                       " (Address already in use)")

@@ -27,6 +27,7 @@ PREFIX = "agent_"
 # Summary counters that count work done, not something lost; every other one is a kind of loss.
 NOT_LOSSES = frozenset({
     "packets", "connections", "requests", "events", "kernel_packets",  # what was seen and metered
+    "client_closed",                                                   # billed, with status 499
     "duplicate_segments", "expired_connections",                       # handled as TCP says, nothing lost
     "gap_bytes",                                                       # the size of the `gaps`, in bytes
     "delivered", "retried", "stored", "duplicates",                    # what the sinks did
