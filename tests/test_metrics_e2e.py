@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from kong_standin import billed_rows, free_loopback_port
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -108,6 +109,10 @@ def test_a_scrape_during_live_capture_agrees_with_the_access_log_and_the_summary
     assert samples[("agent_table_entries", (("table", "credentials"),))] == keys
     assert samples[("agent_table_loaded", (("table", "credentials"),))] == 1
     assert 0 <= samples[("agent_table_age_seconds", (("table", "credentials"),))] < 60
+    deck = yaml.safe_load(DECK.read_text())
+    routes = sum(len(service.get("routes", [])) for service in deck["services"]) + len(deck.get("routes", []))
+    assert samples[("agent_table_entries", (("table", "routes"),))] == routes > 0
+    assert samples[("agent_table_entries", (("table", "services"),))] == len(deck["services"])
     assert samples[("agent_cpu_seconds_total", ())] > 0
     assert samples[("agent_resident_memory_bytes", ())] > 10 << 20
 

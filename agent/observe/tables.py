@@ -2,7 +2,8 @@
 good load was. Each becomes one labelled series of `agent_table_entries{table=NAME}` and
 `agent_table_age_seconds{table=NAME}`, and readiness waits until every one has loaded once.
 
-A new table joins by one more entry in `table_statuses`.
+A new table joins by one more entry in `table_statuses`. The routes and services come with the credentials,
+from the same source (a decK file, the Admin API), so they share its last good load.
 """
 
 from __future__ import annotations
@@ -24,4 +25,8 @@ def table_statuses(credentials: CredentialSync | None) -> dict[str, TableStatus]
         table = credentials.table
         statuses["credentials"] = {"entries": len(table) if table is not None else 0,
                                    "loaded_at": credentials.loaded_at}
+        gateway = credentials.gateway  # loaded with the credentials, when the source has them
+        if gateway is not None:
+            statuses["routes"] = {"entries": len(gateway.routes), "loaded_at": credentials.loaded_at}
+            statuses["services"] = {"entries": len(gateway.services), "loaded_at": credentials.loaded_at}
     return statuses
