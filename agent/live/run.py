@@ -39,8 +39,7 @@ log = logging.getLogger("agent.live")
 
 
 def run_live(args: argparse.Namespace, credentials: CredentialSync | None, open_sink: Callable[[], Sink]) -> int:
-    """Capture until stopped; 0 when every worker finished cleanly, 1 otherwise. The sink is opened once
-    the start's checks of the flags pass."""
+    """Capture until stopped; 0 when every worker finished cleanly, 1 otherwise."""
     ports = set(args.port or [8000])
     if len(ports) > MAX_PORTS:
         raise LiveCaptureError(f"at most {MAX_PORTS} --port values can be captured")
@@ -49,25 +48,17 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, open_
     check_ring_memory(args.ring_mb << 20, args.workers)
     if args.user:
         user_entry(args.user)
-    if credentials is not None:
-        credentials.load_at_start()  # a refused plugin configuration stops the start (exit 2)
-    sink = open_sink()
-    stop = StopFlag()
-    # listening before the rings open: a busy port fails first, and a port below 1024 works with --user
-    monitor = (Monitor(args.metrics_listen, args.workers, sink, lambda: stop.signal is not None)
-               if args.metrics_listen else None)
-    try:
-        return _capture_until_stopped(args, link, ports, pipeline, credentials, sink, stop, monitor)
-    finally:
-        if monitor is not None:
-            monitor.close()
-
-
-def _capture_until_stopped(args: argparse.Namespace, link: Link, ports: set[int], pipeline: Pipeline,
-                           credentials: CredentialSync | None, sink: Sink, stop: StopFlag,
-                           monitor: Monitor | None) -> int:
+    # the rings first: without permission to capture, that is the one line a start says
     rings = open_rings(link, ports, args.workers, args.ring_mb << 20)
+    monitor = None
     try:
+        if credentials is not None:
+            credentials.load_at_start()  # a refused plugin configuration stops the start (exit 2)
+        sink = open_sink()  # once the gateway's configuration, which may name the endpoint, was tried
+        stop = StopFlag()
+        # listening before privileges drop: a port below 1024 works with --user
+        monitor = (Monitor(args.metrics_listen, args.workers, sink, lambda: stop.signal is not None)
+                   if args.metrics_listen else None)
         report_listeners(ports)
         if args.user:
             _switch_user(args)
@@ -79,7 +70,19 @@ def _capture_until_stopped(args: argparse.Namespace, link: Link, ports: set[int]
     except BaseException:
         for ring in rings:
             ring.close()
+        if monitor is not None:
+            monitor.close()
         raise
+    try:
+        return _capture_until_stopped(args, link, ports, rings, pipeline, credentials, sink, stop, monitor)
+    finally:
+        if monitor is not None:
+            monitor.close()
+
+
+def _capture_until_stopped(args: argparse.Namespace, link: Link, ports: set[int], rings: list[PacketRing],
+                           pipeline: Pipeline, credentials: CredentialSync | None, sink: Sink, stop: StopFlag,
+                           monitor: Monitor | None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
     where = (f"capturing on {link.interface} (ports {', '.join(map(str, sorted(ports)))}; "
