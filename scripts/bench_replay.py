@@ -6,12 +6,15 @@ rotating, one of them invalid), once for D seconds and once for 2*D, then times,
     agent --read FILE --port P --credentials captures/kong.yaml --output events.jsonl
     tshark -r FILE -Y http.request -T fields -e http.request.uri
 
-with one worker and with two. It checks the agent's events against nginx's access log one for one
-(subject, method, uri, status, sizes), and prints packets/s, requests/s, peak RSS and the speed ratio.
+with one worker and with two, and with one worker again against two variants of the decK file: without
+any service or route (no matching at all), and with `--routes` routes (default 50: the load's requests
+hit the last one Kong's priority order tries, the catch-all `/`), to show what matching costs. It checks
+the agent's events against nginx's access log one for one (subject, method, uri, status, sizes), and
+prints packets/s, requests/s, peak RSS and the speed ratio.
 Exits non-zero if a replay is not exact, if one worker is not at least 10x faster than tshark (the goal
 is 20x), or if peak RSS grows by more than 20% on the capture twice as long.
 
-    python scripts/bench_replay.py [--duration 4] [--keep DIR]
+    python scripts/bench_replay.py [--duration 4] [--routes 50] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import dpkt
 import psutil
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kong_standin import KongStandin, billed_rows, free_loopback_port, metered_rows  # noqa: E402
@@ -99,23 +103,52 @@ def packet_count(capture: Path) -> int:
         return sum(1 for _ in dpkt.pcap.Reader(handle))
 
 
-def measure(directory: Path, seconds: int) -> dict:
+def deck_variants(directory: Path, routes: int) -> dict[str, Path]:
+    """captures/kong.yaml as it is, without its services, and with `routes` routes: the extra ones on
+    their own paths, hosts, headers and regexes, none of which the load's `/orders/...` requests match."""
+    deck = yaml.safe_load((REPO / "captures" / "kong.yaml").read_text())
+    bare = {key: value for key, value in deck.items() if key not in ("services", "routes")}
+    many = dict(deck)
+    extra = []
+    for n in range(max(routes - sum(len(s.get("routes", [])) for s in deck.get("services", [])), 0)):
+        route: dict = {"name": f"extra-{n}", "paths": [f"/api/v{n}/items"]}
+        if n % 5 == 1:
+            route["hosts"] = [f"h{n}.example.com"]
+        if n % 7 == 2:
+            route["headers"] = {"x-version": [f"v{n}"]}
+        if n % 4 == 3:
+            route["paths"] = [rf"~/api/v{n}/items/\d+$"]
+            route["regex_priority"] = n
+        extra.append(route)
+    many["services"] = [*deck["services"], {"name": "extra-service", "url": "http://127.0.0.1:9001",
+                                             "routes": extra}]
+    variants = {"no routes": directory / "bare.yaml", f"{routes} routes": directory / "many.yaml"}
+    variants["no routes"].write_text(yaml.safe_dump(bare))
+    variants[f"{routes} routes"].write_text(yaml.safe_dump(many))
+    return variants
+
+
+def measure(directory: Path, seconds: int, routes: int) -> dict:
     capture, port, entries = record(directory, seconds)
     events_file = directory / f"events-{seconds}s.jsonl"
-    agent = [sys.executable, "-m", "agent", "--read", str(capture), "--port", str(port),
-             "--credentials", str(REPO / "captures" / "kong.yaml"), "--output", str(events_file)]
+    agent = [sys.executable, "-m", "agent", "--read", str(capture), "--port", str(port), "--output", str(events_file)]
     tshark = ["tshark", "-r", str(capture), "-Y", "http.request", "-T", "fields", "-e", "http.request.uri"]
     with open(directory / "tshark.out", "w") as out:
         tshark_seconds, _, _ = timed(tshark, out)
     tshark_requests = sum(1 for _ in open(directory / "tshark.out"))
     runs = {}
     for workers in (1, 2):
-        runs[workers] = timed([*agent, "--workers", str(workers)], subprocess.DEVNULL)
+        credentials = ["--credentials", str(REPO / "captures" / "kong.yaml")]
+        runs[workers] = timed([*agent, *credentials, "--workers", str(workers)], subprocess.DEVNULL)
         check_exact(events_file, entries, f"{seconds}s capture, {workers} worker(s)")
+    matching = {}
+    for label, deck in deck_variants(directory, routes).items():
+        matching[label] = timed([*agent, "--credentials", str(deck)], subprocess.DEVNULL)
+        check_exact(events_file, entries, f"{seconds}s capture, {label}")
     return {
         "seconds": seconds, "packets": packet_count(capture), "requests": len(entries),
         "billed": sum(billed_rows(entries).values()), "tshark_requests": tshark_requests, "tshark_s": tshark_seconds,
-        "runs": runs,
+        "runs": runs, "matching": matching,
     }
 
 
@@ -129,13 +162,14 @@ def check_exact(events_file: Path, entries: list[dict], label: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=4, help="seconds of wrk load (the long run is twice this)")
+    parser.add_argument("--routes", type=int, default=50, help="routes in the decK file of the matching runs")
     parser.add_argument("--keep", type=Path, help="keep captures and events in this directory")
     args = parser.parse_args()
     directory = args.keep or Path(tempfile.mkdtemp(prefix="bench-replay-"))
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        short = measure(directory, args.duration)
-        long = measure(directory, args.duration * 2)
+        short = measure(directory, args.duration, args.routes)
+        long = measure(directory, args.duration * 2, args.routes)
     finally:
         if args.keep is None:
             shutil.rmtree(directory, ignore_errors=True)
@@ -151,6 +185,9 @@ def main() -> int:
             if workers == 1 and ratio < 10:
                 failures.append(f"{run['seconds']}s: one worker only {ratio:.1f}x faster than tshark (required 10x)")
         print(f"  {run['runs'][1][2].strip().splitlines()[-1]}")
+        for label, (seconds, rss, _) in run["matching"].items():
+            print(f"  agent, 1 worker, decK file with {label}: {seconds:.2f} s "
+                  f"({run['tshark_s'] / seconds:.1f}x tshark), peak RSS {rss:.0f} MiB; exact")
     for workers in (1, 2):
         growth = long["runs"][workers][1] / short["runs"][workers][1]
         print(f"peak RSS with {workers} worker(s), capture twice as long: {short['runs'][workers][1]:.0f} -> "
