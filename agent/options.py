@@ -10,6 +10,7 @@ from agent import _core
 from agent.credentials.key_auth import KeyAuthConfig
 from agent.credentials.sync import CredentialSync
 from agent.flags import byte_size, not_empty, seconds, whole_number
+from agent.gateway.options import gateway_from_args
 from agent.metering.subject import SubjectError, SubjectRule
 from agent.pipeline import Pipeline
 
@@ -104,4 +105,5 @@ def pipeline_from_args(args: argparse.Namespace, credentials: CredentialSync | N
         max_memory=args.max_memory // args.workers,  # one budget for the agent: each worker gets its share
         share=share, shares=shares)
     return Pipeline(core, rule, key_auth, lambda: credentials.table if credentials is not None else None,
-                    lambda: credentials.key_auth if credentials is not None else None)
+                    lambda: credentials.key_auth if credentials is not None else None,
+                    gateway_from_args(args, credentials))
