@@ -101,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.iface:
             from agent.live.run import run_live
 
-            if credentials is not None:
-                credentials.load_at_start()
-            return run_live(args, credentials, open_sink())
+            return run_live(args, credentials, open_sink)
         from agent.replay import replay
 
         return replay(args, credentials, open_sink)

@@ -13,7 +13,12 @@ matched to exactly one event (subject, method, uri, status, request and response
 the summary's `rejected`; kernel drops from the summary line; the agent's CPU during the load and until
 it has caught up after it; peak memory (PSS, ring included) and heap; time to exit after SIGTERM.
 
-    sudo python scripts/bench_live.py [--duration 4] [--rounds 2] [--workers 1 2] [--agent-args ...]
+    sudo python scripts/bench_live.py [--duration 4] [--rounds 2] [--workers 1 2] [--scrape] [--agent-args ...]
+
+With --scrape, every agent run is made twice side by side in each round, once as above and once with
+--metrics-listen and /metrics scraped every second from its start to its stop, so that what monitoring
+costs shows as the difference in kept throughput and CPU per request (each scrape is also checked to
+parse, and the last one's requests to be the summary line's).
 
 Needs root, nginx, wrk, tcpdump. Exits 1 unless every agent run lost nothing, the kernel dropped
 nothing and the gateway kept at least 85% of its throughput (the goal is 90%).
@@ -34,7 +39,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kong_standin import (DEFAULT_DECK_FILE, KongStandin, billed_rows, free_loopback_port,  # noqa: E402
@@ -120,9 +127,42 @@ class Sampler:
         self._stop.set()
 
 
+class Scraper:
+    """GET /metrics once a second on a thread, as Prometheus would; counts scrapes, failures and the slowest."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.scrapes = self.failures = 0
+        self.slowest = 0.0
+        self.last: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self._stop.wait(1.0):
+                started = time.monotonic()
+                try:
+                    text = client.get(self.url).raise_for_status().text
+                    self.last = {sample.name + str(sorted(sample.labels.items())): sample.value
+                                 for family in text_string_to_metric_families(text) for sample in family.samples}
+                    self.scrapes += 1
+                except (httpx.HTTPError, ValueError):
+                    self.failures += 1
+                self.slowest = max(self.slowest, time.monotonic() - started)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
 @dataclass
 class AgentRun:
     workers: int
+    scraped: bool = False
     rps: float = 0.0
     cpu_load: float = 0.0       # CPU seconds per second while wrk ran (1.0 = one core)
     catch_up: float = 0.0       # seconds after wrk until the agent was idle
@@ -137,6 +177,14 @@ class AgentRun:
     shutdown: float = 0.0
     boosts: int = 0             # times a ring passed 3/4 and its capture took priority over the gateway
     summary: dict = field(default_factory=dict)
+    scrapes: int = 0
+    scrape_failures: int = 0
+    slowest_scrape: float = 0.0
+    scrape_agrees: bool = True  # the last scrape's requests are the summary line's
+
+    @property
+    def label(self) -> str:
+        return f"agent --workers {self.workers}" + (" +scrape" if self.scraped else "")
 
 
 def wait_idle(sampler: Sampler, limit: float) -> float:
@@ -152,13 +200,15 @@ def wait_idle(sampler: Sampler, limit: float) -> float:
     return time.monotonic() - started
 
 
-def agent_run(gateway: KongStandin, script: Path, args: argparse.Namespace, workers: int, workdir: Path) -> AgentRun:
-    run = AgentRun(workers)
+def agent_run(gateway: KongStandin, script: Path, args: argparse.Namespace, workers: int, workdir: Path,
+              scrape: bool = False) -> AgentRun:
+    run = AgentRun(workers, scrape)
     output = workdir / f"events-w{workers}.jsonl"
     log_offset = gateway.access_log_path.stat().st_size
+    metrics_port = free_loopback_port()
     command = [sys.executable, "-m", "agent", "--iface", "lo", "--port", str(gateway.port),
                "--credentials", str(DEFAULT_DECK_FILE), "--output", str(output), "--workers", str(workers),
-               *args.agent_args]
+               *(["--metrics-listen", f"127.0.0.1:{metrics_port}"] if scrape else []), *args.agent_args]
     agent = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
     stderr_lines: list[str] = []
     reader = threading.Thread(target=lambda: stderr_lines.extend(agent.stderr), daemon=True)  # type: ignore[arg-type]
@@ -169,6 +219,9 @@ def agent_run(gateway: KongStandin, script: Path, args: argparse.Namespace, work
             raise RuntimeError("the agent did not start: " + "".join(stderr_lines))
         time.sleep(0.05)
     time.sleep(0.5)  # the credential table loads
+    scraper = Scraper(metrics_port) if scrape else None
+    if scraper is not None:
+        scraper.start()
     sampler = Sampler(psutil.Process(agent.pid))
     sampler.start()
     cpu_start = sampler.cpu_seconds()
@@ -177,6 +230,10 @@ def agent_run(gateway: KongStandin, script: Path, args: argparse.Namespace, work
     run.cpu_load = (cpu_after_load - cpu_start) / args.duration
     run.catch_up = wait_idle(sampler, CATCH_UP_LIMIT)
     run.cpu_total = sampler.cpu_seconds() - cpu_start
+    if scraper is not None:
+        time.sleep(1.5)  # a last report from each worker, and a scrape of it
+        scraper.stop()
+        run.scrapes, run.scrape_failures, run.slowest_scrape = scraper.scrapes, scraper.failures, scraper.slowest
     stopped = time.monotonic()
     agent.send_signal(signal.SIGTERM)
     agent.wait(timeout=30)
@@ -194,6 +251,8 @@ def agent_run(gateway: KongStandin, script: Path, args: argparse.Namespace, work
     run.summary = {k: int(v) for k, v in (pair.split("=") for pair in summary_lines[-1].split()[1:])}
     run.kernel_drops = run.summary["kernel_drops"]
     run.kernel_packets = run.summary["kernel_packets"]
+    if scraper is not None:
+        run.scrape_agrees = scraper.last.get("agent_requests_total[]") == run.summary["requests"]
 
     time.sleep(0.5)  # nginx writes a line once its request is done
     entries = log_entries_from(gateway.access_log_path, log_offset)
@@ -253,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="times each measurement is repeated, interleaved (default 2): loopback throughput "
                              "on a shared VM varies by 20%% from one run to the next")
     parser.add_argument("--no-tcpdump", action="store_true", help="skip the tcpdump reference runs")
+    parser.add_argument("--scrape", action="store_true",
+                        help="also run each agent with --metrics-listen, scraped every second, side by side")
     parser.add_argument("--verbose", action="store_true", help="show the agent's log lines")
     parser.add_argument("--agent-args", nargs=argparse.REMAINDER, default=[], help="extra agent flags (last)")
     args = parser.parse_args(argv)
@@ -265,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
     baselines: list[float] = []
     references: list[tuple[float, str]] = []
-    runs: dict[int, list[AgentRun]] = {workers: [] for workers in args.workers}
+    runs: dict[str, list[AgentRun]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-live-") as temp, \
             KongStandin(port=free_loopback_port(), workers=2) as gateway:
         workdir = Path(temp)
@@ -277,37 +338,47 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_tcpdump:
                 references.append(tcpdump_run(gateway, script, args, workdir))
             for workers in args.workers:
-                runs[workers].append(agent_run(gateway, script, args, workers, workdir))
+                for scrape in (False, True) if args.scrape else (False,):
+                    run = agent_run(gateway, script, args, workers, workdir, scrape)
+                    runs.setdefault(run.label, []).append(run)
     return report(args, baselines, references, runs)
 
 
 def report(args: argparse.Namespace, baselines: list[float], references: list[tuple[float, str]],
-           runs: dict[int, list[AgentRun]]) -> int:
+           runs: dict[str, list[AgentRun]]) -> int:
     baseline = statistics.mean(baselines)
     print(f"\nwrk -t{args.threads} -c{args.connections} -d{args.duration:g}s, four keys in rotation (one invalid); "
           f"nginx with 2 workers; {psutil.cpu_count()} cores; {args.rounds} interleaved rounds, means")
-    print(f"{'':22}{'req/s':>8} {'kept':>6}   runs")
-    print(f"{'gateway alone':22}{baseline:8.0f} {'':>6}   {', '.join(f'{b:.0f}' for b in baselines)}")
+    print(f"{'':29}{'req/s':>8} {'kept':>6}   runs")
+    print(f"{'gateway alone':29}{baseline:8.0f} {'':>6}   {', '.join(f'{b:.0f}' for b in baselines)}")
     if references:
         rps = statistics.mean(r for r, _ in references)
-        print(f"{'tcpdump alone':22}{rps:8.0f} {rps / baseline:6.1%}   "
+        print(f"{'tcpdump alone':29}{rps:8.0f} {rps / baseline:6.1%}   "
               f"{', '.join(f'{r:.0f}' for r, _ in references)} (kernel drops: {', '.join(d for _, d in references)})")
     ok = True
-    for workers, group in runs.items():
+    for label, group in runs.items():
         rps = statistics.mean(run.rps for run in group)
-        print(f"{f'agent --workers {workers}':22}{rps:8.0f} {rps / baseline:6.1%}   "
-              f"{', '.join(f'{run.rps:.0f}' for run in group)}")
+        cpu_per_request = statistics.mean(run.cpu_total / max(run.billed, 1) * 1e6 for run in group)
+        print(f"{label:29}{rps:8.0f} {rps / baseline:6.1%}   {', '.join(f'{run.rps:.0f}' for run in group)}"
+              f"   (CPU/req {cpu_per_request:.0f}us)")
         ok &= rps / baseline >= 0.85
-    print(f"\n{'':22}{'billed':>8} {'events':>8} {'1:1':>4} {'drops':>6} {'CPU load':>9} {'catch-up':>9} "
+    print(f"\n{'':29}{'billed':>8} {'events':>8} {'1:1':>4} {'drops':>6} {'CPU load':>9} {'catch-up':>9} "
           f"{'CPU/req':>8} {'memory':>7} {'heap':>7} {'stop':>6} {'boosts':>7}")
-    for workers, group in runs.items():
+    for label, group in runs.items():
         for run in group:
             matched = "yes" if run.matched else "NO"
-            print(f"{f'agent --workers {workers}':22}{run.billed:8d} {run.events:8d} {matched:>4} "
+            print(f"{label:29}{run.billed:8d} {run.events:8d} {matched:>4} "
                   f"{run.kernel_drops:6d} {run.cpu_load:8.0%} {run.catch_up:8.1f}s "
                   f"{run.cpu_total / max(run.billed, 1) * 1e6:6.0f}us {run.peak_pss_mb:5.0f}MB "
                   f"{run.peak_heap_mb:5.0f}MB {run.shutdown:5.1f}s {run.boosts:7d}")
             ok &= run.matched and run.kernel_drops == 0
+    print()
+    for label, group in runs.items():
+        if group[0].scraped:
+            print(f"{label}: {sum(run.scrapes for run in group)} scrapes, {sum(run.scrape_failures for run in group)}"
+                  f" failed, slowest {max(run.slowest_scrape for run in group) * 1000:.0f} ms; the last scrape's"
+                  f" requests are the summary line's in {sum(run.scrape_agrees for run in group)} of {len(group)} runs")
+            ok &= all(run.scrape_failures == 0 and run.scrape_agrees for run in group)
     print("CPU load: the agent's CPU seconds per second of load (100% = one core). Catch-up: from the end of the\n"
           "load until the agent was idle. CPU/req: all its CPU time per billed request (401s are work too).\n"
           "Memory: proportional set size of the agent's processes, the kernel ring's pages included once touched;\n"

@@ -489,10 +489,11 @@ class Capture:
             key = key_of(raw)
             subject = self.subjects.get(key) if key is not None else None
             status = x.status()
-            if not raw.split(b" ", 2)[1].startswith(b"/"):
-                counters["no_route"] = counters.get("no_route", 0) + 1  # kong.yaml's routes match paths only
-            elif status == 401:
+            if status == 401:
                 counters["rejected"] += 1
+            elif not raw.split(b" ", 2)[1].startswith(b"/"):
+                # kong.yaml's routes are all path prefixes: a target that is no path matches none of them
+                counters["no_route"] = counters.get("no_route", 0) + 1
             elif subject is None:
                 counters["unresolved"] += 1
             else:
@@ -929,9 +930,9 @@ def ws_frame(rng: random.Random, payload: bytes, masked: bool, opcode: int = 1) 
     Switching Protocols, then WebSocket frames both ways (a server text frame holds the text of an HTTP
     request and response): billed once with status 101, response_size = the 101 head only; nothing
     after it is HTTP. Conn 2: bob `CONNECT api.upstream.test:443` answered `200 Connection
-    Established`, then TLS-looking bytes both ways: framed as one exchange, but its target is not a path,
-    so it matches none of kong.yaml's routes (Kong routes by path) and is counted no_route, not billed.
-    Expected: 1 event, no_route 1, parse_errors 0, unanswered 0.""")
+    Established`, then TLS-looking bytes both ways: one request, and nothing after it is HTTP; its target
+    is no path, so none of kong.yaml's routes matches it: not billed, counted no_route (Kong's router
+    would answer it 404). Expected: 1 event, parse_errors 0, unanswered 0, no_route 1.""")
 def upgrade(cap: Capture) -> None:
     rng = cap.rng
     c = cap.conn(client_ip(cap))

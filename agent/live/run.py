@@ -13,6 +13,7 @@ room (see `cpu_share.py`).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import logging
 import os
 import signal
@@ -37,8 +38,9 @@ from agent.source.packet_ring import PacketRing
 log = logging.getLogger("agent.live")
 
 
-def run_live(args: argparse.Namespace, credentials: CredentialSync | None, sink: Sink) -> int:
-    """Capture until stopped; 0 when every worker finished cleanly, 1 otherwise."""
+def run_live(args: argparse.Namespace, credentials: CredentialSync | None, open_sink: Callable[[], Sink]) -> int:
+    """Capture until stopped; 0 when every worker finished cleanly, 1 otherwise. The sink is opened once
+    the start's checks of the flags pass."""
     ports = set(args.port or [8000])
     if len(ports) > MAX_PORTS:
         raise LiveCaptureError(f"at most {MAX_PORTS} --port values can be captured")
@@ -47,6 +49,9 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, sink:
     check_ring_memory(args.ring_mb << 20, args.workers)
     if args.user:
         user_entry(args.user)
+    if credentials is not None:
+        credentials.load_at_start()  # a refused plugin configuration stops the start (exit 2)
+    sink = open_sink()
     stop = StopFlag()
     # listening before the rings open: a busy port fails first, and a port below 1024 works with --user
     monitor = (Monitor(args.metrics_listen, args.workers, sink, lambda: stop.signal is not None)

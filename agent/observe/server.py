@@ -58,7 +58,7 @@ class Monitor:
         self._server = _server(address, self)
         # a forked worker must not keep the port open (it would outlive a killed parent for a few seconds)
         os.register_at_fork(after_in_child=self._server.socket.close)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="metrics-server", daemon=True)
         self._thread.start()
         host, port = self._server.server_address[:2]
