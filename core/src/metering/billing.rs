@@ -230,7 +230,8 @@ impl Meter {
             return;
         }
         let Meter {
-            routes, entries, resolvers, resolver, table, counters, writer, attributes, key_auth, source, hidden_names, ..
+            routes, entries, resolvers, resolver, table, counters, writer, attributes, key_auth, source, hidden_names,
+            needs_table, ..
         } = self;
         let route = match routes {
             None => None,
@@ -247,8 +248,9 @@ impl Meter {
             Some(route) => route.key_auth.as_ref(),
             None => Some(&*key_auth),
         };
+        // whose key it is, only when a rule or a scope asks for the consumer
         let caller = match (key_auth, table.as_ref()) {
-            (Some(key_auth), Some(table)) => identify(&exchange.request, key_auth, table, now),
+            (Some(key_auth), Some(table)) if *needs_table => identify(&exchange.request, key_auth, table, now),
             _ => None,
         };
         let (entry, resolver) = if entries.is_empty() {
