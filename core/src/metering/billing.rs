@@ -322,7 +322,7 @@ fn footprint(exchange: &Exchange) -> usize {
 mod tests {
     use super::*;
     use crate::http::message::Message;
-    use crate::metering::plugins::MeteringEntry;
+    use crate::metering::plugins::entry;
     use crate::metering::credentials::key_digest;
     use crate::source::frames::Address;
     use crate::tcp::reassembly::ConnectionInfo;
@@ -529,18 +529,6 @@ mod tests {
             paths: vec![path.to_string()],
             key_auth,
             ..RouteSpec::default()
-        }
-    }
-
-    fn entry(route: Option<&str>, service: Option<&str>, consumer: Option<&str>) -> MeteringEntry {
-        MeteringEntry {
-            route: route.map(str::to_string),
-            service: service.map(str::to_string),
-            consumer: consumer.map(str::to_string),
-            meter_api_requests: true,
-            rule: SubjectRule::Consumer,
-            attributes: Vec::new(),
-            allow_status_codes: None,
         }
     }
 
