@@ -166,10 +166,20 @@ def test_key_auth_per_route_the_routes_own_then_its_services_then_the_global_one
         {"key_names": ["x-key"], "key_in_header": False, "key_in_query": True}
 
 
-def test_no_key_auth_anywhere_is_none_on_every_route():
+def test_no_key_auth_anywhere_known_gives_every_route_key_auths_defaults():
+    """Nothing says where key-auth looks: its defaults, as without routes (not "no consumer anywhere")."""
     document = {"_format_version": "3.0", "services": [{"name": "s", "url": "http://x",
                                                        "routes": [{"name": "r", "paths": ["/"]}]}]}
-    assert gateway_dict(document)["routes"][0]["key_auth"] is None
+    assert gateway_dict(document)["routes"][0]["key_auth"] == {
+        "key_names": ["apikey"], "key_in_header": True, "key_in_query": True}
+
+
+def test_key_auth_on_another_route_only_leaves_this_one_without_a_consumer():
+    document = {"_format_version": "3.0", "services": [{"name": "s", "url": "http://x", "routes": [
+        {"name": "open", "paths": ["/open"]},
+        {"name": "keyed", "paths": ["/"], "plugins": [{"name": "key-auth"}]}]}]}
+    routes = {route["name"]: route["key_auth"] for route in gateway_dict(document)["routes"]}
+    assert routes["open"] is None and routes["keyed"]["key_names"] == ["apikey"]
 
 
 def test_neither_routes_nor_entries_is_none_meter_everything_as_before():

@@ -120,3 +120,14 @@ def kong():
 def test_the_same_from_the_admin_api(tmp_path, kong):
     events, _ = replay(tmp_path, "--credentials", kong.url)
     assert seen(events) == expected()
+
+
+def test_with_no_key_auth_instance_known_the_routes_use_key_auths_defaults(tmp_path):
+    """A decK file (or an RBAC token that cannot read /plugins) that says nothing of key-auth: key-auth's
+    defaults apply on every route, as they do without routes, rather than no route having a consumer."""
+    state = yaml.safe_load((CAPTURES / "kong-tutorial.yaml").read_text())
+    state["plugins"] = [plugin for plugin in state["plugins"] if plugin["name"] != "key-auth"]
+    deck = tmp_path / "no-key-auth.yaml"
+    deck.write_text(yaml.safe_dump(state))
+    events, _ = replay(tmp_path, "--credentials", str(deck))
+    assert seen(events) == expected()

@@ -455,3 +455,23 @@ def test_each_event_carries_the_route_that_answered_and_only_the_plugins_scopes_
     assert events["/anything/billing"]["subject"] == "acme"
     counters = agent.summary()
     assert (counters["no_route"], counters["out_of_scope"]) == (1, 1)
+
+
+def test_a_worker_killed_still_counts_in_the_summary_up_to_its_last_report(gateway, start_agent):
+    """A worker the kernel kills (OOM) sends no final counters: the summary keeps what it last reported
+    (once a second), so its requests are not lost from the count, and the agent says so and stops."""
+    agent = start_agent(gateway.port, "--workers", "2")
+    for number in range(40):
+        curl("-H", f"apikey: {ALICE}", f"{gateway.base_url}/orders/{number}")  # a new connection each: both workers
+    gateway.access_log_entries(expect=40)
+    time.sleep(2.5)  # two reports at least since the last request
+    workers = [child for child in psutil.Process(agent.process.pid).children() if packet_sockets(child.pid)]
+    assert len(workers) == 2
+    workers[0].kill()
+    code = agent.process.wait(STOP_LIMIT + 20)
+    agent._reader.join(5)
+    assert code == 1, agent.stderr
+    assert "ended unexpectedly" in agent.stderr
+    counted = agent.summary()
+    assert (counted["requests"], counted["events"]) == (40, 40), agent.stderr
+    assert len(agent.events()) == 40

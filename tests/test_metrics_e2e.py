@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -130,8 +131,15 @@ def test_readiness_waits_for_the_credential_table_while_liveness_does_not(gatewa
     agent.wait_for("credentials: loaded")
     wait_ready(metrics)
     assert httpx.get(f"http://127.0.0.1:{metrics}/nowhere").status_code == 404
+    for _ in range(5):  # scrapers that hang up mid-answer (a scrape timeout), with a reset
+        hung_up = socket.create_connection(("127.0.0.1", metrics))
+        hung_up.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        hung_up.send(b"GET /metrics HTTP/1.0\r\n\r\n")
+        hung_up.close()
+    assert probe(metrics, "/healthz") == (200, {"status": "ok"})
     code, _ = agent.stop(signal.SIGTERM)
     assert code == 0, agent.stderr
+    assert "Traceback" not in agent.stderr and "-----" not in agent.stderr, agent.stderr
 
 
 def test_a_spool_filling_behind_a_failing_endpoint_makes_it_unready_and_shows_why(

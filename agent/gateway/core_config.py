@@ -82,7 +82,11 @@ def _key_auth(route: Route, instances: tuple[KeyAuthInstance, ...], overrides: O
         if rank > best_rank:
             best, best_rank = instance.config, rank
     if best is None:
-        return None
+        if instances and not overrides.key_names:
+            return None  # key-auth is configured, but not for this route: no consumer there, as in Kong
+        # nothing says where key-auth looks (no instance known, e.g. /plugins unreadable) or --key-names
+        # says it: key-auth's defaults, with the flags over them, as without routes
+        best = KeyAuthConfig()
     return {"key_names": list(overrides.key_names or best.key_names),
             "key_in_header": best.key_in_header and not overrides.no_key_in_header,
             "key_in_query": best.key_in_query and not overrides.no_key_in_query}

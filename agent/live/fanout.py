@@ -19,7 +19,7 @@ from agent.observe.status import LiveStatus
 from agent.options import pipeline_from_args
 from agent.sink import Sink
 from agent.source.packet_ring import PacketRing
-from agent.workers import receive, send_counters, send_events, send_progress, spawn
+from agent.workers import COUNTERS, receive, send_counters, send_events, send_progress, spawn
 
 log = logging.getLogger("agent.live")
 
@@ -29,13 +29,13 @@ WORKER_EXIT_SECONDS = 8.5   # after forwarding a stop, the longest the parent wa
 def run_workers(rings: list[PacketRing], args: argparse.Namespace, credentials: CredentialSync | None,
                 stop: StopFlag, sink: Sink, where: str,
                 status: LiveStatus | None = None) -> tuple[dict[str, int], bool]:
-    """With `status`, each worker reports to it once a second (through its pipe)."""
+    """Each worker reports once a second through its pipe; with `status`, the reports go to it too."""
 
     def work(index: int, writer: Connection) -> int:
         for other in rings:
             if other is not rings[index]:
                 other.close()
-        return _worker(index + 1, rings[index], args, credentials, stop, writer, reporting=status is not None)
+        return _worker(index + 1, rings[index], args, credentials, stop, writer)
 
     children = spawn(len(rings), work)
     # the parent yields along with its workers: it only has work when they do
@@ -47,15 +47,15 @@ def run_workers(rings: list[PacketRing], args: argparse.Namespace, credentials: 
 
 
 def _worker(number: int, ring: PacketRing, args: argparse.Namespace, credentials: CredentialSync | None,
-            stop: StopFlag, connection: Connection, reporting: bool) -> int:
-    """One worker's capture; its events, its reports when `reporting` and, last, its counters go to the
-    parent as JSON."""
+            stop: StopFlag, connection: Connection) -> int:
+    """One worker's capture; its events, its report once a second (so a worker that dies still counts, up to
+    its last second) and, last, its counters go to the parent as JSON."""
 
     on_stop = catch_up_priority if args.yield_cpu else nothing
     try:
         counters = capture(ring, pipeline_from_args(args, credentials), credentials, stop,
                            lambda events: send_events(connection, events), on_stop, label=f"worker {number}: ",
-                           report=(lambda report: send_progress(connection, report)) if reporting else None)
+                           report=lambda report: send_progress(connection, report))
         send_counters(connection, counters)
     except (BrokenPipeError, ConnectionResetError):
         return 1  # the parent is gone
@@ -69,6 +69,7 @@ def _collect(children: dict[Connection, int], stop: StopFlag, sink: Sink, on_sto
     numbers = {reader: number for number, reader in enumerate(children, 1)}
     totals: dict[str, int] = {}
     reported: set[Connection] = set()
+    last_counts: dict[Connection, dict[str, int]] = {}  # each worker's counters as of its last report
     clean = True
     stopping_since: float | None = None
     while children:
@@ -90,18 +91,28 @@ def _collect(children: dict[Connection, int], stop: StopFlag, sink: Sink, on_sto
             except (EOFError, OSError):
                 pid = children.pop(reader)
                 reader.close()
-                _, status = os.waitpid(pid, 0)
-                if reader not in reported or os.waitstatus_to_exitcode(status) != 0:
+                _, exit_status = os.waitpid(pid, 0)
+                if reader not in reported and reader in last_counts:
+                    # its counters as of its last report: what it did in its last second is not counted
+                    for name, value in last_counts[reader].items():
+                        totals[name] = totals.get(name, 0) + value
+                if reader not in reported or os.waitstatus_to_exitcode(exit_status) != 0:
                     clean = False
                     if stop.signal is None:
-                        log.error("a worker (pid %d) ended unexpectedly; stopping", pid)
+                        log.error("a worker (pid %d) ended unexpectedly; stopping (its counters are as of its last"
+                                  " report, at most a second before)", pid)
                         stop.signal = signal.SIGTERM
                 continue
-            progress = (lambda report, number=numbers[reader]: status.update(number, report)) if status else None
+
+            def progress(report: dict, reader: Connection = reader) -> None:
+                last_counts[reader] = report["counters"]
+                if status is not None:
+                    status.update(numbers[reader], report)
+
             events = receive(message, totals, progress)
             if events is not None:
                 sink.write(events)
-            else:
+            elif message[:1] == COUNTERS:
                 reported.add(reader)
     return totals, clean
 

@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -80,6 +81,13 @@ def _server(address: tuple[str, int], monitor: Monitor) -> ThreadingHTTPServer:
     class Server(ThreadingHTTPServer):
         daemon_threads = True
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        def handle_error(self, request: object, client_address: object) -> None:
+            """A scraper that hangs up mid-answer (a scrape timeout) is routine; anything else is one line
+            in the agent's own log, never a traceback on stderr."""
+            error = sys.exc_info()[1]
+            if not isinstance(error, (ConnectionError, TimeoutError)):
+                log.warning("metrics: a request failed (%s: %s)", type(error).__name__, error)
 
     try:
         return Server((host, port), _handler(monitor))
