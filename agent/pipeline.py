@@ -82,7 +82,12 @@ class Pipeline:
         config = self._gateway()
         if config is not self._pushed_config:
             self._pushed_config = config
-            for refused in self.core.set_gateway(config):
+            try:
+                refused_routes = self.core.set_gateway(config)
+            except ValueError as error:  # the control plane checks the configuration first: a bug if seen
+                log.error("the gateway's configuration could not be applied (%s); the last one stays", error)
+                refused_routes = []
+            for refused in refused_routes:
                 log.warning("%s; requests it would match are not metered (counted no_route)", refused)
             self._check_rule()
         table = self._table()

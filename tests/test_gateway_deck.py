@@ -243,3 +243,24 @@ def test_malformed_services_and_routes_are_one_line(document, message):
     with pytest.raises(CredentialError) as raised:
         parse_deck(yaml.safe_dump({"_format_version": "3.0", **document}), "kong.yaml")
     assert str(raised.value).startswith(message) and not isinstance(raised.value, GatewayConfigError)
+
+
+def test_stream_routes_are_not_in_the_http_router():
+    document = {"_format_version": "3.0", "services": [{"name": "s", "url": "tcp://x:9000", "routes": [
+        {"name": "tls", "protocols": ["tls"], "snis": ["api.example.com"]},
+        {"name": "web", "protocols": ["https"], "paths": ["/"]}]}]}
+    assert [route["name"] for route in gateway_dict(document)["routes"]] == ["web"]
+
+
+@pytest.mark.parametrize("field, value", [("priority", -1), ("regex_priority", 2**40), ("priority", 2**50)])
+def test_route_numbers_out_of_kongs_bounds_are_one_line(field, value):
+    document = {"_format_version": "3.0", "services": [{"name": "s", "url": "http://x", "routes": [
+        {"name": "r", "paths": ["/"], field: value}]}]}
+    with pytest.raises(CredentialError, match=f"routes\\[0\\].{field} is not between"):
+        gateway_dict(document)
+
+
+def test_a_service_port_out_of_range_is_one_line():
+    document = {"_format_version": "3.0", "services": [{"name": "s", "host": "x", "port": 70000}]}
+    with pytest.raises(CredentialError, match="port is not between 0 and 65535"):
+        gateway_dict(document)

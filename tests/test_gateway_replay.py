@@ -131,3 +131,22 @@ def test_with_no_key_auth_instance_known_the_routes_use_key_auths_defaults(tmp_p
     deck.write_text(yaml.safe_dump(state))
     events, _ = replay(tmp_path, "--credentials", str(deck))
     assert seen(events) == expected()
+
+
+def test_with_every_plugin_entry_disabled_nothing_is_billed(tmp_path):
+    """Turning the plugin off stops billing: a disabled entry still says the plugin is configured."""
+    text = (CAPTURES / "kong-tutorial.yaml").read_text()
+    state = yaml.safe_load(text)
+
+    def disable(holder: dict) -> None:
+        for plugin in holder.get("plugins", []):
+            if plugin["name"] == "metering-and-billing":
+                plugin["enabled"] = False
+        for child in holder.get("services", []) + holder.get("routes", []):
+            disable(child)
+
+    disable(state)
+    deck = tmp_path / "disabled.yaml"
+    deck.write_text(yaml.safe_dump(state))
+    events, counters = replay(tmp_path, "--credentials", str(deck))
+    assert events == [] and counters["out_of_scope"] > 0

@@ -1,9 +1,10 @@
 """Where the gateway's key-auth plugin looks for a key, so the agent looks in the same places.
 
 The gateway may run several key-auth instances (global, per service, per route) with different settings.
-The agent cannot always tell which route a captured request matched, so it takes the union: every key
-name any instance accepts, in every place any instance looks. Looking in one place too many is harmless,
-because a request the gateway did not authenticate is answered 401 and is not billed.
+Once routes are known, each route has the instance that applies to it (`agent/gateway/core_config.py`).
+Without routes, the agent cannot tell which route a request matched, so it takes the union: every key name
+any instance accepts, in every place any instance looks. Looking in one place too many is harmless, because
+a request the gateway did not authenticate is answered 401 and is not billed.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ from agent.gateway.errors import GatewayConfigError
 from agent.gateway.model import GatewayConfig, KeyAuthInstance, MeteringEntry, Route, Service, Subject
 
 
+# a route for none of these (tcp, tls, udp, tls_passthrough) is a stream route, never in Kong's HTTP router
+HTTP_PROTOCOLS = frozenset({"http", "https", "grpc", "grpcs"})
+
+
 @dataclass(frozen=True, slots=True)
 class Overrides:
     """What the command line says over the gateway's configuration."""
@@ -47,12 +51,14 @@ def check(config: GatewayConfig, overrides: Overrides) -> None:
 def core_gateway(config: GatewayConfig | None, overrides: Overrides) -> dict | None:
     """None when the configuration has neither routes nor metering-and-billing entries: meter everything
     on the port, as without any configuration."""
-    if config is None or (not config.routes and not config.metering):
+    if config is None or (not config.routes and not config.plugin_configured):
         return None
     services = {service.id: service for service in config.services}
     return {
+        "plugin_configured": config.plugin_configured,
         "routes": [_route(route, services.get(route.service_id) if route.service_id else None,
-                          _key_auth(route, config.key_auth, overrides)) for route in config.routes],
+                          _key_auth(route, config.key_auth, overrides))
+                   for route in config.routes if HTTP_PROTOCOLS.intersection(route.protocols)],
         "metering": [_entry(entry, overrides) for entry in config.metering],
     }
 

@@ -30,7 +30,7 @@ def service(entity: dict, path: str, derive_id: bool) -> tuple[Service, bool]:
         protocol, port = _from_url(url, f"{path}.url")
     else:
         protocol = _string(entity, "protocol", path) or "http"
-        port = _integer(entity, "port", path)
+        port = _integer(entity, "port", path, 0, 65535)
         port = 80 if port is None else port
     on = entity.get("enabled", True)
     if not isinstance(on, bool) and on is not None:
@@ -54,8 +54,8 @@ def route(entity: dict, path: str, service_id: str | None, derive_id: bool) -> R
     name = _string(entity, "name", path)
     lists = {field: _strings(entity, field, path) for field in _ROUTE_LISTS}
     protocols = lists.pop("protocols") or ("http", "https")
-    priority = _integer(entity, "priority", path)
-    regex_priority = _integer(entity, "regex_priority", path)
+    priority = _integer(entity, "priority", path, 0, 2**46)  # Kong's bounds for both
+    regex_priority = _integer(entity, "regex_priority", path, -2**31, 2**31 - 1)
     return Route(
         id=_entity_id(entity, path, "route", name, derive_id), name=name, service_id=service_id,
         expression=_string(entity, "expression", path), priority=priority or 0,
@@ -81,10 +81,12 @@ def _string(entity: dict, field: str, path: str) -> str | None:
     return value or None
 
 
-def _integer(entity: dict, field: str, path: str) -> int | None:
+def _integer(entity: dict, field: str, path: str, low: int, high: int) -> int | None:
     value = entity.get(field)
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise DeckShape(f"{path}.{field} is not a whole number")
+    if value is not None and not low <= value <= high:
+        raise DeckShape(f"{path}.{field} is not between {low} and {high}")
     return value
 
 
@@ -155,11 +157,15 @@ def _resolved(kind: str, ref: str, label: str, among: str, lookup: Lookup) -> st
 
 def read_plugin(plugin: dict, label: str, scope: Callable[[], Scope], key_auth: list[KeyAuthInstance],
                 metering: list[PluginEntry], entry_label: str | None = None) -> None:
-    """Keeps an enabled key-auth or metering-and-billing entry (others do not concern the agent). `label`
+    """Keeps an enabled key-auth or a metering-and-billing entry (a disabled one only as such; others do
+    not concern the agent). `label`
     names the entry in messages (`entry_label`, if given, once it is kept); `scope` is only worked out
     for these two, so a reference in another plugin is never a reason to refuse a file."""
     name = plugin.get("name")
-    if name not in ("key-auth", METERING) or not enabled(plugin):
+    if name not in ("key-auth", METERING) or (name == "key-auth" and not enabled(plugin)):
+        return
+    if name == METERING and not enabled(plugin):
+        metering.append(PluginEntry(entry_label or label, scope(), None, enabled=False))
         return
     if name == "key-auth":
         key_auth.append(KeyAuthInstance(scope(), from_plugin_config(plugin.get("config"), label)))

@@ -51,12 +51,13 @@ class KeyAuthInstance:
 
 @dataclass(frozen=True, slots=True)
 class PluginEntry:
-    """An enabled metering-and-billing entry as the source gives it: its config is read later, and only
-    if it is used (`--plugins FILE` replaces these)."""
+    """A metering-and-billing entry as the source gives it: its config is read later, and only if it is
+    enabled and used (`--plugins FILE` replaces these)."""
 
     where: str          # names the entry in messages: a decK path, or the Admin API plugin's id
     scope: Scope
     config: object
+    enabled: bool = True  # a disabled one bills nothing, but says the plugin is configured
 
 
 class Secret:
@@ -131,3 +132,6 @@ class GatewayConfig:
     plugin_entries: tuple[PluginEntry, ...] = ()
     names: Names = Names()
     metering: tuple[MeteringEntry, ...] = ()
+    # some entry exists, enabled or not: then only the enabled entries' scopes are metered (all disabled:
+    # nothing), rather than everything as without the plugin
+    plugin_configured: bool = False

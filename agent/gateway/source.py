@@ -51,7 +51,8 @@ class GatewaySource:
                 self._said_replaced = True
         else:
             entries = config.plugin_entries
-        config = dataclasses.replace(config, metering=tuple(read_entry(entry) for entry in entries))
+        config = dataclasses.replace(config, metering=tuple(read_entry(entry) for entry in entries if entry.enabled),
+                                     plugin_configured=bool(entries))
         check(config, self.overrides)
         if config == self._last:
             config = self._last

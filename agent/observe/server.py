@@ -99,6 +99,7 @@ def _server(address: tuple[str, int], monitor: Monitor) -> ThreadingHTTPServer:
 def _handler(monitor: Monitor) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "kong-metering-agent"
+        timeout = 5  # a client that sends half a request does not hold its thread for ever
 
         def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
             path = self.path.split("?", 1)[0]

@@ -905,6 +905,7 @@ fn route_spec(route: &Bound<'_, PyDict>) -> PyResult<crate::metering::routes::Ro
         headers: headers.into_iter().collect(),
         snis: field_or(route, "snis", Vec::new())?,
         regex_priority: field_or(route, "regex_priority", 0)?,
+        protocols: field_or(route, "protocols", Vec::new())?,
         key_auth,
     })
 }
@@ -950,6 +951,7 @@ fn gateway(config: Option<Bound<'_, PyDict>>) -> PyResult<Option<crate::metering
     Ok(Some(crate::metering::billing::Gateway {
         routes: routes.iter().map(route_spec).collect::<PyResult<_>>()?,
         entries: entries.iter().map(metering_entry).collect::<PyResult<_>>()?,
+        plugin_configured: field_or(&config, "plugin_configured", false)?,
     }))
 }
 

@@ -48,12 +48,15 @@ pub struct MeterCounters {
 }
 
 /// What the gateway's configuration says beyond credentials: its routes (empty: none known, so nothing
-/// is attributed and everything is metered) and the Metering & Billing plugin's entries (empty: none, so
+/// is attributed and everything is metered) and the Metering & Billing plugin's entries (none configured:
 /// every request is metered by the command line's rule).
 #[derive(Default)]
 pub struct Gateway {
     pub routes: Vec<RouteSpec>,
     pub entries: Vec<MeteringEntry>,
+    /// some entry exists, enabled or not (`entries` holds the enabled ones): only their scopes are
+    /// metered, and with every entry disabled nothing is
+    pub plugin_configured: bool,
 }
 
 pub struct Meter {
@@ -65,6 +68,7 @@ pub struct Meter {
     gateway_key_names: Vec<String>,
     routes: Option<Routes>,
     entries: Vec<MeteringEntry>,
+    plugin_configured: bool,
     /// each entry's subject rule, checked against the key names
     resolvers: Vec<SubjectResolver>,
     /// every key name anywhere (flags, the gateway's, each route's): hidden from every event's URI
@@ -91,6 +95,7 @@ impl Meter {
             gateway_key_names: Vec::new(),
             routes: None,
             entries: Vec::new(),
+            plugin_configured: false,
             resolvers: Vec::new(),
             hidden_names: Vec::new(),
             needs_table,
@@ -138,7 +143,8 @@ impl Meter {
         self.routes = routes;
         self.resolvers = gateway.entries.iter().map(|entry| SubjectResolver::new(entry.rule.clone(), &self.key_auth)).collect();
         self.entries = gateway.entries;
-        self.needs_table = if self.entries.is_empty() {
+        self.plugin_configured = gateway.plugin_configured || !self.entries.is_empty();
+        self.needs_table = if !self.plugin_configured {
             self.resolver.rule == SubjectRule::Consumer
         } else {
             self.entries.iter().any(|entry| entry.consumer.is_some() || entry.rule == SubjectRule::Consumer)
@@ -174,7 +180,7 @@ impl Meter {
     /// A header or query subject names one of key-auth's key names, so its requests stay unresolved: a
     /// subject is never an API key. The caller says so once per change of the settings.
     pub fn subject_names_a_key(&self) -> bool {
-        if self.entries.is_empty() {
+        if !self.plugin_configured {
             return self.resolver.names_a_key();
         }
         self.resolvers.iter().any(SubjectResolver::names_a_key)
@@ -231,7 +237,7 @@ impl Meter {
         }
         let Meter {
             routes, entries, resolvers, resolver, table, counters, writer, attributes, key_auth, source, hidden_names,
-            needs_table, ..
+            needs_table, plugin_configured, ..
         } = self;
         let route = match routes {
             None => None,
@@ -243,9 +249,11 @@ impl Meter {
                 }
             },
         };
-        // the key-auth of the route (none: no consumer there), or, with no routes known, the gateway's
+        // the key-auth of the route (none: no consumer there), or, with no routes known, the gateway's; a
+        // route that takes only HTTPS is answered 426 before its plugins run: no consumer, global entries only
+        let routed = route.filter(|route| route.plain_http);
         let key_auth = match route {
-            Some(route) => route.key_auth.as_ref(),
+            Some(route) => routed.and(route.key_auth.as_ref()),
             None => Some(&*key_auth),
         };
         // whose key it is, only when a rule or a scope asks for the consumer
@@ -253,12 +261,12 @@ impl Meter {
             (Some(key_auth), Some(table)) if *needs_table => identify(&exchange.request, key_auth, table, now),
             _ => None,
         };
-        let (entry, resolver) = if entries.is_empty() {
+        let (entry, resolver) = if !*plugin_configured {
             (None, &*resolver)
         } else {
             let consumer = caller.as_ref().and_then(|caller| caller.owner).map(|(_, consumer)| consumer);
-            let route_id = route.map(|route| route.id.as_str());
-            let service_id = route.and_then(|route| route.service_id.as_deref());
+            let route_id = routed.map(|route| route.id.as_str());
+            let service_id = routed.and_then(|route| route.service_id.as_deref());
             match applicable(entries, route_id, service_id, consumer) {
                 Some(index) if entries[index].meter_api_requests => (Some(&entries[index]), &resolvers[index]),
                 _ => {
@@ -548,6 +556,7 @@ mod tests {
                 gateway_route("r-other", "/other", "s-other", Some(KeyAuth::default())),
             ],
             entries: vec![entry(None, Some("s-example"), None)],
+            plugin_configured: true,
         }));
         assert!(refused.is_empty());
         billing
@@ -577,6 +586,7 @@ mod tests {
         billing.set_gateway(Some(Gateway {
             routes: vec![gateway_route("r", "/", "s", Some(header_only)), gateway_route("bare", "/bare", "s", None)],
             entries: Vec::new(),
+            ..Gateway::default()
         }));
         let by_header = exchange("/a", &["x-key: alice-key"], 200);
         let by_query = exchange("/a?x-key=alice-key", &[], 200);
@@ -595,6 +605,7 @@ mod tests {
         billing.set_gateway(Some(Gateway {
             routes: vec![gateway_route("r", "/", "s", Some(KeyAuth::default()))],
             entries: vec![entry(None, Some("s"), None), by_tenant],
+            ..Gateway::default()
         }));
         let events = lines(&mut billing, vec![exchange("/a", &["apikey: alice-key", "X-Tenant: acme"], 200)]);
         assert!(events[0].contains(r#""subject":"acme""#) && events[0].contains(r#""subject_type":"header""#));
@@ -614,6 +625,7 @@ mod tests {
                 gateway_route("r", "/", "s", Some(KeyAuth::default())),
             ],
             entries: vec![quiet, successes],
+            ..Gateway::default()
         }));
         let events = lines(&mut billing, vec![keyed("/quiet", 200), keyed("/a", 200), keyed("/a", 500), keyed("/a", 0)]);
         assert_eq!(events.len(), 1);
@@ -634,6 +646,7 @@ mod tests {
         billing.set_gateway(Some(Gateway {
             routes: vec![gateway_route("bare", "/", "s", None)],
             entries: vec![with_attributes],
+            ..Gateway::default()
         }));
         let events = lines(&mut billing, vec![exchange("/a?apikey=alice-key", &["X-Tenant: acme", "X-Plan: gold"], 200)]);
         assert!(events[0].contains(r#""subject_type":"header","plan":"gold","latency_ms""#), "{}", events[0]);
@@ -645,11 +658,35 @@ mod tests {
         let mut billing = meter();
         let mut by_tenant = entry(None, None, Some("c-alice"));
         by_tenant.rule = SubjectRule::Header("x-tenant".to_string());
-        billing.set_gateway(Some(Gateway { routes: Vec::new(), entries: vec![by_tenant] }));
+        billing.set_gateway(Some(Gateway { entries: vec![by_tenant], ..Gateway::default() }));
         assert!(lines(&mut billing, vec![exchange("/a", &["apikey: alice-key", "X-Tenant: acme"], 200)]).is_empty());
         assert_eq!(billing.counters.held, 1);
         billing.set_credentials(Some(table()));
         assert_eq!(lines(&mut billing, vec![]).len(), 1);
+    }
+
+    #[test]
+    fn a_route_for_https_only_gets_only_global_entries_and_no_consumer() {
+        let mut billing = meter();
+        billing.set_credentials(Some(table()));
+        let secure = RouteSpec { protocols: vec!["https".to_string()], ..gateway_route("secure", "/", "s", Some(KeyAuth::default())) };
+        billing.set_gateway(Some(Gateway { routes: vec![secure], entries: vec![entry(None, Some("s"), None)], ..Gateway::default() }));
+        assert!(lines(&mut billing, vec![keyed("/a", 426)]).is_empty());
+        assert_eq!(billing.counters.out_of_scope, 1);
+        let mut global = entry(None, None, None);
+        global.rule = SubjectRule::Header("x-tenant".to_string());
+        let secure = RouteSpec { protocols: vec!["https".to_string()], ..gateway_route("secure", "/", "s", Some(KeyAuth::default())) };
+        billing.set_gateway(Some(Gateway { routes: vec![secure], entries: vec![global], ..Gateway::default() }));
+        assert_eq!(lines(&mut billing, vec![exchange("/a", &["X-Tenant: acme"], 426)]).len(), 1);
+    }
+
+    #[test]
+    fn with_every_entry_disabled_nothing_is_metered() {
+        let mut billing = meter();
+        billing.set_credentials(Some(table()));
+        billing.set_gateway(Some(Gateway { plugin_configured: true, ..Gateway::default() }));
+        assert!(lines(&mut billing, vec![keyed("/a", 200)]).is_empty());
+        assert_eq!(billing.counters.out_of_scope, 1);
     }
 
     #[test]
@@ -691,7 +728,7 @@ mod tests {
                     route
                 })
                 .collect();
-            billing.set_gateway(Some(Gateway { routes: specs, entries: vec![entry(None, None, None)] }));
+            billing.set_gateway(Some(Gateway { routes: specs, entries: vec![entry(None, None, None)], ..Gateway::default() }));
         }
         let exchanges: Vec<Exchange> = (0..100_000)
             .map(|n| {

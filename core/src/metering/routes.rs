@@ -17,7 +17,6 @@ use atc_router::ast::{Type, Value};
 use atc_router::context::Context;
 use atc_router::router::Router;
 use atc_router::schema::Schema;
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::http::message::Message;
@@ -49,6 +48,8 @@ pub struct RouteSpec {
     pub headers: Vec<(String, Vec<String>)>,
     pub snis: Vec<String>,
     pub regex_priority: i64,
+    /// Kong's protocols (empty: Kong's default, http and https)
+    pub protocols: Vec<String>,
     /// the key-auth instance that applies to this route; None: none does, so no consumer is known here
     pub key_auth: Option<KeyAuth>,
 }
@@ -59,6 +60,9 @@ pub struct Route {
     pub id: String,
     pub service_id: Option<String>,
     pub key_auth: Option<KeyAuth>,
+    /// the route takes plain HTTP; if not (`https` only), Kong answers such a request 426 before any
+    /// plugin of the route's or its service's runs, key-auth included: only global entries apply
+    pub plain_http: bool,
     /// the event's six route and service fields, rendered once: `"route_id":...,"service_protocol":...`
     pub event_fields: Vec<u8>,
 }
@@ -108,6 +112,9 @@ pub struct Routes {
 
 /// Requests whose match is remembered; beyond it the cache starts afresh (bounded, and cheap to keep).
 const CACHED_MATCHES: usize = 4096;
+/// Longer requests (by what the match depends on) are matched afresh each time: the cache stays within
+/// 4096 x 512 bytes, whatever the targets' lengths.
+const MAX_CACHED_KEY: usize = 512;
 
 impl Routes {
     /// The routes, in the order Kong created them; also one line for each route that could not be used
@@ -119,7 +126,8 @@ impl Routes {
         let mut refused = Vec::new();
         for spec in specs {
             let matchers = match &spec.expression {
-                Some(expression) => vec![(spec.priority, expression.clone())],
+                // as Kong's router ranks an expression route beside traditional ones
+                Some(expression) => vec![(EXPRESSION_ONLY | (spec.priority & !EXPRESSION_ONLY), expression.clone())],
                 None => traditional_matchers(&spec),
             };
             if matchers.is_empty() {
@@ -128,8 +136,9 @@ impl Routes {
             }
             let index = routes.len();
             let mut added = Vec::new();
+            let split = matchers.len() > 1;
             let failed = matchers.iter().enumerate().find_map(|(group, (priority, expression))| {
-                let uuid = matcher_uuid(&spec.id, group);
+                let uuid = matcher_uuid(&spec.id, split.then_some(group + 1));
                 match router.add_matcher(*priority as usize, uuid, expression) {
                     Ok(()) => {
                         added.push((*priority, uuid));
@@ -142,14 +151,17 @@ impl Routes {
                 for (priority, uuid) in added {
                     router.remove_matcher(priority as usize, uuid);
                 }
-                let first_line = error.lines().next().unwrap_or("invalid").to_string();
-                refused.push(format!("route {}: Kong's router refuses it ({first_line})", label(&spec)));
+                let reason: Vec<&str> = error.lines().map(str::trim).filter(|line| !line.is_empty()).collect();
+                let reason: String = reason.join(" ").chars().take(300).collect();
+                refused.push(format!("route {}: Kong's router refuses it ({reason})", label(&spec)));
                 continue;
             }
             for (_, uuid) in added {
                 owners.insert(uuid, index);
             }
+            let plain_http = spec.protocols.is_empty() || spec.protocols.iter().any(|p| p == "http" || p == "grpc");
             routes.push(Route {
+                plain_http,
                 event_fields: event_fields(&spec),
                 id: spec.id,
                 service_id: spec.service.map(|service| service.id),
@@ -181,10 +193,12 @@ impl Routes {
             return cached;
         }
         let matched = self.matching(request, server_port);
-        if self.cache.len() >= CACHED_MATCHES {
-            self.cache.clear();
+        if self.key.len() <= MAX_CACHED_KEY {
+            if self.cache.len() >= CACHED_MATCHES {
+                self.cache.clear();
+            }
+            self.cache.insert(self.key.clone(), matched);
         }
-        self.cache.insert(self.key.clone(), matched);
         matched
     }
 
@@ -254,17 +268,19 @@ fn label(spec: &RouteSpec) -> &str {
     spec.name.as_deref().unwrap_or(&spec.id)
 }
 
-/// The matcher's uuid: the route's own id for its first (usually only) matcher, as Kong adds it, so that
-/// routes of equal priority are tried in Kong's order; a name-based one for the others of a split route.
-fn matcher_uuid(route_id: &str, group: usize) -> Uuid {
-    match (group, Uuid::parse_str(route_id)) {
-        (0, Ok(uuid)) => uuid,
-        _ => {
-            let digest = Sha256::digest(format!("{route_id}#{group}").as_bytes());
-            let mut bytes = [0u8; 16];
-            bytes.copy_from_slice(&digest[..16]);
-            Uuid::from_bytes(bytes)
-        }
+/// Kong's namespace for the ids of the parts of a route split by its paths.
+const SPLIT_NAMESPACE: Uuid = Uuid::from_u128(0x7f145bf9_0dce_4f91_98eb_debbce4b9f6b);
+
+/// Kong's bit that ranks expression routes above traditional ones in one router.
+const EXPRESSION_ONLY: u64 = 0xFF << 56;
+
+/// The matcher's uuid, which orders matchers of equal priority as Kong's router orders them: the route's
+/// own id, or for the `part`-th (from 1) of a route split by its paths the name-based id Kong gives it.
+fn matcher_uuid(route_id: &str, part: Option<usize>) -> Uuid {
+    match (part, Uuid::parse_str(route_id)) {
+        (None, Ok(uuid)) => uuid,
+        (None, Err(_)) => Uuid::new_v5(&SPLIT_NAMESPACE, route_id.as_bytes()),
+        (Some(part), _) => Uuid::new_v5(&SPLIT_NAMESPACE, format!("{route_id}#{part}").as_bytes()),
     }
 }
 
@@ -457,9 +473,10 @@ fn header_values<'h>(head: &'h [u8], name: &'h [u8]) -> impl Iterator<Item = &'h
     })
 }
 
-/// Characters RFC 3986 reserves: their escapes are kept (upper-cased), as Kong's normalization keeps them.
+/// Characters RFC 3986 reserves, and `%`: their escapes are kept (upper-cased), as Kong's normalization
+/// keeps them.
 fn is_reserved(byte: u8) -> bool {
-    b":/?#[]@!$&'()*+,;=".contains(&byte)
+    b":/?#[]@!$&'()*+,;=%".contains(&byte)
 }
 
 fn hex_value(byte: u8) -> Option<u8> {
@@ -494,10 +511,9 @@ pub fn normalized_path(target: &[u8]) -> Option<String> {
             }
         }
     }
-    let mut path = if memchr::memmem::find(&decoded, b"/.").is_some() { remove_dot_segments(&decoded) } else { decoded };
-    if memchr::memmem::find(&path, b"//").is_some() {
-        path.dedup_by(|next, previous| *next == b'/' && *previous == b'/');
-    }
+    // slashes merged as dot segments are removed (Kong does both in one pass): `/a//../b` is `/b`
+    decoded.dedup_by(|next, previous| *next == b'/' && *previous == b'/');
+    let path = if memchr::memmem::find(&decoded, b"/.").is_some() { remove_dot_segments(&decoded) } else { decoded };
     String::from_utf8(path).ok()
 }
 
@@ -739,6 +755,38 @@ mod tests {
             assert_eq!(hit(&mut r, "GET", &format!("/n/{n}"), &["X-Version: v2"]).as_deref(), Some("v2"));
         }
         assert!(r.cache.len() <= CACHED_MATCHES);
+    }
+
+    #[test]
+    fn normalization_keeps_escaped_percents_and_merges_slashes_before_dot_segments() {
+        assert_eq!(normalized_path(b"/x%2541").as_deref(), Some("/x%2541"));
+        assert_eq!(normalized_path(b"/a//../b").as_deref(), Some("/b"));
+    }
+
+    #[test]
+    fn expression_routes_rank_above_traditional_ones_as_in_kongs_router() {
+        let traditional = RouteSpec { methods: vec!["GET".to_string()], ..paths("trad", &["/v2"]) };
+        let expression = RouteSpec { expression: Some(r#"http.path ^= "/v2""#.to_string()), priority: 1, ..route("expr") };
+        let mut r = routes(vec![traditional, expression]);
+        assert_eq!(hit(&mut r, "GET", "/v2/x", &[]).as_deref(), Some("expr"));
+    }
+
+    #[test]
+    fn a_split_route_breaks_ties_with_the_ids_kong_gives_its_parts() {
+        // Kong's id for the first part of `a` (split: `/a` and `/bb`) is above `b`'s own id
+        let a = RouteSpec { paths: vec!["/a".into(), "/bb".into()], ..route("00000000-0000-0000-0000-00000000000a") };
+        let b = RouteSpec { paths: vec!["/a".into()], ..route("0a000000-0000-0000-0000-000000000000") };
+        assert!(matcher_uuid(&a.id, Some(1)) > Uuid::parse_str(&b.id).unwrap());
+        let mut r = routes(vec![b, a]);
+        assert_eq!(hit(&mut r, "GET", "/a/x", &[]).as_deref(), Some("00000000-0000-0000-0000-00000000000a"));
+    }
+
+    #[test]
+    fn long_requests_are_matched_but_not_remembered() {
+        let mut r = routes(vec![paths("root", &["/"])]);
+        let long = format!("/{}", "x".repeat(MAX_CACHED_KEY));
+        assert_eq!(hit(&mut r, "GET", &long, &[]).as_deref(), Some("root"));
+        assert!(r.cache.is_empty());
     }
 
     #[test]
