@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from agent.flags import FlagError, FlagParser
+from agent.flags import FlagError, FlagParser, shown_name
 
 ENV_PREFIX = "AGENT_"
 CONFIG_FLAG = "config"
@@ -125,7 +125,7 @@ def _file_layer(parser: FlagParser, flags: dict[str, argparse.Action], path: str
     for key, value in document.items():
         action = flags.get(key) if isinstance(key, str) and key != CONFIG_FLAG else None
         if action is None:
-            parser.error(f"--config {path}: unknown key {str(key)!r}; the keys are the flags' long names"
+            parser.error(f"--config {path}: unknown key {shown_name(key)!r}; the keys are the flags' long names"
                          " (iface, port, ring-mb, ...)")
         try:
             layer[key] = _tokens(key, action, value, origin=key)

@@ -104,3 +104,12 @@ def _shown(size: int) -> str:
         if size >= unit and size % unit == 0:
             return f"{size // unit} {name}"
     return f"{size} bytes"
+
+
+def shown_name(name: object) -> str:
+    """A field or key name as a message may show it: a name is not a value, but a mangled file may put anything
+    where a name goes (a pasted token), so only one shaped like a setting's name is shown: short, words
+    and underscores, hardly any digits."""
+    text = str(name)
+    shaped = re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,47}", text) and sum(ch.isdigit() for ch in text) <= 2
+    return text if shaped else "(a field not shown: it does not look like a name)"

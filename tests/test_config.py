@@ -77,6 +77,7 @@ def test_on_off_flags_and_lists_from_the_file_and_the_environment(tmp_path: Path
     ("iface: lo\nport: [80\n", {}, "--config {config}: not valid YAML at line 3"),
     ("- iface\n", {}, "--config {config}: must be a mapping of flag names to values"),
     ("iface: lo\nconfig: other.yaml\n", {}, "--config {config}: unknown key 'config'"),
+    ("iface: lo\nspat_9f8e7d6c5b4a3928: x\n", {}, "--config {config}: unknown key '(a field not shown"),
     ("iface: lo\n", {"AGENT_RING_MB": "lots"}, "$AGENT_RING_MB: 'lots' is not a whole number"),
     ("iface: lo\n", {"AGENT_NO_YIELD_CPU": "maybe"}, "$AGENT_NO_YIELD_CPU: takes true or false"),
 ])

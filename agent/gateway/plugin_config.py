@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 
+from agent.flags import shown_name
 from agent.gateway.errors import GatewayConfigError
 from agent.gateway.model import Attribute, MeteringEntry, PluginEntry, Secret, Subject
 
@@ -52,7 +53,7 @@ def read_entry(entry: PluginEntry) -> MeteringEntry:
         raise GatewayConfigError(f"{where}: config is not a mapping")
     for name in config:
         if name not in _KNOWN:
-            raise GatewayConfigError(f"{where}: config.{_shown(name)} is not a {NAME} setting")
+            raise GatewayConfigError(f"{where}: config.{shown_name(name)} is not a {NAME} setting")
     settings = {current: _one_of(config, current, old, where) for current, old in _RENAMED.items()}
     for name in _IGNORED_BOOLS:
         _typed(settings.get(name) if name in settings else config.get(name), bool, f"config.{name}", where)
@@ -98,7 +99,7 @@ def _queue(queue: object, where: str) -> None:
         raise GatewayConfigError(f"{where}: config.queue is not a mapping")
     for name, value in queue.items():
         if name not in _QUEUE_FIELDS:
-            raise GatewayConfigError(f"{where}: config.queue.{_shown(name)} is not a {NAME} queue setting")
+            raise GatewayConfigError(f"{where}: config.queue.{shown_name(name)} is not a {NAME} queue setting")
         _number(value, f"config.queue.{name}", where)
 
 
@@ -109,7 +110,7 @@ def _subject(subject: object, where: str) -> Subject:
         raise GatewayConfigError(f"{where}: config.subject is not a mapping")
     for name in subject:
         if name not in ("look_up_value_in", "in", "field"):
-            raise GatewayConfigError(f"{where}: config.subject.{_shown(name)} is not a subject setting")
+            raise GatewayConfigError(f"{where}: config.subject.{shown_name(name)} is not a subject setting")
     if subject.get("look_up_value_in") is not None and subject.get("in") is not None:
         raise GatewayConfigError(f"{where}: config.subject gives both look_up_value_in and its older spelling in")
     kind = subject.get("look_up_value_in") if subject.get("look_up_value_in") is not None else subject.get("in")
@@ -142,7 +143,7 @@ def _attributes(attributes: object, where: str) -> tuple[Attribute, ...]:
         names = set(attribute)
         if not names <= current | old:
             unknown = sorted(names - current - old)[0]
-            raise GatewayConfigError(f"{where}: {path}.{_shown(unknown)} is not an attribute setting")
+            raise GatewayConfigError(f"{where}: {path}.{shown_name(unknown)} is not an attribute setting")
         if names & current and names & old:
             raise GatewayConfigError(f"{where}: {path} mixes the current spelling (source, look_up_value_in,"
                                      " event_property_name) with the older one (in, field, key)")
@@ -180,10 +181,3 @@ def _status_codes(codes: object, where: str) -> tuple[tuple[int, int], ...] | No
     return tuple(ranges)
 
 
-def _shown(name: object) -> str:
-    """A field name as a message may show it: a name is not a value, but a mangled file may put anything
-    where a name goes (a pasted token), so only one shaped like a setting's name is shown: short, words
-    and underscores, hardly any digits."""
-    text = str(name)
-    shaped = re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,47}", text) and sum(ch.isdigit() for ch in text) <= 2
-    return text if shaped else "(a field not shown: it does not look like a name)"
