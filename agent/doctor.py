@@ -26,6 +26,7 @@ from agent._core import CaptureError, CaptureFile
 from agent.credentials import options as credential_options
 from agent.credentials.errors import CredentialError
 from agent.flags import FlagParser
+from agent.gateway import options as gateway_options
 from agent.live.cpu_share import can_take_priority_back
 from agent.live.privileges import user_entry
 from agent.live.startup_checks import (check_ring_memory, describe_listener, interface_link, listening_pids,
@@ -135,6 +136,7 @@ def _credentials(args: argparse.Namespace) -> str:
     credentials = credential_options.credentials_from_args(args)
     if credentials is not None:
         credentials.load_once()
+    gateway_options.adopt_plugin_delivery(args, credentials)  # the endpoint and token the start would use
     pipeline_from_args(args, credentials)  # the metering flags, with the gateway's key-auth settings
     if credentials is None:
         return f"none needed for --subject {args.subject}"
@@ -147,7 +149,8 @@ def _credentials(args: argparse.Namespace) -> str:
 def _ingest(args: argparse.Namespace) -> str:
     """An empty batch: refused for its token (401/403), else refused as empty (400) or accepted, but never
     an event ingested."""
-    token = api_token_source(args.api_token_file).read()
+    tokens = api_token_source(args.api_token_file, getattr(args, "plugin_api_token", None))
+    token = tokens.read()
     headers = {"Content-Type": BATCH_CONTENT_TYPE, **({"Authorization": f"Bearer {token}"} if token else {})}
     shown = shown_url(args.ingest_endpoint)
     try:
@@ -157,7 +160,7 @@ def _ingest(args: argparse.Namespace) -> str:
         raise Failed(f"{shown} unreachable ({type(error).__name__}: {error})".replace(token or "\0", "[token]")) from None
     status = response.status_code
     if status in (401, 403):
-        raise Failed(f"{shown} refuses the token ({status}; from {api_token_source(args.api_token_file).describe()})")
+        raise Failed(f"{shown} refuses the token ({status}; from {tokens.describe()})")
     if status == 400 or 200 <= status < 300:
         return f"{shown} reachable, token accepted" if token else f"{shown} reachable, no token sent"
     raise Failed(f"{shown} answered {status} {response.reason_phrase} (the events' URL?)")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from kong_standin import KongStandin, free_loopback_port
 
 from conftest import CAPTURES, REPO
@@ -25,11 +26,13 @@ DECK = str(CAPTURES / "kong.yaml")
 UNPRIVILEGED = ["setpriv", "--bounding-set", "-net_raw,-dac_override,-dac_read_search"]
 
 
-def doctor(*args: str, token: str | None = INGEST_TOKEN, unprivileged: bool = False) -> tuple[int, dict[str, str]]:
+def doctor(*args: str, token: str | None = INGEST_TOKEN, unprivileged: bool = False,
+           extra_env: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
     """The exit status, and each check's line by its name (`ok` or `FAIL` and what it found)."""
     env = {name: value for name, value in os.environ.items() if not name.startswith(("AGENT_", "METERING_"))}
     if token is not None:
         env["METERING_API_TOKEN"] = token
+    env.update(extra_env or {})
     command = [*(UNPRIVILEGED if unprivileged else []), sys.executable, "-m", "agent", "doctor", *args]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert result.stderr == "", result.stderr
@@ -116,3 +119,22 @@ def test_without_privileges_the_capture_permission_fails(tmp_path: Path) -> None
                                                   " CAP_NET_RAW")
     assert lines["credentials"] == "ok none needed for --subject header:host"
     assert lines[f"state directory {tmp_path / 'd'}"] == f"ok it will be created in {tmp_path}"
+
+
+def test_the_endpoint_and_token_the_plugin_names_are_the_ones_checked(gateway, tmp_path: Path) -> None:
+    """No --ingest-endpoint: the start would send where the metering-and-billing entries say, with their
+    api_token, so that is what is checked (a wrong token fails, and is never printed)."""
+    with IngestDouble(INGEST_TOKEN) as double:
+        state = yaml.safe_load(Path(DECK).read_text())
+        state["plugins"].append({"name": "metering-and-billing", "config": {
+            "ingest_endpoint": double.url, "api_token": "{vault://env/metering-token}"}})
+        deck = tmp_path / "kong.yaml"
+        deck.write_text(yaml.safe_dump(state))
+        common = ("--iface", "lo", "--port", str(gateway.port), "--credentials", str(deck),
+                  "--data-dir", str(tmp_path / "data"))
+        code, lines = doctor(*common, token=None, extra_env={"METERING_TOKEN": "spat_not_the_one"})
+        assert code == 1 and lines["ingest endpoint"].startswith(f"FAIL {double.url} refuses the token (401")
+        assert not any("spat_not_the_one" in line for line in lines.values())
+        code, lines = doctor(*common, token=None, extra_env={"METERING_TOKEN": INGEST_TOKEN})
+        assert code == 0, lines
+        assert lines["ingest endpoint"] == f"ok {double.url} reachable, token accepted"
