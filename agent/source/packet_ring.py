@@ -109,6 +109,10 @@ class PacketRing:
     def ring_bytes(self) -> int:
         return self.block_bytes * self.block_count
 
+    def also_wake_on(self, fd: int) -> None:
+        """`wait` also ends when `fd` is readable (the TLS probes' ring buffer)."""
+        self._poll.register(fd, select.POLLIN)
+
     def wait(self, timeout_ms: int) -> bool:
         """Until a block may be ready or the timeout passes; a signal ends the wait early enough."""
         return bool(self._poll.poll(timeout_ms))
