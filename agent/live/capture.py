@@ -84,6 +84,8 @@ def capture(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | 
             if now >= next_housekeeping:
                 next_housekeeping = now + HOUSEKEEPING_SECONDS
                 truncated = _watch_kernel(ring, label, truncated)
+                if tls is not None:
+                    tls.warn(pipeline.counters())
                 if report is not None:
                     report(_report(ring, pipeline, credentials, tls))
                 if not blocks:  # caught up: let time pass, so timeouts and idle expiry still happen
@@ -97,6 +99,8 @@ def capture(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | 
         events = pipeline.finish()
         if events:
             emit(events)
+        if tls is not None:
+            tls.warn(pipeline.counters())
     finally:
         if credentials is not None:
             credentials.stop()

@@ -76,6 +76,7 @@ class TlsCapture:
         self.attached: set[int] = set()
         self.refused: set[int] = set()
         self.next_scan = 0.0
+        self.http2_warned = 0
         self.rescan()
         if not self.attached:
             log.warning("--tls-port %s: no process listens there yet; looking again every %.0f s",
@@ -118,6 +119,14 @@ class TlsCapture:
         if time.monotonic() >= self.next_scan:
             self.rescan()
         return lines, records
+
+    def warn(self, counters: dict[str, int]) -> None:
+        """Once a second: say when new HTTP/2 connections were seen (their requests are not metered)."""
+        seen = counters.get("http2_connections", 0)
+        if seen > self.http2_warned:
+            log.warning("%d HTTP/2 connections (ALPN h2) on the TLS port so far: counted as http2_connections, "
+                        "their requests not metered (HTTP/2 is not decoded yet)", seen)
+            self.http2_warned = seen
 
     def counters(self) -> dict[str, int]:
         """The probes' own losses, for the summary line."""
