@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends nginx tcpdump curl wrk procps systemd openssl util-linux \
-    clang llvm libbpf-dev bpftool >/dev/null
+    clang libbpf-dev bpftool >/dev/null
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 (cd core && cargo test -q && cargo clippy -q --all-targets --features python -- -D warnings)
 exec python3 -m pytest -q -p no:cacheprovider "$@"

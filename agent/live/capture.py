@@ -63,8 +63,6 @@ def capture(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | 
     if credentials is not None:
         credentials.start()  # a first load that fails is retried; events wait for the table meanwhile
     try:
-        if tls is not None:
-            ring.also_wake_on(tls.fileno())
         if report is not None:
             report(_report(ring, pipeline, credentials, tls))
         next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS

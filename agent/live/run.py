@@ -91,6 +91,8 @@ def _capture_until_stopped(args: argparse.Namespace, link: Link, ports: set[int]
              f"{len(rings)} x {rings[0].ring_bytes >> 20} MiB ring)")
     status = monitor.status if monitor is not None else None
     if len(rings) == 1:
+        if tls is not None:  # before the CPU-share watcher starts: it looks at the fuller of the two rings
+            rings[0].also_wake_on(tls.fileno(), tls.probes.ready_fraction)
         on_stop = yield_cpu([(os.getpid(), rings[0])]) if args.yield_cpu else nothing
         log.info("%s", where)
         counters = capture(rings[0], pipeline, credentials, stop, sink.write, on_stop,
@@ -111,11 +113,6 @@ def open_tls(args: argparse.Namespace) -> TlsCapture | None:
     line says why and the plain capture goes on."""
     if not args.tls_port:
         return None
-    if args.yield_cpu:
-        # the CPU-share watcher sees the packet ring's fill, not the probes' ring: at idle priority that
-        # one could fill unseen while the gateway is saturated
-        log.info("--tls-port: capturing at normal priority, as with --no-yield-cpu")
-        args.yield_cpu = False
     try:
         return TlsCapture(set(args.tls_port))
     except TlsUnavailable as error:

@@ -184,7 +184,7 @@ static __always_inline int leave(int ret)
 	bpf_map_delete_elem(&calls, &id);
 	__u64 length;
 	if (done.ex_len) {
-		if (ret != 1)
+		if (ret <= 0)
 			return 0;
 		size_t got = 0;
 		if (bpf_probe_read_user(&got, sizeof(got), (void *)done.ex_len))
@@ -268,6 +268,28 @@ SEC("uretprobe")
 int BPF_KRETPROBE(ssl_return, int ret)
 {
 	return leave(ret);
+}
+
+/* The same, without a uretprobe: where SSL_read and SSL_write call ssl_read_internal/ssl_write_internal
+ * (s, buf, num, size_t *done), and at the first conditional jump after that call (its result still in
+ * eax). Both are instructions the kernel emulates, where a probe at the function's first instruction
+ * needs a single-step and a uretprobe a second trap: the loader picks these when it finds them. */
+SEC("uprobe")
+int BPF_KPROBE(ssl_read_call, void *ssl, void *buf, size_t num, size_t *done)
+{
+	return enter((__u64)ssl, (__u64)buf, (__u64)done, KIND_READ);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_write_call, void *ssl, const void *buf, size_t num, size_t *done)
+{
+	return enter((__u64)ssl, (__u64)buf, (__u64)done, KIND_WRITE);
+}
+
+SEC("uprobe")
+int ssl_after_call(struct pt_regs *ctx)
+{
+	return leave((int)PT_REGS_RC(ctx));
 }
 
 SEC("uprobe")

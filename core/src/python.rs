@@ -1402,6 +1402,11 @@ impl PyTlsProbes {
         self.probes.is_attached(pid)
     }
 
+    /// How full the ring buffer is, 0 to 1 (for the CPU-share watcher).
+    fn ready_fraction(&self) -> f64 {
+        self.probes.ready_fraction()
+    }
+
     /// The ring buffer's file descriptor (readable when records wait).
     fn fileno(&self) -> i32 {
         self.probes.fd()
