@@ -72,7 +72,8 @@ class TlsCapture:
         try:
             self.probes = _core.TlsProbes(RING_BYTES)
         except OSError as error:
-            raise TlsUnavailable(f"--tls-port: cannot meter HTTPS here: {error}") from None
+            hint = " (the agent needs root, or CAP_BPF and CAP_PERFMON)" if "not permitted" in str(error) else ""
+            raise TlsUnavailable(f"--tls-port: cannot meter HTTPS here: {error}{hint}") from None
         self.attached: set[int] = set()
         self.refused: set[int] = set()
         self.next_scan = 0.0
