@@ -6,12 +6,16 @@ rotating, one of them invalid), once for D seconds and once for 2*D, then times,
     agent --read FILE --port P --credentials captures/kong.yaml --output events.jsonl
     tshark -r FILE -Y http.request -T fields -e http.request.uri
 
-with one worker and with two. It checks the agent's events against nginx's access log one for one
-(subject, method, uri, status, sizes), and prints packets/s, requests/s, peak RSS and the speed ratio.
+with one worker and with two. Then, one worker, what the route matching costs: the same capture with
+`--routes N` routes configured (50 by default: prefixes, hosts, methods, headers, regexes, and a catch-all
+last, so every request is routed after the router has tried the others; the metering-and-billing plugin
+global) against the same consumers with no routes at all, alternating, the best of three each. It checks
+the agent's events against nginx's access log one for one (subject, method, uri, status, sizes), and prints
+packets/s, requests/s, peak RSS, the speed ratio and the routes' cost per request.
 Exits non-zero if a replay is not exact, if one worker is not at least 10x faster than tshark (the goal
 is 20x), or if peak RSS grows by more than 20% on the capture twice as long.
 
-    python scripts/bench_replay.py [--duration 4] [--keep DIR]
+    python scripts/bench_replay.py [--duration 4] [--routes 50] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import dpkt
 import psutil
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kong_standin import KongStandin, billed_rows, free_loopback_port, metered_rows  # noqa: E402
@@ -99,7 +104,39 @@ def packet_count(capture: Path) -> int:
         return sum(1 for _ in dpkt.pcap.Reader(handle))
 
 
-def measure(directory: Path, seconds: int) -> dict:
+def deck_with_routes(directory: Path, count: int) -> Path:
+    """captures/kong.yaml's consumers and key-auth with `count` routes over a few services, the last one
+    the catch-all the load's requests end up on, and the metering-and-billing plugin global; with 0, no
+    services, routes nor plugin entries at all (nothing to match)."""
+    state = yaml.safe_load((REPO / "captures" / "kong.yaml").read_text())
+    if count == 0:
+        state.pop("services", None)
+        path = directory / "kong-no-routes.yaml"
+        path.write_text(yaml.safe_dump(state))
+        return path
+    routes = []
+    for n in range(count - 1):
+        route: dict = {"name": f"route-{n}", "paths": [f"/api/v{n % 3}/resource-{n}"]}
+        if n % 5 == 1:
+            route["hosts"] = [f"tenant-{n}.example.com", "*.partners.example.com"]
+        if n % 7 == 2:
+            route["methods"] = ["POST", "PUT"]
+        if n % 11 == 3:
+            route["headers"] = {"x-version": ["2", "3"]}
+        if n % 13 == 4:
+            route["paths"] = [f"~/items/{n}/\\d+$"]
+            route["regex_priority"] = n
+        routes.append(route)
+    services = [{"name": f"service-{s}", "url": f"http://10.0.0.{s}:8080", "routes": routes[s::4]} for s in range(4)]
+    services.append({"name": "orders", "url": "http://127.0.0.1:9000", "routes": [{"name": "all", "paths": ["/"]}]})
+    state["services"] = services
+    state["plugins"].append({"name": "metering-and-billing", "config": {"subject": {"look_up_value_in": "consumer"}}})
+    path = directory / f"kong-{count}-routes.yaml"
+    path.write_text(yaml.safe_dump(state))
+    return path
+
+
+def measure(directory: Path, seconds: int, route_count: int) -> dict:
     capture, port, entries = record(directory, seconds)
     events_file = directory / f"events-{seconds}s.jsonl"
     agent = [sys.executable, "-m", "agent", "--read", str(capture), "--port", str(port),
@@ -112,6 +149,12 @@ def measure(directory: Path, seconds: int) -> dict:
     for workers in (1, 2):
         runs[workers] = timed([*agent, "--workers", str(workers)], subprocess.DEVNULL)
         check_exact(events_file, entries, f"{seconds}s capture, {workers} worker(s)")
+    for count in (0, route_count) * 3:
+        command = [*agent[:-4], "--credentials", str(deck_with_routes(directory, count)), *agent[-2:]]
+        best = runs.get(("routes", count))
+        run = timed(command, subprocess.DEVNULL)
+        check_exact(events_file, entries, f"{seconds}s capture, {count} routes")
+        runs[("routes", count)] = run if best is None or run[0] < best[0] else best
     return {
         "seconds": seconds, "packets": packet_count(capture), "requests": len(entries),
         "billed": sum(billed_rows(entries).values()), "tshark_requests": tshark_requests, "tshark_s": tshark_seconds,
@@ -129,13 +172,14 @@ def check_exact(events_file: Path, entries: list[dict], label: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=4, help="seconds of wrk load (the long run is twice this)")
+    parser.add_argument("--routes", type=int, default=50, help="routes configured in the third run")
     parser.add_argument("--keep", type=Path, help="keep captures and events in this directory")
     args = parser.parse_args()
     directory = args.keep or Path(tempfile.mkdtemp(prefix="bench-replay-"))
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        short = measure(directory, args.duration)
-        long = measure(directory, args.duration * 2)
+        short = measure(directory, args.duration, args.routes)
+        long = measure(directory, args.duration * 2, args.routes)
     finally:
         if args.keep is None:
             shutil.rmtree(directory, ignore_errors=True)
@@ -144,12 +188,18 @@ def main() -> int:
         print(f"{run['seconds']}s of load: {run['packets']} packets, {run['requests']} requests "
               f"({run['billed']} billed; tshark sees {run['tshark_requests']}); tshark takes {run['tshark_s']:.2f} s")
         for workers, (seconds, rss, stderr) in run["runs"].items():
+            if isinstance(workers, tuple):
+                continue
             ratio = run["tshark_s"] / seconds
             print(f"  agent, {workers} worker(s): {seconds:.2f} s = {run['packets'] / seconds:,.0f} packets/s, "
                   f"{run['requests'] / seconds:,.0f} requests/s, peak RSS {rss:.0f} MiB, "
                   f"{ratio:.1f}x faster than tshark; exact")
             if workers == 1 and ratio < 10:
                 failures.append(f"{run['seconds']}s: one worker only {ratio:.1f}x faster than tshark (required 10x)")
+        plain, routed = run["runs"][("routes", 0)][0], run["runs"][("routes", args.routes)][0]
+        print(f"  agent, 1 worker, best of 3: no routes {plain:.2f} s, {args.routes} routes {routed:.2f} s"
+              f" ({run['requests'] / routed:,.0f} requests/s): the routes cost"
+              f" {(routed - plain) / run['requests'] * 1e6:+.2f} us per request ({(routed / plain - 1) * 100:+.0f}%)")
         print(f"  {run['runs'][1][2].strip().splitlines()[-1]}")
     for workers in (1, 2):
         growth = long["runs"][workers][1] / short["runs"][workers][1]

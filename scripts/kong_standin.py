@@ -149,15 +149,9 @@ def strip_key_params(target: str, key_name: str = "apikey") -> str:
     return f"{path}?{'&'.join(kept)}" if kept else path
 
 
-def answered_status(entry: dict) -> int:
-    """nginx logs 499 when the client left before the answer (wrk does, at the end of its run): nothing was
-    sent, and the agent emits such a request with status 0, as it does any request it saw no answer to."""
-    return 0 if entry["status"] == 499 and entry["bytes_sent"] == 0 else entry["status"]
-
-
 def billed_rows(entries: list[dict]) -> Counter:
     """What the agent must emit, from the gateway's own log: every request with a consumer, not answered 401."""
-    return Counter((e["consumer"], e["request_method"], strip_key_params(e["request_uri"]), answered_status(e),
+    return Counter((e["consumer"], e["request_method"], strip_key_params(e["request_uri"]), e["status"],
                     e["request_length"], e["bytes_sent"]) for e in entries if e["consumer"] and e["status"] != 401)
 
 

@@ -88,7 +88,7 @@ def test_the_tutorial_plugin_on_a_service_scopes_one_entry_to_that_service():
     assert entry == {"route": None, "service": "5b5a5dc0-1111-4b8e-9d44-0a0b0c0d0e01", "consumer": None,
                      "meter_api_requests": True, "subject": {"look_up_value_in": "consumer", "field": None},
                      "attributes": [{"source": "header", "name": "x-department", "property": "dept"}],
-                     "allow_status_codes": [[200, 299], [404, 404]]}
+                     "allow_status_codes": [(200, 299), (404, 404)]}
     internal = config["routes"][1]
     assert internal["service"] == {"id": derived_id("service", "internal"), "name": "internal", "port": 443,
                                    "protocol": "https"}

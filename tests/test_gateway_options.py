@@ -113,6 +113,31 @@ def test_the_plugins_file_is_reloaded_when_it_changes(tmp_path):
         sync.stop()
 
 
+def test_a_refused_reload_keeps_the_last_good_configuration_and_says_so(tmp_path, caplog):
+    deck = write(tmp_path / "kong.yaml", GATEWAY)
+    plugins = tmp_path / "plugins.yaml"
+    write(plugins, {"_format_version": "3.0", "plugins": [{"name": "metering-and-billing", "service": "orders"}]})
+    args = args_for("--credentials", deck, "--plugins", str(plugins), "--credentials-refresh", "3600")
+    sync = credentials_from_args(args)
+    sync._poll_seconds = 0.05
+    gateway = gateway_options.gateway_from_args(args, sync)
+    sync.start()
+    try:
+        assert sync.wait_ready(5)
+        first = gateway()
+        with caplog.at_level(logging.WARNING):
+            write(plugins, {"_format_version": "3.0", "plugins": [{"name": "metering-and-billing",
+                                                                   "config": {"api_tokn": TOKEN}}]})
+            deadline = time.monotonic() + 10
+            while "config.api_tokn is not a metering-and-billing setting" not in caplog.text:
+                assert time.monotonic() < deadline, caplog.text
+                time.sleep(0.05)
+        assert gateway() is first and TOKEN not in caplog.text
+        assert "keeping the last good table" in caplog.text
+    finally:
+        sync.stop()
+
+
 def test_a_reload_that_changes_nothing_hands_on_the_same_object(tmp_path):
     deck = write(tmp_path / "kong.yaml", GATEWAY)
     args = args_for("--credentials", deck)

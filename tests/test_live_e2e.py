@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import yaml
 from kong_standin import KongStandin, billed_rows, free_loopback_port, load_consumers, metered_rows
 
 from agent.live.cpu_share import CATCH_UP_NICE
@@ -409,3 +410,48 @@ def test_a_key_rotated_at_the_gateway_follows_without_restarting_the_agent(start
         ("carol", "/before-rotation"), ("carol", "/new-key")]
     written = agent.stderr + agent.output.read_text()
     assert CAROL_OLD not in written and rotated_key not in written
+
+
+def test_each_event_carries_the_route_that_answered_and_only_the_plugins_scopes_are_metered(
+        start_agent, tmp_path: Path) -> None:
+    """Kong's metering tutorial plus a longer-prefix route on its own service, behind nginx locations made
+    from the same decK file: the location that answered (in nginx's log) is the route each event names."""
+    tutorial = yaml.safe_load((CAPTURES / "kong-tutorial.yaml").read_text())
+    tutorial["services"].append({
+        "name": "premium", "id": "9a3c1e5f-2b4d-4f6a-8c0e-1d3f5a7b9c11", "url": "https://premium.internal:8443",
+        "routes": [{"name": "premium-route", "id": "0b4d2f60-3c5e-4a7b-9d1f-2e4a6b8c0d12",
+                    "paths": ["/anything/premium"]}],
+        "plugins": [{"name": "metering-and-billing", "config": {"subject": {"look_up_value_in": "consumer"}}}]})
+    deck = tmp_path / "kong.yaml"
+    deck.write_text(yaml.safe_dump(tutorial))
+    alice, bob = "apikey: alice-key", "apikey: bob-key-41d2e8"
+    with KongStandin(port=free_loopback_port(), deck_file=deck, routes=True) as gateway:
+        agent = start_agent(gateway.port, deck=deck)
+        url = gateway.base_url
+        curl("-H", alice, "-H", "X-Department: finance", f"{url}/anything/one?project=atlas")
+        curl("-H", bob, f"{url}/anything/premium/two")
+        curl("-H", alice, f"{url}/anything/premiumish")  # a plain prefix: still /anything/premium's
+        curl("-H", alice, f"{url}/status/404")
+        curl("-H", alice, f"{url}/status/500")  # filtered by allow_status_codes
+        curl("-H", bob, f"{url}/orders/3")  # no plugin on orders
+        curl("-H", alice, f"{url}/elsewhere")  # no route
+        curl("-H", bob, "-H", "Host: billing.example.com", "-H", "X-Tenant-Id: acme", f"{url}/anything/billing")
+        entries = gateway.access_log_entries(expect=8)
+        code, _ = agent.stop(signal.SIGTERM)
+    assert code == 0, agent.stderr
+    answered = {e["request_uri"]: e["route_name"] for e in entries}
+    assert answered["/anything/premiumish"] == "premium-route" and answered["/elsewhere"] == ""
+    events = {e["data"]["request_uri"]: e for e in agent.events()}
+    assert set(events) == {"/anything/one?project=atlas", "/anything/premium/two", "/anything/premiumish",
+                           "/status/404", "/anything/billing"}
+    for uri, event in events.items():
+        assert event["data"]["route_name"] == answered[uri], uri
+    services = {service["name"]: service for service in tutorial["services"]}
+    premium = events["/anything/premium/two"]["data"]
+    assert (premium["service_name"], premium["service_id"], premium["service_port"], premium["service_protocol"]) == (
+        "premium", services["premium"]["id"], 8443, "https")
+    assert events["/anything/one?project=atlas"]["data"]["department"] == "finance"
+    assert events["/anything/one?project=atlas"]["data"]["project"] == "atlas"
+    assert events["/anything/billing"]["subject"] == "acme"
+    counters = agent.summary()
+    assert (counters["no_route"], counters["out_of_scope"]) == (1, 1)

@@ -96,5 +96,5 @@ def _entry(entry: MeteringEntry, overrides: Overrides) -> dict:
         "subject": {"look_up_value_in": subject.look_up_value_in, "field": subject.field},
         "attributes": [{"source": a.source, "name": a.name, "property": a.property} for a in entry.attributes],
         "allow_status_codes": (None if entry.allow_status_codes is None
-                               else [[low, high] for low, high in entry.allow_status_codes]),
+                               else [(low, high) for low, high in entry.allow_status_codes]),
     }

@@ -230,7 +230,8 @@ impl Meter {
             return;
         }
         let Meter {
-            routes, entries, resolvers, resolver, table, counters, writer, attributes, key_auth, source, hidden_names, ..
+            routes, entries, resolvers, resolver, table, counters, writer, attributes, key_auth, source, hidden_names,
+            needs_table, ..
         } = self;
         let route = match routes {
             None => None,
@@ -247,8 +248,9 @@ impl Meter {
             Some(route) => route.key_auth.as_ref(),
             None => Some(&*key_auth),
         };
+        // whose key it is, only when a rule or a scope asks for the consumer
         let caller = match (key_auth, table.as_ref()) {
-            (Some(key_auth), Some(table)) => identify(&exchange.request, key_auth, table, now),
+            (Some(key_auth), Some(table)) if *needs_table => identify(&exchange.request, key_auth, table, now),
             _ => None,
         };
         let (entry, resolver) = if entries.is_empty() {
@@ -320,7 +322,7 @@ fn footprint(exchange: &Exchange) -> usize {
 mod tests {
     use super::*;
     use crate::http::message::Message;
-    use crate::metering::plugins::MeteringEntry;
+    use crate::metering::plugins::entry;
     use crate::metering::credentials::key_digest;
     use crate::source::frames::Address;
     use crate::tcp::reassembly::ConnectionInfo;
@@ -527,18 +529,6 @@ mod tests {
             paths: vec![path.to_string()],
             key_auth,
             ..RouteSpec::default()
-        }
-    }
-
-    fn entry(route: Option<&str>, service: Option<&str>, consumer: Option<&str>) -> MeteringEntry {
-        MeteringEntry {
-            route: route.map(str::to_string),
-            service: service.map(str::to_string),
-            consumer: consumer.map(str::to_string),
-            meter_api_requests: true,
-            rule: SubjectRule::Consumer,
-            attributes: Vec::new(),
-            allow_status_codes: None,
         }
     }
 

@@ -98,25 +98,23 @@ pub fn applicable(entries: &[MeteringEntry], route: Option<&str>, service: Optio
     best.map(|(_, index)| index)
 }
 
+/// An entry with the plugin's defaults (consumer subject, every status), scoped as given: for tests.
+#[cfg(test)]
+pub fn entry(route: Option<&str>, service: Option<&str>, consumer: Option<&str>) -> MeteringEntry {
+    MeteringEntry {
+        route: route.map(str::to_string),
+        service: service.map(str::to_string),
+        consumer: consumer.map(str::to_string),
+        meter_api_requests: true,
+        rule: SubjectRule::Consumer,
+        attributes: Vec::new(),
+        allow_status_codes: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn entry(route: Option<&str>, service: Option<&str>, consumer: Option<&str>) -> MeteringEntry {
-        MeteringEntry {
-            route: route.map(str::to_string),
-            service: service.map(str::to_string),
-            consumer: consumer.map(str::to_string),
-            meter_api_requests: true,
-            rule: SubjectRule::Consumer,
-            attributes: Vec::new(),
-            allow_status_codes: None,
-        }
-    }
-
-    fn pick(entries: &[MeteringEntry], route: Option<&str>, service: Option<&str>, consumer: Option<&str>) -> Option<usize> {
-        applicable(entries, route, service, consumer)
-    }
 
     #[test]
     fn the_most_specific_entry_wins_in_kongs_order() {
@@ -132,16 +130,16 @@ mod tests {
         ];
         // each entry in turn is the most specific left once those after it are gone
         for kept in (1..=entries.len()).rev() {
-            assert_eq!(pick(&entries[..kept], Some("r"), Some("s"), Some("c")), Some(kept - 1));
+            assert_eq!(applicable(&entries[..kept], Some("r"), Some("s"), Some("c")), Some(kept - 1));
         }
     }
 
     #[test]
     fn an_entry_scoped_elsewhere_does_not_apply() {
         let entries = [entry(None, Some("other"), None), entry(Some("r2"), None, None), entry(None, None, Some("bob"))];
-        assert_eq!(pick(&entries, Some("r"), Some("s"), Some("alice")), None);
-        assert_eq!(pick(&entries, Some("r"), Some("s"), None), None);
-        assert_eq!(pick(&entries, Some("r2"), None, None), Some(1));
+        assert_eq!(applicable(&entries, Some("r"), Some("s"), Some("alice")), None);
+        assert_eq!(applicable(&entries, Some("r"), Some("s"), None), None);
+        assert_eq!(applicable(&entries, Some("r2"), None, None), Some(1));
     }
 
     #[test]
