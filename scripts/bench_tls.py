@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_live import INVALID_KEY, log_entries_from, run_wrk, wrk_script  # noqa: E402
+import psutil  # noqa: E402
+from bench_live import CATCH_UP_LIMIT, INVALID_KEY, Sampler, log_entries_from, run_wrk, wait_idle, wrk_script  # noqa: E402
 from kong_standin import DEFAULT_DECK_FILE, KongStandin, billed_rows, free_loopback_port, metered_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,8 +57,14 @@ def agent_run(gateway: KongStandin, script: Path, args: argparse.Namespace, outp
         agent.kill()
         raise RuntimeError("the agent could not meter HTTPS: " + "".join(lines))
     time.sleep(0.5)  # the credential table loads
+    sampler = Sampler(psutil.Process(agent.pid))
+    sampler.start()
+    cpu_start = sampler.cpu_seconds()
     rps = run_wrk(gateway.tls_url, script, args.threads, args.connections, args.duration)
-    time.sleep(1.0)  # what the ring still holds is read
+    cpu_load = (sampler.cpu_seconds() - cpu_start) / args.duration
+    catch_up = wait_idle(sampler, CATCH_UP_LIMIT)  # what the ring holds is read
+    cpu_total = sampler.cpu_seconds() - cpu_start
+    sampler.stop()
     agent.send_signal(signal.SIGTERM)
     agent.wait(timeout=30)
     reader.join(timeout=5)
@@ -74,8 +81,11 @@ def agent_run(gateway: KongStandin, script: Path, args: argparse.Namespace, outp
         missing, extra = billed - metered, metered - billed
         print(f"  {sum(missing.values())} billed lines without an event, {sum(extra.values())} events without "
               f"a line; e.g. {list(missing)[:2]} {list(extra)[:2]}")
+        print("  " + summaries[-1])
+    requests = counters["requests"]
     return {"rps": rps, "counters": counters, "matched": matched, "billed": sum(billed.values()),
-            "events": len(events)}
+            "events": len(events), "cpu_load": cpu_load, "catch_up": catch_up,
+            "cpu_us": cpu_total / requests * 1e6 if requests else 0.0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {number + 1}: gateway alone {baselines[-1]:,.0f} req/s, with the agent {run['rps']:,.0f} "
                   f"req/s ({run['rps'] / baselines[-1]:.2f}); {run['billed']:,} billed lines, {run['events']:,} "
                   f"events, matched={run['matched']}, ring drops {run['counters']['tls_ring_drops']}, truncated "
-                  f"{run['counters']['tls_truncated_chunks']}")
+                  f"{run['counters']['tls_truncated_chunks']}; the agent used {run['cpu_load']:.2f} of a core during the "
+                  f"load, caught up {run['catch_up']:.1f} s after it, {run['cpu_us']:.1f} us of CPU per request")
     kept = statistics.mean(run["rps"] for run in runs) / statistics.mean(baselines)
     lost = [run for run in runs if not run["matched"] or run["counters"]["tls_ring_drops"]
             or run["counters"]["tls_truncated_chunks"]]

@@ -91,9 +91,10 @@ def capture(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | 
                     if events:
                         emit(events)
         on_stop()
-        unread = _drain(ring, pipeline, emit, time.monotonic() + DRAIN_SECONDS, label)
+        deadline = time.monotonic() + DRAIN_SECONDS  # for both rings: the stop stays within its promise
+        unread = _drain(ring, pipeline, emit, deadline, label)
         if tls is not None:
-            _drain_tls(tls, pipeline, emit, time.monotonic() + DRAIN_SECONDS)
+            _drain_tls(tls, pipeline, emit, deadline)
         events = pipeline.finish()
         if events:
             emit(events)
@@ -149,12 +150,17 @@ def _drain(ring: PacketRing, pipeline: Pipeline, emit: Emit, deadline: float, la
 
 
 def _drain_tls(tls: TlsCapture, pipeline: Pipeline, emit: Emit, deadline: float) -> None:
-    """What the TLS probes' ring still holds, until it is empty or the deadline passes."""
-    while time.monotonic() < deadline:
+    """What the TLS probes' ring still holds, until it is empty or the deadline passes (then what is left
+    is counted as tls_unread_bytes and said)."""
+    while True:
         events, records = tls.feed(pipeline)
         if events:
             emit(events)
         if not records:
+            return
+        if time.monotonic() > deadline:
+            tls.unread_bytes = tls.backlog_bytes()
+            log.warning("stopping with %d bytes of TLS records still unread (the agent was behind)", tls.unread_bytes)
             return
 
 

@@ -78,6 +78,7 @@ class TlsCapture:
         self.refused: set[int] = set()
         self.next_scan = 0.0
         self.http2_warned = 0
+        self.unread_bytes = 0  # left in the ring at a stop's deadline
         self.rescan()
         if not self.attached:
             log.warning("--tls-port %s: no process listens there yet; looking again every %.0f s",
@@ -132,4 +133,9 @@ class TlsCapture:
     def counters(self) -> dict[str, int]:
         """The probes' own losses, for the summary line."""
         ring_drops, _uncopied = self.probes.losses()  # uncopied bytes are the core's tls_truncated_bytes
-        return {"tls_ring_drops": ring_drops, "tls_processes": len(self.attached)}
+        return {"tls_ring_drops": ring_drops, "tls_unread_bytes": self.unread_bytes,
+                "tls_processes": len(self.attached)}
+
+    def backlog_bytes(self) -> int:
+        """Bytes of records the ring holds now."""
+        return int(self.probes.ready_fraction() * RING_BYTES)

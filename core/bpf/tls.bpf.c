@@ -16,6 +16,8 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define AF_INET 2
 #define AF_INET6 10
 #define IPPROTO_TCP 6
+#define TCP_CLOSE 7
+#define TCP_CLOSE_WAIT 8
 /* Plaintext bytes one ring-buffer record carries; a longer call is cut into pieces (a per-CPU value,
  * twice this, must stay under the kernel's 32 KiB per-CPU limit) */
 #define PIECE 8192
@@ -36,7 +38,8 @@ struct chunk_header {
 	__u16 family;
 	__u16 local_port;
 	__u16 remote_port;
-	__u16 pad;
+	/* at SSL_free: the client had closed its side first (a FIN or RST was received) */
+	__u16 client_left;
 	/* the client's initial sequence number + 1, and the next byte the gateway reads, both as in TCP */
 	__u32 client_isn;
 	__u32 copied_seq;
@@ -151,6 +154,7 @@ static __always_inline void fill_header(struct chunk_header *h, __u64 ssl, __u32
 	h->offset = 0;
 	h->call_len = 0;
 	h->len = 0;
+	h->client_left = 0;
 	struct endpoint *endpoint = bpf_map_lookup_elem(&endpoints, &key);
 	if (endpoint) {
 		h->family = endpoint->family;
@@ -233,6 +237,12 @@ static __always_inline int marker(__u64 ssl, __u32 kind)
 	struct stream_key key = { .ssl = ssl, .pid = pid };
 	struct chunk_header h;
 	fill_header(&h, ssl, kind);
+	struct endpoint *endpoint = bpf_map_lookup_elem(&endpoints, &key);
+	if (kind == KIND_CLOSE && endpoint) {
+		struct sock *sk = (struct sock *)endpoint->sk;
+		__u8 state = BPF_CORE_READ(sk, __sk_common.skc_state);
+		h.client_left = state == TCP_CLOSE_WAIT || state == TCP_CLOSE;
+	}
 	if (kind == KIND_CLOSE || kind == KIND_OPEN)
 		bpf_map_delete_elem(&endpoints, &key);
 	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), 0))

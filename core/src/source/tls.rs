@@ -76,6 +76,8 @@ pub struct Record<'a> {
     pub family: u16,
     pub local_port: u16,
     pub remote_port: u16,
+    /// at `SSL_free`: the client had closed its side first
+    pub client_left: bool,
     pub client_isn: u32,
     pub copied_seq: u32,
     pub local_addr: [u8; 16],
@@ -113,6 +115,7 @@ impl<'a> Record<'a> {
             family: u16_at(bytes, 36),
             local_port: u16_at(bytes, 38),
             remote_port: u16_at(bytes, 40),
+            client_left: u16_at(bytes, 42) != 0,
             client_isn: u32_at(bytes, 44),
             copied_seq: u32_at(bytes, 48),
             local_addr: bytes[52..68].try_into().unwrap_or_default(),
@@ -231,6 +234,12 @@ impl TlsStreams {
             }
             KIND_CLOSE => {
                 if let Some(old) = self.streams.remove(&key) {
+                    if record.client_left && !old.http2 {
+                        // as TCP's FIN from the client before the server's: a request waiting is a 499
+                        let [client, server] = &old.directions;
+                        sink.event(&old.info, true, time, StreamEvent::End { position: client.position });
+                        sink.event(&old.info, false, time, StreamEvent::End { position: server.position });
+                    }
                     sink.event(&old.info, true, time, StreamEvent::Closed);
                 }
             }
@@ -499,6 +508,33 @@ mod tests {
         assert_eq!(ids, [(1, "data 0 -1 G"), (1, "closed"), (2, "data 0 -1 G"), (3, "data 0 -1 G"), (2, "closed")]);
         assert_eq!(streams.exited, [7]);
         assert_eq!(streams.len(), 1);
+    }
+
+    #[test]
+    fn a_client_that_left_first_ends_its_stream_before_the_close() {
+        let (mut streams, mut sink) = (TlsStreams::new(0.0), Collect::default());
+        streams.feed(&record(KIND_OPEN, 7, 1, 0, 0, b""), &mut sink);
+        streams.feed(&record(KIND_READ, 7, 1, 0, 1, b"G"), &mut sink);
+        let mut close = record(KIND_CLOSE, 7, 1, 0, 0, b"");
+        close[42..44].copy_from_slice(&1u16.to_ne_bytes());
+        streams.feed(&close, &mut sink);
+        let texts: Vec<&str> = sink.events.iter().map(|(_, _, text)| text.as_str()).collect();
+        assert_eq!(texts, ["data 0 -1 G", "end 1", "end 0", "closed"]);
+    }
+
+    #[test]
+    fn an_answered_request_survives_the_clients_close() {
+        let (mut streams, mut http) = (TlsStreams::new(0.0), crate::http::exchanges::HttpExchanges::new(60.0, 65536));
+        streams.feed(&record(KIND_OPEN, 7, 1, 0, 0, b""), &mut http);
+        let request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        streams.feed(&record(KIND_READ, 7, 1, 0, request.len() as u32, request), &mut http);
+        streams.feed(&record(KIND_WRITE, 7, 1, 0, response.len() as u32, response), &mut http);
+        let mut close = record(KIND_CLOSE, 7, 1, 0, 0, b"");
+        close[42..44].copy_from_slice(&1u16.to_ne_bytes());
+        streams.feed(&close, &mut http);
+        let statuses: Vec<u16> = http.take().map(|exchange| exchange.status).collect();
+        assert_eq!(statuses, [200]);
     }
 
     #[test]
