@@ -233,3 +233,23 @@ def test_without_bpf_privileges_one_line_says_so_and_plain_capture_goes_on(gatew
     assert "Traceback" not in stderr
     assert agent.returncode == 0, stderr
     assert summary(stderr)["events"] == 1
+
+
+def test_a_connection_begun_before_the_agent_is_metered_from_its_next_request(gateway, start_agent) -> None:
+    connection = tls_socket(gateway.tls_port)
+    try:
+        connection.sendall(request("GET", "/before-agent", ALICE))
+        assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+        agent = start_agent(gateway)
+        for number in range(3):
+            connection.sendall(request("GET", f"/joined/{number}", BOB))
+            assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        connection.close()
+    entries = gateway.access_log_entries(expect=4)
+    counters = stopped(agent)
+    assert counters["tls_midstream"] == 1 and counters["tls_streams"] == 1
+    events = agent.events()
+    assert metered_rows(events) == billed_rows([e for e in entries if e["request_uri"] != "/before-agent"])
+    assert {event["data"]["client_ip"] for event in events} == {"127.0.0.1"}
+    assert len({event["id"] for event in events}) == 3
