@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = config.parse_args(parser, argv, os.environ)
     options.check_arguments(parser, args)
     gateway_options.check_arguments(parser, args)
+    live_options.check_arguments(parser, args)
     if args.metrics_listen and args.read:
         parser.error("--metrics-listen goes with live capture (--iface), not --read")
     logs.configure(args.log_level, args.log_format)

@@ -181,6 +181,8 @@ class KongStandin:
         keepalive_requests: int = 100000,
         startup_timeout: float = 10.0,
         nginx_binary: str = "nginx",
+        tls_port: int | None = None,
+        http2: bool = False,
     ) -> None:
         self.port = port
         self.workers = workers
@@ -190,6 +192,8 @@ class KongStandin:
         self.keepalive_requests = keepalive_requests
         self.startup_timeout = startup_timeout
         self.nginx_binary = nginx_binary
+        self.tls_port = tls_port  # HTTPS too, with a self-signed certificate made at start (openssl)
+        self.http2 = http2  # ALPN offers h2 on the TLS port, as Kong's 8443 does
         self.consumers = load_consumers(self.deck_file)
         self.routes = load_routes(self.deck_file) if routes else None
         self._prefix: Path | None = None
@@ -234,6 +238,8 @@ class KongStandin:
             self.upstream_port = free_loopback_port()
         self._prefix = Path(tempfile.mkdtemp(prefix="kong-standin-"))
         self._write_site()
+        if self.tls_port is not None:
+            self._make_certificate()
         conf = self._prefix / "nginx.conf"
         conf.write_text(self._render_config(), encoding="utf-8")
         error_log = self._prefix / "logs" / "error.log"
@@ -365,6 +371,22 @@ class KongStandin:
         except OSError:
             return "no error log"
         return " | ".join(lines[-3:]) or "error log empty"
+
+    @property
+    def tls_url(self) -> str:
+        return f"https://127.0.0.1:{self.tls_port}"
+
+    def _make_certificate(self) -> None:
+        """A self-signed certificate for 127.0.0.1 and localhost, as a test gateway has."""
+        if shutil.which("openssl") is None:
+            raise StandinError("openssl not found on PATH (the TLS port needs a certificate)")
+        made = subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(self.prefix / "key.pem"),
+             "-out", str(self.prefix / "cert.pem")],
+            stdin=subprocess.DEVNULL, capture_output=True, check=False)
+        if made.returncode != 0:
+            raise StandinError(f"openssl could not make a certificate: {made.stderr.decode(errors='replace')[-200:]}")
 
     def _write_site(self) -> None:
         """Static files the upstream serves: one for ETag/304, one large enough to be gzipped (chunked)."""
@@ -500,11 +522,17 @@ http {{
 
     def _server(self, host: str, locations: list[str]) -> str:
         listen_v6 = f"        listen [::1]:{self.port};\n" if self.ipv6 else ""
+        tls = ""
+        if self.tls_port is not None:
+            h2 = " http2" if self.http2 else ""
+            tls = (f"        listen 127.0.0.1:{self.tls_port} ssl{h2};\n"
+                          f"        ssl_certificate {self.prefix}/cert.pem;\n"
+                          f"        ssl_certificate_key {self.prefix}/key.pem;\n")
         name = f"        server_name {host};\n" if host else ""
         body = "\n".join(locations)
         return f"""    server {{
         listen 127.0.0.1:{self.port};
-{listen_v6}{name}        access_log {self.prefix}/logs/access.json kong_json;
+{listen_v6}{tls}{name}        access_log {self.prefix}/logs/access.json kong_json;
         set $route_name "";
 
         location = /__standin/ready {{ access_log off; return 200 "{self._ready_token}"; }}

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from agent.credentials.sync import CredentialSync
 from agent.live.cpu_share import catch_up_priority, start_watcher, stop_watcher
+from agent.live.tls import TlsCapture
 from agent.observe.status import Report
 from agent.observe.tables import table_statuses
 from agent.pipeline import Pipeline
@@ -54,37 +55,51 @@ def nothing() -> None:
 
 
 def capture(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | None, stop: StopFlag,
-            emit: Emit, on_stop: Callable[[], None], label: str = "", report: Reporter | None = None) -> dict[str, int]:
+            emit: Emit, on_stop: Callable[[], None], label: str = "", report: Reporter | None = None,
+            tls: TlsCapture | None = None) -> dict[str, int]:
     """Ring -> pipeline -> `emit(events)` until stopped, then drain and close out; returns the counters.
-    With `report`, what the summary line would say goes there too, at the start and once a second."""
+    With `report`, what the summary line would say goes there too, at the start and once a second. With
+    `tls`, the TLS probes' records go into the same pipeline, between ring blocks."""
     if credentials is not None:
         credentials.start()  # a first load that fails is retried; events wait for the table meanwhile
     try:
         if report is not None:
-            report(_report(ring, pipeline, credentials))
+            report(_report(ring, pipeline, credentials, tls))
         next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
         truncated = 0
         while stop.signal is None:
             events, blocks = pipeline.feed_ring(ring.core_ring, BLOCKS_PER_CALL)
             if events:
                 emit(events)
+            if tls is not None:
+                events, records = tls.feed(pipeline)
+                if events:
+                    emit(events)
+                blocks += records
             if not blocks:
                 ring.wait(POLL_MS)
             now = time.monotonic()
             if now >= next_housekeeping:
                 next_housekeeping = now + HOUSEKEEPING_SECONDS
                 truncated = _watch_kernel(ring, label, truncated)
+                if tls is not None:
+                    tls.warn(pipeline.counters())
                 if report is not None:
-                    report(_report(ring, pipeline, credentials))
+                    report(_report(ring, pipeline, credentials, tls))
                 if not blocks:  # caught up: let time pass, so timeouts and idle expiry still happen
                     events = pipeline.tick(time.time())
                     if events:
                         emit(events)
         on_stop()
-        unread = _drain(ring, pipeline, emit, time.monotonic() + DRAIN_SECONDS, label)
+        deadline = time.monotonic() + DRAIN_SECONDS  # for both rings: the stop stays within its promise
+        unread = _drain(ring, pipeline, emit, deadline, label)
+        if tls is not None:
+            _drain_tls(tls, pipeline, emit, deadline)
         events = pipeline.finish()
         if events:
             emit(events)
+        if tls is not None:
+            tls.warn(pipeline.counters())
     finally:
         if credentials is not None:
             credentials.stop()
@@ -92,12 +107,14 @@ def capture(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | 
     if pipeline.held:
         log.warning("%s%d requests were still waiting for the credential table and are not metered",
                     label, pipeline.held)
-    return _counters(ring, pipeline, unread)
+    return _counters(ring, pipeline, unread, tls)
 
 
-def _counters(ring: PacketRing, pipeline: Pipeline, unread: int) -> dict[str, int]:
+def _counters(ring: PacketRing, pipeline: Pipeline, unread: int, tls: TlsCapture | None) -> dict[str, int]:
     """The summary line's counters of this capture (the kernel's as last read)."""
     counters = pipeline.counters()
+    if tls is not None:
+        counters.update(tls.counters())
     counters["corrupt_packets"] += ring.truncated
     counters["kernel_packets"] = ring.statistics.packets
     counters["kernel_drops"] = ring.statistics.drops
@@ -105,8 +122,9 @@ def _counters(ring: PacketRing, pipeline: Pipeline, unread: int) -> dict[str, in
     return counters
 
 
-def _report(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | None) -> Report:
-    return {"counters": _counters(ring, pipeline, 0), "ring_fill": ring.ready_fraction(),
+def _report(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | None,
+            tls: TlsCapture | None) -> Report:
+    return {"counters": _counters(ring, pipeline, 0, tls), "ring_fill": ring.ready_fraction(),
             "tables": table_statuses(credentials), "pid": os.getpid()}
 
 
@@ -129,6 +147,21 @@ def _drain(ring: PacketRing, pipeline: Pipeline, emit: Emit, deadline: float, la
             if unread:
                 log.warning("%sstopping with %d captured packets still unread (the agent was behind)", label, unread)
             return unread
+
+
+def _drain_tls(tls: TlsCapture, pipeline: Pipeline, emit: Emit, deadline: float) -> None:
+    """What the TLS probes' ring still holds, until it is empty or the deadline passes (then what is left
+    is counted as tls_unread_bytes and said)."""
+    while True:
+        events, records = tls.feed(pipeline)
+        if events:
+            emit(events)
+        if not records:
+            return
+        if time.monotonic() > deadline:
+            tls.unread_bytes = tls.backlog_bytes()
+            log.warning("stopping with %d bytes of TLS records still unread (the agent was behind)", tls.unread_bytes)
+            return
 
 
 def _watch_kernel(ring: PacketRing, label: str, truncated_before: int) -> int:

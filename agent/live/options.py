@@ -10,6 +10,16 @@ DEFAULT_RING_MB = 256
 MAX_WORKERS = 64
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flag combinations live capture refuses before anything is opened."""
+    if getattr(args, "tls_port", None) and not args.iface:
+        parser.error("--tls-port goes with live capture (--iface)")
+    if getattr(args, "tls_port", None) and args.workers > 1:
+        parser.error("--tls-port goes with --workers 1: the TLS probes feed one pipeline")
+    if getattr(args, "tls_port", None) and args.user:
+        parser.error("--tls-port cannot go with --user: attaching to a reload's new workers needs root")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("live capture (with --iface)")
     group.add_argument("--workers", type=whole_number(1, MAX_WORKERS), default=1, metavar="N",
@@ -22,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="compete with the gateway for CPU as an equal. By default the capture runs at idle "
                             "priority while its ring has room, catching up when the gateway quietens, and takes "
                             "priority over the gateway once the ring is 3/4 full, so that nothing is lost")
+    group.add_argument("--tls-port", type=whole_number(1, 65535), action="append", metavar="N",
+                       help="also meter HTTPS served on this port, repeatable: read from the gateway's own TLS "
+                            "library (OpenSSL's SSL_read/SSL_write) by eBPF uprobes, without keys; needs root "
+                            "(CAP_BPF and CAP_PERFMON) and a kernel with uprobes and BTF")
     group.add_argument("--user", metavar="NAME", type=not_empty,
                        help="after opening the capture, switch to this user (e.g. nobody), keeping no privilege; the "
                             "data directory (spool, store) becomes that user's, the decK file must be readable by it")

@@ -24,6 +24,7 @@ from agent.live.capture import StopFlag, capture, nothing, yield_cpu
 from agent.live.cpu_share import CATCH_UP_NICE, allow_return_after_privilege_drop, can_take_priority_back
 from agent.live.fanout import run_workers
 from agent.live.privileges import drop_privileges, user_entry
+from agent.live.tls import TlsCapture, TlsUnavailable
 from agent.live.startup_checks import (Link, LiveCaptureError, check_ring_memory, interface_link, report_listeners,
                                        socket_error)
 from agent.observe.server import Monitor
@@ -52,6 +53,7 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, open_
     rings = open_rings(link, ports, args.workers, args.ring_mb << 20)
     monitor = None
     try:
+        tls = open_tls(args)
         if credentials is not None:
             credentials.load_at_start()  # a refused plugin configuration stops the start (exit 2)
         sink = open_sink()  # once the gateway's configuration, which may name the endpoint, was tried
@@ -74,7 +76,7 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, open_
             monitor.close()
         raise
     try:
-        return _capture_until_stopped(args, link, ports, rings, pipeline, credentials, sink, stop, monitor)
+        return _capture_until_stopped(args, link, ports, rings, pipeline, credentials, sink, stop, monitor, tls)
     finally:
         if monitor is not None:
             monitor.close()
@@ -82,17 +84,20 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, open_
 
 def _capture_until_stopped(args: argparse.Namespace, link: Link, ports: set[int], rings: list[PacketRing],
                            pipeline: Pipeline, credentials: CredentialSync | None, sink: Sink, stop: StopFlag,
-                           monitor: Monitor | None) -> int:
+                           monitor: Monitor | None, tls: TlsCapture | None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
     where = (f"capturing on {link.interface} (ports {', '.join(map(str, sorted(ports)))}; "
              f"{len(rings)} x {rings[0].ring_bytes >> 20} MiB ring)")
     status = monitor.status if monitor is not None else None
     if len(rings) == 1:
+        if tls is not None:  # before the CPU-share watcher starts: it looks at the fuller of the two rings
+            rings[0].also_wake_on(tls.fileno(), tls.probes.ready_fraction)
         on_stop = yield_cpu([(os.getpid(), rings[0])]) if args.yield_cpu else nothing
         log.info("%s", where)
         counters = capture(rings[0], pipeline, credentials, stop, sink.write, on_stop,
-                           report=(lambda report: status.update(1, report)) if status is not None else None)
+                           report=(lambda report: status.update(1, report)) if status is not None else None,
+                           tls=tls)
         rings[0].close()
         clean = True
     else:
@@ -101,6 +106,18 @@ def _capture_until_stopped(args: argparse.Namespace, link: Link, ports: set[int]
     delivery = sink.counters()
     logs.summary({**counters, **delivery})
     return 0 if clean else 1
+
+
+def open_tls(args: argparse.Namespace) -> TlsCapture | None:
+    """`--tls-port`: the probes, attached to the port's listeners. Where this host cannot run them, one
+    line says why and the plain capture goes on."""
+    if not args.tls_port:
+        return None
+    try:
+        return TlsCapture(set(args.tls_port))
+    except TlsUnavailable as error:
+        log.error("%s; plain capture goes on", error)
+        return None
 
 
 def _switch_user(args: argparse.Namespace) -> None:

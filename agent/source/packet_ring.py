@@ -9,6 +9,8 @@ so one worker or several see the same packets the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import select
 import socket
 import struct
@@ -71,6 +73,7 @@ class PacketRing:
         except BaseException:
             self.close()
             raise
+        self._other_backlog: Callable[[], float] | None = None
         self._poll = select.poll()
         self._poll.register(self._socket.fileno(), select.POLLIN | select.POLLERR)
 
@@ -109,6 +112,12 @@ class PacketRing:
     def ring_bytes(self) -> int:
         return self.block_bytes * self.block_count
 
+    def also_wake_on(self, fd: int, backlog: Callable[[], float]) -> None:
+        """Another ring read in the same loop (the TLS probes' ring buffer): `wait` also ends when `fd` is
+        readable, and `ready_fraction` is the fuller one's (what the CPU-share watcher looks at)."""
+        self._poll.register(fd, select.POLLIN)
+        self._other_backlog = backlog
+
     def wait(self, timeout_ms: int) -> bool:
         """Until a block may be ready or the timeout passes; a signal ends the wait early enough."""
         return bool(self._poll.poll(timeout_ms))
@@ -127,7 +136,8 @@ class PacketRing:
     def ready_fraction(self) -> float:
         """How full the ring is: the share of blocks handed over and not yet read."""
         assert self.core_ring is not None
-        return self.core_ring.ready_fraction()
+        own = self.core_ring.ready_fraction()
+        return max(own, self._other_backlog()) if self._other_backlog is not None else own
 
     def pending_packets(self) -> int:
         """Packets in blocks handed over but not read yet (what a stop would leave unread)."""

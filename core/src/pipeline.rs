@@ -12,6 +12,7 @@ use crate::http::exchanges::HttpExchanges;
 use crate::metering::billing::{Meter, MeterConfig};
 use crate::source::capture_file::Frame;
 use crate::source::frames::{flow_hash, FrameDecoder};
+use crate::source::tls::{monotonic_to_wall, TlsStreams};
 use crate::tcp::reassembly::{ReassemblyLimits, TcpReassembler};
 
 /// Capture time between idle and response-timeout sweeps.
@@ -37,6 +38,8 @@ pub struct PipelineConfig {
 pub struct Pipeline {
     decoder: FrameDecoder,
     reassembler: TcpReassembler,
+    /// HTTPS read from the TLS library (`--tls-port`): its streams go into the same HTTP stage
+    tls: TlsStreams,
     http: HttpExchanges,
     pub meter: Meter,
     dealer: ConnectionDealer,
@@ -65,6 +68,7 @@ impl Pipeline {
         Pipeline {
             decoder: FrameDecoder::default(),
             reassembler: TcpReassembler::new(&config.ports, config.limits),
+            tls: TlsStreams::new(monotonic_to_wall()),
             http: HttpExchanges::new(config.response_timeout, config.max_head_bytes),
             meter: Meter::new(config.meter),
             dealer: ConnectionDealer::new(config.shares),
@@ -120,6 +124,26 @@ impl Pipeline {
         }
     }
 
+    /// One record of the TLS probes' ring (a plaintext chunk or a stream's start or end).
+    pub fn feed_tls(&mut self, record: &[u8]) {
+        if panic::catch_unwind(AssertUnwindSafe(|| self.process_tls(record))).is_err() {
+            self.start_afresh();
+        }
+    }
+
+    fn process_tls(&mut self, record: &[u8]) {
+        self.fed_since_budget_check += record.len();
+        self.tls.feed(record, &mut self.http);
+        if self.fed_since_budget_check >= BUDGET_CHECK_BYTES {
+            self.keep_within_budget();
+        }
+    }
+
+    /// Processes the TLS probes reported forked (to be attached) and exited, since the last call.
+    pub fn tls_processes(&mut self) -> (Vec<u32>, Vec<u32>) {
+        (std::mem::take(&mut self.tls.forked), std::mem::take(&mut self.tls.exited))
+    }
+
     /// Appends to `out` the JSON Lines of every exchange finished since the last call.
     pub fn end_batch(&mut self, out: &mut Vec<u8>) {
         self.meter_finished();
@@ -136,12 +160,14 @@ impl Pipeline {
     /// The capture is over: every connection is closed, so requests still in flight are emitted too.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         self.reassembler.close_all(self.last_time, &mut self.http);
+        self.tls.close_all(self.last_time.max(self.tls.last_time), &mut self.http);
         self.end_batch(out);
     }
 
     fn housekeeping(&mut self, now: f64) {
         self.next_housekeeping = now + HOUSEKEEPING_INTERVAL;
         self.reassembler.expire(now, &mut self.http);
+        self.tls.expire(now - self.limits.idle_timeout, &mut self.http);
         self.http.expire(now);
     }
 
@@ -189,6 +215,9 @@ impl Pipeline {
         self.meter_finished();
         let in_flight: usize = self.http.waiting().map(|(_, waiting)| waiting).sum();
         let (tcp, parser, mut http) = (self.reassembler.counters, self.http.parser_counters, self.http.counters);
+        let tls = self.tls.counters;
+        self.tls = TlsStreams::new(monotonic_to_wall());
+        self.tls.counters = tls;
         http.lost_exchanges += in_flight as u64;
         self.reassembler = TcpReassembler::new(&self.ports, self.limits);
         self.http = HttpExchanges::new(self.response_timeout, self.max_head_bytes);
@@ -210,6 +239,7 @@ impl Pipeline {
         let http = &self.http.counters;
         let meter = &self.meter.counters;
         let decoder = &self.decoder.counters;
+        let tls = &self.tls.counters;
         vec![
             ("packets", self.packets),
             ("connections", tcp.connections),
@@ -241,6 +271,14 @@ impl Pipeline {
             ("ip_fragments", decoder.fragments),
             ("held_overflow", meter.held_overflow),
             ("internal_errors", self.internal_errors),
+            // HTTPS from the TLS probes (--tls-port)
+            ("tls_chunks", tls.chunks),
+            ("tls_streams", tls.streams),
+            ("tls_midstream", tls.midstream),
+            ("tls_truncated_chunks", tls.truncated_chunks),
+            ("tls_truncated_bytes", tls.truncated_bytes),
+            ("http2_connections", tls.http2_connections),
+            ("tls_bad_records", tls.bad_records),
         ]
     }
 }

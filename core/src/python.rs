@@ -1280,6 +1280,19 @@ mod pipeline {
             (self.take_lines(py), blocks)
         }
 
+        /// Up to `max_records` of the TLS probes' ring; returns the lines, how many records there were, and
+        /// the processes the probes saw forked (to attach) and exit (to forget) since the last call.
+        #[allow(clippy::type_complexity)]
+        fn feed_tls<'py>(&mut self, py: Python<'py>, mut probes: PyRefMut<'py, super::PyTlsProbes>, max_records: usize,
+                         now: f64) -> (Bound<'py, PyBytes>, usize, Vec<u32>, Vec<u32>) {
+            let (probes, pipeline, out) = (&mut probes.probes, &mut self.pipeline, &mut self.out);
+            pipeline.begin_batch(now);
+            let records = probes.drain(max_records, |record| pipeline.feed_tls(record));
+            pipeline.end_batch(out);
+            let (forked, exited) = pipeline.tls_processes();
+            (self.take_lines(py), records, forked, exited)
+        }
+
         /// No packets for a while: `capture_time` has passed all the same (timeouts, idle expiry).
         fn tick<'py>(&mut self, py: Python<'py>, capture_time: f64, now: f64) -> Bound<'py, PyBytes> {
             self.pipeline.begin_batch(now);
@@ -1363,8 +1376,53 @@ impl PyConnectionDealer {
     }
 }
 
+/// The TLS probes (`--tls-port`): loaded once, attached per gateway process, read by `Pipeline.feed_tls`.
+#[pyclass(name = "TlsProbes", module = "agent._core", unsendable)]
+pub(crate) struct PyTlsProbes {
+    probes: crate::source::tls_probes::TlsProbes,
+}
+
+#[pymethods]
+impl PyTlsProbes {
+    /// Raises OSError with one line saying what this host refused.
+    #[new]
+    fn new(ring_bytes: u32) -> PyResult<Self> {
+        let probes = crate::source::tls_probes::TlsProbes::load(ring_bytes).map_err(PyOSError::new_err)?;
+        Ok(PyTlsProbes { probes })
+    }
+
+    /// Attaches the probes to `pid`'s copy of `library`; OSError with one line when refused.
+    fn attach(&mut self, pid: u32, library: &str) -> PyResult<()> {
+        self.probes.attach(pid, library).map_err(PyOSError::new_err)
+    }
+
+    fn forget(&mut self, pid: u32) {
+        self.probes.forget(pid);
+    }
+
+    fn is_attached(&self, pid: u32) -> bool {
+        self.probes.is_attached(pid)
+    }
+
+    /// How full the ring buffer is, 0 to 1 (for the CPU-share watcher).
+    fn ready_fraction(&self) -> f64 {
+        self.probes.ready_fraction()
+    }
+
+    /// The ring buffer's file descriptor (readable when records wait).
+    fn fileno(&self) -> i32 {
+        self.probes.fd()
+    }
+
+    /// (records the ring had no room for, plaintext bytes the probes could not copy)
+    fn losses(&self) -> (u64, u64) {
+        self.probes.losses()
+    }
+}
+
 fn register_pipeline(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pipeline::PyPipeline>()?;
+    m.add_class::<PyTlsProbes>()?;
     m.add_class::<PyConnectionDealer>()?;
     Ok(())
 }

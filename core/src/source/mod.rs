@@ -4,6 +4,8 @@ pub mod capture_file;
 mod file_bytes;
 pub mod frames;
 pub mod ring;
+pub mod tls;
+pub mod tls_probes;
 
 #[cfg(feature = "python")]
 pub(crate) use file_bytes::os_message;

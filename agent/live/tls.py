@@ -1,0 +1,141 @@
+"""`--tls-port`: HTTPS metered from the gateway's own TLS library, by eBPF uprobes (see core/bpf/tls.bpf.c).
+
+The processes listening on each TLS port (nginx's master and its workers, Kong's among them) are found
+with psutil; each one's TLS library is the `libssl.so*` it maps (`/proc/PID/maps`, reached through
+`/proc/PID/root` so that a container's or Kong's own copy is the one probed), or its executable when
+OpenSSL is linked in statically. The probes report a watched process's fork (a reload's new workers),
+which is attached at once, and its exit; a rescan every few seconds catches any other newcomer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import psutil
+
+from agent import _core
+from agent.pipeline import Pipeline
+
+log = logging.getLogger("agent.tls")
+
+RING_BYTES = 128 << 20       # the probes' ring buffer: about 8 s of a saturated gateway's plaintext (20k req/s)
+RESCAN_SECONDS = 5.0         # how often the listeners are looked for again
+RECORDS_PER_CALL = 65536     # records the core reads per call
+
+
+class TlsUnavailable(RuntimeError):
+    """The TLS probes cannot run here; the message is the one line the start says."""
+
+
+def listening_processes(ports: set[int]) -> set[int]:
+    """Processes holding a listening socket on one of `ports`, with the process tree around them: nginx
+    shares one listening socket among master and workers, and psutil names only one of them."""
+    found = {conn.pid for conn in psutil.net_connections(kind="tcp")
+             if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port in ports and conn.pid}
+    tree: set[int] = set()
+    for pid in found:
+        try:
+            process = psutil.Process(pid)
+            top = process
+            for parent in process.parents():
+                if parent.exe() != process.exe():
+                    break
+                top = parent
+            tree |= {top.pid} | {child.pid for child in top.children(recursive=True)}
+        except psutil.Error:
+            continue
+    return tree
+
+
+def tls_library(pid: int) -> str | None:
+    """The path, as this agent reaches it, of the TLS library process `pid` maps; its executable when no
+    libssl is mapped (a static OpenSSL); None when the process is gone."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and os.path.basename(fields[5]).startswith("libssl.so"):
+            return f"/proc/{pid}/root{fields[5]}"
+    return f"/proc/{pid}/exe"
+
+
+class TlsCapture:
+    """The probes, attached to the gateway's processes, read into the capture loop's pipeline."""
+
+    def __init__(self, ports: set[int]) -> None:
+        self.ports = ports
+        try:
+            self.probes = _core.TlsProbes(RING_BYTES)
+        except OSError as error:
+            hint = " (the agent needs root, or CAP_BPF and CAP_PERFMON)" if "not permitted" in str(error) else ""
+            raise TlsUnavailable(f"--tls-port: cannot meter HTTPS here: {error}{hint}") from None
+        self.attached: set[int] = set()
+        self.refused: set[int] = set()
+        self.next_scan = 0.0
+        self.http2_warned = 0
+        self.unread_bytes = 0  # left in the ring at a stop's deadline
+        self.rescan()
+        if not self.attached:
+            log.warning("--tls-port %s: no process listens there yet; looking again every %.0f s",
+                        ",".join(map(str, sorted(ports))), RESCAN_SECONDS)
+        else:
+            log.info("metering HTTPS on port %s in %d processes", ",".join(map(str, sorted(ports))),
+                     len(self.attached))
+
+    def fileno(self) -> int:
+        return self.probes.fileno()
+
+    def rescan(self) -> None:
+        """Attach to listeners not attached yet."""
+        self.next_scan = time.monotonic() + RESCAN_SECONDS
+        for pid in sorted(listening_processes(self.ports) - self.attached - self.refused):
+            self.attach(pid)
+
+    def attach(self, pid: int) -> None:
+        library = tls_library(pid)
+        if library is None:
+            return
+        try:
+            self.probes.attach(pid, library)
+        except OSError as error:
+            self.refused.add(pid)
+            log.error("--tls-port: %s", error)
+            return
+        self.attached.add(pid)
+        log.debug("TLS probes attached to pid %d (%s)", pid, library)
+
+    def feed(self, pipeline: Pipeline) -> tuple[bytes, int]:
+        """What the probes have for `pipeline`: its events' lines and how many records there were."""
+        lines, records, forked, exited = pipeline.feed_tls(self.probes, RECORDS_PER_CALL)
+        for pid in forked:
+            self.attach(pid)
+        for pid in exited:
+            self.probes.forget(pid)
+            self.attached.discard(pid)
+            self.refused.discard(pid)
+        if time.monotonic() >= self.next_scan:
+            self.rescan()
+        return lines, records
+
+    def warn(self, counters: dict[str, int]) -> None:
+        """Once a second: say when new HTTP/2 connections were seen (their requests are not metered)."""
+        seen = counters.get("http2_connections", 0)
+        if seen > self.http2_warned:
+            log.warning("%d HTTP/2 connections (ALPN h2) on the TLS port so far: counted as http2_connections, "
+                        "their requests not metered (HTTP/2 is not decoded yet)", seen)
+            self.http2_warned = seen
+
+    def counters(self) -> dict[str, int]:
+        """The probes' own losses, for the summary line."""
+        ring_drops, _uncopied = self.probes.losses()  # uncopied bytes are the core's tls_truncated_bytes
+        return {"tls_ring_drops": ring_drops, "tls_unread_bytes": self.unread_bytes,
+                "tls_processes": len(self.attached)}
+
+    def backlog_bytes(self) -> int:
+        """Bytes of records the ring holds now."""
+        return int(self.probes.ready_fraction() * RING_BYTES)

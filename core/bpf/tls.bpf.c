@@ -1,0 +1,392 @@
+// SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
+/* The TLS library's plaintext, read where the gateway's own processes hand it to (or get it from)
+ * OpenSSL: uprobes and uretprobes on SSL_read, SSL_read_ex, SSL_write and SSL_write_ex, SSL_set_fd (a
+ * connection starts) and SSL_free (it ends). The socket behind an SSL* is learnt from the sock layer's
+ * own tracepoints (sock_recv_length, sock_send_length) fired while that thread is inside an SSL call:
+ * the kernel's struct sock gives the 4-tuple through BTF, also for connections that began before the
+ * probes were attached. No kprobes, no kernel headers: CO-RE against /sys/kernel/btf/vmlinux. */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define TCP_CLOSE 7
+#define TCP_CLOSE_WAIT 8
+/* Plaintext bytes one ring-buffer record carries; a longer call is cut into pieces (a per-CPU value,
+ * twice this, must stay under the kernel's 32 KiB per-CPU limit) */
+#define PIECE 8192
+/* Pieces one call may send: past PIECES * PIECE bytes the rest is counted truncated (the core sees a gap) */
+#define PIECES 32
+
+enum kind { KIND_READ = 0, KIND_WRITE = 1, KIND_OPEN = 2, KIND_CLOSE = 3, KIND_FORK = 4, KIND_EXIT = 5 };
+
+struct chunk_header {
+	__u64 ssl;
+	__u64 time_ns;
+	__u32 pid;
+	__u32 kind;
+	/* where in this call's plaintext this piece begins, and the call's whole length */
+	__u32 offset;
+	__u32 call_len;
+	__u32 len; /* bytes of plaintext that follow */
+	__u16 family;
+	__u16 local_port;
+	__u16 remote_port;
+	/* at SSL_free: the client had closed its side first (a FIN or RST was received) */
+	__u16 client_left;
+	/* the client's initial sequence number + 1, and the next byte the gateway reads, both as in TCP */
+	__u32 client_isn;
+	__u32 copied_seq;
+	__u8 local_addr[16];
+	__u8 remote_addr[16];
+};
+
+/* the scratch record: twice a piece, so that the verifier can bound a length by a mask */
+struct chunk {
+	struct chunk_header h;
+	__u8 data[PIECE * 2];
+};
+
+struct call {
+	__u64 ssl;
+	__u64 buf;
+	__u64 ex_len; /* size_t * of the _ex forms, 0 for SSL_read/SSL_write */
+	__u32 kind;
+};
+
+struct stream_key {
+	__u64 ssl;
+	__u32 pid;
+	__u32 pad;
+};
+
+struct endpoint {
+	__u64 sk;
+	__u16 family;
+	__u16 local_port;
+	__u16 remote_port;
+	__u16 pad;
+	__u8 local_addr[16];
+	__u8 remote_addr[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 << 20);
+} chunks SEC(".maps");
+
+/* processes to watch (the gateway's): its PIDs are the keys */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u8);
+} watched SEC(".maps");
+
+/* the SSL call each thread is in, between entry and return */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct call);
+} calls SEC(".maps");
+
+/* each stream's socket, once the sock layer showed it */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct stream_key);
+	__type(value, struct endpoint);
+} endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct chunk);
+} scratch SEC(".maps");
+
+/* 0: records the ring had no room for; 1: plaintext bytes never captured (past PIECES) or unreadable */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} losses SEC(".maps");
+
+static __always_inline void count(__u32 which, __u64 amount)
+{
+	__u64 *value = bpf_map_lookup_elem(&losses, &which);
+	if (value)
+		*value += amount;
+}
+
+static __always_inline int is_watched(void)
+{
+	__u32 pid = bpf_get_current_pid_tgid() >> 32;
+	return bpf_map_lookup_elem(&watched, &pid) != 0;
+}
+
+static __always_inline int enter(__u64 ssl, __u64 buf, __u64 ex_len, __u32 kind)
+{
+	if (!is_watched())
+		return 0;
+	__u64 id = bpf_get_current_pid_tgid();
+	struct call call = { .ssl = ssl, .buf = buf, .ex_len = ex_len, .kind = kind };
+	bpf_map_update_elem(&calls, &id, &call, BPF_ANY);
+	return 0;
+}
+
+static __always_inline void fill_header(struct chunk_header *h, __u64 ssl, __u32 kind)
+{
+	__u32 pid = bpf_get_current_pid_tgid() >> 32;
+	struct stream_key key = { .ssl = ssl, .pid = pid };
+	h->ssl = ssl;
+	h->pid = pid;
+	h->kind = kind;
+	h->time_ns = bpf_ktime_get_ns();
+	h->offset = 0;
+	h->call_len = 0;
+	h->len = 0;
+	h->client_left = 0;
+	struct endpoint *endpoint = bpf_map_lookup_elem(&endpoints, &key);
+	if (endpoint) {
+		h->family = endpoint->family;
+		h->local_port = endpoint->local_port;
+		h->remote_port = endpoint->remote_port;
+		__builtin_memcpy(h->local_addr, endpoint->local_addr, 16);
+		__builtin_memcpy(h->remote_addr, endpoint->remote_addr, 16);
+		struct tcp_sock *tp = (struct tcp_sock *)endpoint->sk;
+		__u32 rcv_nxt = BPF_CORE_READ(tp, rcv_nxt);
+		__u64 received = BPF_CORE_READ(tp, bytes_received);
+		h->client_isn = rcv_nxt - (__u32)received;
+		h->copied_seq = BPF_CORE_READ(tp, copied_seq);
+	} else {
+		h->client_isn = 0;
+		h->copied_seq = 0;
+		h->family = 0;
+		h->local_port = 0;
+		h->remote_port = 0;
+		__builtin_memset(h->local_addr, 0, 16);
+		__builtin_memset(h->remote_addr, 0, 16);
+	}
+}
+
+static __always_inline int leave(int ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct call *call = bpf_map_lookup_elem(&calls, &id);
+	if (!call)
+		return 0;
+	struct call done = *call;
+	bpf_map_delete_elem(&calls, &id);
+	__u64 length;
+	if (done.ex_len) {
+		if (ret <= 0)
+			return 0;
+		size_t got = 0;
+		if (bpf_probe_read_user(&got, sizeof(got), (void *)done.ex_len))
+			return 0;
+		length = got;
+	} else {
+		if (ret <= 0)
+			return 0;
+		length = ret;
+	}
+	if (length == 0 || length > 0xffffffff)
+		return 0;
+	__u32 zero = 0;
+	struct chunk *chunk = bpf_map_lookup_elem(&scratch, &zero);
+	if (!chunk)
+		return 0;
+	fill_header(&chunk->h, done.ssl, done.kind);
+	chunk->h.call_len = length;
+	for (__u32 piece = 0; piece < PIECES; piece++) {
+		__u64 offset = (__u64)piece * PIECE;
+		if (offset >= length)
+			return 0;
+		__u64 size = length - offset;
+		if (size > PIECE)
+			size = PIECE;
+		chunk->h.offset = offset;
+		chunk->h.len = size;
+		if (bpf_probe_read_user(chunk->data, size & (PIECE * 2 - 1), (void *)(done.buf + offset))) {
+			count(1, size);
+			chunk->h.len = 0; /* still sent: the core learns the bytes are missing */
+			size = 0;
+		}
+		if (bpf_ringbuf_output(&chunks, chunk, sizeof(struct chunk_header) + (size & (PIECE * 2 - 1)), 0))
+			count(0, 1);
+	}
+	if (length > (__u64)PIECES * PIECE)
+		count(1, length - (__u64)PIECES * PIECE);
+	return 0;
+}
+
+static __always_inline int marker(__u64 ssl, __u32 kind)
+{
+	if (!is_watched())
+		return 0;
+	__u32 pid = bpf_get_current_pid_tgid() >> 32;
+	struct stream_key key = { .ssl = ssl, .pid = pid };
+	struct chunk_header h;
+	fill_header(&h, ssl, kind);
+	struct endpoint *endpoint = bpf_map_lookup_elem(&endpoints, &key);
+	if (kind == KIND_CLOSE && endpoint) {
+		struct sock *sk = (struct sock *)endpoint->sk;
+		__u8 state = BPF_CORE_READ(sk, __sk_common.skc_state);
+		h.client_left = state == TCP_CLOSE_WAIT || state == TCP_CLOSE;
+	}
+	if (kind == KIND_CLOSE || kind == KIND_OPEN)
+		bpf_map_delete_elem(&endpoints, &key);
+	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), 0))
+		count(0, 1);
+	return 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_read_enter, void *ssl, void *buf, int num)
+{
+	return enter((__u64)ssl, (__u64)buf, 0, KIND_READ);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_read_ex_enter, void *ssl, void *buf, size_t num, size_t *readbytes)
+{
+	return enter((__u64)ssl, (__u64)buf, (__u64)readbytes, KIND_READ);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_write_enter, void *ssl, const void *buf, int num)
+{
+	return enter((__u64)ssl, (__u64)buf, 0, KIND_WRITE);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_write_ex_enter, void *ssl, const void *buf, size_t num, size_t *written)
+{
+	return enter((__u64)ssl, (__u64)buf, (__u64)written, KIND_WRITE);
+}
+
+SEC("uretprobe")
+int BPF_KRETPROBE(ssl_return, int ret)
+{
+	return leave(ret);
+}
+
+/* The same, without a uretprobe: where SSL_read and SSL_write call ssl_read_internal/ssl_write_internal
+ * (s, buf, num, size_t *done), and at the first conditional jump after that call (its result still in
+ * eax). Both are instructions the kernel emulates, where a probe at the function's first instruction
+ * needs a single-step and a uretprobe a second trap: the loader picks these when it finds them. */
+SEC("uprobe")
+int BPF_KPROBE(ssl_read_call, void *ssl, void *buf, size_t num, size_t *done)
+{
+	return enter((__u64)ssl, (__u64)buf, (__u64)done, KIND_READ);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_write_call, void *ssl, const void *buf, size_t num, size_t *done)
+{
+	return enter((__u64)ssl, (__u64)buf, (__u64)done, KIND_WRITE);
+}
+
+SEC("uprobe")
+int ssl_after_call(struct pt_regs *ctx)
+{
+	return leave((int)PT_REGS_RC(ctx));
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_set_fd, void *ssl, int fd)
+{
+	return marker((__u64)ssl, KIND_OPEN);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_free, void *ssl)
+{
+	if (!ssl)
+		return 0;
+	return marker((__u64)ssl, KIND_CLOSE);
+}
+
+/* The socket a thread inside an SSL call sends on or receives from is that SSL*'s. */
+static __always_inline int learn_socket(struct sock *sk)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct call *call = bpf_map_lookup_elem(&calls, &id);
+	if (!call)
+		return 0;
+	struct stream_key key = { .ssl = call->ssl, .pid = id >> 32 };
+	if (bpf_map_lookup_elem(&endpoints, &key))
+		return 0;
+	struct endpoint endpoint = { .sk = (__u64)sk };
+	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+		return 0;
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	endpoint.family = family;
+	endpoint.local_port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	endpoint.remote_port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (family == AF_INET) {
+		__u32 local = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		__u32 remote = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		__builtin_memcpy(endpoint.local_addr, &local, 4);
+		__builtin_memcpy(endpoint.remote_addr, &remote, 4);
+	} else if (family == AF_INET6) {
+		BPF_CORE_READ_INTO(&endpoint.local_addr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
+		BPF_CORE_READ_INTO(&endpoint.remote_addr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+	} else {
+		return 0;
+	}
+	bpf_map_update_elem(&endpoints, &key, &endpoint, BPF_ANY);
+	return 0;
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(sock_recv, struct sock *sk, int ret, int flags)
+{
+	return learn_socket(sk);
+}
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(sock_send, struct sock *sk, int ret, int flags)
+{
+	return learn_socket(sk);
+}
+
+/* A watched process forks (nginx's master starting workers on a reload): the child is watched at once,
+ * and the loader is told, to attach its probes to it. */
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(process_fork, struct task_struct *parent, struct task_struct *child)
+{
+	__u32 parent_pid = BPF_CORE_READ(parent, tgid);
+	__u32 child_pid = BPF_CORE_READ(child, tgid);
+	if (child_pid == parent_pid || !bpf_map_lookup_elem(&watched, &parent_pid))
+		return 0;
+	__u8 yes = 1;
+	bpf_map_update_elem(&watched, &child_pid, &yes, BPF_ANY);
+	struct chunk_header h = { .pid = child_pid, .kind = KIND_FORK, .time_ns = bpf_ktime_get_ns() };
+	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), 0))
+		count(0, 1);
+	return 0;
+}
+
+/* A watched process ends: its streams are over (no SSL_free comes for them). */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(process_exit, struct task_struct *task)
+{
+	__u32 pid = BPF_CORE_READ(task, tgid);
+	if (BPF_CORE_READ(task, pid) != pid || !bpf_map_lookup_elem(&watched, &pid))
+		return 0;
+	bpf_map_delete_elem(&watched, &pid);
+	struct chunk_header h = { .pid = pid, .kind = KIND_EXIT, .time_ns = bpf_ktime_get_ns() };
+	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), 0))
+		count(0, 1);
+	return 0;
+}

@@ -1,0 +1,550 @@
+//! HTTPS as the gateway's TLS library sees it: plaintext chunks from the uprobes on `SSL_read` and
+//! `SSL_write` (see `core/bpf/tls.bpf.c`), turned into the same stream events TCP reassembly emits, one
+//! connection per (process, `SSL*`) stream, so that the HTTP stage, metering and sinks are shared.
+//!
+//! A stream begins at `SSL_set_fd` (its first byte is a message boundary, as after a SYN) or, when the
+//! probes were attached after that, at its first chunk (counted `tls_midstream`; the parsers resync at
+//! the next message start, as for a TCP stream without a SYN). It ends at `SSL_free`, when a new
+//! `SSL_set_fd` reuses the `SSL*`, or when its process exits.
+//!
+//! Event ids: the HTTP stage's id is a hash of the 4-tuple and of a 32-bit number, TCP's sequence number
+//! of the request's first byte. Here the number is the client's initial sequence number + 1 (read from
+//! the kernel's `tcp_sock`, so unique per incarnation of a 4-tuple as TCP's is) plus the request's
+//! plaintext position in the stream: stable for a stream seen from its start (any run of the agent gives
+//! the same id), unique per request. A stream attached mid-connection counts from the ciphertext position
+//! the gateway had read to (`copied_seq`) at its first chunk: past every plaintext position an earlier run
+//! could have used, so no id of an earlier run is reused, but two runs attached mid-connection differ.
+//! TLS ids never equal the plaintext capture's ids of the same 4-tuple's requests, unless by chance, since
+//! the ciphertext's positions are different numbers.
+
+use std::collections::HashMap;
+
+use crate::source::frames::Address;
+use crate::tcp::reassembly::{ConnectionInfo, StreamEvent, StreamSink};
+
+/// Plaintext bytes one record carries at most, and the pieces one call is cut into at most (tls.bpf.c).
+pub const PIECE: u32 = 8192;
+pub const PIECES: u32 = 32;
+/// The record header's size (struct chunk_header, padded to 8 bytes).
+pub const HEADER: usize = 88;
+
+const KIND_READ: u32 = 0;
+const KIND_WRITE: u32 = 1;
+const KIND_OPEN: u32 = 2;
+const KIND_CLOSE: u32 = 3;
+const KIND_FORK: u32 = 4;
+const KIND_EXIT: u32 = 5;
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+/// TLS streams' connection ids have this bit set: never one of TCP reassembly's.
+const TLS_ID_BIT: u64 = 1 << 63;
+
+/// What the HTTP/2 client sends first after ALPN chose h2.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct TlsCounters {
+    /// plaintext records received from the probes
+    pub chunks: u64,
+    /// streams (SSL* per process) seen
+    pub streams: u64,
+    /// streams whose beginning the probes missed (attached mid-connection)
+    pub midstream: u64,
+    /// calls longer than the probes copy, or whose buffer could not be read: bytes the stream lost
+    pub truncated_chunks: u64,
+    pub truncated_bytes: u64,
+    /// streams that began with HTTP/2's preface (ALPN h2): counted, not parsed
+    pub http2_connections: u64,
+    /// watched processes that forked a child (attached too) and that exited
+    pub forks: u64,
+    pub exits: u64,
+    /// records too short for their header or of an unknown kind
+    pub bad_records: u64,
+}
+
+/// One record from the ring, decoded.
+#[derive(Debug)]
+pub struct Record<'a> {
+    pub kind: u32,
+    pub pid: u32,
+    pub ssl: u64,
+    pub time_ns: u64,
+    pub offset: u32,
+    pub call_len: u32,
+    pub family: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// at `SSL_free`: the client had closed its side first
+    pub client_left: bool,
+    pub client_isn: u32,
+    pub copied_seq: u32,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub data: &'a [u8],
+}
+
+fn u16_at(bytes: &[u8], at: usize) -> u16 {
+    u16::from_ne_bytes([bytes[at], bytes[at + 1]])
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap_or_default())
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    u64::from_ne_bytes(bytes[at..at + 8].try_into().unwrap_or_default())
+}
+
+impl<'a> Record<'a> {
+    /// The layout of `struct chunk_header` in tls.bpf.c; `None` when too short or inconsistent.
+    pub fn parse(bytes: &'a [u8]) -> Option<Record<'a>> {
+        if bytes.len() < HEADER {
+            return None;
+        }
+        let len = u32_at(bytes, 32) as usize;
+        let data = bytes.get(HEADER..HEADER + len)?;
+        Some(Record {
+            ssl: u64_at(bytes, 0),
+            time_ns: u64_at(bytes, 8),
+            pid: u32_at(bytes, 16),
+            kind: u32_at(bytes, 20),
+            offset: u32_at(bytes, 24),
+            call_len: u32_at(bytes, 28),
+            family: u16_at(bytes, 36),
+            local_port: u16_at(bytes, 38),
+            remote_port: u16_at(bytes, 40),
+            client_left: u16_at(bytes, 42) != 0,
+            client_isn: u32_at(bytes, 44),
+            copied_seq: u32_at(bytes, 48),
+            local_addr: bytes[52..68].try_into().unwrap_or_default(),
+            remote_addr: bytes[68..84].try_into().unwrap_or_default(),
+            data,
+        })
+    }
+
+    fn addresses(&self) -> Option<(Address, Address)> {
+        match self.family {
+            AF_INET => Some((Address::new(&self.remote_addr[..4]), Address::new(&self.local_addr[..4]))),
+            AF_INET6 => Some((Address::new(&self.remote_addr), Address::new(&self.local_addr))),
+            _ => None,
+        }
+    }
+}
+
+/// One direction's place: where its next byte goes, and how far into the current call it is.
+#[derive(Default)]
+struct Direction {
+    position: u64,
+    call_len: u32,
+    call_next: u32,
+}
+
+struct Stream {
+    info: ConnectionInfo,
+    opened: bool,
+    /// the base of the id numbers is known (from the first client chunk)
+    based: bool,
+    http2: bool,
+    /// no data went either way yet (HTTP/2 is recognized by its first bytes)
+    first_data: bool,
+    directions: [Direction; 2],
+    last_time: f64,
+}
+
+/// Whether a stream's first bytes are HTTP/2's, as they are after ALPN chose h2: the client's preface,
+/// or the server's SETTINGS frame (a server speaking HTTP/1.x writes nothing before a request; nginx's h2
+/// sends its SETTINGS before reading the preface).
+fn starts_http2(to_server: bool, data: &[u8]) -> bool {
+    if to_server {
+        return data.starts_with(H2_PREFACE);
+    }
+    // a frame header: 24-bit length, type 4 (SETTINGS), flags 0, stream 0
+    data.len() >= 9 && data[3] == 4 && data[4] == 0 && data[5..9] == [0, 0, 0, 0]
+}
+
+/// CLOCK_REALTIME - CLOCK_MONOTONIC now: what turns the probes' `bpf_ktime_get_ns` into wall time.
+pub fn monotonic_to_wall() -> f64 {
+    let read = |clock| {
+        let mut time = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes one timespec, which lives on this stack frame.
+        unsafe { libc::clock_gettime(clock, &mut time) };
+        time.tv_sec as f64 + time.tv_nsec as f64 / 1e9
+    };
+    read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
+}
+
+/// The (process, `SSL*`) streams, fed the probes' records in ring order.
+pub struct TlsStreams {
+    pub counters: TlsCounters,
+    streams: HashMap<(u32, u64), Stream>,
+    next_id: u64,
+    /// added to the records' monotonic clock to give the wall clock the events carry
+    clock_offset: f64,
+    /// the latest record's time (wall clock), 0 before any
+    pub last_time: f64,
+    /// processes a fork or exit was reported for, for the loader to act on
+    pub forked: Vec<u32>,
+    pub exited: Vec<u32>,
+}
+
+impl TlsStreams {
+    pub fn new(clock_offset: f64) -> TlsStreams {
+        TlsStreams {
+            counters: TlsCounters::default(),
+            streams: HashMap::new(),
+            next_id: 0,
+            clock_offset,
+            last_time: 0.0,
+            forked: Vec::new(),
+            exited: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.streams.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.streams.is_empty()
+    }
+
+    /// A record's monotonic time on the wall clock.
+    pub fn wall_time(&self, time_ns: u64) -> f64 {
+        time_ns as f64 / 1e9 + self.clock_offset
+    }
+
+    /// One ring record; what it completes goes to `sink`.
+    pub fn feed(&mut self, bytes: &[u8], sink: &mut impl StreamSink) {
+        let Some(record) = Record::parse(bytes) else {
+            self.counters.bad_records += 1;
+            return;
+        };
+        let time = self.wall_time(record.time_ns);
+        self.last_time = self.last_time.max(time);
+        let key = (record.pid, record.ssl);
+        match record.kind {
+            KIND_OPEN => {
+                if let Some(old) = self.streams.remove(&key) {
+                    sink.event(&old.info, true, time, StreamEvent::Closed);
+                }
+                let stream = self.new_stream(time, true);
+                self.streams.insert(key, stream);
+            }
+            KIND_CLOSE => {
+                if let Some(old) = self.streams.remove(&key) {
+                    if record.client_left && !old.http2 {
+                        // as TCP's FIN from the client before the server's: a request waiting is a 499
+                        let [client, server] = &old.directions;
+                        sink.event(&old.info, true, time, StreamEvent::End { position: client.position });
+                        sink.event(&old.info, false, time, StreamEvent::End { position: server.position });
+                    }
+                    sink.event(&old.info, true, time, StreamEvent::Closed);
+                }
+            }
+            KIND_FORK => {
+                self.counters.forks += 1;
+                self.forked.push(record.pid);
+            }
+            KIND_EXIT => {
+                self.counters.exits += 1;
+                self.exited.push(record.pid);
+                self.close_process(record.pid, time, sink);
+            }
+            KIND_READ | KIND_WRITE => {
+                self.counters.chunks += 1;
+                if !self.streams.contains_key(&key) {
+                    self.counters.midstream += 1;
+                    let stream = self.new_stream(time, false);
+                    self.streams.insert(key, stream);
+                }
+                let stream = self.streams.get_mut(&key).expect("inserted above");
+                Self::data(stream, &record, time, &mut self.counters, sink);
+            }
+            _ => self.counters.bad_records += 1,
+        }
+    }
+
+    fn new_stream(&mut self, time: f64, opened: bool) -> Stream {
+        self.counters.streams += 1;
+        self.next_id += 1;
+        let unknown = Address::new(&[0, 0, 0, 0]);
+        Stream {
+            info: ConnectionInfo {
+                id: TLS_ID_BIT | self.next_id,
+                client: unknown,
+                client_port: 0,
+                server: unknown,
+                server_port: 0,
+                saw_syn: opened,
+                to_server_base_seq: None,
+            },
+            opened,
+            based: false,
+            http2: false,
+            first_data: true,
+            directions: [Direction::default(), Direction::default()],
+            last_time: time,
+        }
+    }
+
+    fn data(stream: &mut Stream, record: &Record<'_>, time: f64, counters: &mut TlsCounters,
+            sink: &mut impl StreamSink) {
+        stream.last_time = time;
+        if let Some((client, server)) = record.addresses() {
+            stream.info.client = client;
+            stream.info.server = server;
+            stream.info.client_port = record.remote_port;
+            stream.info.server_port = record.local_port;
+        }
+        let to_server = record.kind == KIND_READ;
+        if to_server && !stream.based && record.family != 0 {
+            stream.based = true;
+            // see the module's note on ids; a mid-stream base is the ciphertext read so far
+            let base = if stream.opened { record.client_isn } else { record.copied_seq };
+            stream.info.to_server_base_seq = Some(base);
+        }
+        if stream.first_data {
+            stream.first_data = false;
+            if stream.opened && record.offset == 0 && starts_http2(to_server, record.data) {
+                stream.http2 = true;
+                counters.http2_connections += 1;
+            }
+        }
+        if stream.http2 {
+            return;
+        }
+        let direction = &mut stream.directions[usize::from(!to_server)];
+        // a new call ends the previous one: what it did not deliver is lost
+        if record.offset == 0 && direction.call_next < direction.call_len {
+            let lost = u64::from(direction.call_len - direction.call_next);
+            Self::gap(&stream.info, direction, to_server, time, lost, counters, sink);
+        }
+        if record.offset == 0 {
+            direction.call_len = record.call_len;
+            direction.call_next = 0;
+        }
+        if record.offset > direction.call_next {
+            // a piece of this call never arrived (the ring had no room)
+            let lost = u64::from(record.offset - direction.call_next);
+            Self::gap(&stream.info, direction, to_server, time, lost, counters, sink);
+        }
+        let expected = PIECE.min(record.call_len.saturating_sub(record.offset));
+        if !record.data.is_empty() {
+            // what the gateway had read when it wrote: all of the client's stream so far
+            let peer_acked = if to_server { -1 } else { stream.directions[0].position as i64 };
+            let direction = &mut stream.directions[usize::from(!to_server)];
+            let payload = record.data;
+            sink.event(&stream.info, to_server, time,
+                       StreamEvent::Data { payload, position: direction.position, peer_acked });
+            direction.position += payload.len() as u64;
+        }
+        let direction = &mut stream.directions[usize::from(!to_server)];
+        direction.call_next = record.offset + record.data.len() as u32;
+        if (record.data.len() as u32) < expected {
+            let lost = u64::from(expected - record.data.len() as u32);
+            direction.call_next = record.offset + expected;
+            Self::gap(&stream.info, direction, to_server, time, lost, counters, sink);
+        }
+        let last_copied = PIECES * PIECE;
+        if direction.call_next >= last_copied && direction.call_len > last_copied {
+            let lost = u64::from(direction.call_len - direction.call_next);
+            direction.call_next = direction.call_len;
+            Self::gap(&stream.info, direction, to_server, time, lost, counters, sink);
+        }
+    }
+
+    fn gap(info: &ConnectionInfo, direction: &mut Direction, to_server: bool, time: f64, lost: u64,
+           counters: &mut TlsCounters, sink: &mut impl StreamSink) {
+        counters.truncated_chunks += 1;
+        counters.truncated_bytes += lost;
+        sink.event(info, to_server, time, StreamEvent::Gap { lost, position: direction.position });
+        direction.position += lost;
+    }
+
+    fn close_process(&mut self, pid: u32, time: f64, sink: &mut impl StreamSink) {
+        let keys: Vec<(u32, u64)> = self.streams.keys().filter(|(owner, _)| *owner == pid).copied().collect();
+        for key in keys {
+            if let Some(stream) = self.streams.remove(&key) {
+                sink.event(&stream.info, true, time, StreamEvent::Closed);
+            }
+        }
+    }
+
+    /// Streams idle since before `older_than` (wall clock) are closed, as TCP's idle expiry does.
+    pub fn expire(&mut self, older_than: f64, sink: &mut impl StreamSink) {
+        let keys: Vec<(u32, u64)> =
+            self.streams.iter().filter(|(_, stream)| stream.last_time < older_than).map(|(key, _)| *key).collect();
+        for key in keys {
+            if let Some(stream) = self.streams.remove(&key) {
+                sink.event(&stream.info, true, older_than, StreamEvent::Closed);
+            }
+        }
+    }
+
+    /// The capture is over: every stream is closed.
+    pub fn close_all(&mut self, time: f64, sink: &mut impl StreamSink) {
+        for (_, stream) in self.streams.drain() {
+            sink.event(&stream.info, true, time, StreamEvent::Closed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Collect {
+        events: Vec<(u64, bool, String)>,
+    }
+
+    impl StreamSink for Collect {
+        fn event(&mut self, connection: &ConnectionInfo, to_server: bool, _time: f64, event: StreamEvent<'_>) {
+            let text = match event {
+                StreamEvent::Data { payload, position, peer_acked } => {
+                    format!("data {position} {peer_acked} {}", String::from_utf8_lossy(payload))
+                }
+                StreamEvent::Gap { lost, position } => format!("gap {position} {lost}"),
+                StreamEvent::End { position } => format!("end {position}"),
+                StreamEvent::Closed => "closed".to_string(),
+            };
+            self.events.push((connection.id & !TLS_ID_BIT, to_server, text));
+        }
+    }
+
+    fn record(kind: u32, pid: u32, ssl: u64, offset: u32, call_len: u32, data: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![0u8; HEADER];
+        bytes[0..8].copy_from_slice(&ssl.to_ne_bytes());
+        bytes[8..16].copy_from_slice(&1_000_000_000u64.to_ne_bytes());
+        bytes[16..20].copy_from_slice(&pid.to_ne_bytes());
+        bytes[20..24].copy_from_slice(&kind.to_ne_bytes());
+        bytes[24..28].copy_from_slice(&offset.to_ne_bytes());
+        bytes[28..32].copy_from_slice(&call_len.to_ne_bytes());
+        bytes[32..36].copy_from_slice(&(data.len() as u32).to_ne_bytes());
+        bytes[36..38].copy_from_slice(&AF_INET.to_ne_bytes());
+        bytes[38..40].copy_from_slice(&8443u16.to_ne_bytes());
+        bytes[40..42].copy_from_slice(&40000u16.to_ne_bytes());
+        bytes[44..48].copy_from_slice(&5000u32.to_ne_bytes());
+        bytes[48..52].copy_from_slice(&9000u32.to_ne_bytes());
+        bytes[52..56].copy_from_slice(&[127, 0, 0, 1]);
+        bytes[68..72].copy_from_slice(&[127, 0, 0, 2]);
+        bytes.extend_from_slice(data);
+        bytes
+    }
+
+    #[test]
+    fn a_stream_from_set_fd_to_free_is_one_connection_in_order() {
+        let (mut streams, mut sink) = (TlsStreams::new(0.0), Collect::default());
+        streams.feed(&record(KIND_OPEN, 7, 0xAB, 0, 0, b""), &mut sink);
+        streams.feed(&record(KIND_READ, 7, 0xAB, 0, 5, b"GET /"), &mut sink);
+        streams.feed(&record(KIND_WRITE, 7, 0xAB, 0, 4, b"HTTP"), &mut sink);
+        streams.feed(&record(KIND_READ, 7, 0xAB, 0, 3, b"abc"), &mut sink);
+        streams.feed(&record(KIND_CLOSE, 7, 0xAB, 0, 0, b""), &mut sink);
+        let texts: Vec<&str> = sink.events.iter().map(|(_, _, text)| text.as_str()).collect();
+        assert_eq!(texts, ["data 0 -1 GET /", "data 0 5 HTTP", "data 5 -1 abc", "closed"]);
+        assert_eq!((streams.counters.streams, streams.counters.midstream), (1, 0));
+        assert!(streams.is_empty());
+    }
+
+    #[test]
+    fn the_id_base_is_the_client_isn_or_midstream_the_read_position() {
+        let (mut streams, mut sink) = (TlsStreams::new(0.0), Collect::default());
+        streams.feed(&record(KIND_OPEN, 7, 1, 0, 0, b""), &mut sink);
+        streams.feed(&record(KIND_READ, 7, 1, 0, 1, b"G"), &mut sink);
+        streams.feed(&record(KIND_READ, 7, 2, 0, 1, b"G"), &mut sink);
+        let bases: Vec<Option<u32>> = [1, 2].iter().map(|ssl| streams.streams[&(7, *ssl)].info.to_server_base_seq).collect();
+        assert_eq!(bases, [Some(5000), Some(9000)]);
+        assert!(streams.streams[&(7, 1)].info.saw_syn && !streams.streams[&(7, 2)].info.saw_syn);
+        assert_eq!(streams.counters.midstream, 1);
+        let info = streams.streams[&(7, 1)].info;
+        assert_eq!((info.client_port, info.server_port), (40000, 8443));
+        assert_eq!(info.client, Address::new(&[127, 0, 0, 2]));
+    }
+
+    #[test]
+    fn pieces_of_a_long_call_follow_on_and_what_was_not_copied_is_a_gap() {
+        let (mut streams, mut sink) = (TlsStreams::new(0.0), Collect::default());
+        let piece = vec![b'x'; PIECE as usize];
+        let call = PIECES * PIECE + 100;
+        streams.feed(&record(KIND_OPEN, 7, 1, 0, 0, b""), &mut sink);
+        for index in 0..PIECES {
+            streams.feed(&record(KIND_WRITE, 7, 1, index * PIECE, call, &piece), &mut sink);
+        }
+        let last = &sink.events.last().unwrap().2;
+        assert_eq!(last, &format!("gap {} 100", PIECES * PIECE));
+        assert_eq!((streams.counters.truncated_chunks, streams.counters.truncated_bytes), (1, 100));
+        // a lost middle piece (ring full) is a gap of its size
+        streams.feed(&record(KIND_READ, 7, 1, 0, 3 * PIECE, &piece), &mut sink);
+        streams.feed(&record(KIND_READ, 7, 1, 2 * PIECE, 3 * PIECE, &piece), &mut sink);
+        assert_eq!(sink.events[sink.events.len() - 2].2, format!("gap {PIECE} {PIECE}"));
+    }
+
+    #[test]
+    fn an_http2_stream_is_counted_and_not_handed_on() {
+        let (mut streams, mut sink) = (TlsStreams::new(0.0), Collect::default());
+        streams.feed(&record(KIND_OPEN, 7, 1, 0, 0, b""), &mut sink);
+        streams.feed(&record(KIND_READ, 7, 1, 0, 24, H2_PREFACE), &mut sink);
+        streams.feed(&record(KIND_WRITE, 7, 1, 0, 9, b"\0\0\0\x04\0\0\0\0\0"), &mut sink);
+        // nginx's h2 writes its SETTINGS first
+        streams.feed(&record(KIND_OPEN, 7, 2, 0, 0, b""), &mut sink);
+        streams.feed(&record(KIND_WRITE, 7, 2, 0, 9, b"\0\0\x12\x04\0\0\0\0\0"), &mut sink);
+        streams.feed(&record(KIND_READ, 7, 2, 0, 24, H2_PREFACE), &mut sink);
+        assert_eq!(streams.counters.http2_connections, 2);
+        assert!(sink.events.is_empty());
+    }
+
+    #[test]
+    fn a_process_that_exits_closes_its_streams_and_a_reused_ssl_is_a_new_stream() {
+        let (mut streams, mut sink) = (TlsStreams::new(0.0), Collect::default());
+        streams.feed(&record(KIND_OPEN, 7, 1, 0, 0, b""), &mut sink);
+        streams.feed(&record(KIND_READ, 7, 1, 0, 1, b"G"), &mut sink);
+        streams.feed(&record(KIND_OPEN, 7, 1, 0, 0, b""), &mut sink);
+        streams.feed(&record(KIND_READ, 7, 1, 0, 1, b"G"), &mut sink);
+        streams.feed(&record(KIND_READ, 8, 1, 0, 1, b"G"), &mut sink);
+        streams.feed(&record(KIND_EXIT, 7, 0, 0, 0, b""), &mut sink);
+        let ids: Vec<(u64, &str)> = sink.events.iter().map(|(id, _, text)| (*id, text.as_str())).collect();
+        assert_eq!(ids, [(1, "data 0 -1 G"), (1, "closed"), (2, "data 0 -1 G"), (3, "data 0 -1 G"), (2, "closed")]);
+        assert_eq!(streams.exited, [7]);
+        assert_eq!(streams.len(), 1);
+    }
+
+    #[test]
+    fn a_client_that_left_first_ends_its_stream_before_the_close() {
+        let (mut streams, mut sink) = (TlsStreams::new(0.0), Collect::default());
+        streams.feed(&record(KIND_OPEN, 7, 1, 0, 0, b""), &mut sink);
+        streams.feed(&record(KIND_READ, 7, 1, 0, 1, b"G"), &mut sink);
+        let mut close = record(KIND_CLOSE, 7, 1, 0, 0, b"");
+        close[42..44].copy_from_slice(&1u16.to_ne_bytes());
+        streams.feed(&close, &mut sink);
+        let texts: Vec<&str> = sink.events.iter().map(|(_, _, text)| text.as_str()).collect();
+        assert_eq!(texts, ["data 0 -1 G", "end 1", "end 0", "closed"]);
+    }
+
+    #[test]
+    fn an_answered_request_survives_the_clients_close() {
+        let (mut streams, mut http) = (TlsStreams::new(0.0), crate::http::exchanges::HttpExchanges::new(60.0, 65536));
+        streams.feed(&record(KIND_OPEN, 7, 1, 0, 0, b""), &mut http);
+        let request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        streams.feed(&record(KIND_READ, 7, 1, 0, request.len() as u32, request), &mut http);
+        streams.feed(&record(KIND_WRITE, 7, 1, 0, response.len() as u32, response), &mut http);
+        let mut close = record(KIND_CLOSE, 7, 1, 0, 0, b"");
+        close[42..44].copy_from_slice(&1u16.to_ne_bytes());
+        streams.feed(&close, &mut http);
+        let statuses: Vec<u16> = http.take().map(|exchange| exchange.status).collect();
+        assert_eq!(statuses, [200]);
+    }
+
+    #[test]
+    fn short_records_are_counted_not_read() {
+        let (mut streams, mut sink) = (TlsStreams::new(0.0), Collect::default());
+        streams.feed(&[0u8; 10], &mut sink);
+        let mut lying = record(KIND_READ, 7, 1, 0, 1, b"G");
+        lying[32..36].copy_from_slice(&1000u32.to_ne_bytes());
+        streams.feed(&lying, &mut sink);
+        assert_eq!(streams.counters.bad_records, 2);
+        assert!(sink.events.is_empty());
+    }
+}

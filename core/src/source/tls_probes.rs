@@ -1,0 +1,274 @@
+//! The TLS probes' loader (aya): loads the BPF object build.rs compiled, attaches its uprobes to one
+//! process's TLS library at a time, and reads the ring buffer of plaintext records (fed to
+//! `Pipeline::feed_tls`). This is the source edge, so it does I/O; what the records mean is `tls.rs`.
+
+use std::collections::HashSet;
+use std::num::NonZeroU32;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::uprobe::{UProbeAttachLocation, UProbeScope};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic};
+use object::{Object, ObjectSection, ObjectSymbol};
+use aya::programs::{BtfTracePoint, UProbe};
+use aya::{Btf, Ebpf, EbpfLoader};
+
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tls.bpf.o"));
+
+/// Entry probes, by program and symbol; every one also gets the shared return probe (`ssl_return`).
+/// SSL_read and SSL_write are probed at their inner call instead when `emulated_sites` finds it.
+const CALLS: [(&str, &str); 4] = [
+    ("ssl_read_enter", "SSL_read"),
+    ("ssl_read_ex_enter", "SSL_read_ex"),
+    ("ssl_write_enter", "SSL_write"),
+    ("ssl_write_ex_enter", "SSL_write_ex"),
+];
+const MARKERS: [(&str, &str); 2] = [("ssl_set_fd", "SSL_set_fd"), ("ssl_free", "SSL_free")];
+const TRACEPOINTS: [(&str, &str); 4] = [
+    ("sock_recv", "sock_recv_length"),
+    ("sock_send", "sock_send_length"),
+    ("process_fork", "sched_process_fork"),
+    ("process_exit", "sched_process_exit"),
+];
+
+pub struct TlsProbes {
+    /// the ring's consumer and producer positions, mapped read-only (how full it is, for the CPU watcher)
+    positions: *const u8,
+    page: usize,
+    ring_bytes: u64,
+    ebpf: Ebpf,
+    ring: RingBuf<MapData>,
+    watched: BpfHashMap<MapData, u32, u8>,
+    attached: HashSet<u32>,
+}
+
+/// One line saying what the kernel refused, and to what.
+fn refused(what: &str, error: impl std::fmt::Display) -> String {
+    format!("{what}: {error}")
+}
+
+impl TlsProbes {
+    /// Loads the programs and attaches the tracepoints (not yet any uprobe): what fails here is what the
+    /// agent cannot do on this host (no BPF permission, no BTF, no uprobes), said in one line.
+    pub fn load(ring_bytes: u32) -> Result<TlsProbes, String> {
+        let missing = env!("TLS_BPF_MISSING");
+        if OBJECT.is_empty() {
+            return Err(format!("the TLS probes were not built when the agent was installed ({missing})"));
+        }
+        if !std::path::Path::new("/sys/bus/event_source/devices/uprobe").exists() {
+            return Err("this kernel has no uprobe events (/sys/bus/event_source/devices/uprobe)".to_string());
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("chunks", ring_bytes)
+            .load(OBJECT)
+            .map_err(|error| refused("the kernel refused the TLS probes' maps", verbose(&error)))?;
+        let btf = Btf::from_sys_fs().map_err(|error| refused("no kernel BTF", error))?;
+        let inner = [("ssl_read_call", ""), ("ssl_write_call", ""), ("ssl_after_call", ""), ("ssl_return", "")];
+        for (program, _) in CALLS.iter().chain(MARKERS.iter()).chain(inner.iter()) {
+            let probe: &mut UProbe = ebpf
+                .program_mut(program)
+                .and_then(|program| program.try_into().ok())
+                .ok_or_else(|| format!("the TLS probes' object has no uprobe {program}"))?;
+            probe.load().map_err(|error| refused(&format!("the kernel refused the uprobe program {program}"),
+                                                 verbose(&error)))?;
+        }
+        for (program, tracepoint) in TRACEPOINTS {
+            let trace: &mut BtfTracePoint = ebpf
+                .program_mut(program)
+                .and_then(|program| program.try_into().ok())
+                .ok_or_else(|| format!("the TLS probes' object has no tracepoint program {program}"))?;
+            trace.load(tracepoint, &btf).map_err(|error| {
+                refused(&format!("the kernel refused the tracepoint program {program}"), verbose(&error))
+            })?;
+            trace.attach().map_err(|error| refused(&format!("cannot attach to tracepoint {tracepoint}"), verbose(&error)))?;
+        }
+        let ring = RingBuf::try_from(ebpf.take_map("chunks").ok_or("no ring buffer map")?)
+            .map_err(|error| error.to_string())?;
+        let watched = BpfHashMap::try_from(ebpf.take_map("watched").ok_or("no watched map")?)
+            .map_err(|error| error.to_string())?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        // SAFETY: a new read-only shared mapping of the ring's first two pages (consumer and producer
+        // positions), which the kernel allows; it is unmapped in Drop.
+        let positions = unsafe {
+            libc::mmap(std::ptr::null_mut(), 2 * page, libc::PROT_READ, libc::MAP_SHARED, ring.as_raw_fd(), 0)
+        };
+        if positions == libc::MAP_FAILED {
+            return Err(format!("cannot map the ring buffer's positions: {}", std::io::Error::last_os_error()));
+        }
+        Ok(TlsProbes { positions: positions as *const u8, page, ring_bytes: u64::from(ring_bytes), ebpf, ring,
+                       watched, attached: HashSet::new() })
+    }
+
+    /// Attaches every probe to process `pid`'s copy of `library` (a path as the agent sees it, e.g.
+    /// under /proc/PID/root). Idempotent per pid.
+    pub fn attach(&mut self, pid: u32, library: &str) -> Result<(), String> {
+        if self.attached.contains(&pid) {
+            return Ok(());
+        }
+        self.watched.insert(pid, 1, 0).map_err(|error| refused("cannot watch the process", error))?;
+        let code = std::fs::read(library).map_err(|error| format!("cannot read {library}: {error}"))?;
+        for (program, symbol) in CALLS {
+            let inner = match symbol {
+                "SSL_read" => Some("ssl_read_call"),
+                "SSL_write" => Some("ssl_write_call"),
+                _ => None,
+            };
+            match inner.and_then(|inner| emulated_sites(&code, symbol).map(|sites| (inner, sites))) {
+                Some((inner, (call, after))) => {
+                    self.attach_one(inner, UProbeAttachLocation::SymbolOffset(symbol, call), library, pid)?;
+                    self.attach_one("ssl_after_call", UProbeAttachLocation::SymbolOffset(symbol, after), library, pid)?;
+                }
+                None => {
+                    self.attach_one(program, UProbeAttachLocation::Symbol(symbol), library, pid)?;
+                    self.attach_one("ssl_return", UProbeAttachLocation::Symbol(symbol), library, pid)?;
+                }
+            }
+        }
+        for (program, symbol) in MARKERS {
+            self.attach_one(program, UProbeAttachLocation::Symbol(symbol), library, pid)?;
+        }
+        self.attached.insert(pid);
+        Ok(())
+    }
+
+    fn attach_one(&mut self, program: &str, location: UProbeAttachLocation<'_>, library: &str, pid: u32)
+                  -> Result<(), String> {
+        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or("pid 0")?);
+        let what = format!("{location:?}");
+        let probe: &mut UProbe = self.ebpf.program_mut(program).and_then(|p| p.try_into().ok()).ok_or("no probe")?;
+        probe.attach(location, library, scope).map(|_| ()).map_err(|error| {
+            refused(&format!("cannot attach a uprobe at {what} in {library} (pid {pid})"), verbose(&error))
+        })
+    }
+
+    /// A process that exited: its probes went with it; forget it (its pid may come back as another).
+    pub fn forget(&mut self, pid: u32) {
+        self.attached.remove(&pid);
+        let _ = self.watched.remove(&pid);
+    }
+
+    pub fn is_attached(&self, pid: u32) -> bool {
+        self.attached.contains(&pid)
+    }
+
+    /// Up to `max_records` records, each handed to `each`; returns how many there were.
+    pub fn drain(&mut self, max_records: usize, mut each: impl FnMut(&[u8])) -> usize {
+        let mut records = 0;
+        while records < max_records {
+            let Some(item) = self.ring.next() else { break };
+            each(&item);
+            records += 1;
+        }
+        records
+    }
+
+    /// How full the ring is, 0 to 1.
+    pub fn ready_fraction(&self) -> f64 {
+        // SAFETY: both positions are u64s at the start of the two mapped pages, written by the kernel and
+        // the consumer; volatile reads, since they change under us.
+        let (consumer, producer) = unsafe {
+            (std::ptr::read_volatile(self.positions as *const u64),
+             std::ptr::read_volatile(self.positions.add(self.page) as *const u64))
+        };
+        producer.saturating_sub(consumer) as f64 / self.ring_bytes as f64
+    }
+
+    /// The ring's file descriptor, to wait on.
+    pub fn fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.ring.as_raw_fd()
+    }
+
+    /// (records the ring had no room for, plaintext bytes not copied), summed over CPUs.
+    pub fn losses(&self) -> (u64, u64) {
+        let Some(map) = self.ebpf.map("losses") else { return (0, 0) };
+        let Ok(losses) = PerCpuArray::<&MapData, u64>::try_from(map) else { return (0, 0) };
+        let sum = |index: u32| losses.get(&index, 0).map_or(0, |values| values.iter().sum());
+        (sum(0), sum(1))
+    }
+}
+
+impl Drop for TlsProbes {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `load`, of that size, used by nothing after this.
+        unsafe { libc::munmap(self.positions as *mut libc::c_void, 2 * self.page) };
+    }
+}
+
+/// aya's errors with their causes (the verifier's log among them), on one line.
+fn verbose(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(&format!(": {cause_text}"));
+        }
+        source = cause.source();
+    }
+    text.replace('\n', " ")
+}
+
+/// Where in `symbol` (offsets from its start) a probe sees the same as an entry probe and a uretprobe,
+/// at instructions the kernel emulates (a call, a conditional jump) instead of single-stepping them: the
+/// function's call of its internal worker (`ssl_read_internal(s, buf, num, &done)`, in OpenSSL 1.1.1 and
+/// 3.x), and the first conditional jump after it with only tests between (the worker's result still in
+/// eax). On x86-64 a probe on the first instruction (`sub $N, %rsp`) costs a trap and a single-step,
+/// and a uretprobe one more trap: this halves what each SSL call costs the gateway. None when the code
+/// does not have that shape (another compiler, another library): the entry probe and uretprobe then.
+pub fn emulated_sites(elf: &[u8], symbol: &str) -> Option<(u64, u64)> {
+    if !cfg!(target_arch = "x86_64") {
+        return None;
+    }
+    let file = object::File::parse(elf).ok()?;
+    let found = file.dynamic_symbols().chain(file.symbols()).find(|candidate| {
+        candidate.name().is_ok_and(|name| name == symbol || name.split('@').next() == Some(symbol))
+            && candidate.address() != 0
+    })?;
+    let (start, size) = (found.address(), found.size());
+    let section = file.sections().find(|section| {
+        section.address() <= start && start < section.address() + section.size()
+    })?;
+    let data = section.data().ok()?;
+    let from = usize::try_from(start - section.address()).ok()?;
+    let length = if size > 0 { usize::try_from(size).ok()? } else { 256 };
+    let code = data.get(from..from.checked_add(length)?.min(data.len()))?;
+    let text = section.address()..section.address() + section.size();
+    let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
+    let mut call = None;
+    for instruction in decoder.iter().take(64) {
+        match (call, instruction.flow_control()) {
+            (None, FlowControl::Call) => {
+                // a direct call within .text: the internal worker, not a PLT stub
+                if !instruction.is_call_near() || !text.contains(&instruction.near_branch_target()) {
+                    return None;
+                }
+                call = Some(instruction.ip() - start);
+            }
+            (None, FlowControl::Return | FlowControl::UnconditionalBranch | FlowControl::IndirectBranch) => return None,
+            (None, _) => {}
+            (Some(at), FlowControl::ConditionalBranch) => return Some((at, instruction.ip() - start)),
+            (Some(_), FlowControl::Next) if matches!(instruction.mnemonic(), Mnemonic::Test | Mnemonic::Cmp) => {}
+            (Some(_), _) => return None,
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debian_openssl_3_has_the_emulated_sites_and_the_ex_forms_do_not() {
+        let Ok(library) = std::fs::read("/usr/lib/x86_64-linux-gnu/libssl.so.3") else {
+            panic!("this test reads Debian's libssl.so.3 (libssl3), which the gateway stand-in links");
+        };
+        let (call, after) = emulated_sites(&library, "SSL_read").expect("SSL_read's inner call");
+        assert!(call > 0 && after > call, "{call} {after}");
+        assert!(emulated_sites(&library, "SSL_write").is_some());
+        assert_eq!(emulated_sites(&library, "SSL_read_ex"), None, "its result goes through cmovs");
+        assert_eq!(emulated_sites(b"not an elf", "SSL_read"), None);
+    }
+}

@@ -1,0 +1,255 @@
+"""HTTPS metered end to end (`--tls-port`): Debian's nginx configured like Kong's key-auth serving TLS with a
+certificate made here, the agent's eBPF uprobes in nginx's libssl, real clients over TLS, and nginx's
+access log as the truth, one billed line for one event.
+
+Needs root (the bpf() syscall, uprobes). Where the kernel refuses the probes, the agent says why in one
+line and these tests fail with that line: nothing here is skipped for it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from kong_standin import KongStandin, billed_rows, free_loopback_port, load_consumers, metered_rows
+
+from conftest import CAPTURES, summary
+from tests.test_live_e2e import LiveAgent
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: packet sockets, bpf()")]
+
+DECK = CAPTURES / "kong.yaml"
+KEYS: dict[str, list[str]] = {}
+for _key, (_subject, _) in load_consumers(DECK).items():
+    KEYS.setdefault(_subject, []).append(_key)
+ALICE, BOB = KEYS["alice"][0], KEYS["bob"][0]
+CAROL = KEYS["carol"][0]
+UNKNOWN = "not-a-known-key-000"
+
+
+@pytest.fixture
+def gateway():
+    with KongStandin(port=free_loopback_port(), tls_port=free_loopback_port()) as standin:
+        yield standin
+
+
+@pytest.fixture
+def h2_gateway():
+    with KongStandin(port=free_loopback_port(), tls_port=free_loopback_port(), http2=True) as standin:
+        yield standin
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path):
+    agents: list[LiveAgent] = []
+
+    def start(gateway: KongStandin) -> LiveAgent:
+        agent = LiveAgent(tmp_path / f"events-{len(agents)}.jsonl", gateway.port, "--tls-port", str(gateway.tls_port),
+                          deck=DECK)
+        agents.append(agent)
+        agent.wait_for("capturing on lo")
+        assert not any("--tls-port" in line and "error" in line for line in agent.lines), agent.stderr
+        agent.wait_for("metering HTTPS on port")
+        agent.wait_for("credentials: loaded")
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.kill()
+
+
+def curl(*args: str, protocol: str = "--http1.1") -> None:
+    """curl -k; several URLs share one keep-alive connection."""
+    discard = ["-o", "/dev/null"] * sum(1 for arg in args if arg.startswith("https://"))
+    subprocess.run(["curl", "-sSk", protocol, *discard, "--max-time", "20", *args], check=True, timeout=30)
+
+
+def request(method: str, target: str, key: str | None, body: bytes = b"", close: bool = False) -> bytes:
+    headers = [f"{method} {target} HTTP/1.1", "Host: gateway"]
+    if key is not None:
+        headers.append(f"apikey: {key}")
+    if body:
+        headers.append(f"Content-Length: {len(body)}")
+    if close:
+        headers.append("Connection: close")
+    return ("\r\n".join(headers) + "\r\n\r\n").encode() + body
+
+
+def tls_socket(port: int) -> ssl.SSLSocket:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+    return context.wrap_socket(raw, server_hostname="localhost")
+
+
+def pipelined(port: int, payload: bytes) -> None:
+    """Every request in one TLS write, read until the server closes (the last request says close)."""
+    with tls_socket(port) as connection:
+        connection.sendall(payload)
+        while connection.recv(65536):
+            pass
+
+
+def drive_https(gateway: KongStandin, workdir: Path) -> int:
+    """curl -k with HTTP/1.1 (keep-alive, key in header and query), 401s, a keep-alive httpx client,
+    pipelining over TLS, a large upload; returns how many requests were sent."""
+    base = gateway.tls_url
+    curl("-H", f"apikey: {ALICE}", f"{base}/orders/1", f"{base}/orders/2?apikey={BOB}", f"{base}/static/catalog.json")
+    curl("--compressed", "-H", f"apikey: {CAROL}", f"{base}/reports/export")
+    curl("-H", f"apikey: {UNKNOWN}", f"{base}/orders")
+    curl(f"{base}/orders?page=1")
+    sent = 6
+    with httpx.Client(base_url=base, timeout=20, verify=False) as client:
+        for number, key in enumerate([ALICE, BOB, CAROL, UNKNOWN, ALICE]):
+            client.get(f"/items/{number}", headers={"apikey": key})
+        client.post("/orders", headers={"apikey": BOB}, json={"sku": "SKU-0001", "quantity": 3})
+        client.delete("/orders/9", headers={"apikey": CAROL})
+        client.get("/status/429", headers={"apikey": ALICE})
+        sent += 8
+    pipelined(gateway.tls_port, request("GET", "/pipelined/1", ALICE) + request("GET", "/pipelined/2", UNKNOWN)
+              + request("POST", "/pipelined/3", BOB, body=b'{"n":3}', close=True))
+    sent += 3
+    upload = workdir / "upload.bin"
+    upload.write_bytes(os.urandom(3 << 20))
+    curl("-H", f"apikey: {ALICE}", "--data-binary", f"@{upload}", f"{base}/uploads")
+    curl("-H", "Expect:", "-H", f"apikey: {BOB}", "--data-binary", f"@{upload}", f"{base}/uploads/2")
+    return sent + 2
+
+
+def stopped(agent: LiveAgent) -> dict[str, int]:
+    code, _ = agent.stop(signal.SIGTERM)
+    assert code == 0, agent.stderr
+    return agent.summary()
+
+
+def assert_clean(counters: dict[str, int]) -> None:
+    assert counters["tls_ring_drops"] == 0
+    assert counters["tls_truncated_chunks"] == 0 and counters["parse_errors"] == 0
+    assert counters["lost_exchanges"] == 0
+
+
+def test_https_events_match_the_access_log_one_for_one(gateway, start_agent, tmp_path: Path) -> None:
+    agent = start_agent(gateway)
+    sent = drive_https(gateway, tmp_path)
+    subprocess.run(["curl", "-sS", "-o", "/dev/null", "-H", f"apikey: {ALICE}", f"{gateway.base_url}/plain/too"],
+                   check=True, timeout=30)  # the plain port, in the same run
+    entries = gateway.access_log_entries(expect=sent + 1)
+    counters = stopped(agent)
+    events = agent.events()
+    assert metered_rows(events) == billed_rows(entries)
+    assert counters["rejected"] == sum(1 for e in entries if e["status"] == 401)
+    assert_clean(counters)
+    assert counters["tls_midstream"] == 0 and counters["http2_connections"] == 0
+    assert {event["data"]["client_ip"] for event in events} == {"127.0.0.1"}
+    assert len({event["id"] for event in events}) == len(events)
+    assert all(key not in agent.stderr for keys in KEYS.values() for key in keys)
+
+
+def test_an_h2_client_is_counted_not_billed_as_http1(h2_gateway, start_agent) -> None:
+    agent = start_agent(h2_gateway)
+    base = h2_gateway.tls_url
+    curl("-H", f"apikey: {ALICE}", f"{base}/h2/1", f"{base}/h2/2", protocol="--http2")
+    curl("-H", f"apikey: {BOB}", f"{base}/h1/1")
+    entries = h2_gateway.access_log_entries(expect=3)
+    counters = stopped(agent)
+    assert {e["server_protocol"] for e in entries} == {"HTTP/2.0", "HTTP/1.1"}
+    assert counters["http2_connections"] == 1
+    http1 = [e for e in entries if e["server_protocol"] == "HTTP/1.1"]
+    assert metered_rows(agent.events()) == billed_rows(http1)
+    assert counters["parse_errors"] == 0 and counters["unmatched_responses"] == 0, counters
+    assert any("HTTP/2" in line and "not metered" in line for line in agent.lines), agent.stderr
+
+
+def wait_for_workers(gateway: KongStandin, old: set[int]) -> set[int]:
+    master = psutil.Process(gateway.pid)
+    deadline = time.monotonic() + 10
+    while True:
+        workers = {child.pid for child in master.children()}
+        if len(workers) >= gateway.workers and not workers & old:
+            return workers
+        assert time.monotonic() < deadline, "nginx did not start new workers"
+        time.sleep(0.05)
+
+
+def test_a_reload_and_a_worker_that_dies_are_followed(gateway, start_agent, tmp_path: Path) -> None:
+    agent = start_agent(gateway)
+    base = gateway.tls_url
+    curl("-H", f"apikey: {ALICE}", f"{base}/before/1", f"{base}/before/2")
+    # a keep-alive connection open across the reload: its old worker finishes it
+    with httpx.Client(base_url=base, timeout=20, verify=False) as client:
+        client.get("/across/1", headers={"apikey": BOB})
+        gateway.reload(DECK)  # returns once only new workers are left
+        client.get("/across/2", headers={"apikey": BOB})
+    time.sleep(0.5)
+    curl("-H", f"apikey: {CAROL}", f"{base}/after-reload/1", f"{base}/after-reload/2")
+    # a worker killed outright: nginx starts another, which is attached too; its streams are closed
+    workers = {child.pid for child in psutil.Process(gateway.pid).children()}
+    connection = tls_socket(gateway.tls_port)
+    connection.sendall(request("GET", "/killed/answered", ALICE))
+    assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    connection.close()
+    wait_for_workers(gateway, workers)
+    time.sleep(0.5)
+    curl("-H", f"apikey: {ALICE}", f"{base}/after-kill/1", f"{base}/after-kill/2")
+    entries = gateway.access_log_entries(expect=9)
+    counters = stopped(agent)
+    assert metered_rows(agent.events()) == billed_rows(entries)
+    assert_clean(counters)
+    assert counters["tls_processes"] == 1 + gateway.workers, counters  # the dead ones forgotten
+
+
+def test_without_bpf_privileges_one_line_says_so_and_plain_capture_goes_on(gateway, tmp_path: Path) -> None:
+    """As root but without CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (setpriv drops them)."""
+    output = tmp_path / "events.jsonl"
+    command = ["setpriv", "--bounding-set", "-bpf,-perfmon,-sys_admin", "--inh-caps", "-bpf,-perfmon,-sys_admin",
+               "--", "python3", "-m", "agent", "--iface", "lo", "--port", str(gateway.port),
+               "--tls-port", str(gateway.tls_port), "--credentials", str(DECK), "--output", str(output)]
+    agent = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)
+        subprocess.run(["curl", "-sS", "-o", "/dev/null", "-H", f"apikey: {ALICE}", f"{gateway.base_url}/plain/1"],
+                       check=True, timeout=30)
+        time.sleep(1)
+        agent.send_signal(signal.SIGTERM)
+        _, stderr = agent.communicate(timeout=30)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    refused = [line for line in stderr.splitlines() if "--tls-port" in line and "error" in line]
+    assert len(refused) == 1, stderr
+    assert "cannot meter HTTPS here" in refused[0] and "plain capture goes on" in refused[0]
+    assert "Traceback" not in stderr
+    assert agent.returncode == 0, stderr
+    assert summary(stderr)["events"] == 1
+
+
+def test_a_connection_begun_before_the_agent_is_metered_from_its_next_request(gateway, start_agent) -> None:
+    connection = tls_socket(gateway.tls_port)
+    try:
+        connection.sendall(request("GET", "/before-agent", ALICE))
+        assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+        agent = start_agent(gateway)
+        for number in range(3):
+            connection.sendall(request("GET", f"/joined/{number}", BOB))
+            assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        connection.close()
+    entries = gateway.access_log_entries(expect=4)
+    counters = stopped(agent)
+    assert counters["tls_midstream"] == 1 and counters["tls_streams"] == 1
+    events = agent.events()
+    assert metered_rows(events) == billed_rows([e for e in entries if e["request_uri"] != "/before-agent"])
+    assert {event["data"]["client_ip"] for event in events} == {"127.0.0.1"}
+    assert len({event["id"] for event in events}) == 3
