@@ -1335,12 +1335,6 @@ mod pipeline {
             Ok(self.pipeline.meter.set_gateway(super::gateway(config)?))
         }
 
-        /// Routes in use.
-        #[getter]
-        fn routes(&self) -> usize {
-            self.pipeline.meter.routes()
-        }
-
         /// Requests waiting for the credential table right now.
         #[getter]
         fn held(&self) -> u64 {

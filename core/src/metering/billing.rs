@@ -153,11 +153,6 @@ impl Meter {
         refused
     }
 
-    /// Routes in use (those the router took).
-    pub fn routes(&self) -> usize {
-        self.routes.as_ref().map_or(0, Routes::len)
-    }
-
     fn check_rules(&mut self) {
         let mut key_names: Vec<String> = self.key_auth.key_names.iter().chain(&self.gateway_key_names).cloned().collect();
         if let Some(routes) = &self.routes {
