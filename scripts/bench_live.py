@@ -200,6 +200,21 @@ def wait_idle(sampler: Sampler, limit: float) -> float:
     return time.monotonic() - started
 
 
+def start_agent(command: list[str]) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+    """The agent started and capturing, with its stderr collected as it comes (and the thread doing so)."""
+    agent = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(agent.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    deadline = time.monotonic() + 20
+    while not any("capturing on" in line for line in lines):
+        if agent.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the agent did not start: " + "".join(lines))
+        time.sleep(0.05)
+    time.sleep(0.5)  # the credential table loads
+    return agent, lines, reader
+
+
 def agent_run(gateway: KongStandin, script: Path, args: argparse.Namespace, workers: int, workdir: Path,
               scrape: bool = False) -> AgentRun:
     run = AgentRun(workers, scrape)
@@ -209,16 +224,7 @@ def agent_run(gateway: KongStandin, script: Path, args: argparse.Namespace, work
     command = [sys.executable, "-m", "agent", "--iface", "lo", "--port", str(gateway.port),
                "--credentials", str(DEFAULT_DECK_FILE), "--output", str(output), "--workers", str(workers),
                *(["--metrics-listen", f"127.0.0.1:{metrics_port}"] if scrape else []), *args.agent_args]
-    agent = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
-    stderr_lines: list[str] = []
-    reader = threading.Thread(target=lambda: stderr_lines.extend(agent.stderr), daemon=True)  # type: ignore[arg-type]
-    reader.start()
-    deadline = time.monotonic() + 20
-    while not any("capturing on" in line for line in stderr_lines):
-        if agent.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the agent did not start: " + "".join(stderr_lines))
-        time.sleep(0.05)
-    time.sleep(0.5)  # the credential table loads
+    agent, stderr_lines, reader = start_agent(command)
     scraper = Scraper(metrics_port) if scrape else None
     if scraper is not None:
         scraper.start()

@@ -24,16 +24,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import psutil  # noqa: E402
-from bench_live import CATCH_UP_LIMIT, INVALID_KEY, Sampler, log_entries_from, run_wrk, wait_idle, wrk_script  # noqa: E402
+from bench_live import (CATCH_UP_LIMIT, INVALID_KEY, Sampler, log_entries_from, run_wrk, start_agent,  # noqa: E402
+                        wait_idle, wrk_script)
 from kong_standin import DEFAULT_DECK_FILE, KongStandin, billed_rows, free_loopback_port, metered_rows  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 KEPT_AT_LEAST = 0.80
 GOAL = 0.90
 
@@ -44,19 +43,10 @@ def agent_run(gateway: KongStandin, script: Path, args: argparse.Namespace, outp
     command = [sys.executable, "-m", "agent", "--iface", "lo", "--port", str(gateway.port),
                "--tls-port", str(gateway.tls_port), "--credentials", str(DEFAULT_DECK_FILE),
                "--output", str(output)]
-    agent = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(agent.stderr), daemon=True)  # type: ignore[arg-type]
-    reader.start()
-    deadline = time.monotonic() + 20
-    while not any("capturing on" in line for line in lines):
-        if agent.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the agent did not start: " + "".join(lines))
-        time.sleep(0.05)
+    agent, lines, reader = start_agent(command)
     if not any("metering HTTPS" in line for line in lines):
         agent.kill()
         raise RuntimeError("the agent could not meter HTTPS: " + "".join(lines))
-    time.sleep(0.5)  # the credential table loads
     sampler = Sampler(psutil.Process(agent.pid))
     sampler.start()
     cpu_start = sampler.cpu_seconds()

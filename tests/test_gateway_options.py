@@ -3,9 +3,12 @@ entries, reloaded when it changes), the checks that need both (a key never becom
 flags that override the file, and the plugin's endpoint and token references."""
 
 import argparse
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import yaml
@@ -89,7 +92,10 @@ def test_a_missing_plugins_file_is_a_usage_error(tmp_path):
         loaded("--credentials", deck, "--plugins", str(tmp_path / "nope.yaml"))
 
 
-def test_the_plugins_file_is_reloaded_when_it_changes(tmp_path):
+@contextlib.contextmanager
+def watched_plugins_file(tmp_path) -> Iterator[tuple[Path, Callable[[], dict | None]]]:
+    """A running sync over a decK file and a --plugins file with one entry (polled every 50 ms): the plugins
+    file, and the pipeline's view of the gateway's configuration."""
     deck = write(tmp_path / "kong.yaml", GATEWAY)
     plugins = tmp_path / "plugins.yaml"
     write(plugins, {"_format_version": "3.0", "plugins": [{"name": "metering-and-billing", "service": "orders"}]})
@@ -100,6 +106,13 @@ def test_the_plugins_file_is_reloaded_when_it_changes(tmp_path):
     sync.start()
     try:
         assert sync.wait_ready(5)
+        yield plugins, gateway
+    finally:
+        sync.stop()
+
+
+def test_the_plugins_file_is_reloaded_when_it_changes(tmp_path):
+    with watched_plugins_file(tmp_path) as (plugins, gateway):
         first = gateway()
         assert gateway() is first  # the same object until something changes
         assert len(first["metering"]) == 1
@@ -109,21 +122,10 @@ def test_the_plugins_file_is_reloaded_when_it_changes(tmp_path):
         while gateway() is first and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(gateway()["metering"]) == 2
-    finally:
-        sync.stop()
 
 
 def test_a_refused_reload_keeps_the_last_good_configuration_and_says_so(tmp_path, caplog):
-    deck = write(tmp_path / "kong.yaml", GATEWAY)
-    plugins = tmp_path / "plugins.yaml"
-    write(plugins, {"_format_version": "3.0", "plugins": [{"name": "metering-and-billing", "service": "orders"}]})
-    args = args_for("--credentials", deck, "--plugins", str(plugins), "--credentials-refresh", "3600")
-    sync = credentials_from_args(args)
-    sync._poll_seconds = 0.05
-    gateway = gateway_options.gateway_from_args(args, sync)
-    sync.start()
-    try:
-        assert sync.wait_ready(5)
+    with watched_plugins_file(tmp_path) as (plugins, gateway):
         first = gateway()
         with caplog.at_level(logging.WARNING):
             write(plugins, {"_format_version": "3.0", "plugins": [{"name": "metering-and-billing",
@@ -134,8 +136,6 @@ def test_a_refused_reload_keeps_the_last_good_configuration_and_says_so(tmp_path
                 time.sleep(0.05)
         assert gateway() is first and TOKEN not in caplog.text
         assert "keeping the last good table" in caplog.text
-    finally:
-        sync.stop()
 
 
 def test_a_reload_that_changes_nothing_hands_on_the_same_object(tmp_path):

@@ -22,7 +22,7 @@ import pytest
 from kong_standin import KongStandin, billed_rows, free_loopback_port, load_consumers, metered_rows
 
 from conftest import CAPTURES, summary
-from tests.test_live_e2e import LiveAgent
+from tests.test_live_e2e import LiveAgent, request
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: packet sockets, bpf()")]
 
@@ -70,17 +70,6 @@ def curl(*args: str, protocol: str = "--http1.1") -> None:
     """curl -k; several URLs share one keep-alive connection."""
     discard = ["-o", "/dev/null"] * sum(1 for arg in args if arg.startswith("https://"))
     subprocess.run(["curl", "-sSk", protocol, *discard, "--max-time", "20", *args], check=True, timeout=30)
-
-
-def request(method: str, target: str, key: str | None, body: bytes = b"", close: bool = False) -> bytes:
-    headers = [f"{method} {target} HTTP/1.1", "Host: gateway"]
-    if key is not None:
-        headers.append(f"apikey: {key}")
-    if body:
-        headers.append(f"Content-Length: {len(body)}")
-    if close:
-        headers.append("Connection: close")
-    return ("\r\n".join(headers) + "\r\n\r\n").encode() + body
 
 
 def tls_socket(port: int) -> ssl.SSLSocket:
