@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 /* The TLS library's plaintext, read where the gateway's own processes hand it to (or get it from)
- * OpenSSL: uprobes and uretprobes on SSL_read, SSL_read_ex, SSL_write and SSL_write_ex, SSL_set_fd (a
- * connection starts) and SSL_free (it ends). The socket behind an SSL* is learnt from the sock layer's
+ * OpenSSL: uprobes and uretprobes on the internal workers ssl_read_internal and ssl_write_internal
+ * (s, buf, num, size_t *done), which the loader finds (else on SSL_read, SSL_read_ex, SSL_write and
+ * SSL_write_ex themselves), SSL_set_fd (a connection starts) and SSL_free (it ends). The socket behind an SSL* is learnt from the sock layer's
  * own tracepoints (sock_recv_length, sock_send_length) fired while that thread is inside an SSL call:
  * the kernel's struct sock gives the 4-tuple through BTF, also for connections that began before the
  * probes were attached. No kprobes, no kernel headers: CO-RE against /sys/kernel/btf/vmlinux. */
@@ -56,8 +57,9 @@ struct chunk {
 struct call {
 	__u64 ssl;
 	__u64 buf;
-	__u64 ex_len; /* size_t * of the _ex forms, 0 for SSL_read/SSL_write */
+	__u64 ex_len; /* size_t * of the _ex forms and the workers, 0 for SSL_read/SSL_write */
 	__u32 kind;
+	__u32 active; /* between the call's entry and its return */
 };
 
 struct stream_key {
@@ -89,11 +91,12 @@ struct {
 	__type(value, __u8);
 } watched SEC(".maps");
 
-/* the SSL call each thread is in, between entry and return */
+/* the SSL call each thread is in, between entry and return: the thread's own storage, cheaper than a
+ * map keyed by thread id */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u64);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct call);
 } calls SEC(".maps");
 
@@ -120,6 +123,16 @@ struct {
 	__type(value, __u64);
 } losses SEC(".maps");
 
+/* Ring-buffer notifications: the consumer polls on a short timer, so a record wakes it only when the
+ * ring's backlog crosses a multiple of WAKE_EVERY bytes (each wakeup is an interrupt on the gateway's CPU) */
+#define WAKE_EVERY (4 << 20)
+
+static __always_inline __u64 wake_flags(__u64 size)
+{
+	__u64 before = bpf_ringbuf_query(&chunks, BPF_RB_AVAIL_DATA);
+	return before / WAKE_EVERY != (before + size) / WAKE_EVERY ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
 static __always_inline void count(__u32 which, __u64 amount)
 {
 	__u64 *value = bpf_map_lookup_elem(&losses, &which);
@@ -133,13 +146,18 @@ static __always_inline int is_watched(void)
 	return bpf_map_lookup_elem(&watched, &pid) != 0;
 }
 
+/* The uprobes are attached per process (the gateway's), so they need no check of the process. */
 static __always_inline int enter(__u64 ssl, __u64 buf, __u64 ex_len, __u32 kind)
 {
-	if (!is_watched())
+	struct call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0,
+						 BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!call)
 		return 0;
-	__u64 id = bpf_get_current_pid_tgid();
-	struct call call = { .ssl = ssl, .buf = buf, .ex_len = ex_len, .kind = kind };
-	bpf_map_update_elem(&calls, &id, &call, BPF_ANY);
+	call->ssl = ssl;
+	call->buf = buf;
+	call->ex_len = ex_len;
+	call->kind = kind;
+	call->active = 1;
 	return 0;
 }
 
@@ -180,12 +198,11 @@ static __always_inline void fill_header(struct chunk_header *h, __u64 ssl, __u32
 
 static __always_inline int leave(int ret)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	struct call *call = bpf_map_lookup_elem(&calls, &id);
-	if (!call)
+	struct call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, 0);
+	if (!call || !call->active)
 		return 0;
+	call->active = 0;
 	struct call done = *call;
-	bpf_map_delete_elem(&calls, &id);
 	__u64 length;
 	if (done.ex_len) {
 		if (ret <= 0)
@@ -221,7 +238,8 @@ static __always_inline int leave(int ret)
 			chunk->h.len = 0; /* still sent: the core learns the bytes are missing */
 			size = 0;
 		}
-		if (bpf_ringbuf_output(&chunks, chunk, sizeof(struct chunk_header) + (size & (PIECE * 2 - 1)), 0))
+		__u64 bytes = sizeof(struct chunk_header) + (size & (PIECE * 2 - 1));
+		if (bpf_ringbuf_output(&chunks, chunk, bytes, wake_flags(bytes)))
 			count(0, 1);
 	}
 	if (length > (__u64)PIECES * PIECE)
@@ -245,7 +263,7 @@ static __always_inline int marker(__u64 ssl, __u32 kind)
 	}
 	if (kind == KIND_CLOSE || kind == KIND_OPEN)
 		bpf_map_delete_elem(&endpoints, &key);
-	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), 0))
+	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), wake_flags(sizeof(h))))
 		count(0, 1);
 	return 0;
 }
@@ -280,28 +298,6 @@ int BPF_KRETPROBE(ssl_return, int ret)
 	return leave(ret);
 }
 
-/* The same, without a uretprobe: where SSL_read and SSL_write call ssl_read_internal/ssl_write_internal
- * (s, buf, num, size_t *done), and at the first conditional jump after that call (its result still in
- * eax). Both are instructions the kernel emulates, where a probe at the function's first instruction
- * needs a single-step and a uretprobe a second trap: the loader picks these when it finds them. */
-SEC("uprobe")
-int BPF_KPROBE(ssl_read_call, void *ssl, void *buf, size_t num, size_t *done)
-{
-	return enter((__u64)ssl, (__u64)buf, (__u64)done, KIND_READ);
-}
-
-SEC("uprobe")
-int BPF_KPROBE(ssl_write_call, void *ssl, const void *buf, size_t num, size_t *done)
-{
-	return enter((__u64)ssl, (__u64)buf, (__u64)done, KIND_WRITE);
-}
-
-SEC("uprobe")
-int ssl_after_call(struct pt_regs *ctx)
-{
-	return leave((int)PT_REGS_RC(ctx));
-}
-
 SEC("uprobe")
 int BPF_KPROBE(ssl_set_fd, void *ssl, int fd)
 {
@@ -319,11 +315,10 @@ int BPF_KPROBE(ssl_free, void *ssl)
 /* The socket a thread inside an SSL call sends on or receives from is that SSL*'s. */
 static __always_inline int learn_socket(struct sock *sk)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	struct call *call = bpf_map_lookup_elem(&calls, &id);
-	if (!call)
+	struct call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, 0);
+	if (!call || !call->active)
 		return 0;
-	struct stream_key key = { .ssl = call->ssl, .pid = id >> 32 };
+	struct stream_key key = { .ssl = call->ssl, .pid = bpf_get_current_pid_tgid() >> 32 };
 	if (bpf_map_lookup_elem(&endpoints, &key))
 		return 0;
 	struct endpoint endpoint = { .sk = (__u64)sk };

@@ -15,13 +15,15 @@ use aya::{Btf, Ebpf, EbpfLoader};
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tls.bpf.o"));
 
 /// Entry probes, by program and symbol; every one also gets the shared return probe (`ssl_return`).
-/// SSL_read and SSL_write are probed at their inner call instead when `emulated_sites` finds it.
+/// Used as they are only where `internal_workers` does not find the two functions all four call.
 const CALLS: [(&str, &str); 4] = [
     ("ssl_read_enter", "SSL_read"),
     ("ssl_read_ex_enter", "SSL_read_ex"),
     ("ssl_write_enter", "SSL_write"),
     ("ssl_write_ex_enter", "SSL_write_ex"),
 ];
+/// The internal workers' entry programs: (s, buf, num, size_t *done), as the `_ex` forms'.
+const WORKERS: [&str; 2] = ["ssl_read_ex_enter", "ssl_write_ex_enter"];
 const MARKERS: [(&str, &str); 2] = [("ssl_set_fd", "SSL_set_fd"), ("ssl_free", "SSL_free")];
 const TRACEPOINTS: [(&str, &str); 4] = [
     ("sock_recv", "sock_recv_length"),
@@ -59,11 +61,11 @@ impl TlsProbes {
         }
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("chunks", ring_bytes)
+            .allow_unsupported_maps() // the per-thread call state (task storage), used by the programs alone
             .load(OBJECT)
             .map_err(|error| refused("the kernel refused the TLS probes' maps", verbose(&error)))?;
         let btf = Btf::from_sys_fs().map_err(|error| refused("no kernel BTF", error))?;
-        let inner = [("ssl_read_call", ""), ("ssl_write_call", ""), ("ssl_after_call", ""), ("ssl_return", "")];
-        for (program, _) in CALLS.iter().chain(MARKERS.iter()).chain(inner.iter()) {
+        for (program, _) in CALLS.iter().chain(MARKERS.iter()).chain([("ssl_return", "")].iter()) {
             let probe: &mut UProbe = ebpf
                 .program_mut(program)
                 .and_then(|program| program.try_into().ok())
@@ -108,18 +110,15 @@ impl TlsProbes {
         }
         self.watched.insert(pid, 1, 0).map_err(|error| refused("cannot watch the process", error))?;
         let code = std::fs::read(library).map_err(|error| format!("cannot read {library}: {error}"))?;
-        for (program, symbol) in CALLS {
-            let inner = match symbol {
-                "SSL_read" => Some("ssl_read_call"),
-                "SSL_write" => Some("ssl_write_call"),
-                _ => None,
-            };
-            match inner.and_then(|inner| emulated_sites(&code, symbol).map(|sites| (inner, sites))) {
-                Some((inner, (call, after))) => {
-                    self.attach_one(inner, UProbeAttachLocation::SymbolOffset(symbol, call), library, pid)?;
-                    self.attach_one("ssl_after_call", UProbeAttachLocation::SymbolOffset(symbol, after), library, pid)?;
+        match internal_workers(&code) {
+            Some(offsets) => {
+                for (program, offset) in WORKERS.into_iter().zip(offsets) {
+                    self.attach_one(program, UProbeAttachLocation::AbsoluteOffset(offset), library, pid)?;
+                    self.attach_one("ssl_return", UProbeAttachLocation::AbsoluteOffset(offset), library, pid)?;
                 }
-                None => {
+            }
+            None => {
+                for (program, symbol) in CALLS {
                     self.attach_one(program, UProbeAttachLocation::Symbol(symbol), library, pid)?;
                     self.attach_one("ssl_return", UProbeAttachLocation::Symbol(symbol), library, pid)?;
                 }
@@ -210,50 +209,67 @@ fn verbose(error: &dyn std::error::Error) -> String {
     text.replace('\n', " ")
 }
 
-/// Where in `symbol` (offsets from its start) a probe sees the same as an entry probe and a uretprobe,
-/// at instructions the kernel emulates (a call, a conditional jump) instead of single-stepping them: the
-/// function's call of its internal worker (`ssl_read_internal(s, buf, num, &done)`, in OpenSSL 1.1.1 and
-/// 3.x), and the first conditional jump after it with only tests between (the worker's result still in
-/// eax). On x86-64 a probe on the first instruction (`sub $N, %rsp`) costs a trap and a single-step,
-/// and a uretprobe one more trap: this halves what each SSL call costs the gateway. None when the code
-/// does not have that shape (another compiler, another library): the entry probe and uretprobe then.
-pub fn emulated_sites(elf: &[u8], symbol: &str) -> Option<(u64, u64)> {
+/// The file offsets of OpenSSL's internal read and write workers, `ssl_read_internal` and
+/// `ssl_write_internal(s, buf, num, size_t *done)` (1.1.1 and 3.x): the functions `SSL_read`,
+/// `SSL_read_ex` (and `SSL_read_early_data`) and `SSL_write`, `SSL_write_ex` all call. One entry probe and
+/// one uretprobe there see every read and write, whichever public form the gateway uses. They are also
+/// cheaper on x86-64: a worker begins with `push` (saving registers), an instruction the kernel emulates,
+/// where the public functions begin with `sub $N, %rsp`, which costs a single-step on top of the trap;
+/// and a uretprobe returns through a syscall, cheaper than a second trap. Found as the first direct call
+/// in each public function; trusted only when `SSL_read` and `SSL_read_ex` (and the two writes) call the
+/// same function, which begins with a push. None otherwise (another library, another compiler, not x86-64):
+/// the public functions are probed then.
+pub fn internal_workers(elf: &[u8]) -> Option<[u64; 2]> {
     if !cfg!(target_arch = "x86_64") {
         return None;
     }
     let file = object::File::parse(elf).ok()?;
+    let worker = |plain: &str, ex: &str| -> Option<u64> {
+        let target = first_call(&file, plain)?;
+        (first_call(&file, ex)? == target).then_some(target)?;
+        let (code, section) = code_at(&file, target, 16)?;
+        let first = Decoder::with_ip(64, code, target, DecoderOptions::NONE).decode();
+        (first.mnemonic() == Mnemonic::Push).then_some(())?;
+        let offset = target - section.address();
+        Some(section.file_range()?.0 + offset)
+    };
+    Some([worker("SSL_read", "SSL_read_ex")?, worker("SSL_write", "SSL_write_ex")?])
+}
+
+/// The target of `symbol`'s first call, if that is a direct call into the same section (not a PLT stub)
+/// and comes before any return or jump out.
+fn first_call(file: &object::File<'_>, symbol: &str) -> Option<u64> {
     let found = file.dynamic_symbols().chain(file.symbols()).find(|candidate| {
         candidate.name().is_ok_and(|name| name == symbol || name.split('@').next() == Some(symbol))
             && candidate.address() != 0
     })?;
-    let (start, size) = (found.address(), found.size());
-    let section = file.sections().find(|section| {
-        section.address() <= start && start < section.address() + section.size()
-    })?;
-    let data = section.data().ok()?;
-    let from = usize::try_from(start - section.address()).ok()?;
-    let length = if size > 0 { usize::try_from(size).ok()? } else { 256 };
-    let code = data.get(from..from.checked_add(length)?.min(data.len()))?;
+    let start = found.address();
+    let length = if found.size() > 0 { found.size() } else { 256 };
+    let (code, section) = code_at(file, start, length)?;
     let text = section.address()..section.address() + section.size();
-    let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
-    let mut call = None;
-    for instruction in decoder.iter().take(64) {
-        match (call, instruction.flow_control()) {
-            (None, FlowControl::Call) => {
-                // a direct call within .text: the internal worker, not a PLT stub
-                if !instruction.is_call_near() || !text.contains(&instruction.near_branch_target()) {
-                    return None;
-                }
-                call = Some(instruction.ip() - start);
+    for instruction in Decoder::with_ip(64, code, start, DecoderOptions::NONE).iter().take(64) {
+        match instruction.flow_control() {
+            FlowControl::Call => {
+                let target = instruction.near_branch_target();
+                return (instruction.is_call_near() && text.contains(&target)).then_some(target);
             }
-            (None, FlowControl::Return | FlowControl::UnconditionalBranch | FlowControl::IndirectBranch) => return None,
-            (None, _) => {}
-            (Some(at), FlowControl::ConditionalBranch) => return Some((at, instruction.ip() - start)),
-            (Some(_), FlowControl::Next) if matches!(instruction.mnemonic(), Mnemonic::Test | Mnemonic::Cmp) => {}
-            (Some(_), _) => return None,
+            FlowControl::Return | FlowControl::UnconditionalBranch | FlowControl::IndirectBranch => return None,
+            _ => {}
         }
     }
     None
+}
+
+/// Up to `length` bytes of code from virtual address `address`, and the section holding them.
+fn code_at<'data, 'file>(file: &'file object::File<'data>, address: u64, length: u64)
+                         -> Option<(&'data [u8], object::Section<'data, 'file>)> {
+    let section = file.sections().find(|section| {
+        section.address() <= address && address < section.address() + section.size()
+    })?;
+    let data = section.data().ok()?;
+    let from = usize::try_from(address - section.address()).ok()?;
+    let to = from.checked_add(usize::try_from(length).ok()?)?.min(data.len());
+    Some((data.get(from..to)?, section))
 }
 
 #[cfg(test)]
@@ -261,14 +277,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn debian_openssl_3_has_the_emulated_sites_and_the_ex_forms_do_not() {
+    fn debian_openssl_3_has_the_internal_workers() {
         let Ok(library) = std::fs::read("/usr/lib/x86_64-linux-gnu/libssl.so.3") else {
             panic!("this test reads Debian's libssl.so.3 (libssl3), which the gateway stand-in links");
         };
-        let (call, after) = emulated_sites(&library, "SSL_read").expect("SSL_read's inner call");
-        assert!(call > 0 && after > call, "{call} {after}");
-        assert!(emulated_sites(&library, "SSL_write").is_some());
-        assert_eq!(emulated_sites(&library, "SSL_read_ex"), None, "its result goes through cmovs");
-        assert_eq!(emulated_sites(b"not an elf", "SSL_read"), None);
+        let file = object::File::parse(&*library).unwrap();
+        let [read, write] = internal_workers(&library).expect("ssl_read_internal and ssl_write_internal");
+        assert_ne!(read, write);
+        let public = |symbol: &str| file.dynamic_symbols().find(|s| s.name().is_ok_and(|n| n == symbol)).unwrap();
+        for (worker, symbol) in [(read, "SSL_read"), (write, "SSL_write")] {
+            let (code, section) = code_at(&file, public(symbol).address(), 64).unwrap();
+            assert!(code.len() == 64 && worker > 0);
+            let virtual_address = first_call(&file, symbol).unwrap();
+            assert_eq!(worker, section.file_range().unwrap().0 + virtual_address - section.address());
+        }
+        assert_eq!(first_call(&file, "SSL_free"), None, "SSL_free returns (for a null SSL*) before any call");
+        assert_eq!(internal_workers(b"not an elf"), None);
     }
 }
