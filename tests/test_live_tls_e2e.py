@@ -144,6 +144,22 @@ def test_https_events_match_the_access_log_one_for_one(gateway, start_agent, tmp
     assert all(key not in agent.stderr for keys in KEYS.values() for key in keys)
 
 
+def test_a_large_response_to_a_slow_client_is_metered_once(gateway, start_agent) -> None:
+    """A response larger than the socket can take at once: nginx's writes fail with the socket full and are
+    made again with the same bytes (the probes see each attempt at its entry), yet each byte counts once."""
+    large = gateway.prefix / "html/static/large.bin"
+    large.write_bytes(os.urandom(6 << 20))
+    agent = start_agent(gateway)
+    base = gateway.tls_url
+    curl("--limit-rate", "3M", "-H", f"apikey: {ALICE}", f"{base}/static/large.bin", f"{base}/orders/after-large")
+    entries = gateway.access_log_entries(expect=2)
+    counters = stopped(agent)
+    assert [e["bytes_sent"] > 6 << 20 for e in entries] == [True, False]
+    assert metered_rows(agent.events()) == billed_rows(entries)
+    assert_clean(counters)
+    assert counters["tls_write_retries"] > 0, "the socket never filled: this test did not test retries"
+
+
 def test_an_h2_client_is_counted_not_billed_as_http1(h2_gateway, start_agent) -> None:
     agent = start_agent(h2_gateway)
     base = h2_gateway.tls_url

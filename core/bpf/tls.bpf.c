@@ -25,7 +25,12 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Pieces one call may send: past PIECES * PIECE bytes the rest is counted truncated (the core sees a gap) */
 #define PIECES 32
 
-enum kind { KIND_READ = 0, KIND_WRITE = 1, KIND_OPEN = 2, KIND_CLOSE = 3, KIND_FORK = 4, KIND_EXIT = 5 };
+enum kind {
+	KIND_READ = 0, KIND_WRITE = 1, KIND_OPEN = 2, KIND_CLOSE = 3, KIND_FORK = 4, KIND_EXIT = 5,
+	/* the write this thread sent at its entry did not go out (a send on its socket failed): the
+	 * gateway calls again with the same bytes, so the core forgets this attempt's */
+	KIND_WRITE_FAILED = 6,
+};
 
 struct chunk_header {
 	__u64 ssl;
@@ -46,6 +51,10 @@ struct chunk_header {
 	__u32 copied_seq;
 	__u8 local_addr[16];
 	__u8 remote_addr[16];
+	__u32 tid;
+	/* a write sent at its call's entry, before its outcome is known: the core holds it until the thread
+	 * goes on (or a KIND_WRITE_FAILED for it comes) */
+	__u32 at_entry;
 };
 
 /* the scratch record: twice a piece, so that the verifier can bound a length by a mask */
@@ -59,7 +68,9 @@ struct call {
 	__u64 buf;
 	__u64 ex_len; /* size_t * of the _ex forms and the workers, 0 for SSL_read/SSL_write */
 	__u32 kind;
-	__u32 active; /* between the call's entry and its return */
+	__u32 active; /* between the call's entry and its return (a write sent at entry: until the next call) */
+	__u32 at_entry; /* a write whose bytes were sent at its entry */
+	__u32 learned; /* this call's stream has its socket: the sock tracepoints need not look */
 };
 
 struct stream_key {
@@ -73,7 +84,8 @@ struct endpoint {
 	__u16 family;
 	__u16 local_port;
 	__u16 remote_port;
-	__u16 pad;
+	/* a read's record carried the stream's id base (the core needs only the first) */
+	__u16 based;
 	__u8 local_addr[16];
 	__u8 remote_addr[16];
 };
@@ -158,6 +170,8 @@ static __always_inline int enter(__u64 ssl, __u64 buf, __u64 ex_len, __u32 kind)
 	call->ex_len = ex_len;
 	call->kind = kind;
 	call->active = 1;
+	call->at_entry = 0;
+	call->learned = 0;
 	return 0;
 }
 
@@ -173,6 +187,8 @@ static __always_inline void fill_header(struct chunk_header *h, __u64 ssl, __u32
 	h->call_len = 0;
 	h->len = 0;
 	h->client_left = 0;
+	h->tid = (__u32)bpf_get_current_pid_tgid();
+	h->at_entry = 0;
 	struct endpoint *endpoint = bpf_map_lookup_elem(&endpoints, &key);
 	if (endpoint) {
 		h->family = endpoint->family;
@@ -180,11 +196,16 @@ static __always_inline void fill_header(struct chunk_header *h, __u64 ssl, __u32
 		h->remote_port = endpoint->remote_port;
 		__builtin_memcpy(h->local_addr, endpoint->local_addr, 16);
 		__builtin_memcpy(h->remote_addr, endpoint->remote_addr, 16);
-		struct tcp_sock *tp = (struct tcp_sock *)endpoint->sk;
-		__u32 rcv_nxt = BPF_CORE_READ(tp, rcv_nxt);
-		__u64 received = BPF_CORE_READ(tp, bytes_received);
-		h->client_isn = rcv_nxt - (__u32)received;
-		h->copied_seq = BPF_CORE_READ(tp, copied_seq);
+		h->client_isn = 0;
+		h->copied_seq = 0;
+		if (kind == KIND_READ && !endpoint->based) {
+			endpoint->based = 1;
+			struct tcp_sock *tp = (struct tcp_sock *)endpoint->sk;
+			__u32 rcv_nxt = BPF_CORE_READ(tp, rcv_nxt);
+			__u64 received = BPF_CORE_READ(tp, bytes_received);
+			h->client_isn = rcv_nxt - (__u32)received;
+			h->copied_seq = BPF_CORE_READ(tp, copied_seq);
+		}
 	} else {
 		h->client_isn = 0;
 		h->copied_seq = 0;
@@ -196,10 +217,45 @@ static __always_inline void fill_header(struct chunk_header *h, __u64 ssl, __u32
 	}
 }
 
+/* One call's plaintext, cut into pieces, into the ring. */
+static __always_inline int send_call(__u64 ssl, __u32 kind, __u64 buf, __u64 length, __u32 at_entry)
+{
+	if (length == 0 || length > 0xffffffff)
+		return 0;
+	__u32 zero = 0;
+	struct chunk *chunk = bpf_map_lookup_elem(&scratch, &zero);
+	if (!chunk)
+		return 0;
+	fill_header(&chunk->h, ssl, kind);
+	chunk->h.call_len = length;
+	chunk->h.at_entry = at_entry;
+	for (__u32 piece = 0; piece < PIECES; piece++) {
+		__u64 offset = (__u64)piece * PIECE;
+		if (offset >= length)
+			return 0;
+		__u64 size = length - offset;
+		if (size > PIECE)
+			size = PIECE;
+		chunk->h.offset = offset;
+		chunk->h.len = size;
+		if (bpf_probe_read_user(chunk->data, size & (PIECE * 2 - 1), (void *)(buf + offset))) {
+			count(1, size);
+			chunk->h.len = 0; /* still sent: the core learns the bytes are missing */
+			size = 0;
+		}
+		__u64 bytes = sizeof(struct chunk_header) + (size & (PIECE * 2 - 1));
+		if (bpf_ringbuf_output(&chunks, chunk, bytes, wake_flags(bytes)))
+			count(0, 1);
+	}
+	if (length > (__u64)PIECES * PIECE)
+		count(1, length - (__u64)PIECES * PIECE);
+	return 0;
+}
+
 static __always_inline int leave(int ret)
 {
 	struct call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, 0);
-	if (!call || !call->active)
+	if (!call || !call->active || call->at_entry)
 		return 0;
 	call->active = 0;
 	struct call done = *call;
@@ -216,35 +272,7 @@ static __always_inline int leave(int ret)
 			return 0;
 		length = ret;
 	}
-	if (length == 0 || length > 0xffffffff)
-		return 0;
-	__u32 zero = 0;
-	struct chunk *chunk = bpf_map_lookup_elem(&scratch, &zero);
-	if (!chunk)
-		return 0;
-	fill_header(&chunk->h, done.ssl, done.kind);
-	chunk->h.call_len = length;
-	for (__u32 piece = 0; piece < PIECES; piece++) {
-		__u64 offset = (__u64)piece * PIECE;
-		if (offset >= length)
-			return 0;
-		__u64 size = length - offset;
-		if (size > PIECE)
-			size = PIECE;
-		chunk->h.offset = offset;
-		chunk->h.len = size;
-		if (bpf_probe_read_user(chunk->data, size & (PIECE * 2 - 1), (void *)(done.buf + offset))) {
-			count(1, size);
-			chunk->h.len = 0; /* still sent: the core learns the bytes are missing */
-			size = 0;
-		}
-		__u64 bytes = sizeof(struct chunk_header) + (size & (PIECE * 2 - 1));
-		if (bpf_ringbuf_output(&chunks, chunk, bytes, wake_flags(bytes)))
-			count(0, 1);
-	}
-	if (length > (__u64)PIECES * PIECE)
-		count(1, length - (__u64)PIECES * PIECE);
-	return 0;
+	return send_call(done.ssl, done.kind, done.buf, length, 0);
 }
 
 static __always_inline int marker(__u64 ssl, __u32 kind)
@@ -298,6 +326,37 @@ int BPF_KRETPROBE(ssl_return, int ret)
 	return leave(ret);
 }
 
+/* ssl_write_internal(s, buf, num, &written), without a uretprobe: the bytes are all in buf at entry, and
+ * a write either sends them all or fails (OpenSSL's writes are not partial unless the gateway asks, and
+ * nginx does not); a failure shows as a failed send on the stream's socket while the call is the
+ * thread's latest (sock_send below), and the gateway then calls again with the same bytes. This saves
+ * the return's trap into the kernel on every response. */
+SEC("uprobe")
+int BPF_KPROBE(ssl_write_worker, void *ssl, const void *buf, size_t num, size_t *written)
+{
+	struct call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0,
+						 BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!call)
+		return 0;
+	call->ssl = (__u64)ssl;
+	call->buf = (__u64)buf;
+	call->ex_len = (__u64)written;
+	call->kind = KIND_WRITE;
+	call->active = 1;
+	call->at_entry = 1;
+	return send_call((__u64)ssl, KIND_WRITE, (__u64)buf, num, 1);
+}
+
+/* SSL_shutdown sends the close_notify alert: a failed send then is not the last write's. */
+SEC("uprobe")
+int BPF_KPROBE(ssl_shutdown, void *ssl)
+{
+	struct call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, 0);
+	if (call)
+		call->active = 0;
+	return 0;
+}
+
 SEC("uprobe")
 int BPF_KPROBE(ssl_set_fd, void *ssl, int fd)
 {
@@ -312,12 +371,37 @@ int BPF_KPROBE(ssl_free, void *ssl)
 	return marker((__u64)ssl, KIND_CLOSE);
 }
 
-/* The socket a thread inside an SSL call sends on or receives from is that SSL*'s. */
-static __always_inline int learn_socket(struct sock *sk)
+/* A send failed (EAGAIN: the socket's buffer is full; or the connection broke) while the thread's latest
+ * SSL call is a write sent at entry: if the socket is that stream's, the write did not go out. */
+static __always_inline void write_failed(struct call *call, struct sock *sk)
+{
+	__u32 pid = bpf_get_current_pid_tgid() >> 32;
+	struct stream_key key = { .ssl = call->ssl, .pid = pid };
+	struct endpoint *endpoint = bpf_map_lookup_elem(&endpoints, &key);
+	if (!endpoint || endpoint->sk != (__u64)sk)
+		return;
+	call->active = 0;
+	struct chunk_header h;
+	fill_header(&h, call->ssl, KIND_WRITE_FAILED);
+	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), wake_flags(sizeof(h))))
+		count(0, 1);
+}
+
+/* The socket a thread inside an SSL call sends on or receives from is that SSL*'s. Not during a write sent
+ * at entry: with no return probe, the call may be over, and the thread sending on another socket. */
+static __always_inline int learn_socket(struct sock *sk, int ret)
 {
 	struct call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, 0);
 	if (!call || !call->active)
 		return 0;
+	if (call->at_entry) {
+		if (ret < 0)
+			write_failed(call, sk);
+		return 0;
+	}
+	if (call->learned)
+		return 0;
+	call->learned = 1;
 	struct stream_key key = { .ssl = call->ssl, .pid = bpf_get_current_pid_tgid() >> 32 };
 	if (bpf_map_lookup_elem(&endpoints, &key))
 		return 0;
@@ -346,13 +430,13 @@ static __always_inline int learn_socket(struct sock *sk)
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(sock_recv, struct sock *sk, int ret, int flags)
 {
-	return learn_socket(sk);
+	return learn_socket(sk, 0);
 }
 
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(sock_send, struct sock *sk, int ret, int flags)
 {
-	return learn_socket(sk);
+	return learn_socket(sk, ret);
 }
 
 /* A watched process forks (nginx's master starting workers on a reload): the child is watched at once,

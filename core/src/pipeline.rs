@@ -12,7 +12,7 @@ use crate::http::exchanges::HttpExchanges;
 use crate::metering::billing::{Meter, MeterConfig};
 use crate::source::capture_file::Frame;
 use crate::source::frames::{flow_hash, FrameDecoder};
-use crate::source::tls::{monotonic_to_wall, TlsStreams};
+use crate::source::tls::{self, monotonic_to_wall, TlsStreams};
 use crate::tcp::reassembly::{ReassemblyLimits, TcpReassembler};
 
 /// Capture time between idle and response-timeout sweeps.
@@ -167,6 +167,7 @@ impl Pipeline {
     fn housekeeping(&mut self, now: f64) {
         self.next_housekeeping = now + HOUSEKEEPING_INTERVAL;
         self.reassembler.expire(now, &mut self.http);
+        self.tls.release_held(now - tls::HOLD_SECONDS, &mut self.http);
         self.tls.expire(now - self.limits.idle_timeout, &mut self.http);
         self.http.expire(now);
     }
@@ -279,6 +280,7 @@ impl Pipeline {
             ("tls_truncated_bytes", tls.truncated_bytes),
             ("http2_connections", tls.http2_connections),
             ("tls_bad_records", tls.bad_records),
+            ("tls_write_retries", tls.write_retries),
         ]
     }
 }

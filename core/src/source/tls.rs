@@ -26,7 +26,7 @@ use crate::tcp::reassembly::{ConnectionInfo, StreamEvent, StreamSink};
 pub const PIECE: u32 = 8192;
 pub const PIECES: u32 = 32;
 /// The record header's size (struct chunk_header, padded to 8 bytes).
-pub const HEADER: usize = 88;
+pub const HEADER: usize = 96;
 
 const KIND_READ: u32 = 0;
 const KIND_WRITE: u32 = 1;
@@ -34,6 +34,11 @@ const KIND_OPEN: u32 = 2;
 const KIND_CLOSE: u32 = 3;
 const KIND_FORK: u32 = 4;
 const KIND_EXIT: u32 = 5;
+const KIND_WRITE_FAILED: u32 = 6;
+
+/// How long a write sent at its call's entry waits for its thread to go on before it counts as done: a
+/// failure shows within the call, microseconds after its entry.
+pub const HOLD_SECONDS: f64 = 0.25;
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -62,6 +67,8 @@ pub struct TlsCounters {
     pub exits: u64,
     /// records too short for their header or of an unknown kind
     pub bad_records: u64,
+    /// writes that did not go out (the socket was full or broken): the gateway sends them again
+    pub write_retries: u64,
 }
 
 /// One record from the ring, decoded.
@@ -82,6 +89,10 @@ pub struct Record<'a> {
     pub copied_seq: u32,
     pub local_addr: [u8; 16],
     pub remote_addr: [u8; 16],
+    /// the thread that made the call
+    pub tid: u32,
+    /// a write sent at its call's entry, before its outcome is known
+    pub at_entry: bool,
     pub data: &'a [u8],
 }
 
@@ -120,6 +131,8 @@ impl<'a> Record<'a> {
             copied_seq: u32_at(bytes, 48),
             local_addr: bytes[52..68].try_into().unwrap_or_default(),
             remote_addr: bytes[68..84].try_into().unwrap_or_default(),
+            tid: u32_at(bytes, 84),
+            at_entry: u32_at(bytes, 88) != 0,
             data,
         })
     }
@@ -175,10 +188,21 @@ pub fn monotonic_to_wall() -> f64 {
     read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
 }
 
+/// A write sent at its call's entry (its records, as they came), held until its thread goes on: a
+/// KIND_WRITE_FAILED before then means the bytes did not go out, and the gateway's next call sends them.
+struct Held {
+    tid: u32,
+    key: (u32, u64),
+    time: f64,
+    records: Vec<Vec<u8>>,
+}
+
 /// The (process, `SSL*`) streams, fed the probes' records in ring order.
 pub struct TlsStreams {
     pub counters: TlsCounters,
     streams: HashMap<(u32, u64), Stream>,
+    /// writes waiting to be known done, oldest first (at most one per thread)
+    held: Vec<Held>,
     next_id: u64,
     /// added to the records' monotonic clock to give the wall clock the events carry
     clock_offset: f64,
@@ -194,6 +218,7 @@ impl TlsStreams {
         TlsStreams {
             counters: TlsCounters::default(),
             streams: HashMap::new(),
+            held: Vec::new(),
             next_id: 0,
             clock_offset,
             last_time: 0.0,
@@ -223,6 +248,50 @@ impl TlsStreams {
         };
         let time = self.wall_time(record.time_ns);
         self.last_time = self.last_time.max(time);
+        let key = (record.pid, record.ssl);
+        let (tid, kind) = (record.tid, record.kind);
+        if kind == KIND_WRITE_FAILED {
+            if let Some(at) = self.held.iter().position(|held| held.tid == tid && held.key == key) {
+                self.held.remove(at);
+                self.counters.write_retries += 1;
+            }
+            return;
+        }
+        if kind == KIND_WRITE && record.at_entry && record.offset > 0 {
+            if let Some(held) = self.held.iter_mut().find(|held| held.tid == tid && held.key == key) {
+                held.records.push(bytes.to_vec());
+                return;
+            }
+        }
+        // the thread went on, or the stream is used again, or its process ended: the held write was done
+        self.release(|held| held.tid == tid || held.key == key || (kind == KIND_EXIT && held.key.0 == key.0), sink);
+        if kind == KIND_WRITE && record.at_entry {
+            self.held.push(Held { tid, key, time, records: vec![bytes.to_vec()] });
+            return;
+        }
+        self.apply(&record, time, sink);
+    }
+
+    /// Writes held since before `older_than` (wall clock) are done: their threads made no call since.
+    pub fn release_held(&mut self, older_than: f64, sink: &mut impl StreamSink) {
+        self.release(|held| held.time < older_than, sink);
+    }
+
+    fn release(&mut self, done: impl Fn(&Held) -> bool, sink: &mut impl StreamSink) {
+        if !self.held.iter().any(&done) {
+            return;
+        }
+        let (released, kept): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held).into_iter().partition(done);
+        self.held = kept;
+        for bytes in released.iter().flat_map(|held| &held.records) {
+            if let Some(record) = Record::parse(bytes) {
+                let time = self.wall_time(record.time_ns);
+                self.apply(&record, time, sink);
+            }
+        }
+    }
+
+    fn apply(&mut self, record: &Record<'_>, time: f64, sink: &mut impl StreamSink) {
         let key = (record.pid, record.ssl);
         match record.kind {
             KIND_OPEN => {
@@ -260,7 +329,7 @@ impl TlsStreams {
                     self.streams.insert(key, stream);
                 }
                 let stream = self.streams.get_mut(&key).expect("inserted above");
-                Self::data(stream, &record, time, &mut self.counters, sink);
+                Self::data(stream, record, time, &mut self.counters, sink);
             }
             _ => self.counters.bad_records += 1,
         }
@@ -385,6 +454,7 @@ impl TlsStreams {
 
     /// The capture is over: every stream is closed.
     pub fn close_all(&mut self, time: f64, sink: &mut impl StreamSink) {
+        self.release(|_| true, sink);
         for (_, stream) in self.streams.drain() {
             sink.event(&stream.info, true, time, StreamEvent::Closed);
         }
@@ -432,6 +502,67 @@ mod tests {
         bytes[68..72].copy_from_slice(&[127, 0, 0, 2]);
         bytes.extend_from_slice(data);
         bytes
+    }
+
+    /// A write sent at its call's entry by thread `tid` (tls.bpf.c's ssl_write_worker).
+    fn at_entry(kind: u32, tid: u32, ssl: u64, offset: u32, call_len: u32, data: &[u8]) -> Vec<u8> {
+        let mut bytes = record(kind, 7, ssl, offset, call_len, data);
+        bytes[84..88].copy_from_slice(&tid.to_ne_bytes());
+        bytes[88..92].copy_from_slice(&1u32.to_ne_bytes());
+        bytes
+    }
+
+    fn texts(sink: &Collect) -> Vec<&str> {
+        sink.events.iter().map(|(_, _, text)| text.as_str()).collect()
+    }
+
+    #[test]
+    fn a_write_sent_at_entry_waits_for_its_thread_to_go_on_and_a_failed_one_is_forgotten() {
+        let (mut streams, mut sink) = (TlsStreams::new(0.0), Collect::default());
+        let with_tid = |mut bytes: Vec<u8>, tid: u32| {
+            bytes[84..88].copy_from_slice(&tid.to_ne_bytes());
+            bytes
+        };
+        streams.feed(&with_tid(record(KIND_OPEN, 7, 1, 0, 0, b""), 70), &mut sink);
+        streams.feed(&with_tid(record(KIND_READ, 7, 1, 0, 5, b"GET /"), 70), &mut sink);
+        // the response's first attempt fails (the socket is full) and is sent again, in two pieces
+        streams.feed(&at_entry(KIND_WRITE, 70, 1, 0, 4, b"HTTP"), &mut sink);
+        assert_eq!(texts(&sink), ["data 0 -1 GET /"], "held until the thread goes on");
+        streams.feed(&with_tid(record(KIND_WRITE_FAILED, 7, 1, 0, 0, b""), 70), &mut sink);
+        let long = PIECE + 2;
+        streams.feed(&at_entry(KIND_WRITE, 70, 1, 0, long, &vec![b'H'; PIECE as usize]), &mut sink);
+        streams.feed(&at_entry(KIND_WRITE, 70, 1, PIECE, long, b"!!"), &mut sink);
+        assert_eq!(sink.events.len(), 1);
+        // another thread's call does not end this one's; this thread's next call does
+        streams.feed(&with_tid(record(KIND_READ, 7, 2, 0, 1, b"G"), 71), &mut sink);
+        assert_eq!(sink.events.len(), 2);
+        streams.feed(&with_tid(record(KIND_READ, 7, 3, 0, 1, b"G"), 70), &mut sink);
+        let events = texts(&sink);
+        assert_eq!(events[2], format!("data 0 5 {}", "H".repeat(PIECE as usize)));
+        assert_eq!(events[3], "data 8192 5 !!");
+        assert_eq!(streams.counters.write_retries, 1);
+        assert_eq!(streams.counters.truncated_chunks, 0, "the forgotten attempt is not a gap");
+    }
+
+    #[test]
+    fn a_held_write_is_done_after_the_hold_its_stream_used_again_or_the_capture_over() {
+        let (mut streams, mut sink) = (TlsStreams::new(0.0), Collect::default());
+        streams.feed(&at_entry(KIND_WRITE, 70, 1, 0, 2, b"ok"), &mut sink);
+        // the pipeline's housekeeping releases what is older than the hold (the records' time is 1 s)
+        streams.release_held(1.0 + HOLD_SECONDS / 2.0 - HOLD_SECONDS, &mut sink);
+        assert!(sink.events.is_empty(), "younger than the hold");
+        streams.release_held(1.0 + 2.0 * HOLD_SECONDS - HOLD_SECONDS, &mut sink);
+        assert_eq!(texts(&sink), ["data 0 0 ok"]);
+        // the same stream's next record, from another thread, comes after it
+        streams.feed(&at_entry(KIND_WRITE, 70, 1, 0, 2, b"no"), &mut sink);
+        streams.feed(&record(KIND_CLOSE, 7, 1, 0, 0, b""), &mut sink);
+        assert_eq!(&texts(&sink)[1..], ["data 2 0 no", "closed"]);
+        streams.feed(&at_entry(KIND_WRITE, 70, 5, 0, 3, b"end"), &mut sink);
+        streams.close_all(2.0, &mut sink);
+        assert_eq!(&texts(&sink)[3..], ["data 0 0 end", "closed"]);
+        // a failure for a write no longer held (or never held) changes nothing
+        streams.feed(&record(KIND_WRITE_FAILED, 7, 5, 0, 0, b""), &mut sink);
+        assert_eq!(streams.counters.write_retries, 0);
     }
 
     #[test]

@@ -22,9 +22,12 @@ const CALLS: [(&str, &str); 4] = [
     ("ssl_write_enter", "SSL_write"),
     ("ssl_write_ex_enter", "SSL_write_ex"),
 ];
-/// The internal workers' entry programs: (s, buf, num, size_t *done), as the `_ex` forms'.
-const WORKERS: [&str; 2] = ["ssl_read_ex_enter", "ssl_write_ex_enter"];
-const MARKERS: [(&str, &str); 2] = [("ssl_set_fd", "SSL_set_fd"), ("ssl_free", "SSL_free")];
+/// The internal workers' programs, (s, buf, num, size_t *done) as the `_ex` forms': the read's entry with
+/// the shared return probe; the write's entry alone (it sends the bytes there; see tls.bpf.c).
+const READ_WORKER: &str = "ssl_read_ex_enter";
+const WRITE_WORKER: &str = "ssl_write_worker";
+const MARKERS: [(&str, &str); 3] =
+    [("ssl_set_fd", "SSL_set_fd"), ("ssl_free", "SSL_free"), ("ssl_shutdown", "SSL_shutdown")];
 const TRACEPOINTS: [(&str, &str); 4] = [
     ("sock_recv", "sock_recv_length"),
     ("sock_send", "sock_send_length"),
@@ -65,7 +68,8 @@ impl TlsProbes {
             .load(OBJECT)
             .map_err(|error| refused("the kernel refused the TLS probes' maps", verbose(&error)))?;
         let btf = Btf::from_sys_fs().map_err(|error| refused("no kernel BTF", error))?;
-        for (program, _) in CALLS.iter().chain(MARKERS.iter()).chain([("ssl_return", "")].iter()) {
+        let others = [("ssl_return", ""), (WRITE_WORKER, "")];
+        for (program, _) in CALLS.iter().chain(MARKERS.iter()).chain(others.iter()) {
             let probe: &mut UProbe = ebpf
                 .program_mut(program)
                 .and_then(|program| program.try_into().ok())
@@ -111,11 +115,10 @@ impl TlsProbes {
         self.watched.insert(pid, 1, 0).map_err(|error| refused("cannot watch the process", error))?;
         let code = std::fs::read(library).map_err(|error| format!("cannot read {library}: {error}"))?;
         match internal_workers(&code) {
-            Some(offsets) => {
-                for (program, offset) in WORKERS.into_iter().zip(offsets) {
-                    self.attach_one(program, UProbeAttachLocation::AbsoluteOffset(offset), library, pid)?;
-                    self.attach_one("ssl_return", UProbeAttachLocation::AbsoluteOffset(offset), library, pid)?;
-                }
+            Some([read, write]) => {
+                self.attach_one(READ_WORKER, UProbeAttachLocation::AbsoluteOffset(read), library, pid)?;
+                self.attach_one("ssl_return", UProbeAttachLocation::AbsoluteOffset(read), library, pid)?;
+                self.attach_one(WRITE_WORKER, UProbeAttachLocation::AbsoluteOffset(write), library, pid)?;
             }
             None => {
                 for (program, symbol) in CALLS {
@@ -211,11 +214,10 @@ fn verbose(error: &dyn std::error::Error) -> String {
 
 /// The file offsets of OpenSSL's internal read and write workers, `ssl_read_internal` and
 /// `ssl_write_internal(s, buf, num, size_t *done)` (1.1.1 and 3.x): the functions `SSL_read`,
-/// `SSL_read_ex` (and `SSL_read_early_data`) and `SSL_write`, `SSL_write_ex` all call. One entry probe and
-/// one uretprobe there see every read and write, whichever public form the gateway uses. They are also
-/// cheaper on x86-64: a worker begins with `push` (saving registers), an instruction the kernel emulates,
-/// where the public functions begin with `sub $N, %rsp`, which costs a single-step on top of the trap;
-/// and a uretprobe returns through a syscall, cheaper than a second trap. Found as the first direct call
+/// `SSL_read_ex` (and `SSL_read_early_data`) and `SSL_write`, `SSL_write_ex` all call. Probes there see
+/// every read and write, whichever public form the gateway uses. They are also cheaper on x86-64: a
+/// worker begins with `push` (saving registers), an instruction the kernel emulates, where the public
+/// functions begin with `sub $N, %rsp`, which costs a single-step on top of the trap. Found as the first direct call
 /// in each public function; trusted only when `SSL_read` and `SSL_read_ex` (and the two writes) call the
 /// same function, which begins with a push. None otherwise (another library, another compiler, not x86-64):
 /// the public functions are probed then.
