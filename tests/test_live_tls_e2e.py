@@ -202,6 +202,7 @@ def test_a_reload_and_a_worker_that_dies_are_followed(gateway, start_agent, tmp_
     connection = tls_socket(gateway.tls_port)
     connection.sendall(request("GET", "/killed/answered", ALICE))
     assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+    gateway.access_log_entries(expect=7)  # nginx logs a request after sending its response: not killed before
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
     connection.close()

@@ -84,8 +84,7 @@ struct endpoint {
 	__u16 family;
 	__u16 local_port;
 	__u16 remote_port;
-	/* a read's record carried the stream's id base (the core needs only the first) */
-	__u16 based;
+	__u16 pad;
 	__u8 local_addr[16];
 	__u8 remote_addr[16];
 };
@@ -163,8 +162,10 @@ static __always_inline int enter(__u64 ssl, __u64 buf, __u64 ex_len, __u32 kind)
 {
 	struct call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0,
 						 BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (!call)
+	if (!call) {
+		count(0, 1); /* the call goes unseen: counted with the records the ring had no room for */
 		return 0;
+	}
 	call->ssl = ssl;
 	call->buf = buf;
 	call->ex_len = ex_len;
@@ -198,8 +199,9 @@ static __always_inline void fill_header(struct chunk_header *h, __u64 ssl, __u32
 		__builtin_memcpy(h->remote_addr, endpoint->remote_addr, 16);
 		h->client_isn = 0;
 		h->copied_seq = 0;
-		if (kind == KIND_READ && !endpoint->based) {
-			endpoint->based = 1;
+		/* on every read's record, not only a stream's first: the core takes its id base from the
+		 * first it gets, which may be a later one (a record dropped, a stream the core re-created) */
+		if (kind == KIND_READ) {
 			struct tcp_sock *tp = (struct tcp_sock *)endpoint->sk;
 			__u32 rcv_nxt = BPF_CORE_READ(tp, rcv_nxt);
 			__u64 received = BPF_CORE_READ(tp, bytes_received);
@@ -281,7 +283,7 @@ static __always_inline int marker(__u64 ssl, __u32 kind)
 		return 0;
 	__u32 pid = bpf_get_current_pid_tgid() >> 32;
 	struct stream_key key = { .ssl = ssl, .pid = pid };
-	struct chunk_header h;
+	struct chunk_header h = {};
 	fill_header(&h, ssl, kind);
 	struct endpoint *endpoint = bpf_map_lookup_elem(&endpoints, &key);
 	if (kind == KIND_CLOSE && endpoint) {
@@ -336,8 +338,10 @@ int BPF_KPROBE(ssl_write_worker, void *ssl, const void *buf, size_t num, size_t 
 {
 	struct call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0,
 						 BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (!call)
+	if (!call) {
+		count(0, 1);
 		return 0;
+	}
 	call->ssl = (__u64)ssl;
 	call->buf = (__u64)buf;
 	call->ex_len = (__u64)written;
@@ -347,7 +351,8 @@ int BPF_KPROBE(ssl_write_worker, void *ssl, const void *buf, size_t num, size_t 
 	return send_call((__u64)ssl, KIND_WRITE, (__u64)buf, num, 1);
 }
 
-/* SSL_shutdown sends the close_notify alert: a failed send then is not the last write's. */
+/* SSL_shutdown sends the close_notify alert, SSL_sendfile a file over kernel TLS: a failed send then is
+ * not the last write's. */
 SEC("uprobe")
 int BPF_KPROBE(ssl_shutdown, void *ssl)
 {
@@ -381,7 +386,7 @@ static __always_inline void write_failed(struct call *call, struct sock *sk)
 	if (!endpoint || endpoint->sk != (__u64)sk)
 		return;
 	call->active = 0;
-	struct chunk_header h;
+	struct chunk_header h = {};
 	fill_header(&h, call->ssl, KIND_WRITE_FAILED);
 	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), wake_flags(sizeof(h))))
 		count(0, 1);

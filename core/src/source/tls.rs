@@ -37,8 +37,8 @@ const KIND_EXIT: u32 = 5;
 const KIND_WRITE_FAILED: u32 = 6;
 
 /// How long a write sent at its call's entry waits for its thread to go on before it counts as done: a
-/// failure shows within the call, microseconds after its entry.
-pub const HOLD_SECONDS: f64 = 0.25;
+/// failure shows within the call, microseconds after its entry; holding longer only delays.
+pub const HOLD_SECONDS: f64 = 1.0;
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -263,6 +263,10 @@ impl TlsStreams {
                 return;
             }
         }
+        // held past the hold, by the records' own clock (an idle thread's last write, under load)
+        if self.held.first().is_some_and(|held| held.time < time - HOLD_SECONDS) {
+            self.release_held(time - HOLD_SECONDS, sink);
+        }
         // the thread went on, or the stream is used again, or its process ended: the held write was done
         self.release(|held| held.tid == tid || held.key == key || (kind == KIND_EXIT && held.key.0 == key.0), sink);
         if kind == KIND_WRITE && record.at_entry {
@@ -445,6 +449,7 @@ impl TlsStreams {
     pub fn expire(&mut self, older_than: f64, sink: &mut impl StreamSink) {
         let keys: Vec<(u32, u64)> =
             self.streams.iter().filter(|(_, stream)| stream.last_time < older_than).map(|(key, _)| *key).collect();
+        self.release(|held| keys.contains(&held.key), sink); // a response still held is the stream's last
         for key in keys {
             if let Some(stream) = self.streams.remove(&key) {
                 sink.event(&stream.info, true, older_than, StreamEvent::Closed);

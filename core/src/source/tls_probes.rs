@@ -7,7 +7,7 @@ use std::num::NonZeroU32;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::uprobe::{UProbeAttachLocation, UProbeScope};
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
 use object::{Object, ObjectSection, ObjectSymbol};
 use aya::programs::{BtfTracePoint, UProbe};
 use aya::{Btf, Ebpf, EbpfLoader};
@@ -130,6 +130,11 @@ impl TlsProbes {
         for (program, symbol) in MARKERS {
             self.attach_one(program, UProbeAttachLocation::Symbol(symbol), library, pid)?;
         }
+        // kernel TLS's sendfile (OpenSSL 3.0 and later) sends on the socket outside any write: its
+        // entry ends the last write's window as SSL_shutdown's does
+        if has_symbol(&code, "SSL_sendfile") {
+            self.attach_one("ssl_shutdown", UProbeAttachLocation::Symbol("SSL_sendfile"), library, pid)?;
+        }
         self.attached.insert(pid);
         Ok(())
     }
@@ -213,34 +218,50 @@ fn verbose(error: &dyn std::error::Error) -> String {
 }
 
 /// The file offsets of OpenSSL's internal read and write workers, `ssl_read_internal` and
-/// `ssl_write_internal(s, buf, num, size_t *done)` (1.1.1 and 3.x): the functions `SSL_read`,
+/// `ssl_write_internal(s, buf, num, ...)` (1.1.1 and 3.x): the functions `SSL_read`,
 /// `SSL_read_ex` (and `SSL_read_early_data`) and `SSL_write`, `SSL_write_ex` all call. Probes there see
 /// every read and write, whichever public form the gateway uses. They are also cheaper on x86-64: a
 /// worker begins with `push` (saving registers), an instruction the kernel emulates, where the public
-/// functions begin with `sub $N, %rsp`, which costs a single-step on top of the trap. Found as the first direct call
-/// in each public function; trusted only when `SSL_read` and `SSL_read_ex` (and the two writes) call the
-/// same function, which begins with a push. None otherwise (another library, another compiler, not x86-64):
-/// the public functions are probed then.
+/// functions begin with `sub $N, %rsp`, which costs a single-step on top of the trap. Found as the first
+/// direct call in each public function, and trusted only in that shape: `SSL_read` and `SSL_read_ex` call
+/// the same function, the first making the `size_t *` it passes and the second passing its own;
+/// `SSL_write` and `SSL_write_ex` (`SSL_write_ex2` from 3.2) call the same other function; each begins
+/// with `push` (after `endbr64` on CET builds). None otherwise (another library, a build that inlined
+/// them, not x86-64): the public functions are probed then.
 pub fn internal_workers(elf: &[u8]) -> Option<[u64; 2]> {
     if !cfg!(target_arch = "x86_64") {
         return None;
     }
     let file = object::File::parse(elf).ok()?;
-    let worker = |plain: &str, ex: &str| -> Option<u64> {
-        let target = first_call(&file, plain)?;
-        (first_call(&file, ex)? == target).then_some(target)?;
-        let (code, section) = code_at(&file, target, 16)?;
-        let first = Decoder::with_ip(64, code, target, DecoderOptions::NONE).decode();
-        (first.mnemonic() == Mnemonic::Push).then_some(())?;
-        let offset = target - section.address();
-        Some(section.file_range()?.0 + offset)
-    };
-    Some([worker("SSL_read", "SSL_read_ex")?, worker("SSL_write", "SSL_write_ex")?])
+    // SSL_read(s, buf, int num) makes its `size_t *readbytes` (the fourth argument, rcx) before the
+    // call; SSL_read_ex passes its own through untouched
+    let (read, sets_done) = first_call(&file, "SSL_read")?;
+    let (read_ex, sets_done_ex) = first_call(&file, "SSL_read_ex")?;
+    (read == read_ex && sets_done && !sets_done_ex).then_some(())?;
+    // 3.2 added SSL_write_ex2, which SSL_write_ex jumps to and which calls the worker
+    let (write, _) = first_call(&file, "SSL_write")?;
+    let (write_ex, _) = first_call(&file, "SSL_write_ex2").or_else(|| first_call(&file, "SSL_write_ex"))?;
+    (write == write_ex && write != read).then_some(())?;
+    Some([entry_offset(&file, read)?, entry_offset(&file, write)?])
+}
+
+/// The file offset of the worker at `address`, at its first `push` (after an `endbr64` on CET builds):
+/// an instruction the kernel emulates, with the arguments still as the caller passed them.
+fn entry_offset(file: &object::File<'_>, address: u64) -> Option<u64> {
+    let (code, section) = code_at(file, address, 16)?;
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    let mut first = decoder.decode();
+    if first.mnemonic() == Mnemonic::Endbr64 {
+        first = decoder.decode();
+    }
+    (first.mnemonic() == Mnemonic::Push).then_some(())?;
+    Some(section.file_range()?.0 + first.ip() - section.address())
 }
 
 /// The target of `symbol`'s first call, if that is a direct call into the same section (not a PLT stub)
-/// and comes before any return or jump out.
-fn first_call(file: &object::File<'_>, symbol: &str) -> Option<u64> {
+/// and comes before any return or jump out; and whether an instruction before it writes rcx (the fourth
+/// argument).
+fn first_call(file: &object::File<'_>, symbol: &str) -> Option<(u64, bool)> {
     let found = file.dynamic_symbols().chain(file.symbols()).find(|candidate| {
         candidate.name().is_ok_and(|name| name == symbol || name.split('@').next() == Some(symbol))
             && candidate.address() != 0
@@ -249,17 +270,31 @@ fn first_call(file: &object::File<'_>, symbol: &str) -> Option<u64> {
     let length = if found.size() > 0 { found.size() } else { 256 };
     let (code, section) = code_at(file, start, length)?;
     let text = section.address()..section.address() + section.size();
+    let mut writes_rcx = false;
     for instruction in Decoder::with_ip(64, code, start, DecoderOptions::NONE).iter().take(64) {
         match instruction.flow_control() {
             FlowControl::Call => {
                 let target = instruction.near_branch_target();
-                return (instruction.is_call_near() && text.contains(&target)).then_some(target);
+                return (instruction.is_call_near() && text.contains(&target)).then_some((target, writes_rcx));
             }
             FlowControl::Return | FlowControl::UnconditionalBranch | FlowControl::IndirectBranch => return None,
             _ => {}
         }
+        writes_rcx |= instruction.op_count() > 0
+            && instruction.op0_kind() == OpKind::Register
+            && instruction.op0_register().full_register() == Register::RCX
+            && !matches!(instruction.mnemonic(), Mnemonic::Cmp | Mnemonic::Test | Mnemonic::Push);
     }
     None
+}
+
+fn has_symbol(elf: &[u8], symbol: &str) -> bool {
+    object::File::parse(elf).is_ok_and(|file| {
+        file.dynamic_symbols().chain(file.symbols()).any(|candidate| {
+            candidate.address() != 0
+                && candidate.name().is_ok_and(|name| name.split('@').next() == Some(symbol))
+        })
+    })
 }
 
 /// Up to `length` bytes of code from virtual address `address`, and the section holding them.
@@ -290,9 +325,11 @@ mod tests {
         for (worker, symbol) in [(read, "SSL_read"), (write, "SSL_write")] {
             let (code, section) = code_at(&file, public(symbol).address(), 64).unwrap();
             assert!(code.len() == 64 && worker > 0);
-            let virtual_address = first_call(&file, symbol).unwrap();
+            let (virtual_address, _) = first_call(&file, symbol).unwrap();
             assert_eq!(worker, section.file_range().unwrap().0 + virtual_address - section.address());
         }
+        assert!(first_call(&file, "SSL_read").unwrap().1, "SSL_read makes its readbytes pointer (rcx)");
+        assert!(!first_call(&file, "SSL_read_ex").unwrap().1, "SSL_read_ex passes its caller's");
         assert_eq!(first_call(&file, "SSL_free"), None, "SSL_free returns (for a null SSL*) before any call");
         assert_eq!(internal_workers(b"not an elf"), None);
     }
