@@ -1,11 +1,13 @@
 // SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 /* The TLS library's plaintext, read where the gateway's own processes hand it to (or get it from)
- * OpenSSL: uprobes and uretprobes on the internal workers ssl_read_internal and ssl_write_internal
- * (s, buf, num, size_t *done), which the loader finds (else on SSL_read, SSL_read_ex, SSL_write and
- * SSL_write_ex themselves), SSL_set_fd (a connection starts) and SSL_free (it ends). The socket behind an SSL* is learnt from the sock layer's
- * own tracepoints (sock_recv_length, sock_send_length) fired while that thread is inside an SSL call:
- * the kernel's struct sock gives the 4-tuple through BTF, also for connections that began before the
- * probes were attached. No kprobes, no kernel headers: CO-RE against /sys/kernel/btf/vmlinux. */
+ * OpenSSL: an entry probe and a uretprobe on the internal read worker ssl_read_internal, an entry probe
+ * alone on the write worker ssl_write_internal (see ssl_write_worker), both found by the loader (else
+ * entry probes and uretprobes on SSL_read, SSL_read_ex, SSL_write and SSL_write_ex themselves); and
+ * SSL_set_fd (a connection starts), SSL_free (it ends), SSL_shutdown and SSL_sendfile (they send on the
+ * socket outside a write). The socket behind an SSL* is learnt from the sock layer's own tracepoints
+ * (sock_recv_length, sock_send_length) fired while that thread is inside an SSL read: the kernel's
+ * struct sock gives the 4-tuple through BTF, also for connections that began before the probes were
+ * attached. No kprobes, no kernel headers: CO-RE against /sys/kernel/btf/vmlinux. */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
@@ -328,13 +330,13 @@ int BPF_KRETPROBE(ssl_return, int ret)
 	return leave(ret);
 }
 
-/* ssl_write_internal(s, buf, num, &written), without a uretprobe: the bytes are all in buf at entry, and
+/* ssl_write_internal(s, buf, num, ...), without a uretprobe: the bytes are all in buf at entry, and
  * a write either sends them all or fails (OpenSSL's writes are not partial unless the gateway asks, and
  * nginx does not); a failure shows as a failed send on the stream's socket while the call is the
  * thread's latest (sock_send below), and the gateway then calls again with the same bytes. This saves
  * the return's trap into the kernel on every response. */
 SEC("uprobe")
-int BPF_KPROBE(ssl_write_worker, void *ssl, const void *buf, size_t num, size_t *written)
+int BPF_KPROBE(ssl_write_worker, void *ssl, const void *buf, size_t num)
 {
 	struct call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0,
 						 BPF_LOCAL_STORAGE_GET_F_CREATE);
@@ -344,7 +346,7 @@ int BPF_KPROBE(ssl_write_worker, void *ssl, const void *buf, size_t num, size_t 
 	}
 	call->ssl = (__u64)ssl;
 	call->buf = (__u64)buf;
-	call->ex_len = (__u64)written;
+	call->ex_len = 0; /* (the fourth argument is `flags` from OpenSSL 3.2 on: not read) */
 	call->kind = KIND_WRITE;
 	call->active = 1;
 	call->at_entry = 1;
