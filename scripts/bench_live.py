@@ -52,15 +52,17 @@ INVALID_KEY = "not-a-known-key-000"
 CATCH_UP_LIMIT = 60.0  # seconds the agent may take to empty its ring after the load
 
 
-def wrk_script(keys: list[str]) -> str:
-    """Lua for wrk: each request takes the next key, so every connection carries all four."""
+def wrk_script(keys: list[str], close: bool = False) -> str:
+    """Lua for wrk: each request takes the next key, so every connection carries all four (with `close`,
+    each request asks the gateway to close its connection: one connection, and one TLS handshake, each)."""
     quoted = ", ".join(json.dumps(key) for key in keys)
+    closing = ', ["Connection"] = "close"' if close else ""
     return f"""
 local keys = {{{quoted}}}
 local n = 0
 request = function()
   n = n + 1
-  return wrk.format("GET", "/orders/" .. n .. "?page=" .. (n % 7), {{["apikey"] = keys[(n % #keys) + 1]}})
+  return wrk.format("GET", "/orders/" .. n .. "?page=" .. (n % 7), {{["apikey"] = keys[(n % #keys) + 1]{closing}}})
 end
 """
 
@@ -219,7 +221,7 @@ def agent_run(gateway: KongStandin, script: Path, args: argparse.Namespace, work
               scrape: bool = False) -> AgentRun:
     run = AgentRun(workers, scrape)
     output = workdir / f"events-w{workers}.jsonl"
-    log_offset = gateway.access_log_path.stat().st_size
+    log_offset = settled_log_size(gateway.access_log_path)
     metrics_port = free_loopback_port()
     command = [sys.executable, "-m", "agent", "--iface", "lo", "--port", str(gateway.port),
                "--credentials", str(DEFAULT_DECK_FILE), "--output", str(output), "--workers", str(workers),
@@ -272,6 +274,20 @@ def agent_run(gateway: KongStandin, script: Path, args: argparse.Namespace, work
         print(f"  w{workers}: {sum(missing.values())} billed lines without an event, "
               f"{sum(extra.values())} events without a line; e.g. {list(missing)[:2]} {list(extra)[:2]}")
     return run
+
+
+def settled_log_size(path: Path, quiet: float = 0.3, limit: float = 5.0) -> int:
+    """The access log's size once nginx has stopped writing to it: the lines of a load that just ended
+    (the 499s of requests in flight when wrk closed its connections) come a few milliseconds after wrk exits,
+    and must not be counted in the next run."""
+    size, deadline = path.stat().st_size, time.monotonic() + limit
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = path.stat().st_size
+        if now == size:
+            break
+        size = now
+    return size
 
 
 def log_entries_from(path: Path, offset: int) -> list[dict]:

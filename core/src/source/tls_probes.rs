@@ -128,7 +128,10 @@ impl TlsProbes {
             }
         }
         for (program, symbol) in MARKERS {
-            self.attach_one(program, UProbeAttachLocation::Symbol(symbol), library, pid)?;
+            match past_null_check(&code, symbol) {
+                Some(offset) => self.attach_one(program, UProbeAttachLocation::AbsoluteOffset(offset), library, pid)?,
+                None => self.attach_one(program, UProbeAttachLocation::Symbol(symbol), library, pid)?,
+            }
         }
         // kernel TLS's sendfile (OpenSSL 3.0 and later) sends on the socket outside any write: its
         // entry ends the last write's window as SSL_shutdown's does
@@ -258,14 +261,45 @@ fn entry_offset(file: &object::File<'_>, address: u64) -> Option<u64> {
     Some(section.file_range()?.0 + first.ip() - section.address())
 }
 
+/// The file offset of `symbol`'s first `push` when all before it is a null check of its first argument
+/// (`test %rdi,%rdi` and a conditional jump, as `SSL_free` begins): the kernel single-steps a `test` (a
+/// second trap, about ten times the cost of an emulated `push`), and at the `push` the argument is still
+/// in rdi. A null argument jumps past the probe, which the program would ignore anyway. None in any other
+/// shape: the symbol itself is probed then.
+fn past_null_check(elf: &[u8], symbol: &str) -> Option<u64> {
+    if !cfg!(target_arch = "x86_64") {
+        return None;
+    }
+    let file = object::File::parse(elf).ok()?;
+    let start = find_symbol(&file, symbol)?.address();
+    let (code, section) = code_at(&file, start, 32)?;
+    let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
+    let mut first = decoder.decode();
+    if first.mnemonic() == Mnemonic::Endbr64 {
+        first = decoder.decode();
+    }
+    let checks_rdi = first.mnemonic() == Mnemonic::Test
+        && first.op_count() == 2
+        && (0..2).all(|operand| first.op_kind(operand) == OpKind::Register && first.op_register(operand) == Register::RDI);
+    let branch = decoder.decode();
+    let push = decoder.decode();
+    (checks_rdi && branch.flow_control() == FlowControl::ConditionalBranch && push.mnemonic() == Mnemonic::Push)
+        .then_some(())?;
+    Some(section.file_range()?.0 + push.ip() - section.address())
+}
+
+fn find_symbol<'data, 'file>(file: &'file object::File<'data>, symbol: &str) -> Option<object::Symbol<'data, 'file>> {
+    file.dynamic_symbols().chain(file.symbols()).find(|candidate| {
+        candidate.name().is_ok_and(|name| name == symbol || name.split('@').next() == Some(symbol))
+            && candidate.address() != 0
+    })
+}
+
 /// The target of `symbol`'s first call, if that is a direct call into the same section (not a PLT stub)
 /// and comes before any return or jump out; and whether an instruction before it writes rcx (the fourth
 /// argument).
 fn first_call(file: &object::File<'_>, symbol: &str) -> Option<(u64, bool)> {
-    let found = file.dynamic_symbols().chain(file.symbols()).find(|candidate| {
-        candidate.name().is_ok_and(|name| name == symbol || name.split('@').next() == Some(symbol))
-            && candidate.address() != 0
-    })?;
+    let found = find_symbol(file, symbol)?;
     let start = found.address();
     let length = if found.size() > 0 { found.size() } else { 256 };
     let (code, section) = code_at(file, start, length)?;
@@ -332,5 +366,14 @@ mod tests {
         assert!(!first_call(&file, "SSL_read_ex").unwrap().1, "SSL_read_ex passes its caller's");
         assert_eq!(first_call(&file, "SSL_free"), None, "SSL_free returns (for a null SSL*) before any call");
         assert_eq!(internal_workers(b"not an elf"), None);
+        // SSL_free begins `test %rdi,%rdi; je; push`: probed at the push, past the single-stepped test
+        let free = public("SSL_free").address();
+        let (code, section) = code_at(&file, free, 16).unwrap();
+        let at = past_null_check(&library, "SSL_free").expect("SSL_free's null check");
+        let virtual_address = at - section.file_range().unwrap().0 + section.address();
+        assert!(virtual_address > free && virtual_address < free + 16);
+        assert_eq!(code[usize::try_from(virtual_address - free).unwrap()] & 0xF0, 0x40, "a REX-prefixed push");
+        assert_eq!(past_null_check(&library, "SSL_set_fd"), None, "SSL_set_fd begins with its push");
+        assert_eq!(past_null_check(b"not an elf", "SSL_free"), None);
     }
 }
