@@ -106,10 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         from agent.replay import replay
 
         return replay(args, credentials, open_sink)
-    except (sink_options.SinkConfigError, credential_options.MissingDeckFile, GatewayConfigError) as error:
+    except (sink_options.SinkConfigError, credential_options.MissingDeckFile, GatewayConfigError,
+            SubjectError) as error:
         logs.error(str(error))
         return 2
-    except (CaptureError, CredentialError, SubjectError, OSError) as error:
+    except (CaptureError, CredentialError, OSError) as error:
         logs.error(str(error))
         return 1
     except KeyboardInterrupt:

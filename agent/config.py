@@ -81,6 +81,15 @@ def _flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return flags
 
 
+_REFUSED_BECAUSE = {"api-token": "the token comes from $METERING_API_TOKEN or --api-token-file PATH"}
+
+
+def _refused_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """The hidden flags that exist to be refused (`--api-token`), by long name, if the parser has them."""
+    names = [name[2:] for action in parser._actions for name in action.option_strings]  # noqa: SLF001
+    return [name for name in _REFUSED_BECAUSE if name in names]
+
+
 def _exclusive_groups(parser: argparse.ArgumentParser) -> dict[str, set[str]]:
     """For each flag in a group of alternatives, every member's dest."""
     groups: dict[str, set[str]] = {}
@@ -94,6 +103,9 @@ def _exclusive_groups(parser: argparse.ArgumentParser) -> dict[str, set[str]]:
 def _env_layer(parser: FlagParser, flags: dict[str, argparse.Action],
                environ: Mapping[str, str]) -> dict[str, list[str]]:
     """The `AGENT_<FLAG>` variables set, by flag, as command-line tokens."""
+    for hidden in _refused_flags(parser):
+        if env_name(hidden) in environ:  # as the flag itself, refused rather than left unread
+            parser.error(f"${env_name(hidden)} is not read: {_REFUSED_BECAUSE[hidden]}")
     layer = {}
     for key, action in flags.items():
         name = env_name(key)

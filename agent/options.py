@@ -7,7 +7,7 @@ import socket
 from collections.abc import Callable
 
 from agent import _core
-from agent.credentials.key_auth import KeyAuthConfig
+from agent.credentials.key_auth import KeyAuthConfig, bad_key_name
 from agent.credentials.sync import CredentialSync
 from agent.flags import byte_size, not_empty, seconds, whole_number
 from agent.gateway.options import gateway_from_args
@@ -60,6 +60,8 @@ def key_name_list(text: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     if not names:
         raise argparse.ArgumentTypeError("no key name given")
+    if (reason := bad_key_name(names)) is not None:
+        raise argparse.ArgumentTypeError(reason)
     return names
 
 

@@ -80,6 +80,9 @@ def test_on_off_flags_and_lists_from_the_file_and_the_environment(tmp_path: Path
     ("iface: lo\nspat_9f8e7d6c5b4a3928: x\n", {}, "--config {config}: unknown key '(a field not shown"),
     ("iface: lo\n", {"AGENT_RING_MB": "lots"}, "$AGENT_RING_MB: 'lots' is not a whole number"),
     ("iface: lo\n", {"AGENT_NO_YIELD_CPU": "maybe"}, "$AGENT_NO_YIELD_CPU: takes true or false"),
+    # the token's own variable is METERING_API_TOKEN: the flag-shaped one is refused, not left unread
+    ("iface: lo\n", {"AGENT_API_TOKEN": "tok-3f9a"},
+     "$AGENT_API_TOKEN is not read: the token comes from $METERING_API_TOKEN or --api-token-file PATH"),
 ])
 def test_bad_keys_and_values_are_one_line_and_exit_2(tmp_path: Path, content: str, variables: dict,
                                                      expected: str) -> None:
@@ -88,6 +91,7 @@ def test_bad_keys_and_values_are_one_line_and_exit_2(tmp_path: Path, content: st
     result = run_agent("--config", str(config), env=environment(**variables), check=False)
     assert result.returncode == 2
     assert one_line_error(result).startswith("agent: error: " + expected.format(config=config))
+    assert all(value not in result.stderr for value in variables.values() if value.startswith("tok-"))
 
 
 def test_a_missing_config_file_is_one_line(tmp_path: Path) -> None:

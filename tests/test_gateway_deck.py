@@ -238,6 +238,12 @@ def test_another_plugins_reference_is_none_of_the_agents_business():
     ({"routes": [{"name": "r", "headers": ["x"]}]}, "kong.yaml: routes[0].headers is not a mapping"),
     ({"routes": [{"name": "r", "service": "ghost"}]}, "kong.yaml: routes[0].service names no service in the file"),
     ({"routes": [{"name": "r", "regex_priority": "high"}]}, "kong.yaml: routes[0].regex_priority is not a whole"),
+    # Kong's schema refuses these paths (an empty one would otherwise be a prefix of every request)
+    ({"routes": [{"name": "r", "paths": ["/ok", ""]}]},
+     "kong.yaml: routes[0].paths[1]: '' does not start with / (a prefix) or ~/ (a regex)"),
+    ({"routes": [{"name": "r", "paths": ["~^/orders"]}]}, "kong.yaml: routes[0].paths[0]: '~^/orders' does not"),
+    ({"plugins": [{"name": "key-auth", "config": {"key_names": ["api key"]}}]},
+     "kong.yaml: plugins[0]: config.key_names: bad key name 'api key': allowed characters are"),
 ])
 def test_malformed_services_and_routes_are_one_line(document, message):
     with pytest.raises(CredentialError) as raised:

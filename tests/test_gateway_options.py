@@ -223,11 +223,15 @@ def test_api_token_references_resolve_from_the_environment(reference, environ):
     ("{vault://env/metering-token}", "api_token refers to $METERING_TOKEN, which is not set"),
     ('${{ env "DECK_AUTH_TOKEN" }}', "api_token refers to $DECK_AUTH_TOKEN, which is not set"),
     ("{vault://aws/prod/token}", "api_token refers to the vault aws, which the agent cannot read"),
-    ("{vault://env/secrets/missing}", "api_token refers to the key missing of a JSON object in $SECRETS"),
+    ("{vault://env/secrets/missing}", "api_token refers to the key missing of a JSON object in $SECRETS,"),
+    # the variable as the env vault reads it: dashes made underscores, the prefix first
+    ("{vault://env/kong-secrets/missing?prefix=prod_}",
+     "api_token refers to the key missing of a JSON object in $PROD_KONG_SECRETS,"),
 ])
 def test_an_unresolvable_reference_names_the_variable_never_a_value(reference, message):
     with pytest.raises(TokenError) as raised:
-        resolve(reference, "api_token", {"SECRETS": '{"ingest": "%s"}' % TOKEN})
+        resolve(reference, "api_token", {"SECRETS": '{"ingest": "%s"}' % TOKEN,
+                                         "PROD_KONG_SECRETS": '{"ingest": "%s"}' % TOKEN})
     assert str(raised.value).startswith(message) and TOKEN not in str(raised.value)
 
 

@@ -9,6 +9,7 @@ a request the gateway did not authenticate is answered 401 and is not billed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -30,6 +31,18 @@ class KeyAuthConfig:
         return f"key names {', '.join(self.key_names)} in {', '.join(places) or 'nowhere'}"
 
 
+_HEADER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def bad_key_name(names: Iterable[str]) -> str | None:
+    """Why Kong would refuse these key names (its schema takes header names: A-Z, a-z, 0-9, `_` and `-`),
+    or None: a name Kong refuses matches no request Kong authenticates."""
+    for name in names:
+        if not _HEADER_NAME.fullmatch(name):
+            return f"bad key name {name!r}: allowed characters are A-Z, a-z, 0-9, '_' and '-'"
+    return None
+
+
 def from_plugin_config(config: object, where: str) -> KeyAuthConfig:
     """One plugin entry's `config` (Admin API or decK), checked field by field."""
     if config is None:
@@ -42,6 +55,8 @@ def from_plugin_config(config: object, where: str) -> KeyAuthConfig:
         names = defaults.key_names
     if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
         raise CredentialError(f"{where}: config.key_names is not a list of names")
+    if (reason := bad_key_name(names)) is not None:
+        raise CredentialError(f"{where}: config.key_names: {reason}")
     flags = {}
     for field in ("key_in_header", "key_in_query", "key_in_body"):
         value = config.get(field)

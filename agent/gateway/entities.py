@@ -53,6 +53,9 @@ def _from_url(url: str, path: str) -> tuple[str, int]:
 def route(entity: dict, path: str, service_id: str | None, derive_id: bool) -> Route:
     name = _string(entity, "name", path)
     lists = {field: _strings(entity, field, path) for field in _ROUTE_LISTS}
+    for index, route_path in enumerate(lists["paths"]):
+        if not route_path.startswith(("/", "~/")):  # as Kong's schema, which refuses such a route
+            raise DeckShape(f"{path}.paths[{index}]: {route_path!r} does not start with / (a prefix) or ~/ (a regex)")
     protocols = lists.pop("protocols") or ("http", "https")
     priority = _integer(entity, "priority", path, 0, 2**46)  # Kong's bounds for both
     regex_priority = _integer(entity, "regex_priority", path, -2**31, 2**31 - 1)

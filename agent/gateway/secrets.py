@@ -43,7 +43,8 @@ def resolve(value: str, what: str, environ: Mapping[str, str] | None = None) -> 
                          " environment (METERING_API_TOKEN) or use --api-token-file")
     variable, _, key = resource.partition("/")
     prefix = parse_qs(query or "").get("prefix", [""])[-1]
-    raw = _variable((prefix + variable.replace("-", "_")).upper(), what, environ)
+    env_variable = (prefix + variable.replace("-", "_")).upper()
+    raw = _variable(env_variable, what, environ)
     if not key:
         return raw
     try:
@@ -51,7 +52,7 @@ def resolve(value: str, what: str, environ: Mapping[str, str] | None = None) -> 
     except (ValueError, AttributeError):
         found = None
     if not isinstance(found, str):
-        raise TokenError(f"{what} refers to the key {key} of a JSON object in ${variable.upper()}, which it does"
+        raise TokenError(f"{what} refers to the key {key} of a JSON object in ${env_variable}, which it does"
                          " not have")
     return found
 
