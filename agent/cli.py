@@ -32,7 +32,7 @@ EPILOG = """\
 
 configuration: each flag can also be set by its long name in the --config FILE (YAML: `iface: eth0`,
 `port: [8000, 8443]`, `no-yield-cpu: true`) or in the environment as $AGENT_<FLAG> (AGENT_IFACE=eth0,
-AGENT_RING_MB=512, AGENT_CONFIG=FILE). Precedence: a flag given > the environment > the file.
+AGENT_RING_MB=512, AGENT_PORT=8000,8001, AGENT_CONFIG=FILE). Precedence: a flag given > the environment > the file.
 
 exit status of a replay (--read):
   0    every event written (for --ingest-endpoint: acknowledged) from a clean capture

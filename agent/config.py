@@ -9,11 +9,12 @@ The keys are derived from the parser itself, so a flag added to the command is a
     port: [8000, 8443]     # --port 8000 --port 8443 (a repeatable flag takes a list)
     no-yield-cpu: true     # --no-yield-cpu (an on/off flag takes true or false)
 
-    AGENT_IFACE=eth0 AGENT_RING_MB=512 AGENT_NO_YIELD_CPU=true
+    AGENT_IFACE=eth0 AGENT_RING_MB=512 AGENT_NO_YIELD_CPU=true AGENT_PORT=8000,8001
 
 Each value goes through the flag's own parsing, so a bad one is refused as on the command line; an
 unknown key of the file is refused too (one line, exit 2). The environment is only read for the names of
-the flags, so other `AGENT_` variables of the host are left alone.
+the flags, so other `AGENT_` variables of the host are left alone. A repeatable flag's variable holds its
+values separated by commas or spaces.
 """
 
 from __future__ import annotations
@@ -110,8 +111,11 @@ def _env_layer(parser: FlagParser, flags: dict[str, argparse.Action],
     for key, action in flags.items():
         name = env_name(key)
         if name in environ and key != CONFIG_FLAG:
+            value: object = environ[name]
+            if isinstance(action, argparse._AppendAction):  # noqa: SLF001 - a list, as one variable can hold
+                value = [item for item in re.split(r"[\s,]+", environ[name]) if item]
             try:
-                layer[key] = _tokens(key, action, environ[name], origin=f"${name}")
+                layer[key] = _tokens(key, action, value, origin=f"${name}")
             except FlagError as error:
                 parser.error(str(error))
     return layer

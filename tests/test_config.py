@@ -66,6 +66,10 @@ def test_on_off_flags_and_lists_from_the_file_and_the_environment(tmp_path: Path
     assert with_flag["events"] < without["events"]
     config.write_text(f"read: {BASIC}\ncredentials: {KONG}\noutput: {output}\nport: [9]\n")
     assert summary(run_agent("--config", str(config), env=environment()).stderr)["requests"] == 0
+    # a repeatable flag's variable holds a list: the gateway's port among others meters again
+    both = summary(run_agent("--config", str(config), env=environment(AGENT_PORT="9, 8000")).stderr)
+    assert both["requests"] == summary(run_agent("--read", BASIC, "--credentials", KONG, "--output", str(output),
+                                                 "--port", "8000", env=environment()).stderr)["requests"] > 0
 
 
 @pytest.mark.parametrize(("content", "variables", "expected"), [
