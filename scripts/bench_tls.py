@@ -6,8 +6,10 @@ its TLS port at saturation over keep-alive connections with four keys in rotatio
 runs, for the same duration each, the gateway alone (the baseline) and the gateway with the agent metering
 it (`--tls-port`, writing JSON Lines); rounds are interleaved and the ratio is of the means, since loopback
 throughput on a shared VM moves from one run to the next. For each agent run: requests/s against the
-baseline, the probes' ring-buffer drops and truncated chunks from the summary line, and every billed
-access-log line matched to exactly one event (subject, method, uri, status, request and response size).
+baseline, the gateway's CPU per request (its processes' CPU time over wrk's requests: steadier than
+throughput on a shared VM) beside the baseline's, the probes' ring-buffer drops and truncated chunks from
+the summary line, and every billed access-log line matched to exactly one event (subject, method, uri,
+status, request and response size).
 
     sudo python scripts/bench_tls.py [--duration 5] [--rounds 3] [--connections 32] [--new-connections]
 
@@ -37,6 +39,20 @@ KEPT_AT_LEAST = 0.80
 GOAL = 0.90
 
 
+def gateway_cpu_seconds(gateway: KongStandin) -> float:
+    """CPU time of the gateway's processes (master and workers): where the probes' cost lands."""
+    master = psutil.Process(gateway.pid)
+    return sum(sum(process.cpu_times()[:2]) for process in [master, *master.children()])
+
+
+def timed_load(gateway: KongStandin, script: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """wrk's requests/s, and the gateway's CPU per request in µs (the steadier of the two figures on a
+    shared VM, where throughput moves with whatever else the host runs)."""
+    cpu_start = gateway_cpu_seconds(gateway)
+    rps = run_wrk(gateway.tls_url, script, args.threads, args.connections, args.duration)
+    return rps, (gateway_cpu_seconds(gateway) - cpu_start) / (rps * args.duration) * 1e6
+
+
 def agent_run(gateway: KongStandin, script: Path, args: argparse.Namespace, output: Path) -> dict:
     """One run with the agent: its requests/s, summary counters and whether the log matched the events."""
     log_offset = settled_log_size(gateway.access_log_path)
@@ -50,7 +66,7 @@ def agent_run(gateway: KongStandin, script: Path, args: argparse.Namespace, outp
     # CPU time only: the memory-sampling thread (smaps 10 times a second) would load the run it measures
     sampler = Sampler(psutil.Process(agent.pid))
     cpu_start = sampler.cpu_seconds()
-    rps = run_wrk(gateway.tls_url, script, args.threads, args.connections, args.duration)
+    rps, gateway_us = timed_load(gateway, script, args)
     cpu_load = (sampler.cpu_seconds() - cpu_start) / args.duration
     catch_up = wait_idle(sampler, CATCH_UP_LIMIT)  # what the ring holds is read
     cpu_total = sampler.cpu_seconds() - cpu_start
@@ -72,7 +88,7 @@ def agent_run(gateway: KongStandin, script: Path, args: argparse.Namespace, outp
               f"a line; e.g. {list(missing)[:2]} {list(extra)[:2]}")
         print("  " + summaries[-1])
     requests = counters["requests"]
-    return {"rps": rps, "counters": counters, "matched": matched, "billed": sum(billed.values()),
+    return {"rps": rps, "gateway_us": gateway_us, "counters": counters, "matched": matched, "billed": sum(billed.values()),
             "events": len(events), "cpu_load": cpu_load, "catch_up": catch_up,
             "cpu_us": cpu_total / requests * 1e6 if requests else 0.0}
 
@@ -94,21 +110,26 @@ def main(argv: list[str] | None = None) -> int:
         run_wrk(gateway.tls_url, script, args.threads, args.connections, 1.0)  # warm up
         baselines, runs = [], []
         for number in range(args.rounds):
-            baselines.append(run_wrk(gateway.tls_url, script, args.threads, args.connections, args.duration))
+            baselines.append(timed_load(gateway, script, args))
             runs.append(agent_run(gateway, script, args, workdir / f"events-{number}.jsonl"))
             run = runs[-1]
-            print(f"round {number + 1}: gateway alone {baselines[-1]:,.0f} req/s, with the agent {run['rps']:,.0f} "
-                  f"req/s ({run['rps'] / baselines[-1]:.2f}); {run['billed']:,} billed lines, {run['events']:,} "
+            alone, alone_us = baselines[-1]
+            print(f"round {number + 1}: gateway alone {alone:,.0f} req/s ({alone_us:.1f} us of its CPU per request), "
+                  f"with the agent {run['rps']:,.0f} req/s ({run['rps'] / alone:.2f}; {run['gateway_us']:.1f} us); "
+                  f"{run['billed']:,} billed lines, {run['events']:,} "
                   f"events, matched={run['matched']}, ring drops {run['counters']['tls_ring_drops']}, truncated "
                   f"{run['counters']['tls_truncated_chunks']}; the agent used {run['cpu_load']:.2f} of a core during the "
                   f"load, caught up {run['catch_up']:.1f} s after it, {run['cpu_us']:.1f} us of CPU per request")
-    kept = statistics.mean(run["rps"] for run in runs) / statistics.mean(baselines)
+    kept = statistics.mean(run["rps"] for run in runs) / statistics.mean(rps for rps, _ in baselines)
+    alone_us = statistics.mean(us for _, us in baselines)
+    added_us = statistics.mean(run["gateway_us"] for run in runs) - alone_us
     lost = [run for run in runs if not run["matched"] or run["counters"]["tls_ring_drops"]
             or run["counters"]["tls_truncated_chunks"]]
     reuse = "a new connection per request" if args.new_connections else "keep-alive"
     print(f"\nwrk -t{args.threads} -c{args.connections} -d{args.duration:g}s over TLS ({reuse}), {args.rounds} "
           f"rounds: the gateway kept {kept:.2f} of its HTTPS throughput with the agent "
-          f"(at least {KEPT_AT_LEAST:.2f}, goal {GOAL:.2f}); runs that lost a request: {len(lost)}")
+          f"(at least {KEPT_AT_LEAST:.2f}, goal {GOAL:.2f}); the gateway's CPU per request {alone_us:.1f} us alone, "
+          f"{added_us:+.1f} us with the agent; runs that lost a request: {len(lost)}")
     return 0 if kept >= KEPT_AT_LEAST and not lost else 1
 
 
