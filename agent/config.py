@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from agent.flags import FlagError, FlagParser, shown_name
+from agent.flags import FlagError, FlagParser, RefusedToken, shown_name
 
 ENV_PREFIX = "AGENT_"
 CONFIG_FLAG = "config"
@@ -82,15 +82,6 @@ def _flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return flags
 
 
-_REFUSED_BECAUSE = {"api-token": "the token comes from $METERING_API_TOKEN or --api-token-file PATH"}
-
-
-def _refused_flags(parser: argparse.ArgumentParser) -> list[str]:
-    """The hidden flags that exist to be refused (`--api-token`), by long name, if the parser has them."""
-    names = [name[2:] for action in parser._actions for name in action.option_strings]  # noqa: SLF001
-    return [name for name in _REFUSED_BECAUSE if name in names]
-
-
 def _exclusive_groups(parser: argparse.ArgumentParser) -> dict[str, set[str]]:
     """For each flag in a group of alternatives, every member's dest."""
     groups: dict[str, set[str]] = {}
@@ -104,9 +95,9 @@ def _exclusive_groups(parser: argparse.ArgumentParser) -> dict[str, set[str]]:
 def _env_layer(parser: FlagParser, flags: dict[str, argparse.Action],
                environ: Mapping[str, str]) -> dict[str, list[str]]:
     """The `AGENT_<FLAG>` variables set, by flag, as command-line tokens."""
-    for hidden in _refused_flags(parser):
-        if env_name(hidden) in environ:  # as the flag itself, refused rather than left unread
-            parser.error(f"${env_name(hidden)} is not read: {_REFUSED_BECAUSE[hidden]}")
+    for action in parser._actions:  # noqa: SLF001 - the token flags, refused here as on the command line
+        if isinstance(action, RefusedToken) and (name := env_name(action.option_strings[0][2:])) in environ:
+            parser.error(f"${name} is not read: {action.advice}")
     layer = {}
     for key, action in flags.items():
         name = env_name(key)
@@ -114,6 +105,8 @@ def _env_layer(parser: FlagParser, flags: dict[str, argparse.Action],
             value: object = environ[name]
             if isinstance(action, argparse._AppendAction):  # noqa: SLF001 - a list, as one variable can hold
                 value = [item for item in re.split(r"[\s,]+", environ[name]) if item]
+                if not value:
+                    parser.error(f"${name}: no value given")
             try:
                 layer[key] = _tokens(key, action, value, origin=f"${name}")
             except FlagError as error:

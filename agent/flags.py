@@ -45,6 +45,20 @@ class FlagParser(argparse.ArgumentParser):
                 if value is not unset and not (dest in repeatable and value is None)}
 
 
+class RefusedToken(argparse.Action):
+    """A token flag that exists only to be refused: a token in argv shows in `ps` and shell history, and
+    without it argparse would take `--api-token X` as an abbreviation of `--api-token-file X` (and print X in
+    the error about the file). `advice` says where the token goes instead."""
+
+    def __init__(self, option_strings: list[str], dest: str, what: str, advice: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)  # type: ignore[arg-type]
+        self.what = what
+        self.advice = advice
+
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:  # type: ignore[override]
+        parser.error(f"the {self.what} is not taken on the command line (it would show in ps); {self.advice}")
+
+
 def whole_number(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:

@@ -145,7 +145,8 @@ def test_subject_from_the_key_header_is_refused():
 
 
 def test_consumer_subject_needs_credentials():
-    assert "--credentials" in one_line_error(run_agent("--read", BASIC, check=False))
+    result = run_agent("--read", BASIC, check=False)
+    assert result.returncode == 2 and "--credentials" in one_line_error(result)  # a usage error
 
 
 @pytest.mark.parametrize("flag, value", [

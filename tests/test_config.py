@@ -66,10 +66,12 @@ def test_on_off_flags_and_lists_from_the_file_and_the_environment(tmp_path: Path
     assert with_flag["events"] < without["events"]
     config.write_text(f"read: {BASIC}\ncredentials: {KONG}\noutput: {output}\nport: [9]\n")
     assert summary(run_agent("--config", str(config), env=environment()).stderr)["requests"] == 0
-    # a repeatable flag's variable holds a list: the gateway's port among others meters again
-    both = summary(run_agent("--config", str(config), env=environment(AGENT_PORT="9, 8000")).stderr)
-    assert both["requests"] == summary(run_agent("--read", BASIC, "--credentials", KONG, "--output", str(output),
-                                                 "--port", "8000", env=environment()).stderr)["requests"] > 0
+    # a repeatable flag's variable holds a list, every item taken: the gateway's port first or last
+    alone = summary(run_agent("--read", BASIC, "--credentials", KONG, "--output", str(output), "--port", "8000",
+                              env=environment()).stderr)["requests"]
+    for ports in ("9, 8000", "8000,9"):
+        listed = summary(run_agent("--config", str(config), env=environment(AGENT_PORT=ports)).stderr)
+        assert listed["requests"] == alone > 0, ports
 
 
 @pytest.mark.parametrize(("content", "variables", "expected"), [
@@ -86,7 +88,11 @@ def test_on_off_flags_and_lists_from_the_file_and_the_environment(tmp_path: Path
     ("iface: lo\n", {"AGENT_NO_YIELD_CPU": "maybe"}, "$AGENT_NO_YIELD_CPU: takes true or false"),
     # the token's own variable is METERING_API_TOKEN: the flag-shaped one is refused, not left unread
     ("iface: lo\n", {"AGENT_API_TOKEN": "tok-3f9a"},
-     "$AGENT_API_TOKEN is not read: the token comes from $METERING_API_TOKEN or --api-token-file PATH"),
+     "$AGENT_API_TOKEN is not read: set $METERING_API_TOKEN or use --api-token-file PATH"),
+    ("iface: lo\n", {"AGENT_ADMIN_TOKEN": "tok-77c1"},
+     "$AGENT_ADMIN_TOKEN is not read: set $KONG_ADMIN_TOKEN or use --admin-token-file PATH"),
+    # an empty list would quietly replace the file's ports with the default
+    ("iface: lo\nport: [9000]\n", {"AGENT_PORT": " , "}, "$AGENT_PORT: no value given"),
 ])
 def test_bad_keys_and_values_are_one_line_and_exit_2(tmp_path: Path, content: str, variables: dict,
                                                      expected: str) -> None:

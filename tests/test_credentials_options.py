@@ -58,3 +58,12 @@ def test_bad_values_are_refused_by_the_parser(argv, capsys):
     with pytest.raises(SystemExit):
         parse(*argv)
     assert "error:" in capsys.readouterr().err
+
+
+def test_the_admin_token_cannot_be_given_on_the_command_line(capsys: pytest.CaptureFixture) -> None:
+    """Nor taken as an abbreviation of --admin-token-file, whose error about the file would print it."""
+    with pytest.raises(SystemExit) as exit_:
+        parse("--admin-token", "tok-5d0e")
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert "KONG_ADMIN_TOKEN" in error and "tok-5d0e" not in error

@@ -12,7 +12,7 @@ from agent.credentials.deck import DeckFileSource
 from agent.credentials.errors import CredentialError
 from agent.credentials.source import CredentialSource
 from agent.credentials.sync import CredentialSync
-from agent.flags import seconds
+from agent.flags import RefusedToken, seconds
 from agent.gateway import options as gateway_options
 
 SUBJECT_FIELDS = ("username", "id", "custom_id")
@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--admin-token-file", metavar="PATH", type=Path,
         help=f"file holding the RBAC token sent as Kong-Admin-Token (default: ${TOKEN_ENV})")
+    group.add_argument("--admin-token", action=RefusedToken, what="Admin API token",
+                       advice=f"set ${TOKEN_ENV} or use --admin-token-file PATH")
     group.add_argument(
         "--subject-field", choices=SUBJECT_FIELDS, default="username",
         help="which consumer field becomes the event subject (default username; "

@@ -18,7 +18,7 @@ import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from agent.flags import byte_size, seconds, whole_number
+from agent.flags import RefusedToken, byte_size, seconds, whole_number
 from agent.sink import Sink
 from agent.sink.datadir import SPOOL_DIR_NAME, STORE_FILE_NAME, default_data_dir, ensure_private_dir
 from agent.sink.ingest import (DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_INTERVAL, DEFAULT_SPOOL_MAX_BYTES, IngestSettings,
@@ -37,15 +37,6 @@ class SinkConfigError(ValueError):
     """A sink cannot be set up from the flags given; the message is one line for the user."""
 
 
-class RefuseTokenOnCommandLine(argparse.Action):
-    """`--api-token` exists only to be refused: a token in argv shows in `ps` and shell history, and without
-    it argparse would take `--api-token X` as an abbreviation of `--api-token-file X`."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        parser.error("the API token is not taken on the command line (it would show in ps);"
-                     " set $METERING_API_TOKEN or use --api-token-file PATH")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "event delivery", "Without --output or --ingest-endpoint, events go to the local store (see `agent events`).")
@@ -54,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             " the token comes from $METERING_API_TOKEN or --api-token-file")
     group.add_argument("--api-token-file", metavar="PATH", type=Path,
                        help="file holding the ingest API token (re-read when the endpoint refuses it)")
-    group.add_argument("--api-token", action=RefuseTokenOnCommandLine, help=argparse.SUPPRESS)
+    group.add_argument("--api-token", action=RefusedToken, what="API token",
+                       advice="set $METERING_API_TOKEN or use --api-token-file PATH")
     group.add_argument("--batch-size", metavar="N", type=whole_number(1, 100_000), default=DEFAULT_BATCH_SIZE,
                        help=f"most events per request (default {DEFAULT_BATCH_SIZE})")
     group.add_argument("--flush-interval", metavar="SECONDS", type=seconds(zero_allowed=True),
