@@ -243,7 +243,7 @@ def test_another_plugins_reference_is_none_of_the_agents_business():
      "kong.yaml: routes[0].paths[1]: '' does not start with / (a prefix) or ~/ (a regex)"),
     ({"routes": [{"name": "r", "paths": ["~^/orders"]}]}, "kong.yaml: routes[0].paths[0]: '~^/orders' does not"),
     ({"routes": [{"name": "r", "paths": ['${{ env "DECK_BASE" }}/orders']}]},
-     "kong.yaml: routes[0].paths[0]: decK templates are read in api_token only"),
+     "kong.yaml: routes[0].paths[0]: decK templates are read only in the metering plugin's api_token"),
     ({"plugins": [{"name": "key-auth", "config": {"key_names": ["api key"]}}]},
      "kong.yaml: plugins[0]: config.key_names: bad key name 'api key': allowed characters are"),
 ])
