@@ -55,7 +55,8 @@ def route(entity: dict, path: str, service_id: str | None, derive_id: bool) -> R
     lists = {field: _strings(entity, field, path) for field in _ROUTE_LISTS}
     for index, route_path in enumerate(lists["paths"]):
         if route_path.startswith("${{"):
-            raise DeckShape(f"{path}.paths[{index}]: decK templates are read only in the metering plugin's api_token and ingest_endpoint; give the path")
+            raise DeckShape(f"{path}.paths[{index}]: decK templates are read only in the metering plugin's"
+                            " api_token and ingest_endpoint; give the path")
         if not route_path.startswith(("/", "~/")):  # as Kong's schema, which refuses such a route
             raise DeckShape(f"{path}.paths[{index}]: {route_path!r} does not start with / (a prefix) or ~/ (a regex)")
     protocols = lists.pop("protocols") or ("http", "https")
