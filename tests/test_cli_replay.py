@@ -152,7 +152,8 @@ def test_consumer_subject_needs_credentials():
 @pytest.mark.parametrize("flag, value", [
     ("--max-connections", "0"), ("--response-timeout", "nan"), ("--idle-timeout", "-1"), ("--max-head-bytes", "12"),
     ("--port", "70000"), ("--batch-size", "0"), ("--credentials-refresh", "inf"), ("--workers", "x"),
-    ("--key-names", " , "), ("--key-names", "apikey,api key"), ("--spool-max-bytes", "99999999999999999999T"), ("--source", ""), ("--read", ""),
+    ("--key-names", " , "), ("--key-names", "apikey,api key"), ("--spool-max-bytes", "99999999999999999999T"),
+    ("--source", ""), ("--read", ""),
 ])
 def test_a_flag_value_out_of_range_is_one_line_before_anything_runs(tmp_path, flag, value):
     output = tmp_path / "events.jsonl"

@@ -262,10 +262,10 @@ fn entry_offset(file: &object::File<'_>, address: u64) -> Option<u64> {
 }
 
 /// The file offset of `symbol`'s first `push` when all before it is a null check of its first argument
-/// (`test %rdi,%rdi` and `je`, as `SSL_free` begins): the kernel single-steps a `test` (a
-/// second trap, about ten times the cost of an emulated `push`), and at the `push` the argument is still
-/// in rdi. A null argument jumps past the probe, which the program would ignore anyway. None in any other
-/// shape: the symbol itself is probed then.
+/// (`test %rdi,%rdi` and `je`, as `SSL_free` begins): the kernel single-steps a `test` (a second trap,
+/// about ten times the cost of an emulated `push`), and at the `push` the argument is still in rdi. A null
+/// argument jumps past the probe, which the program would ignore anyway. None in any other shape: the
+/// symbol itself is probed then.
 fn past_null_check(elf: &[u8], symbol: &str) -> Option<u64> {
     if !cfg!(target_arch = "x86_64") {
         return None;
@@ -280,7 +280,9 @@ fn past_null_check(elf: &[u8], symbol: &str) -> Option<u64> {
     }
     let checks_rdi = first.mnemonic() == Mnemonic::Test
         && first.op_count() == 2
-        && (0..2).all(|operand| first.op_kind(operand) == OpKind::Register && first.op_register(operand) == Register::RDI);
+        && (0..2).all(|operand| {
+            first.op_kind(operand) == OpKind::Register && first.op_register(operand) == Register::RDI
+        });
     let branch = decoder.decode();
     let push = decoder.decode();
     // `je`: a null argument jumps away, so the push is the path every real SSL* takes
