@@ -72,12 +72,18 @@ def curl(*args: str, protocol: str = "--http1.1") -> None:
     subprocess.run(["curl", "-sSk", protocol, *discard, "--max-time", "20", *args], check=True, timeout=30)
 
 
-def tls_socket(port: int) -> ssl.SSLSocket:
+def tls_socket(port: int, receive_buffer: int | None = None) -> ssl.SSLSocket:
+    """A TLS client socket; `receive_buffer` fixes its receive buffer (no autotuning), so that a client
+    that reads slowly fills the server's socket whatever the host's tcp_rmem."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     context.set_alpn_protocols(["http/1.1"])
-    raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if receive_buffer is not None:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    raw.settimeout(20)
+    raw.connect(("127.0.0.1", port))
     return context.wrap_socket(raw, server_hostname="localhost")
 
 
@@ -150,8 +156,14 @@ def test_a_large_response_to_a_slow_client_is_metered_once(gateway, start_agent)
     large = gateway.prefix / "html/static/large.bin"
     large.write_bytes(os.urandom(6 << 20))
     agent = start_agent(gateway)
-    base = gateway.tls_url
-    curl("--limit-rate", "3M", "-H", f"apikey: {ALICE}", f"{base}/static/large.bin", f"{base}/orders/after-large")
+    # a 64 KiB receive window read at about 3 MB/s: nginx's socket fills (with curl the kernel's receive
+    # autotuning could take the whole response at once, and then no write failed)
+    with tls_socket(gateway.tls_port, receive_buffer=64 << 10) as connection:
+        connection.sendall(f"GET /static/large.bin HTTP/1.1\r\nHost: localhost\r\napikey: {ALICE}\r\n\r\n"
+                           f"GET /orders/after-large HTTP/1.1\r\nHost: localhost\r\napikey: {ALICE}\r\n"
+                           "Connection: close\r\n\r\n".encode())
+        while connection.recv(65536):
+            time.sleep(0.02)
     entries = gateway.access_log_entries(expect=2)
     counters = stopped(agent)
     assert [e["bytes_sent"] > 6 << 20 for e in entries] == [True, False]
