@@ -39,18 +39,14 @@ KEPT_AT_LEAST = 0.80
 GOAL = 0.90
 
 
-def gateway_cpu_seconds(gateway: KongStandin) -> float:
-    """CPU time of the gateway's processes (master and workers): where the probes' cost lands."""
-    master = psutil.Process(gateway.pid)
-    return sum(sum(process.cpu_times()[:2]) for process in [master, *master.children()])
-
-
 def timed_load(gateway: KongStandin, script: Path, args: argparse.Namespace) -> tuple[float, float]:
-    """wrk's requests/s, and the gateway's CPU per request in µs (the steadier of the two figures on a
-    shared VM, where throughput moves with whatever else the host runs)."""
-    cpu_start = gateway_cpu_seconds(gateway)
+    """wrk's requests/s, and the CPU per request in µs of the gateway's processes (master and workers,
+    where the probes' cost lands): the steadier of the two figures on a shared VM, where throughput moves
+    with whatever else the host runs."""
+    gateway_cpu = Sampler(psutil.Process(gateway.pid))  # CPU time only, its sampling thread not started
+    cpu_start = gateway_cpu.cpu_seconds()
     rps = run_wrk(gateway.tls_url, script, args.threads, args.connections, args.duration)
-    return rps, (gateway_cpu_seconds(gateway) - cpu_start) / (rps * args.duration) * 1e6
+    return rps, (gateway_cpu.cpu_seconds() - cpu_start) / (rps * args.duration) * 1e6
 
 
 def agent_run(gateway: KongStandin, script: Path, args: argparse.Namespace, output: Path) -> dict:

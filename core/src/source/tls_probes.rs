@@ -7,7 +7,7 @@ use std::num::NonZeroU32;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::uprobe::{UProbeAttachLocation, UProbeScope};
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register};
 use object::{Object, ObjectSection, ObjectSymbol};
 use aya::programs::{BtfTracePoint, UProbe};
 use aya::{Btf, Ebpf, EbpfLoader};
@@ -127,11 +127,11 @@ impl TlsProbes {
                 }
             }
         }
+        let file = object::File::parse(&*code).ok();
         for (program, symbol) in MARKERS {
-            match past_null_check(&code, symbol) {
-                Some(offset) => self.attach_one(program, UProbeAttachLocation::AbsoluteOffset(offset), library, pid)?,
-                None => self.attach_one(program, UProbeAttachLocation::Symbol(symbol), library, pid)?,
-            }
+            let offset = file.as_ref().and_then(|file| past_null_check(file, symbol));
+            let location = offset.map_or(UProbeAttachLocation::Symbol(symbol), UProbeAttachLocation::AbsoluteOffset);
+            self.attach_one(program, location, library, pid)?;
         }
         // kernel TLS's sendfile (OpenSSL 3.0 and later) sends on the socket outside any write: its
         // entry ends the last write's window as SSL_shutdown's does
@@ -251,14 +251,25 @@ pub fn internal_workers(elf: &[u8]) -> Option<[u64; 2]> {
 /// The file offset of the worker at `address`, at its first `push` (after an `endbr64` on CET builds):
 /// an instruction the kernel emulates, with the arguments still as the caller passed them.
 fn entry_offset(file: &object::File<'_>, address: u64) -> Option<u64> {
-    let (code, section) = code_at(file, address, 16)?;
-    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
-    let mut first = decoder.decode();
-    if first.mnemonic() == Mnemonic::Endbr64 {
-        first = decoder.decode();
+    match instructions_at(file, address, 1)?.as_slice() {
+        [(push, at)] if push.mnemonic() == Mnemonic::Push => Some(*at),
+        _ => None,
     }
-    (first.mnemonic() == Mnemonic::Push).then_some(())?;
-    Some(section.file_range()?.0 + first.ip() - section.address())
+}
+
+/// The first `count` instructions at `address` (an `endbr64`, on CET builds, skipped), each with the file
+/// offset it begins at.
+fn instructions_at(file: &object::File<'_>, address: u64, count: usize) -> Option<Vec<(Instruction, u64)>> {
+    let (code, section) = code_at(file, address, 32)?;
+    let (file_start, start) = (section.file_range()?.0, section.address());
+    let mut instructions: Vec<Instruction> =
+        Decoder::with_ip(64, code, address, DecoderOptions::NONE).iter().take(count + 1).collect();
+    if instructions.first().is_some_and(|first| first.mnemonic() == Mnemonic::Endbr64) {
+        instructions.remove(0);
+    }
+    instructions.truncate(count);
+    (instructions.len() == count).then_some(())?;
+    Some(instructions.into_iter().map(|instruction| (instruction, file_start + instruction.ip() - start)).collect())
 }
 
 /// The file offset of `symbol`'s first `push` when all before it is a null check of its first argument
@@ -266,28 +277,17 @@ fn entry_offset(file: &object::File<'_>, address: u64) -> Option<u64> {
 /// about ten times the cost of an emulated `push`), and at the `push` the argument is still in rdi. A null
 /// argument jumps past the probe, which the program would ignore anyway. None in any other shape: the
 /// symbol itself is probed then.
-fn past_null_check(elf: &[u8], symbol: &str) -> Option<u64> {
+fn past_null_check(file: &object::File<'_>, symbol: &str) -> Option<u64> {
     if !cfg!(target_arch = "x86_64") {
         return None;
     }
-    let file = object::File::parse(elf).ok()?;
-    let start = find_symbol(&file, symbol)?.address();
-    let (code, section) = code_at(&file, start, 32)?;
-    let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
-    let mut first = decoder.decode();
-    if first.mnemonic() == Mnemonic::Endbr64 {
-        first = decoder.decode();
-    }
-    let checks_rdi = first.mnemonic() == Mnemonic::Test
-        && first.op_count() == 2
-        && (0..2).all(|operand| {
-            first.op_kind(operand) == OpKind::Register && first.op_register(operand) == Register::RDI
-        });
-    let branch = decoder.decode();
-    let push = decoder.decode();
+    let instructions = instructions_at(file, find_symbol(file, symbol)?.address(), 3)?;
+    let [(test, _), (branch, _), (push, at)] = instructions.as_slice() else { return None };
+    let checks_rdi = test.mnemonic() == Mnemonic::Test
+        && test.op_count() == 2
+        && (0..2).all(|at| test.op_kind(at) == OpKind::Register && test.op_register(at) == Register::RDI);
     // `je`: a null argument jumps away, so the push is the path every real SSL* takes
-    (checks_rdi && branch.mnemonic() == Mnemonic::Je && push.mnemonic() == Mnemonic::Push).then_some(())?;
-    Some(section.file_range()?.0 + push.ip() - section.address())
+    (checks_rdi && branch.mnemonic() == Mnemonic::Je && push.mnemonic() == Mnemonic::Push).then_some(*at)
 }
 
 fn find_symbol<'data, 'file>(file: &'file object::File<'data>, symbol: &str) -> Option<object::Symbol<'data, 'file>> {
@@ -371,11 +371,11 @@ mod tests {
         // SSL_free begins `test %rdi,%rdi; je; push`: probed at the push, past the single-stepped test
         let free = public("SSL_free").address();
         let (code, section) = code_at(&file, free, 16).unwrap();
-        let at = past_null_check(&library, "SSL_free").expect("SSL_free's null check");
+        let at = past_null_check(&file, "SSL_free").expect("SSL_free's null check");
         let virtual_address = at - section.file_range().unwrap().0 + section.address();
         assert!(virtual_address > free && virtual_address < free + 16);
         assert_eq!(code[usize::try_from(virtual_address - free).unwrap()] & 0xF0, 0x40, "a REX-prefixed push");
-        assert_eq!(past_null_check(&library, "SSL_set_fd"), None, "SSL_set_fd begins with its push");
-        assert_eq!(past_null_check(b"not an elf", "SSL_free"), None);
+        assert_eq!(past_null_check(&file, "SSL_set_fd"), None, "SSL_set_fd begins with its push");
+        assert_eq!(past_null_check(&file, "no_such_symbol"), None);
     }
 }
