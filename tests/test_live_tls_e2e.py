@@ -150,6 +150,29 @@ def test_https_events_match_the_access_log_one_for_one(gateway, start_agent, tmp
     assert all(key not in agent.stderr for keys in KEYS.values() for key in keys)
 
 
+def test_the_gateways_own_tls_to_its_upstream_and_its_other_tls_ports_are_not_metered(start_agent) -> None:
+    """A Kong service over HTTPS: the gateway's processes also write requests to the upstream and read its
+    responses through the same TLS library, and here the upstream is a TLS server block of the same nginx
+    too (as Kong's Admin API on 8444 is). Only the TLS port's own connections are the gateway's traffic,
+    also when the upstream connection (nginx keeps it alive) began before the agent."""
+    with KongStandin(port=free_loopback_port(), tls_port=free_loopback_port(), upstream_tls=True,
+                     workers=1) as gateway:
+        curl("-H", f"apikey: {ALICE}", f"{gateway.tls_url}/before-agent")
+        agent = start_agent(gateway)
+        base = gateway.tls_url
+        curl("-H", f"apikey: {ALICE}", f"{base}/orders/1", f"{base}/orders/2?apikey={BOB}")
+        curl("-H", f"apikey: {UNKNOWN}", f"{base}/orders")
+        curl("-H", f"apikey: {CAROL}", f"{gateway.base_url}/plain/too")
+        entries = gateway.access_log_entries(expect=5)
+        counters = stopped(agent)
+    assert [e["upstream_status"] for e in entries if e["status"] != 401] == ["200"] * 4
+    assert metered_rows(agent.events()) == billed_rows([e for e in entries if e["request_uri"] != "/before-agent"])
+    assert_clean(counters)
+    # both ends of the one upstream connection nginx kept from before the agent, found on their first read
+    assert counters["tls_unmetered"] == 2, counters
+    assert counters["unmatched_responses"] == 0 and counters["tls_midstream"] == 0, counters
+
+
 def test_a_large_response_to_a_slow_client_is_metered_once(gateway, start_agent) -> None:
     """A response larger than the socket can take at once: nginx's writes fail with the socket full and are
     made again with the same bytes (the probes see each attempt at its entry), yet each byte counts once."""

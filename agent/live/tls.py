@@ -70,7 +70,7 @@ class TlsCapture:
     def __init__(self, ports: set[int]) -> None:
         self.ports = ports
         try:
-            self.probes = _core.TlsProbes(RING_BYTES)
+            self.probes = _core.TlsProbes(RING_BYTES, sorted(ports))
         except OSError as error:
             hint = " (the agent needs root, or CAP_BPF and CAP_PERFMON)" if "not permitted" in str(error) else ""
             raise TlsUnavailable(f"--tls-port: cannot meter HTTPS here: {error}{hint}") from None

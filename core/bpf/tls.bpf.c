@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 /* The TLS library's plaintext, read where the gateway's own processes hand it to (or get it from)
- * OpenSSL: an entry probe and a uretprobe on the internal read worker ssl_read_internal, an entry probe
- * alone on the write worker ssl_write_internal (see ssl_write_worker), both found by the loader (else
+ * OpenSSL: reads by an entry probe and a uretprobe on nginx's ngx_ssl_recv in an nginx (see
+ * ngx_recv_enter), else on the internal read worker ssl_read_internal; writes by an entry probe alone on
+ * the write worker ssl_write_internal (see ssl_write_worker), the workers found by the loader (else
  * entry probes and uretprobes on SSL_read, SSL_read_ex, SSL_write and SSL_write_ex themselves); and
  * SSL_set_fd (a connection starts), SSL_free (it ends), SSL_shutdown and SSL_sendfile (they send on the
  * socket outside a write). The socket behind an SSL* is learnt from the sock layer's own tracepoints
@@ -21,17 +22,23 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define IPPROTO_TCP 6
 #define TCP_CLOSE 7
 #define TCP_CLOSE_WAIT 8
+#define S_IFMT 0170000
+#define S_IFSOCK 0140000
 /* Plaintext bytes one ring-buffer record carries; a longer call is cut into pieces (a per-CPU value,
  * twice this, must stay under the kernel's 32 KiB per-CPU limit) */
 #define PIECE 8192
-/* Pieces one call may send: past PIECES * PIECE bytes the rest is counted truncated (the core sees a gap) */
-#define PIECES 32
+/* Pieces one call may send (1 MiB: ngx_ssl_recv fills what nginx asks, its body buffer at most): past
+ * PIECES * PIECE bytes the rest is counted truncated (the core sees a gap) */
+#define PIECES 128
 
 enum kind {
 	KIND_READ = 0, KIND_WRITE = 1, KIND_OPEN = 2, KIND_CLOSE = 3, KIND_FORK = 4, KIND_EXIT = 5,
 	/* the write this thread sent at its entry did not go out (a send on its socket failed): the
 	 * gateway calls again with the same bytes, so the core forgets this attempt's */
 	KIND_WRITE_FAILED = 6,
+	/* the stream's socket is not on a TLS port the agent meters (the gateway's own TLS to its upstream,
+	 * its Admin API's port): the core forgets what it has of it, and nothing more of it is sent */
+	KIND_UNMETERED = 7,
 };
 
 struct chunk_header {
@@ -86,7 +93,7 @@ struct endpoint {
 	__u16 family;
 	__u16 local_port;
 	__u16 remote_port;
-	__u16 pad;
+	__u16 metered; /* local_port is one of the TLS ports */
 	__u8 local_addr[16];
 	__u8 remote_addr[16];
 };
@@ -96,13 +103,22 @@ struct {
 	__uint(max_entries, 64 << 20);
 } chunks SEC(".maps");
 
-/* processes to watch (the gateway's): its PIDs are the keys */
+/* processes to watch (the gateway's): its PIDs are the keys; the value is where nginx's connection
+ * (ngx_connection_t) holds its `ssl` in that process's executable (see ngx_recv_enter), 0 elsewhere */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
 	__type(key, __u32);
-	__type(value, __u8);
+	__type(value, __u32);
 } watched SEC(".maps");
+
+/* the TLS ports metered (--tls-port), set by the loader */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u16);
+	__type(value, __u8);
+} tls_ports SEC(".maps");
 
 /* the SSL call each thread is in, between entry and return: the thread's own storage, cheaper than a
  * map keyed by thread id */
@@ -178,10 +194,16 @@ static __always_inline int enter(__u64 ssl, __u64 buf, __u64 ex_len, __u32 kind)
 	return 0;
 }
 
-static __always_inline void fill_header(struct chunk_header *h, __u64 ssl, __u32 kind)
+static __always_inline struct endpoint *endpoint_of(__u64 ssl)
+{
+	struct stream_key key = { .ssl = ssl, .pid = bpf_get_current_pid_tgid() >> 32 };
+	return bpf_map_lookup_elem(&endpoints, &key);
+}
+
+/* `endpoint`: the stream's socket, if known */
+static __always_inline void fill_header(struct chunk_header *h, __u64 ssl, __u32 kind, struct endpoint *endpoint)
 {
 	__u32 pid = bpf_get_current_pid_tgid() >> 32;
-	struct stream_key key = { .ssl = ssl, .pid = pid };
 	h->ssl = ssl;
 	h->pid = pid;
 	h->kind = kind;
@@ -192,7 +214,6 @@ static __always_inline void fill_header(struct chunk_header *h, __u64 ssl, __u32
 	h->client_left = 0;
 	h->tid = (__u32)bpf_get_current_pid_tgid();
 	h->at_entry = 0;
-	struct endpoint *endpoint = bpf_map_lookup_elem(&endpoints, &key);
 	if (endpoint) {
 		h->family = endpoint->family;
 		h->local_port = endpoint->local_port;
@@ -221,42 +242,102 @@ static __always_inline void fill_header(struct chunk_header *h, __u64 ssl, __u32
 	}
 }
 
+/* The 4-tuple of a TCP socket, and whether it is on a metered port; 0 if it is not TCP over IP. */
+static __always_inline int describe(struct sock *sk, struct endpoint *endpoint)
+{
+	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+		return 0;
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	endpoint->sk = (__u64)sk;
+	endpoint->family = family;
+	endpoint->local_port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	endpoint->remote_port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	endpoint->metered = bpf_map_lookup_elem(&tls_ports, &endpoint->local_port) != 0;
+	if (family == AF_INET) {
+		__u32 local = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		__u32 remote = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		__builtin_memcpy(endpoint->local_addr, &local, 4);
+		__builtin_memcpy(endpoint->remote_addr, &remote, 4);
+		return 1;
+	}
+	if (family == AF_INET6) {
+		BPF_CORE_READ_INTO(&endpoint->local_addr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
+		BPF_CORE_READ_INTO(&endpoint->remote_addr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+		return 1;
+	}
+	return 0;
+}
+
+/* The socket behind file descriptor `fd` of the current process, or 0. */
+static __always_inline struct sock *socket_of(int fd)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct fdtable *table = BPF_CORE_READ(task, files, fdt);
+	if (fd < 0 || (__u32)fd >= BPF_CORE_READ(table, max_fds))
+		return 0;
+	struct file **files = BPF_CORE_READ(table, fd);
+	struct file *file = 0;
+	if (bpf_probe_read_kernel(&file, sizeof(file), &files[fd]) || !file)
+		return 0;
+	if ((BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
+		return 0;
+	struct socket *socket = BPF_CORE_READ(file, private_data);
+	return BPF_CORE_READ(socket, sk);
+}
+
+struct pieces {
+	__u64 buf;
+	__u64 length;
+};
+
+/* Piece `index` of a call whose header is in the scratch record: bpf_loop's callback, so that the
+ * verifier checks one piece, not each of PIECES */
+static long send_piece(__u64 index, struct pieces *call)
+{
+	__u32 zero = 0;
+	struct chunk *chunk = bpf_map_lookup_elem(&scratch, &zero);
+	__u64 offset = index * PIECE;
+	if (!chunk || offset >= call->length)
+		return 1;
+	__u64 size = call->length - offset;
+	if (size > PIECE)
+		size = PIECE;
+	chunk->h.offset = offset;
+	chunk->h.len = size;
+	if (bpf_probe_read_user(chunk->data, size & (PIECE * 2 - 1), (void *)(call->buf + offset))) {
+		count(1, size);
+		chunk->h.len = 0; /* still sent: the core learns the bytes are missing */
+		size = 0;
+	}
+	__u64 bytes = sizeof(struct chunk_header) + (size & (PIECE * 2 - 1));
+	if (bpf_ringbuf_output(&chunks, chunk, bytes, wake_flags(bytes)))
+		count(0, 1);
+	return 0;
+}
+
 /* One call's plaintext, cut into pieces, into the ring. */
 static __always_inline int send_call(__u64 ssl, __u32 kind, __u64 buf, __u64 length, __u32 at_entry)
 {
 	if (length == 0 || length > 0xffffffff)
 		return 0;
+	struct endpoint *endpoint = endpoint_of(ssl);
+	if (endpoint && !endpoint->metered)
+		return 0; /* a connection of the gateway's on another port */
 	__u32 zero = 0;
 	struct chunk *chunk = bpf_map_lookup_elem(&scratch, &zero);
 	if (!chunk)
 		return 0;
-	fill_header(&chunk->h, ssl, kind);
+	fill_header(&chunk->h, ssl, kind, endpoint);
 	chunk->h.call_len = length;
 	chunk->h.at_entry = at_entry;
-	for (__u32 piece = 0; piece < PIECES; piece++) {
-		__u64 offset = (__u64)piece * PIECE;
-		if (offset >= length)
-			return 0;
-		__u64 size = length - offset;
-		if (size > PIECE)
-			size = PIECE;
-		chunk->h.offset = offset;
-		chunk->h.len = size;
-		if (bpf_probe_read_user(chunk->data, size & (PIECE * 2 - 1), (void *)(buf + offset))) {
-			count(1, size);
-			chunk->h.len = 0; /* still sent: the core learns the bytes are missing */
-			size = 0;
-		}
-		__u64 bytes = sizeof(struct chunk_header) + (size & (PIECE * 2 - 1));
-		if (bpf_ringbuf_output(&chunks, chunk, bytes, wake_flags(bytes)))
-			count(0, 1);
-	}
+	struct pieces call = { .buf = buf, .length = length };
+	bpf_loop(PIECES, send_piece, &call, 0);
 	if (length > (__u64)PIECES * PIECE)
 		count(1, length - (__u64)PIECES * PIECE);
 	return 0;
 }
 
-static __always_inline int leave(int ret)
+static __always_inline int leave(long ret)
 {
 	struct call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, 0);
 	if (!call || !call->active || call->at_entry)
@@ -279,25 +360,13 @@ static __always_inline int leave(int ret)
 	return send_call(done.ssl, done.kind, done.buf, length, 0);
 }
 
-static __always_inline int marker(__u64 ssl, __u32 kind)
+static __always_inline void send_marker(__u64 ssl, __u32 kind, __u16 client_left)
 {
-	if (!is_watched())
-		return 0;
-	__u32 pid = bpf_get_current_pid_tgid() >> 32;
-	struct stream_key key = { .ssl = ssl, .pid = pid };
 	struct chunk_header h = {};
-	fill_header(&h, ssl, kind);
-	struct endpoint *endpoint = bpf_map_lookup_elem(&endpoints, &key);
-	if (kind == KIND_CLOSE && endpoint) {
-		struct sock *sk = (struct sock *)endpoint->sk;
-		__u8 state = BPF_CORE_READ(sk, __sk_common.skc_state);
-		h.client_left = state == TCP_CLOSE_WAIT || state == TCP_CLOSE;
-	}
-	if (kind == KIND_CLOSE || kind == KIND_OPEN)
-		bpf_map_delete_elem(&endpoints, &key);
+	fill_header(&h, ssl, kind, endpoint_of(ssl));
+	h.client_left = client_left;
 	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), wake_flags(sizeof(h))))
 		count(0, 1);
-	return 0;
 }
 
 SEC("uprobe")
@@ -326,6 +395,34 @@ int BPF_KPROBE(ssl_write_ex_enter, void *ssl, const void *buf, size_t num, size_
 
 SEC("uretprobe")
 int BPF_KRETPROBE(ssl_return, int ret)
+{
+	return leave(ret);
+}
+
+/* nginx's ngx_ssl_recv(c, buf, size) calls SSL_read until it has no more to give (the last call of the
+ * loop fails with SSL_ERROR_WANT_READ) and returns the bytes it put in buf, in one piece, or NGX_AGAIN or
+ * NGX_ERROR: probed there, a request costs one entry and one return where the library's read worker
+ * costs two of each. The SSL* is c->ssl->connection, the first field of ngx_ssl_connection_t; where c
+ * holds `ssl` moves between nginx versions, and the loader read it off this executable's code. */
+SEC("uprobe")
+int BPF_KPROBE(ngx_recv_enter, void *c, void *buf, size_t size)
+{
+	__u32 pid = bpf_get_current_pid_tgid() >> 32;
+	__u32 *ssl_field = bpf_map_lookup_elem(&watched, &pid);
+	__u64 connection = 0, ssl = 0;
+	if (!ssl_field || !*ssl_field)
+		return 0;
+	if (bpf_probe_read_user(&connection, sizeof(connection), c + (*ssl_field & 0xfff)) || !connection ||
+	    bpf_probe_read_user(&ssl, sizeof(ssl), (void *)connection) || !ssl) {
+		count(0, 1); /* the call goes unseen: counted with the records the ring had no room for */
+		return 0;
+	}
+	return enter(ssl, (__u64)buf, 0, KIND_READ);
+}
+
+/* ngx_ssl_recv returns an ssize_t: read whole, where an int's upper half is undefined */
+SEC("uretprobe")
+int BPF_KRETPROBE(ngx_recv_return, long ret)
 {
 	return leave(ret);
 }
@@ -364,18 +461,46 @@ int BPF_KPROBE(ssl_shutdown, void *ssl)
 	return 0;
 }
 
+/* A connection starts on socket fd: its 4-tuple is known from its first byte, and a connection on a port not
+ * metered never reaches the core. */
 SEC("uprobe")
 int BPF_KPROBE(ssl_set_fd, void *ssl, int fd)
 {
-	return marker((__u64)ssl, KIND_OPEN);
+	if (!is_watched())
+		return 0;
+	struct stream_key key = { .ssl = (__u64)ssl, .pid = bpf_get_current_pid_tgid() >> 32 };
+	struct endpoint endpoint = {};
+	struct sock *sk = socket_of(fd);
+	if (sk && describe(sk, &endpoint)) {
+		bpf_map_update_elem(&endpoints, &key, &endpoint, BPF_ANY);
+		if (!endpoint.metered)
+			return 0;
+	} else {
+		bpf_map_delete_elem(&endpoints, &key); /* an SSL* freed and allocated again: not the old socket */
+	}
+	send_marker((__u64)ssl, KIND_OPEN, 0);
+	return 0;
 }
 
 SEC("uprobe")
 int BPF_KPROBE(ssl_free, void *ssl)
 {
-	if (!ssl)
+	if (!ssl || !is_watched())
 		return 0;
-	return marker((__u64)ssl, KIND_CLOSE);
+	struct stream_key key = { .ssl = (__u64)ssl, .pid = bpf_get_current_pid_tgid() >> 32 };
+	struct endpoint *endpoint = bpf_map_lookup_elem(&endpoints, &key);
+	__u16 client_left = 0;
+	if (endpoint) {
+		int metered = endpoint->metered;
+		struct sock *sk = (struct sock *)endpoint->sk;
+		__u8 state = BPF_CORE_READ(sk, __sk_common.skc_state);
+		client_left = state == TCP_CLOSE_WAIT || state == TCP_CLOSE;
+		bpf_map_delete_elem(&endpoints, &key);
+		if (!metered)
+			return 0;
+	}
+	send_marker((__u64)ssl, KIND_CLOSE, client_left);
+	return 0;
 }
 
 /* A send failed (EAGAIN: the socket's buffer is full; or the connection broke) while the thread's latest
@@ -388,10 +513,8 @@ static __always_inline void write_failed(struct call *call, struct sock *sk)
 	if (!endpoint || endpoint->sk != (__u64)sk)
 		return;
 	call->active = 0;
-	struct chunk_header h = {};
-	fill_header(&h, call->ssl, KIND_WRITE_FAILED);
-	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), wake_flags(sizeof(h))))
-		count(0, 1);
+	if (endpoint->metered)
+		send_marker(call->ssl, KIND_WRITE_FAILED, 0);
 }
 
 /* The socket a thread inside an SSL call sends on or receives from is that SSL*'s. Not during a write sent
@@ -412,25 +535,12 @@ static __always_inline int learn_socket(struct sock *sk, int ret)
 	struct stream_key key = { .ssl = call->ssl, .pid = bpf_get_current_pid_tgid() >> 32 };
 	if (bpf_map_lookup_elem(&endpoints, &key))
 		return 0;
-	struct endpoint endpoint = { .sk = (__u64)sk };
-	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+	struct endpoint endpoint = {};
+	if (!describe(sk, &endpoint))
 		return 0;
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	endpoint.family = family;
-	endpoint.local_port = BPF_CORE_READ(sk, __sk_common.skc_num);
-	endpoint.remote_port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
-	if (family == AF_INET) {
-		__u32 local = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
-		__u32 remote = BPF_CORE_READ(sk, __sk_common.skc_daddr);
-		__builtin_memcpy(endpoint.local_addr, &local, 4);
-		__builtin_memcpy(endpoint.remote_addr, &remote, 4);
-	} else if (family == AF_INET6) {
-		BPF_CORE_READ_INTO(&endpoint.local_addr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
-		BPF_CORE_READ_INTO(&endpoint.remote_addr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
-	} else {
-		return 0;
-	}
 	bpf_map_update_elem(&endpoints, &key, &endpoint, BPF_ANY);
+	if (!endpoint.metered)
+		send_marker(call->ssl, KIND_UNMETERED, 0); /* begun before the probes: the core may have some of it */
 	return 0;
 }
 
@@ -453,10 +563,11 @@ int BPF_PROG(process_fork, struct task_struct *parent, struct task_struct *child
 {
 	__u32 parent_pid = BPF_CORE_READ(parent, tgid);
 	__u32 child_pid = BPF_CORE_READ(child, tgid);
-	if (child_pid == parent_pid || !bpf_map_lookup_elem(&watched, &parent_pid))
+	__u32 *ssl_field = bpf_map_lookup_elem(&watched, &parent_pid);
+	if (child_pid == parent_pid || !ssl_field)
 		return 0;
-	__u8 yes = 1;
-	bpf_map_update_elem(&watched, &child_pid, &yes, BPF_ANY);
+	__u32 inherited = *ssl_field; /* the same executable, until the child execs (the loader then looks again) */
+	bpf_map_update_elem(&watched, &child_pid, &inherited, BPF_ANY);
 	struct chunk_header h = { .pid = child_pid, .kind = KIND_FORK, .time_ns = bpf_ktime_get_ns() };
 	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), 0))
 		count(0, 1);

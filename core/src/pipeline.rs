@@ -281,6 +281,7 @@ impl Pipeline {
             ("http2_connections", tls.http2_connections),
             ("tls_bad_records", tls.bad_records),
             ("tls_write_retries", tls.write_retries),
+            ("tls_unmetered", tls.unmetered),
         ]
     }
 }

@@ -1380,8 +1380,8 @@ pub(crate) struct PyTlsProbes {
 impl PyTlsProbes {
     /// Raises OSError with one line saying what this host refused.
     #[new]
-    fn new(ring_bytes: u32) -> PyResult<Self> {
-        let probes = crate::source::tls_probes::TlsProbes::load(ring_bytes).map_err(PyOSError::new_err)?;
+    fn new(ring_bytes: u32, ports: Vec<u16>) -> PyResult<Self> {
+        let probes = crate::source::tls_probes::TlsProbes::load(ring_bytes, &ports).map_err(PyOSError::new_err)?;
         Ok(PyTlsProbes { probes })
     }
 

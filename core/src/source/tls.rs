@@ -24,7 +24,7 @@ use crate::tcp::reassembly::{ConnectionInfo, StreamEvent, StreamSink};
 
 /// Plaintext bytes one record carries at most, and the pieces one call is cut into at most (tls.bpf.c).
 pub const PIECE: u32 = 8192;
-pub const PIECES: u32 = 32;
+pub const PIECES: u32 = 128;
 /// The record header's size (struct chunk_header, padded to 8 bytes).
 pub const HEADER: usize = 96;
 
@@ -35,6 +35,9 @@ const KIND_CLOSE: u32 = 3;
 const KIND_FORK: u32 = 4;
 const KIND_EXIT: u32 = 5;
 const KIND_WRITE_FAILED: u32 = 6;
+/// The stream's socket is on a port not metered (the gateway's own TLS to an upstream, its Admin API's
+/// port), found only now: a connection begun before the probes. Those begun since never reach the core.
+const KIND_UNMETERED: u32 = 7;
 
 /// How long a write sent at its call's entry waits for its thread to go on before it counts as done: a
 /// failure shows within the call, microseconds after its entry; holding longer only delays.
@@ -69,6 +72,8 @@ pub struct TlsCounters {
     pub bad_records: u64,
     /// writes that did not go out (the socket was full or broken): the gateway sends them again
     pub write_retries: u64,
+    /// connections begun before the probes that turned out to be on a port not metered: dropped
+    pub unmetered: u64,
 }
 
 /// One record from the ring, decoded.
@@ -250,6 +255,14 @@ impl TlsStreams {
         self.last_time = self.last_time.max(time);
         let key = (record.pid, record.ssl);
         let (tid, kind) = (record.tid, record.kind);
+        if kind == KIND_UNMETERED {
+            self.counters.unmetered += 1;
+            self.held.retain(|held| held.key != key);
+            if let Some(old) = self.streams.remove(&key) {
+                sink.event(&old.info, true, time, StreamEvent::Closed);
+            }
+            return;
+        }
         if kind == KIND_WRITE_FAILED {
             if let Some(at) = self.held.iter().position(|held| held.tid == tid && held.key == key) {
                 self.held.remove(at);
@@ -547,6 +560,23 @@ mod tests {
         assert_eq!(events[3], "data 8192 5 !!");
         assert_eq!(streams.counters.write_retries, 1);
         assert_eq!(streams.counters.truncated_chunks, 0, "the forgotten attempt is not a gap");
+    }
+
+    #[test]
+    fn a_stream_found_on_a_port_not_metered_is_forgotten_with_its_held_write() {
+        let (mut streams, mut sink) = (TlsStreams::new(0.0), Collect::default());
+        // the gateway's request to its upstream over a connection begun before the probes, then the read of
+        // the upstream's answer finds the socket on another port
+        streams.feed(&at_entry(KIND_WRITE, 70, 1, 0, 5, b"GET /"), &mut sink);
+        streams.feed(&record(KIND_UNMETERED, 7, 1, 0, 0, b""), &mut sink);
+        streams.release_held(f64::MAX, &mut sink);
+        assert_eq!(streams.counters.unmetered, 1);
+        assert!(sink.events.is_empty() && streams.is_empty(), "nothing of it: {:?}", sink.events);
+        // one that had reached the pipeline (a server port not metered: its request) is closed there
+        streams.feed(&record(KIND_READ, 7, 3, 0, 5, b"GET /"), &mut sink);
+        streams.feed(&record(KIND_UNMETERED, 7, 3, 0, 0, b""), &mut sink);
+        assert_eq!(texts(&sink), ["data 0 -1 GET /", "closed"]);
+        assert!(streams.is_empty());
     }
 
     #[test]

@@ -7,7 +7,8 @@ use std::num::NonZeroU32;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::uprobe::{UProbeAttachLocation, UProbeScope};
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind,
+               Register};
 use object::{Object, ObjectSection, ObjectSymbol};
 use aya::programs::{BtfTracePoint, UProbe};
 use aya::{Btf, Ebpf, EbpfLoader};
@@ -26,6 +27,8 @@ const CALLS: [(&str, &str); 4] = [
 /// the shared return probe; the write's entry alone (it sends the bytes there; see tls.bpf.c).
 const READ_WORKER: &str = "ssl_read_ex_enter";
 const WRITE_WORKER: &str = "ssl_write_worker";
+/// nginx's read function's entry and return programs (see tls.bpf.c), where the executable is an nginx.
+const NGINX_READ: [&str; 2] = ["ngx_recv_enter", "ngx_recv_return"];
 const MARKERS: [(&str, &str); 3] =
     [("ssl_set_fd", "SSL_set_fd"), ("ssl_free", "SSL_free"), ("ssl_shutdown", "SSL_shutdown")];
 const TRACEPOINTS: [(&str, &str); 4] = [
@@ -42,7 +45,7 @@ pub struct TlsProbes {
     ring_bytes: u64,
     ebpf: Ebpf,
     ring: RingBuf<MapData>,
-    watched: BpfHashMap<MapData, u32, u8>,
+    watched: BpfHashMap<MapData, u32, u32>,
     attached: HashSet<u32>,
 }
 
@@ -54,7 +57,7 @@ fn refused(what: &str, error: impl std::fmt::Display) -> String {
 impl TlsProbes {
     /// Loads the programs and attaches the tracepoints (not yet any uprobe): what fails here is what the
     /// agent cannot do on this host (no BPF permission, no BTF, no uprobes), said in one line.
-    pub fn load(ring_bytes: u32) -> Result<TlsProbes, String> {
+    pub fn load(ring_bytes: u32, ports: &[u16]) -> Result<TlsProbes, String> {
         let missing = env!("TLS_BPF_MISSING");
         if OBJECT.is_empty() {
             return Err(format!("the TLS probes were not built when the agent was installed ({missing})"));
@@ -68,7 +71,7 @@ impl TlsProbes {
             .load(OBJECT)
             .map_err(|error| refused("the kernel refused the TLS probes' maps", verbose(&error)))?;
         let btf = Btf::from_sys_fs().map_err(|error| refused("no kernel BTF", error))?;
-        let others = [("ssl_return", ""), (WRITE_WORKER, "")];
+        let others = [("ssl_return", ""), (WRITE_WORKER, ""), (NGINX_READ[0], ""), (NGINX_READ[1], "")];
         for (program, _) in CALLS.iter().chain(MARKERS.iter()).chain(others.iter()) {
             let probe: &mut UProbe = ebpf
                 .program_mut(program)
@@ -91,6 +94,12 @@ impl TlsProbes {
             .map_err(|error| error.to_string())?;
         let watched = BpfHashMap::try_from(ebpf.take_map("watched").ok_or("no watched map")?)
             .map_err(|error| error.to_string())?;
+        let mut metered: BpfHashMap<MapData, u16, u8> =
+            BpfHashMap::try_from(ebpf.take_map("tls_ports").ok_or("no tls_ports map")?)
+                .map_err(|error| error.to_string())?;
+        for port in ports {
+            metered.insert(port, 1, 0).map_err(|error| refused("cannot set the TLS ports", error))?;
+        }
         use std::os::fd::AsRawFd;
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
@@ -107,21 +116,33 @@ impl TlsProbes {
     }
 
     /// Attaches every probe to process `pid`'s copy of `library` (a path as the agent sees it, e.g.
-    /// under /proc/PID/root). Idempotent per pid.
+    /// under /proc/PID/root), and its reads to nginx's own read function where its executable is an
+    /// nginx. Idempotent per pid.
     pub fn attach(&mut self, pid: u32, library: &str) -> Result<(), String> {
         if self.attached.contains(&pid) {
             return Ok(());
         }
-        self.watched.insert(pid, 1, 0).map_err(|error| refused("cannot watch the process", error))?;
+        let executable = format!("/proc/{pid}/exe");
+        let nginx = std::fs::read(&executable).ok().and_then(|code| nginx_reads(&code));
+        let ssl_field = nginx.as_ref().map_or(0, |reads| reads.ssl_field);
+        self.watched.insert(pid, ssl_field, 0).map_err(|error| refused("cannot watch the process", error))?;
+        if let Some(reads) = &nginx {
+            for program in NGINX_READ {
+                self.attach_one(program, UProbeAttachLocation::AbsoluteOffset(reads.entry), &executable, pid)?;
+            }
+        }
         let code = std::fs::read(library).map_err(|error| format!("cannot read {library}: {error}"))?;
         match internal_workers(&code) {
             Some([read, write]) => {
-                self.attach_one(READ_WORKER, UProbeAttachLocation::AbsoluteOffset(read), library, pid)?;
-                self.attach_one("ssl_return", UProbeAttachLocation::AbsoluteOffset(read), library, pid)?;
+                if nginx.is_none() {
+                    self.attach_one(READ_WORKER, UProbeAttachLocation::AbsoluteOffset(read), library, pid)?;
+                    self.attach_one("ssl_return", UProbeAttachLocation::AbsoluteOffset(read), library, pid)?;
+                }
                 self.attach_one(WRITE_WORKER, UProbeAttachLocation::AbsoluteOffset(write), library, pid)?;
             }
             None => {
-                for (program, symbol) in CALLS {
+                let reads_elsewhere = |program: &str| nginx.is_some() && program.starts_with("ssl_read");
+                for (program, symbol) in CALLS.into_iter().filter(|(program, _)| !reads_elsewhere(program)) {
                     self.attach_one(program, UProbeAttachLocation::Symbol(symbol), library, pid)?;
                     self.attach_one("ssl_return", UProbeAttachLocation::Symbol(symbol), library, pid)?;
                 }
@@ -246,6 +267,102 @@ pub fn internal_workers(elf: &[u8]) -> Option<[u64; 2]> {
     let (write_ex, _) = first_call(&file, "SSL_write_ex2").or_else(|| first_call(&file, "SSL_write_ex"))?;
     (write == write_ex && write != read).then_some(())?;
     Some([entry_offset(&file, read)?, entry_offset(&file, write)?])
+}
+
+/// Where nginx reads a TLS connection's plaintext: `ngx_ssl_recv(c, buf, size)`, which every nginx
+/// exports (its build links with `-Wl,-E` for dynamic modules) and through which all its TLS reads go
+/// (HTTP/1.x, HTTP/2, streams, Lua cosockets).
+#[derive(Debug, PartialEq)]
+pub struct NginxReads {
+    /// the file offset of its first `push` (after an `endbr64` on CET builds)
+    pub entry: u64,
+    /// where `ngx_connection_t` holds `ssl` (an `ngx_ssl_connection_t *`, whose first field is the SSL*)
+    pub ssl_field: u32,
+}
+
+/// nginx's read function in this executable, if it is an nginx whose code has the expected shape. None
+/// otherwise: the TLS library's read worker is probed then.
+pub fn nginx_reads(elf: &[u8]) -> Option<NginxReads> {
+    if !cfg!(target_arch = "x86_64") {
+        return None;
+    }
+    let file = object::File::parse(elf).ok()?;
+    let function = find_symbol(&file, "ngx_ssl_recv")?;
+    let entry = entry_offset(&file, function.address())?;
+    let ssl_field = ssl_field(&file, function.address(), function.size())?;
+    Some(NginxReads { entry, ssl_field })
+}
+
+/// What a register holds, followed from `ngx_ssl_recv`'s entry: its first argument `c`, a field of `c`
+/// at some offset, or the first word of the structure such a field points to.
+#[derive(Clone, Copy, PartialEq)]
+enum Holds {
+    Connection,
+    Field(u32),
+    FirstWordOf(u32),
+}
+
+/// The offset of `ssl` in `ngx_connection_t`: 0x90 in nginx 1.22, further on since 1.25 (its QUIC
+/// field), and Kong's OpenResty has its own. Read off the code: the first call `ngx_ssl_recv` makes
+/// with `c->ssl->connection` in rdi (SSL_read's, or SSL_get_error's), the value followed through the
+/// moves between registers in the code before it. Plausible offsets only (8-byte aligned, within the
+/// first 4 KiB): a wrong one would mislabel every read.
+fn ssl_field(file: &object::File<'_>, start: u64, size: u64) -> Option<u32> {
+    let (code, _) = code_at(file, start, if size > 0 { size } else { 1024 })?;
+    ssl_field_in(code, start)
+}
+
+fn ssl_field_in(code: &[u8], start: u64) -> Option<u32> {
+    const CALLER_SAVED: [Register; 9] = [Register::RAX, Register::RCX, Register::RDX, Register::RSI, Register::RDI,
+                                         Register::R8, Register::R9, Register::R10, Register::R11];
+    let mut held: std::collections::HashMap<Register, Holds> = [(Register::RDI, Holds::Connection)].into();
+    let mut info = InstructionInfoFactory::new();
+    for instruction in Decoder::with_ip(64, code, start, DecoderOptions::NONE).iter().take(256) {
+        match instruction.flow_control() {
+            FlowControl::Call => {
+                if let Some(Holds::FirstWordOf(field)) = held.get(&Register::RDI) {
+                    return (field % 8 == 0 && *field < 4096).then_some(*field);
+                }
+                CALLER_SAVED.iter().for_each(|register| { held.remove(register); });
+                continue;
+            }
+            FlowControl::Return | FlowControl::Exception => return None,
+            _ => {}
+        }
+        let loaded = loads(&instruction, &held);
+        for used in info.info(&instruction).used_registers() {
+            if matches!(used.access(), OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite
+                                       | OpAccess::ReadCondWrite) {
+                held.remove(&used.register().full_register());
+            }
+        }
+        if let Some(value) = loaded {
+            held.insert(instruction.op0_register(), value);
+        }
+    }
+    None
+}
+
+/// What a 64-bit `mov` into a register puts there, in the terms of `Holds`; None for anything else.
+fn loads(instruction: &Instruction, held: &std::collections::HashMap<Register, Holds>) -> Option<Holds> {
+    let into_register = instruction.mnemonic() == Mnemonic::Mov
+        && instruction.op0_kind() == OpKind::Register
+        && instruction.op0_register().size() == 8;
+    if !into_register {
+        return None;
+    }
+    match instruction.op1_kind() {
+        OpKind::Register => held.get(&instruction.op1_register()).copied(),
+        OpKind::Memory if instruction.memory_index() == Register::None && instruction.memory_size().size() == 8 => {
+            let displacement = u32::try_from(instruction.memory_displacement64()).ok()?;
+            match held.get(&instruction.memory_base())? {
+                Holds::Connection => Some(Holds::Field(displacement)),
+                Holds::Field(field) if displacement == 0 => Some(Holds::FirstWordOf(*field)),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
 }
 
 /// The file offset of the worker at `address`, at its first `push` (after an `endbr64` on CET builds):
@@ -377,5 +494,54 @@ mod tests {
         assert_eq!(code[usize::try_from(virtual_address - free).unwrap()] & 0xF0, 0x40, "a REX-prefixed push");
         assert_eq!(past_null_check(&file, "SSL_set_fd"), None, "SSL_set_fd begins with its push");
         assert_eq!(past_null_check(&file, "no_such_symbol"), None);
+    }
+
+    #[test]
+    fn debian_nginx_reads_through_ngx_ssl_recv() {
+        let Ok(nginx) = std::fs::read("/usr/sbin/nginx") else {
+            panic!("this test reads Debian's nginx (the gateway stand-in)");
+        };
+        let reads = nginx_reads(&nginx).expect("ngx_ssl_recv and where it finds the SSL*");
+        // nginx 1.22's ngx_connection_t: 17 fields of 8 bytes (addr_text's two among them) before `ssl`
+        assert_eq!(reads.ssl_field, 0x90);
+        let file = object::File::parse(&*nginx).unwrap();
+        let function = find_symbol(&file, "ngx_ssl_recv").unwrap();
+        let (code, section) = code_at(&file, function.address(), 8).unwrap();
+        let virtual_address = reads.entry - section.file_range().unwrap().0 + section.address();
+        let skipped = if code.starts_with(&[0xF3, 0x0F, 0x1E, 0xFA]) { 4 } else { 0 };
+        assert_eq!(virtual_address, function.address() + skipped, "probed at its first push");
+        let library = std::fs::read("/usr/lib/x86_64-linux-gnu/libssl.so.3").unwrap();
+        assert_eq!(nginx_reads(&library), None, "a library, not an nginx");
+        assert_eq!(nginx_reads(b"not an elf"), None);
+    }
+
+    const CALL: [u8; 5] = [0xE8, 0, 0, 0, 0];
+
+    fn code(parts: &[&[u8]]) -> Vec<u8> {
+        parts.concat()
+    }
+
+    #[test]
+    fn the_ssl_field_is_followed_through_registers_and_a_call_clobbers_what_it_may() {
+        let keep_c = [0x48, 0x89, 0xFB]; // mov %rdi,%rbx
+        let field_98 = [0x48, 0x8B, 0x93, 0x98, 0, 0, 0]; // mov 0x98(%rbx),%rdx
+        let first_word = [0x48, 0x8B, 0x3A]; // mov (%rdx),%rdi
+        let second_word = [0x48, 0x8B, 0x7A, 0x08]; // mov 0x8(%rdx),%rdi
+        let ret = [0xC3];
+        // c kept in a callee-saved register across a call, then c->ssl->connection passed on
+        assert_eq!(ssl_field_in(&code(&[&keep_c, &CALL, &field_98, &first_word, &CALL]), 0x1000), Some(0x98));
+        // another word of the structure is not the SSL*
+        assert_eq!(ssl_field_in(&code(&[&keep_c, &field_98, &second_word, &CALL, &ret]), 0x1000), None);
+        // c left in rdi, which the first call may change: what is read through it after is not c's
+        let field_from_rdi = [0x48, 0x8B, 0x97, 0x90, 0, 0, 0]; // mov 0x90(%rdi),%rdx
+        assert_eq!(ssl_field_in(&code(&[&field_from_rdi, &first_word, &CALL]), 0x1000), Some(0x90));
+        assert_eq!(ssl_field_in(&code(&[&CALL, &field_from_rdi, &first_word, &CALL, &ret]), 0x1000), None);
+        // a register overwritten in between (xor %ebx,%ebx) no longer holds c
+        let clear_rbx = [0x31, 0xDB];
+        assert_eq!(ssl_field_in(&code(&[&keep_c, &clear_rbx, &field_98, &first_word, &CALL, &ret]), 0x1000), None);
+        // an implausible offset (not 8-byte aligned) is refused
+        let field_odd = [0x48, 0x8B, 0x93, 0x9C, 0, 0, 0];
+        assert_eq!(ssl_field_in(&code(&[&keep_c, &field_odd, &first_word, &CALL]), 0x1000), None);
+        assert_eq!(ssl_field_in(&[], 0x1000), None);
     }
 }
