@@ -103,13 +103,25 @@ struct {
 	__uint(max_entries, 64 << 20);
 } chunks SEC(".maps");
 
-/* processes to watch (the gateway's): its PIDs are the keys; the value is where nginx's connection
- * (ngx_connection_t) holds its `ssl` in that process's executable (see ngx_recv_enter), 0 elsewhere */
+/* Where an nginx keeps what its read probe reads, found by the loader in its executable's code
+ * (nginx_reads.rs); all zero in another process. */
+struct nginx_layout {
+	__u32 ssl_field; /* where ngx_connection_t holds `ssl`, whose first field is the SSL* */
+	/* struct pt_regs slots (8-byte words) of the registers that hold, at ngx_read_delivered's probe, what
+	 * SSL_read returned, the buffer it filled and the connection c */
+	__u8 length;
+	__u8 buffer;
+	__u8 connection;
+	__u8 ssl_connection; /* c->ssl, where a register holds it (else NO_REGISTER) */
+};
+#define NO_REGISTER 0xff
+
+/* processes to watch (the gateway's): its PIDs are the keys */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
 	__type(key, __u32);
-	__type(value, __u32);
+	__type(value, struct nginx_layout);
 } watched SEC(".maps");
 
 /* the TLS ports metered (--tls-port), set by the loader */
@@ -152,15 +164,10 @@ struct {
 	__type(value, __u64);
 } losses SEC(".maps");
 
-/* Ring-buffer notifications: the consumer polls on a short timer, so a record wakes it only when the
- * ring's backlog crosses a multiple of WAKE_EVERY bytes (each wakeup is an interrupt on the gateway's CPU) */
-#define WAKE_EVERY (4 << 20)
-
-static __always_inline __u64 wake_flags(__u64 size)
-{
-	__u64 before = bpf_ringbuf_query(&chunks, BPF_RB_AVAIL_DATA);
-	return before / WAKE_EVERY != (before + size) / WAKE_EVERY ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
-}
+/* Records wake no one: the consumer reads the ring at least every 100 ms (the capture loop's poll), which
+ * its 128 MiB hold many seconds of at the gateway's peak, and a wakeup is an interrupt on the gateway's
+ * CPU (as asking how full the ring is would be a cache line shared with the consumer's). */
+#define QUIET BPF_RB_NO_WAKEUP
 
 static __always_inline void count(__u32 which, __u64 amount)
 {
@@ -310,17 +317,17 @@ static long send_piece(__u64 index, struct pieces *call)
 		size = 0;
 	}
 	__u64 bytes = sizeof(struct chunk_header) + (size & (PIECE * 2 - 1));
-	if (bpf_ringbuf_output(&chunks, chunk, bytes, wake_flags(bytes)))
+	if (bpf_ringbuf_output(&chunks, chunk, bytes, QUIET))
 		count(0, 1);
 	return 0;
 }
 
-/* One call's plaintext, cut into pieces, into the ring. */
-static __always_inline int send_call(__u64 ssl, __u32 kind, __u64 buf, __u64 length, __u32 at_entry)
+/* One call's plaintext, cut into pieces, into the ring; `endpoint`: its stream's socket, if known. */
+static __always_inline int send_call(__u64 ssl, __u32 kind, __u64 buf, __u64 length, __u32 at_entry,
+				     struct endpoint *endpoint)
 {
 	if (length == 0 || length > 0xffffffff)
 		return 0;
-	struct endpoint *endpoint = endpoint_of(ssl);
 	if (endpoint && !endpoint->metered)
 		return 0; /* a connection of the gateway's on another port */
 	__u32 zero = 0;
@@ -357,7 +364,7 @@ static __always_inline int leave(long ret)
 			return 0;
 		length = ret;
 	}
-	return send_call(done.ssl, done.kind, done.buf, length, 0);
+	return send_call(done.ssl, done.kind, done.buf, length, 0, endpoint_of(done.ssl));
 }
 
 static __always_inline void send_marker(__u64 ssl, __u32 kind, __u16 client_left)
@@ -365,7 +372,7 @@ static __always_inline void send_marker(__u64 ssl, __u32 kind, __u16 client_left
 	struct chunk_header h = {};
 	fill_header(&h, ssl, kind, endpoint_of(ssl));
 	h.client_left = client_left;
-	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), wake_flags(sizeof(h))))
+	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), QUIET))
 		count(0, 1);
 }
 
@@ -399,6 +406,67 @@ int BPF_KRETPROBE(ssl_return, int ret)
 	return leave(ret);
 }
 
+/* c->ssl->connection, or 0; `connection` is c->ssl where the caller has it, else 0 */
+static __always_inline __u64 ssl_of(__u64 c, __u32 ssl_field, __u64 connection)
+{
+	__u64 ssl = 0;
+	if (!connection &&
+	    (bpf_probe_read_user(&connection, sizeof(connection), (void *)(c + (ssl_field & 0xfff))) || !connection))
+		return 0;
+	if (bpf_probe_read_user(&ssl, sizeof(ssl), (void *)connection))
+		return 0;
+	return ssl;
+}
+
+/* The general registers at the probe, as 8-byte words in struct pt_regs's order: the verifier allows
+ * context reads at constant offsets only, so they are copied out to be indexed. */
+#define WORDS 15
+struct words {
+	__u64 word[WORDS];
+};
+
+static __always_inline void copy_registers(struct words *to, struct pt_regs *regs)
+{
+	to->word[0] = regs->r15;
+	to->word[1] = regs->r14;
+	to->word[2] = regs->r13;
+	to->word[3] = regs->r12;
+	to->word[4] = regs->bp;
+	to->word[5] = regs->bx;
+	to->word[6] = regs->r11;
+	to->word[7] = regs->r10;
+	to->word[8] = regs->r9;
+	to->word[9] = regs->r8;
+	to->word[10] = regs->ax;
+	to->word[11] = regs->cx;
+	to->word[12] = regs->dx;
+	to->word[13] = regs->si;
+	to->word[14] = regs->di;
+}
+
+static __always_inline __u64 register_at(struct words *regs, __u8 slot)
+{
+	return slot < WORDS ? regs->word[slot] : 0;
+}
+
+/* A connection begun before the probes, at its first read: its socket from nginx's c->fd (the fourth
+ * word of ngx_connection_t in every nginx: data, read, write, fd). */
+static __always_inline struct endpoint *learn_from_fd(__u64 ssl, __u64 c)
+{
+	int fd = -1;
+	struct endpoint endpoint = {};
+	if (bpf_probe_read_user(&fd, sizeof(fd), (void *)(c + 24)))
+		return 0;
+	struct sock *sk = socket_of(fd);
+	if (!sk || !describe(sk, &endpoint))
+		return 0;
+	struct stream_key key = { .ssl = ssl, .pid = bpf_get_current_pid_tgid() >> 32 };
+	bpf_map_update_elem(&endpoints, &key, &endpoint, BPF_ANY);
+	if (!endpoint.metered)
+		send_marker(ssl, KIND_UNMETERED, 0);
+	return bpf_map_lookup_elem(&endpoints, &key);
+}
+
 /* nginx's ngx_ssl_recv(c, buf, size) calls SSL_read until it has no more to give (the last call of the
  * loop fails with SSL_ERROR_WANT_READ) and returns the bytes it put in buf, in one piece, or NGX_AGAIN or
  * NGX_ERROR: probed there, a request costs one entry and one return where the library's read worker
@@ -408,16 +476,42 @@ SEC("uprobe")
 int BPF_KPROBE(ngx_recv_enter, void *c, void *buf, size_t size)
 {
 	__u32 pid = bpf_get_current_pid_tgid() >> 32;
-	__u32 *ssl_field = bpf_map_lookup_elem(&watched, &pid);
-	__u64 connection = 0, ssl = 0;
-	if (!ssl_field || !*ssl_field)
+	struct nginx_layout *layout = bpf_map_lookup_elem(&watched, &pid);
+	if (!layout || !layout->ssl_field)
 		return 0;
-	if (bpf_probe_read_user(&connection, sizeof(connection), c + (*ssl_field & 0xfff)) || !connection ||
-	    bpf_probe_read_user(&ssl, sizeof(ssl), (void *)connection) || !ssl) {
+	__u64 ssl = ssl_of((__u64)c, layout->ssl_field, 0);
+	if (!ssl) {
 		count(0, 1); /* the call goes unseen: counted with the records the ring had no room for */
 		return 0;
 	}
 	return enter(ssl, (__u64)buf, 0, KIND_READ);
+}
+
+/* The one probe of a read where the loader found, in ngx_ssl_recv, the call only a successful SSL_read
+ * leads to: the registers hold its byte count, the buffer it filled and c there. One trap per request,
+ * where the entry and return of ngx_ssl_recv take two (and the library's read worker four). */
+SEC("uprobe")
+int ngx_read_delivered(struct pt_regs *ctx)
+{
+	__u32 pid = bpf_get_current_pid_tgid() >> 32;
+	struct nginx_layout *layout = bpf_map_lookup_elem(&watched, &pid);
+	if (!layout || !layout->ssl_field)
+		return 0;
+	struct words regs;
+	copy_registers(&regs, ctx);
+	__s32 length = (__s32)register_at(&regs, layout->length);
+	if (length <= 0)
+		return 0;
+	__u64 c = register_at(&regs, layout->connection);
+	__u64 ssl = ssl_of(c, layout->ssl_field, register_at(&regs, layout->ssl_connection));
+	if (!ssl) {
+		count(0, 1);
+		return 0;
+	}
+	struct endpoint *endpoint = endpoint_of(ssl);
+	if (!endpoint)
+		endpoint = learn_from_fd(ssl, c);
+	return send_call(ssl, KIND_READ, register_at(&regs, layout->buffer), length, 0, endpoint);
 }
 
 /* ngx_ssl_recv returns an ssize_t: read whole, where an int's upper half is undefined */
@@ -447,7 +541,7 @@ int BPF_KPROBE(ssl_write_worker, void *ssl, const void *buf, size_t num)
 	call->kind = KIND_WRITE;
 	call->active = 1;
 	call->at_entry = 1;
-	return send_call((__u64)ssl, KIND_WRITE, (__u64)buf, num, 1);
+	return send_call((__u64)ssl, KIND_WRITE, (__u64)buf, num, 1, endpoint_of((__u64)ssl));
 }
 
 /* SSL_shutdown sends the close_notify alert, SSL_sendfile a file over kernel TLS: a failed send then is
@@ -547,6 +641,13 @@ static __always_inline int learn_socket(struct sock *sk, int ret)
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(sock_recv, struct sock *sk, int ret, int flags)
 {
+	struct call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, 0);
+	if (call && call->active && call->at_entry) {
+		/* the thread receives: its write sent at entry is over (a write does not receive), so a send
+		 * that fails later (an alert inside a read nginx's reads probe no entry of) is not the write's */
+		call->active = 0;
+		return 0;
+	}
 	return learn_socket(sk, 0);
 }
 
@@ -563,10 +664,10 @@ int BPF_PROG(process_fork, struct task_struct *parent, struct task_struct *child
 {
 	__u32 parent_pid = BPF_CORE_READ(parent, tgid);
 	__u32 child_pid = BPF_CORE_READ(child, tgid);
-	__u32 *ssl_field = bpf_map_lookup_elem(&watched, &parent_pid);
-	if (child_pid == parent_pid || !ssl_field)
+	struct nginx_layout *layout = bpf_map_lookup_elem(&watched, &parent_pid);
+	if (child_pid == parent_pid || !layout)
 		return 0;
-	__u32 inherited = *ssl_field; /* the same executable, until the child execs (the loader then looks again) */
+	struct nginx_layout inherited = *layout; /* the same executable, until the child execs (the loader then looks again) */
 	bpf_map_update_elem(&watched, &child_pid, &inherited, BPF_ANY);
 	struct chunk_header h = { .pid = child_pid, .kind = KIND_FORK, .time_ns = bpf_ktime_get_ns() };
 	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), 0))

@@ -3,6 +3,7 @@
 pub mod capture_file;
 mod file_bytes;
 pub mod frames;
+pub mod nginx_reads;
 pub mod ring;
 pub mod tls;
 pub mod tls_probes;

@@ -7,9 +7,10 @@ use std::num::NonZeroU32;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::uprobe::{UProbeAttachLocation, UProbeScope};
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind,
-               Register};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register};
 use object::{Object, ObjectSection, ObjectSymbol};
+
+use super::nginx_reads::{nginx_reads, pt_regs_slot, NginxReads};
 use aya::programs::{BtfTracePoint, UProbe};
 use aya::{Btf, Ebpf, EbpfLoader};
 
@@ -27,8 +28,47 @@ const CALLS: [(&str, &str); 4] = [
 /// the shared return probe; the write's entry alone (it sends the bytes there; see tls.bpf.c).
 const READ_WORKER: &str = "ssl_read_ex_enter";
 const WRITE_WORKER: &str = "ssl_write_worker";
-/// nginx's read function's entry and return programs (see tls.bpf.c), where the executable is an nginx.
+/// nginx's reads (see tls.bpf.c and nginx_reads.rs): the probe on the call a successful SSL_read leads
+/// to, else the entry and return programs of ngx_ssl_recv.
+const NGINX_DELIVERED: &str = "ngx_read_delivered";
 const NGINX_READ: [&str; 2] = ["ngx_recv_enter", "ngx_recv_return"];
+
+/// The value of the `watched` map (struct nginx_layout in tls.bpf.c): where an nginx keeps what its read
+/// probe reads; all zero for another process.
+#[derive(Clone, Copy, Default)]
+#[repr(C)]
+struct NginxLayout {
+    ssl_field: u32,
+    length: u8,
+    buffer: u8,
+    connection: u8,
+    /// NO_REGISTER where no register holds c->ssl
+    ssl_connection: u8,
+}
+
+const NO_REGISTER: u8 = 0xFF;
+
+// SAFETY: a plain C struct of integers, with no padding (4 + 4 bytes), valid for any bit pattern.
+unsafe impl aya::Pod for NginxLayout {}
+
+impl NginxLayout {
+    /// The layout of an nginx, and the file offset of its success path's call where it has one (else its
+    /// read function's entry and return are probed).
+    fn of(reads: &NginxReads) -> (NginxLayout, Option<u64>) {
+        let site = reads.delivered.as_ref().and_then(|site| {
+            let ssl_connection = site.ssl_connection.and_then(pt_regs_slot).unwrap_or(NO_REGISTER);
+            let slots = (pt_regs_slot(site.length)?, pt_regs_slot(site.buffer)?, pt_regs_slot(site.connection)?);
+            Some((site.at, slots, ssl_connection))
+        });
+        let ssl_field = reads.ssl_field;
+        match site {
+            Some((at, (length, buffer, connection), ssl_connection)) => {
+                (NginxLayout { ssl_field, length, buffer, connection, ssl_connection }, Some(at))
+            }
+            None => (NginxLayout { ssl_field, ..NginxLayout::default() }, None),
+        }
+    }
+}
 const MARKERS: [(&str, &str); 3] =
     [("ssl_set_fd", "SSL_set_fd"), ("ssl_free", "SSL_free"), ("ssl_shutdown", "SSL_shutdown")];
 const TRACEPOINTS: [(&str, &str); 4] = [
@@ -45,7 +85,7 @@ pub struct TlsProbes {
     ring_bytes: u64,
     ebpf: Ebpf,
     ring: RingBuf<MapData>,
-    watched: BpfHashMap<MapData, u32, u32>,
+    watched: BpfHashMap<MapData, u32, NginxLayout>,
     attached: HashSet<u32>,
 }
 
@@ -71,7 +111,8 @@ impl TlsProbes {
             .load(OBJECT)
             .map_err(|error| refused("the kernel refused the TLS probes' maps", verbose(&error)))?;
         let btf = Btf::from_sys_fs().map_err(|error| refused("no kernel BTF", error))?;
-        let others = [("ssl_return", ""), (WRITE_WORKER, ""), (NGINX_READ[0], ""), (NGINX_READ[1], "")];
+        let others = [("ssl_return", ""), (WRITE_WORKER, ""), (NGINX_DELIVERED, ""), (NGINX_READ[0], ""),
+                      (NGINX_READ[1], "")];
         for (program, _) in CALLS.iter().chain(MARKERS.iter()).chain(others.iter()) {
             let probe: &mut UProbe = ebpf
                 .program_mut(program)
@@ -124,12 +165,18 @@ impl TlsProbes {
         }
         let executable = format!("/proc/{pid}/exe");
         let nginx = std::fs::read(&executable).ok().and_then(|code| nginx_reads(&code));
-        let ssl_field = nginx.as_ref().map_or(0, |reads| reads.ssl_field);
-        self.watched.insert(pid, ssl_field, 0).map_err(|error| refused("cannot watch the process", error))?;
-        if let Some(reads) = &nginx {
-            for program in NGINX_READ {
-                self.attach_one(program, UProbeAttachLocation::AbsoluteOffset(reads.entry), &executable, pid)?;
+        let (layout, delivered) = nginx.as_ref().map_or((NginxLayout::default(), None), NginxLayout::of);
+        self.watched.insert(pid, layout, 0).map_err(|error| refused("cannot watch the process", error))?;
+        match (&nginx, delivered) {
+            (Some(_), Some(at)) => {
+                self.attach_one(NGINX_DELIVERED, UProbeAttachLocation::AbsoluteOffset(at), &executable, pid)?;
             }
+            (Some(reads), None) => {
+                for program in NGINX_READ {
+                    self.attach_one(program, UProbeAttachLocation::AbsoluteOffset(reads.entry), &executable, pid)?;
+                }
+            }
+            (None, _) => {}
         }
         let code = std::fs::read(library).map_err(|error| format!("cannot read {library}: {error}"))?;
         match internal_workers(&code) {
@@ -269,105 +316,9 @@ pub fn internal_workers(elf: &[u8]) -> Option<[u64; 2]> {
     Some([entry_offset(&file, read)?, entry_offset(&file, write)?])
 }
 
-/// Where nginx reads a TLS connection's plaintext: `ngx_ssl_recv(c, buf, size)`, which every nginx
-/// exports (its build links with `-Wl,-E` for dynamic modules) and through which all its TLS reads go
-/// (HTTP/1.x, HTTP/2, streams, Lua cosockets).
-#[derive(Debug, PartialEq)]
-pub struct NginxReads {
-    /// the file offset of its first `push` (after an `endbr64` on CET builds)
-    pub entry: u64,
-    /// where `ngx_connection_t` holds `ssl` (an `ngx_ssl_connection_t *`, whose first field is the SSL*)
-    pub ssl_field: u32,
-}
-
-/// nginx's read function in this executable, if it is an nginx whose code has the expected shape. None
-/// otherwise: the TLS library's read worker is probed then.
-pub fn nginx_reads(elf: &[u8]) -> Option<NginxReads> {
-    if !cfg!(target_arch = "x86_64") {
-        return None;
-    }
-    let file = object::File::parse(elf).ok()?;
-    let function = find_symbol(&file, "ngx_ssl_recv")?;
-    let entry = entry_offset(&file, function.address())?;
-    let ssl_field = ssl_field(&file, function.address(), function.size())?;
-    Some(NginxReads { entry, ssl_field })
-}
-
-/// What a register holds, followed from `ngx_ssl_recv`'s entry: its first argument `c`, a field of `c`
-/// at some offset, or the first word of the structure such a field points to.
-#[derive(Clone, Copy, PartialEq)]
-enum Holds {
-    Connection,
-    Field(u32),
-    FirstWordOf(u32),
-}
-
-/// The offset of `ssl` in `ngx_connection_t`: 0x90 in nginx 1.22, further on since 1.25 (its QUIC
-/// field), and Kong's OpenResty has its own. Read off the code: the first call `ngx_ssl_recv` makes
-/// with `c->ssl->connection` in rdi (SSL_read's, or SSL_get_error's), the value followed through the
-/// moves between registers in the code before it. Plausible offsets only (8-byte aligned, within the
-/// first 4 KiB): a wrong one would mislabel every read.
-fn ssl_field(file: &object::File<'_>, start: u64, size: u64) -> Option<u32> {
-    let (code, _) = code_at(file, start, if size > 0 { size } else { 1024 })?;
-    ssl_field_in(code, start)
-}
-
-fn ssl_field_in(code: &[u8], start: u64) -> Option<u32> {
-    const CALLER_SAVED: [Register; 9] = [Register::RAX, Register::RCX, Register::RDX, Register::RSI, Register::RDI,
-                                         Register::R8, Register::R9, Register::R10, Register::R11];
-    let mut held: std::collections::HashMap<Register, Holds> = [(Register::RDI, Holds::Connection)].into();
-    let mut info = InstructionInfoFactory::new();
-    for instruction in Decoder::with_ip(64, code, start, DecoderOptions::NONE).iter().take(256) {
-        match instruction.flow_control() {
-            FlowControl::Call => {
-                if let Some(Holds::FirstWordOf(field)) = held.get(&Register::RDI) {
-                    return (field % 8 == 0 && *field < 4096).then_some(*field);
-                }
-                CALLER_SAVED.iter().for_each(|register| { held.remove(register); });
-                continue;
-            }
-            FlowControl::Return | FlowControl::Exception => return None,
-            _ => {}
-        }
-        let loaded = loads(&instruction, &held);
-        for used in info.info(&instruction).used_registers() {
-            if matches!(used.access(), OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite
-                                       | OpAccess::ReadCondWrite) {
-                held.remove(&used.register().full_register());
-            }
-        }
-        if let Some(value) = loaded {
-            held.insert(instruction.op0_register(), value);
-        }
-    }
-    None
-}
-
-/// What a 64-bit `mov` into a register puts there, in the terms of `Holds`; None for anything else.
-fn loads(instruction: &Instruction, held: &std::collections::HashMap<Register, Holds>) -> Option<Holds> {
-    let into_register = instruction.mnemonic() == Mnemonic::Mov
-        && instruction.op0_kind() == OpKind::Register
-        && instruction.op0_register().size() == 8;
-    if !into_register {
-        return None;
-    }
-    match instruction.op1_kind() {
-        OpKind::Register => held.get(&instruction.op1_register()).copied(),
-        OpKind::Memory if instruction.memory_index() == Register::None && instruction.memory_size().size() == 8 => {
-            let displacement = u32::try_from(instruction.memory_displacement64()).ok()?;
-            match held.get(&instruction.memory_base())? {
-                Holds::Connection => Some(Holds::Field(displacement)),
-                Holds::Field(field) if displacement == 0 => Some(Holds::FirstWordOf(*field)),
-                _ => None,
-            }
-        }
-        _ => None,
-    }
-}
-
 /// The file offset of the worker at `address`, at its first `push` (after an `endbr64` on CET builds):
 /// an instruction the kernel emulates, with the arguments still as the caller passed them.
-fn entry_offset(file: &object::File<'_>, address: u64) -> Option<u64> {
+pub(super) fn entry_offset(file: &object::File<'_>, address: u64) -> Option<u64> {
     match instructions_at(file, address, 1)?.as_slice() {
         [(push, at)] if push.mnemonic() == Mnemonic::Push => Some(*at),
         _ => None,
@@ -407,7 +358,7 @@ fn past_null_check(file: &object::File<'_>, symbol: &str) -> Option<u64> {
     (checks_rdi && branch.mnemonic() == Mnemonic::Je && push.mnemonic() == Mnemonic::Push).then_some(*at)
 }
 
-fn find_symbol<'data, 'file>(file: &'file object::File<'data>, symbol: &str) -> Option<object::Symbol<'data, 'file>> {
+pub(super) fn find_symbol<'data, 'file>(file: &'file object::File<'data>, symbol: &str) -> Option<object::Symbol<'data, 'file>> {
     file.dynamic_symbols().chain(file.symbols()).find(|candidate| {
         candidate.name().is_ok_and(|name| name == symbol || name.split('@').next() == Some(symbol))
             && candidate.address() != 0
@@ -450,8 +401,14 @@ fn has_symbol(elf: &[u8], symbol: &str) -> bool {
     })
 }
 
+/// The file offset of virtual address `address` (what a uprobe is attached at).
+pub(super) fn file_offset(file: &object::File<'_>, address: u64) -> Option<u64> {
+    let (_, section) = code_at(file, address, 1)?;
+    Some(section.file_range()?.0 + address - section.address())
+}
+
 /// Up to `length` bytes of code from virtual address `address`, and the section holding them.
-fn code_at<'data, 'file>(file: &'file object::File<'data>, address: u64, length: u64)
+pub(super) fn code_at<'data, 'file>(file: &'file object::File<'data>, address: u64, length: u64)
                          -> Option<(&'data [u8], object::Section<'data, 'file>)> {
     let section = file.sections().find(|section| {
         section.address() <= address && address < section.address() + section.size()
@@ -494,54 +451,5 @@ mod tests {
         assert_eq!(code[usize::try_from(virtual_address - free).unwrap()] & 0xF0, 0x40, "a REX-prefixed push");
         assert_eq!(past_null_check(&file, "SSL_set_fd"), None, "SSL_set_fd begins with its push");
         assert_eq!(past_null_check(&file, "no_such_symbol"), None);
-    }
-
-    #[test]
-    fn debian_nginx_reads_through_ngx_ssl_recv() {
-        let Ok(nginx) = std::fs::read("/usr/sbin/nginx") else {
-            panic!("this test reads Debian's nginx (the gateway stand-in)");
-        };
-        let reads = nginx_reads(&nginx).expect("ngx_ssl_recv and where it finds the SSL*");
-        // nginx 1.22's ngx_connection_t: 17 fields of 8 bytes (addr_text's two among them) before `ssl`
-        assert_eq!(reads.ssl_field, 0x90);
-        let file = object::File::parse(&*nginx).unwrap();
-        let function = find_symbol(&file, "ngx_ssl_recv").unwrap();
-        let (code, section) = code_at(&file, function.address(), 8).unwrap();
-        let virtual_address = reads.entry - section.file_range().unwrap().0 + section.address();
-        let skipped = if code.starts_with(&[0xF3, 0x0F, 0x1E, 0xFA]) { 4 } else { 0 };
-        assert_eq!(virtual_address, function.address() + skipped, "probed at its first push");
-        let library = std::fs::read("/usr/lib/x86_64-linux-gnu/libssl.so.3").unwrap();
-        assert_eq!(nginx_reads(&library), None, "a library, not an nginx");
-        assert_eq!(nginx_reads(b"not an elf"), None);
-    }
-
-    const CALL: [u8; 5] = [0xE8, 0, 0, 0, 0];
-
-    fn code(parts: &[&[u8]]) -> Vec<u8> {
-        parts.concat()
-    }
-
-    #[test]
-    fn the_ssl_field_is_followed_through_registers_and_a_call_clobbers_what_it_may() {
-        let keep_c = [0x48, 0x89, 0xFB]; // mov %rdi,%rbx
-        let field_98 = [0x48, 0x8B, 0x93, 0x98, 0, 0, 0]; // mov 0x98(%rbx),%rdx
-        let first_word = [0x48, 0x8B, 0x3A]; // mov (%rdx),%rdi
-        let second_word = [0x48, 0x8B, 0x7A, 0x08]; // mov 0x8(%rdx),%rdi
-        let ret = [0xC3];
-        // c kept in a callee-saved register across a call, then c->ssl->connection passed on
-        assert_eq!(ssl_field_in(&code(&[&keep_c, &CALL, &field_98, &first_word, &CALL]), 0x1000), Some(0x98));
-        // another word of the structure is not the SSL*
-        assert_eq!(ssl_field_in(&code(&[&keep_c, &field_98, &second_word, &CALL, &ret]), 0x1000), None);
-        // c left in rdi, which the first call may change: what is read through it after is not c's
-        let field_from_rdi = [0x48, 0x8B, 0x97, 0x90, 0, 0, 0]; // mov 0x90(%rdi),%rdx
-        assert_eq!(ssl_field_in(&code(&[&field_from_rdi, &first_word, &CALL]), 0x1000), Some(0x90));
-        assert_eq!(ssl_field_in(&code(&[&CALL, &field_from_rdi, &first_word, &CALL, &ret]), 0x1000), None);
-        // a register overwritten in between (xor %ebx,%ebx) no longer holds c
-        let clear_rbx = [0x31, 0xDB];
-        assert_eq!(ssl_field_in(&code(&[&keep_c, &clear_rbx, &field_98, &first_word, &CALL, &ret]), 0x1000), None);
-        // an implausible offset (not 8-byte aligned) is refused
-        let field_odd = [0x48, 0x8B, 0x93, 0x9C, 0, 0, 0];
-        assert_eq!(ssl_field_in(&code(&[&keep_c, &field_odd, &first_word, &CALL]), 0x1000), None);
-        assert_eq!(ssl_field_in(&[], 0x1000), None);
     }
 }
