@@ -8,18 +8,22 @@ line and these tests fail with that line: nothing here is skipped for it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
-from kong_standin import KongStandin, billed_rows, free_loopback_port, load_consumers, metered_rows
+from kong_standin import (KongStandin, billed_rows, free_loopback_port, load_consumers, metered_rows,
+                          strip_key_params)
 
 from conftest import CAPTURES, summary
 from tests.test_live_e2e import LiveAgent, request
@@ -171,6 +175,86 @@ def test_the_gateways_own_tls_to_its_upstream_and_its_other_tls_ports_are_not_me
     # both ends of the one upstream connection nginx kept from before the agent, found on their first read
     assert counters["tls_unmetered"] == 2, counters
     assert counters["unmatched_responses"] == 0 and counters["tls_midstream"] == 0, counters
+
+
+# A gateway that is not an nginx: Python's own TLS (its ssl module on Debian's libssl), so the probes take
+# the library's read worker with its uretprobe. Raw responses, so that their sizes are known; it logs what
+# it answered, one JSON line each.
+PYTHON_GATEWAY = """
+import http.server, json, os, ssl, sys
+port, cert, key, log = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def answer(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        body = json.dumps({"path": self.path}).encode()
+        reply = (b"HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\nContent-Length: "
+                 + str(len(body)).encode() + b"\\r\\n\\r\\n" + body)
+        self.wfile.write(reply)
+        self.wfile.flush()
+        with open(log, "a") as out:
+            out.write(json.dumps({"method": self.command, "uri": self.path, "bytes_sent": len(reply)}) + "\\n")
+    do_GET = do_POST = answer
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+with open(log + ".pid", "w") as out:
+    out.write(str(os.getpid()))
+server.serve_forever()
+"""
+
+
+def test_a_gateway_that_is_not_nginx_is_read_through_its_tls_librarys_own_functions(tmp_path: Path) -> None:
+    """The probes' other read path (the library's read worker, entry and return), end to end."""
+    port, log = free_loopback_port(), tmp_path / "answered.jsonl"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+                   check=True, capture_output=True, timeout=60)
+    (tmp_path / "gateway.py").write_text(PYTHON_GATEWAY)
+    # started detached (setsid -f), so that its parent is not this test's Python: the agent watches the
+    # listener's process tree up to the first ancestor of another executable
+    subprocess.run(["setsid", "-f", sys.executable, str(tmp_path / "gateway.py"), str(port), str(tmp_path / "cert.pem"),
+                    str(tmp_path / "key.pem"), str(log)], check=True, timeout=10)
+    deadline = time.monotonic() + 10
+    while not Path(f"{log}.pid").exists() or not _listening(port):
+        assert time.monotonic() < deadline, "the Python gateway did not start"
+        time.sleep(0.05)
+    server = psutil.Process(int(Path(f"{log}.pid").read_text()))
+    agent = LiveAgent(tmp_path / "events.jsonl", free_loopback_port(), "--tls-port", str(port), deck=DECK)
+    try:
+        agent.wait_for("metering HTTPS on port")
+        agent.wait_for("credentials: loaded")
+        sent = [request("GET", "/orders/1", ALICE), request("POST", "/orders", BOB, body=b'{"sku":"SKU-0001"}'),
+                request("GET", f"/orders/2?apikey={CAROL}", None), request("GET", "/orders/3", ALICE, close=True)]
+        with tls_socket(port) as connection:  # keep-alive: one request at a time on one connection
+            for payload in sent:
+                connection.sendall(payload)
+                assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+        deadline = time.monotonic() + 10
+        while len(log.read_text().splitlines()) < len(sent):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        counters = stopped(agent)
+    finally:
+        agent.kill()
+        server.kill()
+    answered = [json.loads(line) for line in log.read_text().splitlines()]
+    subjects = ["alice", "bob", "carol", "alice"]
+    expected = Counter((subject, row["method"], strip_key_params(row["uri"]), 200, len(payload), row["bytes_sent"])
+                       for subject, row, payload in zip(subjects, answered, sent))
+    assert metered_rows(agent.events()) == expected
+    assert_clean(counters)
+    assert counters["tls_midstream"] == 0 and counters["tls_streams"] == 1, counters
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_a_large_response_to_a_slow_client_is_metered_once(gateway, start_agent) -> None:

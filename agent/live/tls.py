@@ -41,13 +41,22 @@ def listening_processes(ports: set[int]) -> set[int]:
             process = psutil.Process(pid)
             top = process
             for parent in process.parents():
-                if parent.exe() != process.exe():
+                if not _same_executable(parent, process):
                     break
                 top = parent
             tree |= {top.pid} | {child.pid for child in top.children(recursive=True)}
         except psutil.Error:
             continue
     return tree
+
+
+def _same_executable(parent: psutil.Process, process: psutil.Process) -> bool:
+    """An ancestor whose executable cannot be read (another namespace's, or an init the kernel hides even
+    from root) is not the gateway's."""
+    try:
+        return parent.exe() == process.exe()
+    except psutil.Error:
+        return False
 
 
 def tls_library(pid: int) -> str | None:

@@ -1,14 +1,15 @@
 // SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 /* The TLS library's plaintext, read where the gateway's own processes hand it to (or get it from)
- * OpenSSL: reads by an entry probe and a uretprobe on nginx's ngx_ssl_recv in an nginx (see
- * ngx_recv_enter), else on the internal read worker ssl_read_internal; writes by an entry probe alone on
- * the write worker ssl_write_internal (see ssl_write_worker), the workers found by the loader (else
- * entry probes and uretprobes on SSL_read, SSL_read_ex, SSL_write and SSL_write_ex themselves); and
- * SSL_set_fd (a connection starts), SSL_free (it ends), SSL_shutdown and SSL_sendfile (they send on the
- * socket outside a write). The socket behind an SSL* is learnt from the sock layer's own tracepoints
- * (sock_recv_length, sock_send_length) fired while that thread is inside an SSL read: the kernel's
- * struct sock gives the 4-tuple through BTF, also for connections that began before the probes were
- * attached. No kprobes, no kernel headers: CO-RE against /sys/kernel/btf/vmlinux. */
+ * OpenSSL: in an nginx, reads by one probe inside ngx_ssl_recv, on the call only a successful SSL_read
+ * leads to (see ngx_read_delivered); elsewhere by an entry probe and a uretprobe on the internal read
+ * worker ssl_read_internal; writes by an entry probe alone on the write worker ssl_write_internal (see
+ * ssl_write_worker), the workers found by the loader (else entry probes and uretprobes on SSL_read,
+ * SSL_read_ex, SSL_write and SSL_write_ex themselves); and SSL_set_fd (a connection starts), SSL_free
+ * (it ends), SSL_shutdown and SSL_sendfile (they send on the socket outside a write). The socket behind
+ * an SSL* is the one behind the descriptor SSL_set_fd is given (the kernel's struct sock gives the
+ * 4-tuple through BTF); for a connection that began before the probes, nginx's c->fd, else the sock
+ * layer's own tracepoints (sock_recv_length, sock_send_length) fired while that thread is inside an SSL
+ * read. No kprobes, no kernel headers: CO-RE against /sys/kernel/btf/vmlinux. */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
@@ -467,26 +468,6 @@ static __always_inline struct endpoint *learn_from_fd(__u64 ssl, __u64 c)
 	return bpf_map_lookup_elem(&endpoints, &key);
 }
 
-/* nginx's ngx_ssl_recv(c, buf, size) calls SSL_read until it has no more to give (the last call of the
- * loop fails with SSL_ERROR_WANT_READ) and returns the bytes it put in buf, in one piece, or NGX_AGAIN or
- * NGX_ERROR: probed there, a request costs one entry and one return where the library's read worker
- * costs two of each. The SSL* is c->ssl->connection, the first field of ngx_ssl_connection_t; where c
- * holds `ssl` moves between nginx versions, and the loader read it off this executable's code. */
-SEC("uprobe")
-int BPF_KPROBE(ngx_recv_enter, void *c, void *buf, size_t size)
-{
-	__u32 pid = bpf_get_current_pid_tgid() >> 32;
-	struct nginx_layout *layout = bpf_map_lookup_elem(&watched, &pid);
-	if (!layout || !layout->ssl_field)
-		return 0;
-	__u64 ssl = ssl_of((__u64)c, layout->ssl_field, 0);
-	if (!ssl) {
-		count(0, 1); /* the call goes unseen: counted with the records the ring had no room for */
-		return 0;
-	}
-	return enter(ssl, (__u64)buf, 0, KIND_READ);
-}
-
 /* The one probe of a read where the loader found, in ngx_ssl_recv, the call only a successful SSL_read
  * leads to: the registers hold its byte count, the buffer it filled and c there. One trap per request,
  * where the entry and return of ngx_ssl_recv take two (and the library's read worker four). */
@@ -512,13 +493,6 @@ int ngx_read_delivered(struct pt_regs *ctx)
 	if (!endpoint)
 		endpoint = learn_from_fd(ssl, c);
 	return send_call(ssl, KIND_READ, register_at(&regs, layout->buffer), length, 0, endpoint);
-}
-
-/* ngx_ssl_recv returns an ssize_t: read whole, where an int's upper half is undefined */
-SEC("uretprobe")
-int BPF_KRETPROBE(ngx_recv_return, long ret)
-{
-	return leave(ret);
 }
 
 /* ssl_write_internal(s, buf, num, ...), without a uretprobe: the bytes are all in buf at entry, and

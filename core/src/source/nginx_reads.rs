@@ -4,8 +4,8 @@
 //! size)` until that would block, so probing the library's read worker costs two entries and two returns
 //! per request (the second read finds nothing); probed here, one hit suffices: the first call on the path
 //! only a successful `SSL_read` takes, where the registers still hold its result, the buffer it filled
-//! and `c`. The probes' loader (`tls_probes.rs`) falls back to `ngx_ssl_recv`'s entry and return, then to
-//! the library, when the code has another shape.
+//! and `c`. The probes' loader (`tls_probes.rs`) probes the library's read worker when the code has
+//! another shape.
 
 use std::collections::HashMap;
 
@@ -14,16 +14,14 @@ use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, InstructionInf
 
 use object::ObjectSymbol;
 
-use super::tls_probes::{code_at, entry_offset, file_offset, find_symbol};
+use super::tls_probes::{code_at, file_offset, find_symbol};
 
 /// What the loader needs to probe nginx's reads.
 #[derive(Debug, PartialEq)]
 pub struct NginxReads {
-    /// the file offset of `ngx_ssl_recv`'s first `push` (after an `endbr64` on CET builds)
-    pub entry: u64,
     /// where `ngx_connection_t` holds `ssl` (an `ngx_ssl_connection_t *`, whose first field is the SSL*)
     pub ssl_field: u32,
-    pub delivered: Option<Delivered>,
+    pub delivered: Delivered,
 }
 
 /// The call only a successful `SSL_read` leads to, and the registers that hold, there, what it returned
@@ -48,11 +46,10 @@ pub fn nginx_reads(elf: &[u8]) -> Option<NginxReads> {
     let file = object::File::parse(elf).ok()?;
     let function = find_symbol(&file, "ngx_ssl_recv")?;
     let start = function.address();
-    let entry = entry_offset(&file, start)?;
     let (code, _) = code_at(&file, start, if function.size() > 0 { function.size() } else { 1024 })?;
     let path = read_path(code, start)?;
-    let delivered = path.delivered.and_then(|site| Some(Delivered { at: file_offset(&file, site.at)?, ..site }));
-    Some(NginxReads { entry, ssl_field: path.ssl_field, delivered })
+    let site = path.delivered?;
+    Some(NginxReads { ssl_field: path.ssl_field, delivered: Delivered { at: file_offset(&file, site.at)?, ..site } })
 }
 
 /// What a register holds, followed from `ngx_ssl_recv`'s entry.
@@ -254,11 +251,9 @@ mod tests {
         let file = object::File::parse(&*nginx).unwrap();
         let function = find_symbol(&file, "ngx_ssl_recv").unwrap();
         let (code, _) = code_at(&file, function.address(), function.size()).unwrap();
-        let skipped = if code.starts_with(&[0xF3, 0x0F, 0x1E, 0xFA]) { 4 } else { 0 };
-        assert_eq!(reads.entry, file_offset(&file, function.address() + skipped).unwrap(), "at its first push");
         // Debian's build: `n = SSL_read(...)` kept in rbp, buf in r13, c in rbx; the success path calls
         // ngx_ssl_handle_recv(c, n) first, with n in esi
-        let delivered = reads.delivered.expect("the success path's call");
+        let delivered = reads.delivered;
         assert_eq!((delivered.length, delivered.buffer, delivered.connection, delivered.ssl_connection),
                    (Register::RBP, Register::R13, Register::RBX, Some(Register::R15)));
         let call = delivered.at - file_offset(&file, function.address()).unwrap();

@@ -28,10 +28,16 @@ const CALLS: [(&str, &str); 4] = [
 /// the shared return probe; the write's entry alone (it sends the bytes there; see tls.bpf.c).
 const READ_WORKER: &str = "ssl_read_ex_enter";
 const WRITE_WORKER: &str = "ssl_write_worker";
-/// nginx's reads (see tls.bpf.c and nginx_reads.rs): the probe on the call a successful SSL_read leads
-/// to, else the entry and return programs of ngx_ssl_recv.
+/// nginx's read probe (see tls.bpf.c and nginx_reads.rs), on the call a successful SSL_read leads to.
 const NGINX_DELIVERED: &str = "ngx_read_delivered";
-const NGINX_READ: [&str; 2] = ["ngx_recv_enter", "ngx_recv_return"];
+const MARKERS: [(&str, &str); 3] =
+    [("ssl_set_fd", "SSL_set_fd"), ("ssl_free", "SSL_free"), ("ssl_shutdown", "SSL_shutdown")];
+const TRACEPOINTS: [(&str, &str); 4] = [
+    ("sock_recv", "sock_recv_length"),
+    ("sock_send", "sock_send_length"),
+    ("process_fork", "sched_process_fork"),
+    ("process_exit", "sched_process_exit"),
+];
 
 /// The value of the `watched` map (struct nginx_layout in tls.bpf.c): where an nginx keeps what its read
 /// probe reads; all zero for another process.
@@ -52,31 +58,18 @@ const NO_REGISTER: u8 = 0xFF;
 unsafe impl aya::Pod for NginxLayout {}
 
 impl NginxLayout {
-    /// The layout of an nginx, and the file offset of its success path's call where it has one (else its
-    /// read function's entry and return are probed).
-    fn of(reads: &NginxReads) -> (NginxLayout, Option<u64>) {
-        let site = reads.delivered.as_ref().and_then(|site| {
-            let ssl_connection = site.ssl_connection.and_then(pt_regs_slot).unwrap_or(NO_REGISTER);
-            let slots = (pt_regs_slot(site.length)?, pt_regs_slot(site.buffer)?, pt_regs_slot(site.connection)?);
-            Some((site.at, slots, ssl_connection))
-        });
-        let ssl_field = reads.ssl_field;
-        match site {
-            Some((at, (length, buffer, connection), ssl_connection)) => {
-                (NginxLayout { ssl_field, length, buffer, connection, ssl_connection }, Some(at))
-            }
-            None => (NginxLayout { ssl_field, ..NginxLayout::default() }, None),
-        }
+    /// The layout of an nginx whose read probe's registers are all general ones (as they are).
+    fn of(reads: &NginxReads) -> Option<NginxLayout> {
+        let site = &reads.delivered;
+        Some(NginxLayout {
+            ssl_field: reads.ssl_field,
+            length: pt_regs_slot(site.length)?,
+            buffer: pt_regs_slot(site.buffer)?,
+            connection: pt_regs_slot(site.connection)?,
+            ssl_connection: site.ssl_connection.and_then(pt_regs_slot).unwrap_or(NO_REGISTER),
+        })
     }
 }
-const MARKERS: [(&str, &str); 3] =
-    [("ssl_set_fd", "SSL_set_fd"), ("ssl_free", "SSL_free"), ("ssl_shutdown", "SSL_shutdown")];
-const TRACEPOINTS: [(&str, &str); 4] = [
-    ("sock_recv", "sock_recv_length"),
-    ("sock_send", "sock_send_length"),
-    ("process_fork", "sched_process_fork"),
-    ("process_exit", "sched_process_exit"),
-];
 
 pub struct TlsProbes {
     /// the ring's consumer and producer positions, mapped read-only (how full it is, for the CPU watcher)
@@ -111,8 +104,7 @@ impl TlsProbes {
             .load(OBJECT)
             .map_err(|error| refused("the kernel refused the TLS probes' maps", verbose(&error)))?;
         let btf = Btf::from_sys_fs().map_err(|error| refused("no kernel BTF", error))?;
-        let others = [("ssl_return", ""), (WRITE_WORKER, ""), (NGINX_DELIVERED, ""), (NGINX_READ[0], ""),
-                      (NGINX_READ[1], "")];
+        let others = [("ssl_return", ""), (WRITE_WORKER, ""), (NGINX_DELIVERED, "")];
         for (program, _) in CALLS.iter().chain(MARKERS.iter()).chain(others.iter()) {
             let probe: &mut UProbe = ebpf
                 .program_mut(program)
@@ -164,19 +156,12 @@ impl TlsProbes {
             return Ok(());
         }
         let executable = format!("/proc/{pid}/exe");
-        let nginx = std::fs::read(&executable).ok().and_then(|code| nginx_reads(&code));
-        let (layout, delivered) = nginx.as_ref().map_or((NginxLayout::default(), None), NginxLayout::of);
+        let nginx = std::fs::read(&executable).ok().and_then(|code| nginx_reads(&code))
+            .and_then(|reads| Some((NginxLayout::of(&reads)?, reads.delivered.at)));
+        let layout = nginx.map_or(NginxLayout::default(), |(layout, _)| layout);
         self.watched.insert(pid, layout, 0).map_err(|error| refused("cannot watch the process", error))?;
-        match (&nginx, delivered) {
-            (Some(_), Some(at)) => {
-                self.attach_one(NGINX_DELIVERED, UProbeAttachLocation::AbsoluteOffset(at), &executable, pid)?;
-            }
-            (Some(reads), None) => {
-                for program in NGINX_READ {
-                    self.attach_one(program, UProbeAttachLocation::AbsoluteOffset(reads.entry), &executable, pid)?;
-                }
-            }
-            (None, _) => {}
+        if let Some((_, at)) = nginx {
+            self.attach_one(NGINX_DELIVERED, UProbeAttachLocation::AbsoluteOffset(at), &executable, pid)?;
         }
         let code = std::fs::read(library).map_err(|error| format!("cannot read {library}: {error}"))?;
         match internal_workers(&code) {
