@@ -81,6 +81,9 @@ struct call {
 	__u32 active; /* between the call's entry and its return (a write sent at entry: until the next call) */
 	__u32 at_entry; /* a write whose bytes were sent at its entry */
 	__u32 learned; /* this call's stream has its socket: the sock tracepoints need not look */
+	/* a write sent at entry: how far the gateway had read its socket then (tcp_sock's copied_seq) */
+	__u32 copied_seq;
+	__u32 pad;
 };
 
 struct stream_key {
@@ -515,7 +518,13 @@ int BPF_KPROBE(ssl_write_worker, void *ssl, const void *buf, size_t num)
 	call->kind = KIND_WRITE;
 	call->active = 1;
 	call->at_entry = 1;
-	return send_call((__u64)ssl, KIND_WRITE, (__u64)buf, num, 1, endpoint_of((__u64)ssl));
+	struct endpoint *endpoint = endpoint_of((__u64)ssl);
+	call->copied_seq = 0;
+	if (endpoint) {
+		struct tcp_sock *tp = (struct tcp_sock *)endpoint->sk;
+		call->copied_seq = BPF_CORE_READ(tp, copied_seq);
+	}
+	return send_call((__u64)ssl, KIND_WRITE, (__u64)buf, num, 1, endpoint);
 }
 
 /* SSL_shutdown sends the close_notify alert, SSL_sendfile a file over kernel TLS: a failed send then is
@@ -581,6 +590,12 @@ static __always_inline void write_failed(struct call *call, struct sock *sk)
 	if (!endpoint || endpoint->sk != (__u64)sk)
 		return;
 	call->active = 0;
+	/* the gateway has read from this socket since the write's entry: the write's call is over (a write
+	 * does not receive), and this is another call's send (an alert inside a read, whose entry nginx's
+	 * read probe does not see) */
+	struct tcp_sock *tp = (struct tcp_sock *)sk;
+	if (BPF_CORE_READ(tp, copied_seq) != call->copied_seq)
+		return;
 	if (endpoint->metered)
 		send_marker(call->ssl, KIND_WRITE_FAILED, 0);
 }
@@ -615,13 +630,6 @@ static __always_inline int learn_socket(struct sock *sk, int ret)
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(sock_recv, struct sock *sk, int ret, int flags)
 {
-	struct call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0, 0);
-	if (call && call->active && call->at_entry) {
-		/* the thread receives: its write sent at entry is over (a write does not receive), so a send
-		 * that fails later (an alert inside a read nginx's reads probe no entry of) is not the write's */
-		call->active = 0;
-		return 0;
-	}
 	return learn_socket(sk, 0);
 }
 

@@ -38,6 +38,10 @@ const TRACEPOINTS: [(&str, &str); 4] = [
     ("process_fork", "sched_process_fork"),
     ("process_exit", "sched_process_exit"),
 ];
+/// The receive tracepoint learns the socket of a library read worker's call (an nginx's read probe reads
+/// it from `c->fd`): attached with the first process read that way, since it runs on every receive of the
+/// host (some 50 per request when each request is a new TLS connection).
+const LEARNING: &str = "sock_recv";
 
 /// The value of the `watched` map (struct nginx_layout in tls.bpf.c): where an nginx keeps what its read
 /// probe reads; all zero for another process.
@@ -80,6 +84,7 @@ pub struct TlsProbes {
     ring: RingBuf<MapData>,
     watched: BpfHashMap<MapData, u32, NginxLayout>,
     attached: HashSet<u32>,
+    learning: bool,
 }
 
 /// One line saying what the kernel refused, and to what.
@@ -121,7 +126,11 @@ impl TlsProbes {
             trace.load(tracepoint, &btf).map_err(|error| {
                 refused(&format!("the kernel refused the tracepoint program {program}"), verbose(&error))
             })?;
-            trace.attach().map_err(|error| refused(&format!("cannot attach to tracepoint {tracepoint}"), verbose(&error)))?;
+            if program != LEARNING {
+                trace.attach().map_err(|error| {
+                    refused(&format!("cannot attach to tracepoint {tracepoint}"), verbose(&error))
+                })?;
+            }
         }
         let ring = RingBuf::try_from(ebpf.take_map("chunks").ok_or("no ring buffer map")?)
             .map_err(|error| error.to_string())?;
@@ -145,7 +154,7 @@ impl TlsProbes {
             return Err(format!("cannot map the ring buffer's positions: {}", std::io::Error::last_os_error()));
         }
         Ok(TlsProbes { positions: positions as *const u8, page, ring_bytes: u64::from(ring_bytes), ebpf, ring,
-                       watched, attached: HashSet::new() })
+                       watched, attached: HashSet::new(), learning: false })
     }
 
     /// Attaches every probe to process `pid`'s copy of `library` (a path as the agent sees it, e.g.
@@ -162,6 +171,12 @@ impl TlsProbes {
         self.watched.insert(pid, layout, 0).map_err(|error| refused("cannot watch the process", error))?;
         if let Some((_, at)) = nginx {
             self.attach_one(NGINX_DELIVERED, UProbeAttachLocation::AbsoluteOffset(at), &executable, pid)?;
+        }
+        if nginx.is_none() && !self.learning {
+            let trace: &mut BtfTracePoint =
+                self.ebpf.program_mut(LEARNING).and_then(|p| p.try_into().ok()).ok_or("no tracepoint program")?;
+            trace.attach().map_err(|error| refused("cannot attach to tracepoint sock_recv_length", verbose(&error)))?;
+            self.learning = true;
         }
         let code = std::fs::read(library).map_err(|error| format!("cannot read {library}: {error}"))?;
         match internal_workers(&code) {
