@@ -649,10 +649,13 @@ int BPF_PROG(process_fork, struct task_struct *parent, struct task_struct *child
 	struct nginx_layout *layout = bpf_map_lookup_elem(&watched, &parent_pid);
 	if (child_pid == parent_pid || !layout)
 		return 0;
-	struct nginx_layout inherited = *layout; /* the same executable, until the child execs (the loader then looks again) */
+	/* the same executable; a child that execs another keeps this layout and its pid's old probes, which
+	 * no longer fire (an nginx binary upgrade's new master is not attached: see the README) */
+	struct nginx_layout inherited = *layout;
 	bpf_map_update_elem(&watched, &child_pid, &inherited, BPF_ANY);
 	struct chunk_header h = { .pid = child_pid, .kind = KIND_FORK, .time_ns = bpf_ktime_get_ns() };
-	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), 0))
+	/* woken at once (records are otherwise quiet): the new worker is attached before it accepts much */
+	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), BPF_RB_FORCE_WAKEUP))
 		count(0, 1);
 	return 0;
 }

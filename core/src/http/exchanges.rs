@@ -590,6 +590,12 @@ impl StreamSink for HttpExchanges {
         http.handle(to_server, time, event, &mut output);
         *connections_held = *connections_held - before + http.held_bytes();
     }
+
+    fn forget(&mut self, connection: &ConnectionInfo) {
+        if let Some(http) = self.connections.remove(&connection.id) {
+            self.connections_held -= http.held_bytes();
+        }
+    }
 }
 
 #[cfg(test)]

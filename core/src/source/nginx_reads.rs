@@ -80,7 +80,7 @@ struct Tracker {
 
 impl Tracker {
     fn step(&mut self, instruction: &Instruction) {
-        if instruction.flow_control() == FlowControl::Call {
+        if matches!(instruction.flow_control(), FlowControl::Call | FlowControl::IndirectCall) {
             CALLER_SAVED.iter().for_each(|register| {
                 self.held.remove(register);
             });
@@ -125,18 +125,28 @@ fn read_path(code: &[u8], start: u64) -> Option<ReadPath> {
         held: [(Register::RDI, Holds::Connection), (Register::RSI, Holds::Buffer)].into(),
         info: InstructionInfoFactory::new(),
     };
-    for (index, instruction) in instructions.iter().enumerate() {
+    let mut index = 0;
+    while let Some(instruction) = instructions.get(index) {
+        index += 1;
         match instruction.flow_control() {
             FlowControl::Call => {
                 if let Some(Holds::FirstWordOf(field)) = tracker.held.get(&Register::RDI).copied() {
                     if !tracker.holds(Register::RSI, Holds::Buffer) || field % 8 != 0 || field >= 4096 {
                         return None;
                     }
-                    let delivered = success_call(&instructions, index, tracker);
+                    let delivered = success_call(&instructions, index - 1, tracker);
                     return Some(ReadPath { ssl_field: field, delivered });
                 }
             }
-            FlowControl::Return | FlowControl::Exception => return None,
+            // a jump forward is followed (what it skips is another path's); one back would loop
+            FlowControl::UnconditionalBranch => {
+                let target = instruction.near_branch_target();
+                index = instructions.iter().position(|other| other.ip() == target && target > instruction.ip())?;
+                continue;
+            }
+            // an indirect call may be SSL_read's (-fno-plt builds), which this reading cannot tell
+            FlowControl::Return | FlowControl::Exception | FlowControl::IndirectBranch
+            | FlowControl::IndirectCall => return None,
             _ => {}
         }
         tracker.step(instruction);
@@ -174,7 +184,16 @@ fn success_call(instructions: &[Instruction], index: usize, mut tracker: Tracker
         tracker.step(instruction);
         at += 1;
     };
-    for instruction in instructions.get(success..)?.iter().take(16) {
+    // nothing may jump into the stretch from the branch to the call: there the registers would be another
+    // path's (a garbage positive length would copy and bill the wrong bytes)
+    let entered = |ip: u64| instructions.iter().any(|other| {
+        matches!(other.flow_control(), FlowControl::ConditionalBranch | FlowControl::UnconditionalBranch)
+            && other.near_branch_target() == ip
+    });
+    for (offset, instruction) in instructions.get(success..)?.iter().take(16).enumerate() {
+        if offset > 0 && entered(instruction.ip()) {
+            return None;
+        }
         let ready = |tracker: &Tracker| {
             tracker.holds(buffer, Holds::Buffer) && tracker.holds(connection, Holds::Connection)
         };
@@ -324,6 +343,9 @@ mod tests {
         let clobber_r13 = [0x4D, 0x31, 0xED]; // xor %r13,%r13
         assert_eq!(delivered(&[&KEEP_N, &TEST_N, &jle, &clobber_r13, &CALL]), None);
         assert_eq!(delivered(&[&KEEP_N, &c_to_rdi, &CALL]), None);
+        // a jump from elsewhere onto the call: its registers may be another path's
+        let jmp_back = [0xEB, 0xF8]; // jmp -8: from past the call and the ret, onto the call
+        assert_eq!(delivered(&[&KEEP_N, &TEST_N, &jle, &n_to_esi, &CALL, &RET, &jmp_back]), None);
         let js = [0x78, 0x08]; // js: n == 0 would take the success path
         assert_eq!(delivered(&[&KEEP_N, &TEST_N, &js, &CALL]), None);
         // the SSL* is still found without a success site

@@ -172,12 +172,6 @@ impl TlsProbes {
         if let Some((_, at)) = nginx {
             self.attach_one(NGINX_DELIVERED, UProbeAttachLocation::AbsoluteOffset(at), &executable, pid)?;
         }
-        if nginx.is_none() && !self.learning {
-            let trace: &mut BtfTracePoint =
-                self.ebpf.program_mut(LEARNING).and_then(|p| p.try_into().ok()).ok_or("no tracepoint program")?;
-            trace.attach().map_err(|error| refused("cannot attach to tracepoint sock_recv_length", verbose(&error)))?;
-            self.learning = true;
-        }
         let code = std::fs::read(library).map_err(|error| format!("cannot read {library}: {error}"))?;
         match internal_workers(&code) {
             Some([read, write]) => {
@@ -205,6 +199,13 @@ impl TlsProbes {
         // entry ends the last write's window as SSL_shutdown's does
         if has_symbol(&code, "SSL_sendfile") {
             self.attach_one("ssl_shutdown", UProbeAttachLocation::Symbol("SSL_sendfile"), library, pid)?;
+        }
+        // last, once the process's own probes are in: a process refused above does not leave it running
+        if nginx.is_none() && !self.learning {
+            let trace: &mut BtfTracePoint =
+                self.ebpf.program_mut(LEARNING).and_then(|p| p.try_into().ok()).ok_or("no tracepoint program")?;
+            trace.attach().map_err(|error| refused("cannot attach to tracepoint sock_recv_length", verbose(&error)))?;
+            self.learning = true;
         }
         self.attached.insert(pid);
         Ok(())
@@ -318,7 +319,7 @@ pub fn internal_workers(elf: &[u8]) -> Option<[u64; 2]> {
 
 /// The file offset of the worker at `address`, at its first `push` (after an `endbr64` on CET builds):
 /// an instruction the kernel emulates, with the arguments still as the caller passed them.
-pub(super) fn entry_offset(file: &object::File<'_>, address: u64) -> Option<u64> {
+fn entry_offset(file: &object::File<'_>, address: u64) -> Option<u64> {
     match instructions_at(file, address, 1)?.as_slice() {
         [(push, at)] if push.mnemonic() == Mnemonic::Push => Some(*at),
         _ => None,

@@ -67,6 +67,10 @@ impl std::fmt::Debug for StreamEvent<'_> {
 /// Where the reassembler delivers its events (the HTTP stage, or a test collecting them).
 pub trait StreamSink {
     fn event(&mut self, connection: &ConnectionInfo, to_server: bool, time: f64, event: StreamEvent<'_>);
+
+    /// The connection turned out not to be the gateway's traffic (a TLS stream on a port not metered):
+    /// whatever is pending on it is dropped, not closed out into results.
+    fn forget(&mut self, _connection: &ConnectionInfo) {}
 }
 
 #[derive(Clone, Copy, Debug)]
