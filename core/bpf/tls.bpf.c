@@ -371,10 +371,11 @@ static __always_inline int leave(long ret)
 	return send_call(done.ssl, done.kind, done.buf, length, 0, endpoint_of(done.ssl));
 }
 
-static __always_inline void send_marker(__u64 ssl, __u32 kind, __u16 client_left)
+/* `endpoint`: the stream's socket, if known (every caller has it at hand) */
+static __always_inline void send_marker(__u64 ssl, __u32 kind, __u16 client_left, struct endpoint *endpoint)
 {
 	struct chunk_header h = {};
-	fill_header(&h, ssl, kind, endpoint_of(ssl));
+	fill_header(&h, ssl, kind, endpoint);
 	h.client_left = client_left;
 	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), QUIET))
 		count(0, 1);
@@ -453,6 +454,15 @@ static __always_inline __u64 register_at(struct words *regs, __u8 slot)
 	return slot < WORDS ? regs->word[slot] : 0;
 }
 
+/* The socket found for a stream begun before the probes: kept, and if it is on a port not metered, the
+ * core told to forget what it may have of the stream. */
+static __always_inline void remember_begun(struct stream_key *key, struct endpoint *endpoint)
+{
+	bpf_map_update_elem(&endpoints, key, endpoint, BPF_ANY);
+	if (!endpoint->metered)
+		send_marker(key->ssl, KIND_UNMETERED, 0, endpoint);
+}
+
 /* A connection begun before the probes, at its first read: its socket from nginx's c->fd (the fourth
  * word of ngx_connection_t in every nginx: data, read, write, fd). */
 static __always_inline struct endpoint *learn_from_fd(__u64 ssl, __u64 c)
@@ -465,9 +475,7 @@ static __always_inline struct endpoint *learn_from_fd(__u64 ssl, __u64 c)
 	if (!sk || !describe(sk, &endpoint))
 		return 0;
 	struct stream_key key = { .ssl = ssl, .pid = bpf_get_current_pid_tgid() >> 32 };
-	bpf_map_update_elem(&endpoints, &key, &endpoint, BPF_ANY);
-	if (!endpoint.metered)
-		send_marker(ssl, KIND_UNMETERED, 0);
+	remember_begun(&key, &endpoint);
 	return bpf_map_lookup_elem(&endpoints, &key);
 }
 
@@ -548,14 +556,15 @@ int BPF_KPROBE(ssl_set_fd, void *ssl, int fd)
 	struct stream_key key = { .ssl = (__u64)ssl, .pid = bpf_get_current_pid_tgid() >> 32 };
 	struct endpoint endpoint = {};
 	struct sock *sk = socket_of(fd);
-	if (sk && describe(sk, &endpoint)) {
+	int found = sk && describe(sk, &endpoint);
+	if (found) {
 		bpf_map_update_elem(&endpoints, &key, &endpoint, BPF_ANY);
 		if (!endpoint.metered)
 			return 0;
 	} else {
 		bpf_map_delete_elem(&endpoints, &key); /* an SSL* freed and allocated again: not the old socket */
 	}
-	send_marker((__u64)ssl, KIND_OPEN, 0);
+	send_marker((__u64)ssl, KIND_OPEN, 0, found ? &endpoint : 0);
 	return 0;
 }
 
@@ -566,17 +575,16 @@ int BPF_KPROBE(ssl_free, void *ssl)
 		return 0;
 	struct stream_key key = { .ssl = (__u64)ssl, .pid = bpf_get_current_pid_tgid() >> 32 };
 	struct endpoint *endpoint = bpf_map_lookup_elem(&endpoints, &key);
-	__u16 client_left = 0;
-	if (endpoint) {
-		int metered = endpoint->metered;
+	if (!endpoint) {
+		send_marker((__u64)ssl, KIND_CLOSE, 0, 0);
+		return 0;
+	}
+	if (endpoint->metered) {
 		struct sock *sk = (struct sock *)endpoint->sk;
 		__u8 state = BPF_CORE_READ(sk, __sk_common.skc_state);
-		client_left = state == TCP_CLOSE_WAIT || state == TCP_CLOSE;
-		bpf_map_delete_elem(&endpoints, &key);
-		if (!metered)
-			return 0;
+		send_marker((__u64)ssl, KIND_CLOSE, state == TCP_CLOSE_WAIT || state == TCP_CLOSE, endpoint);
 	}
-	send_marker((__u64)ssl, KIND_CLOSE, client_left);
+	bpf_map_delete_elem(&endpoints, &key);
 	return 0;
 }
 
@@ -597,7 +605,7 @@ static __always_inline void write_failed(struct call *call, struct sock *sk)
 	if (BPF_CORE_READ(tp, copied_seq) != call->copied_seq)
 		return;
 	if (endpoint->metered)
-		send_marker(call->ssl, KIND_WRITE_FAILED, 0);
+		send_marker(call->ssl, KIND_WRITE_FAILED, 0, endpoint);
 }
 
 /* The socket a thread inside an SSL call sends on or receives from is that SSL*'s. Not during a write sent
@@ -619,11 +627,8 @@ static __always_inline int learn_socket(struct sock *sk, int ret)
 	if (bpf_map_lookup_elem(&endpoints, &key))
 		return 0;
 	struct endpoint endpoint = {};
-	if (!describe(sk, &endpoint))
-		return 0;
-	bpf_map_update_elem(&endpoints, &key, &endpoint, BPF_ANY);
-	if (!endpoint.metered)
-		send_marker(call->ssl, KIND_UNMETERED, 0); /* begun before the probes: the core may have some of it */
+	if (describe(sk, &endpoint))
+		remember_begun(&key, &endpoint);
 	return 0;
 }
 

@@ -197,7 +197,7 @@ impl TlsProbes {
         }
         // kernel TLS's sendfile (OpenSSL 3.0 and later) sends on the socket outside any write: its
         // entry ends the last write's window as SSL_shutdown's does
-        if has_symbol(&code, "SSL_sendfile") {
+        if file.as_ref().and_then(|file| find_symbol(file, "SSL_sendfile")).is_some() {
             self.attach_one("ssl_shutdown", UProbeAttachLocation::Symbol("SSL_sendfile"), library, pid)?;
         }
         // last, once the process's own probes are in: a process refused above does not leave it running
@@ -391,15 +391,6 @@ fn first_call(file: &object::File<'_>, symbol: &str) -> Option<(u64, bool)> {
             && !matches!(instruction.mnemonic(), Mnemonic::Cmp | Mnemonic::Test | Mnemonic::Push);
     }
     None
-}
-
-fn has_symbol(elf: &[u8], symbol: &str) -> bool {
-    object::File::parse(elf).is_ok_and(|file| {
-        file.dynamic_symbols().chain(file.symbols()).any(|candidate| {
-            candidate.address() != 0
-                && candidate.name().is_ok_and(|name| name.split('@').next() == Some(symbol))
-        })
-    })
 }
 
 /// The file offset of virtual address `address` (what a uprobe is attached at).
