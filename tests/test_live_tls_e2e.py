@@ -149,6 +149,9 @@ def test_https_events_match_the_access_log_one_for_one(gateway, start_agent, tmp
     assert counters["rejected"] == sum(1 for e in entries if e["status"] == 401)
     assert_clean(counters)
     assert counters["tls_midstream"] == 0 and counters["http2_connections"] == 0
+    # Debian's nginx is read by its own read function's one probe, not the library's costlier pair
+    assert counters["tls_library_read_processes"] == 0 and counters["tls_processes"] == 1 + gateway.workers, counters
+    assert f"(reads: nginx {1 + gateway.workers})" in agent.stderr and "does not recognise" not in agent.stderr
     assert {event["data"]["client_ip"] for event in events} == {"127.0.0.1"}
     assert len({event["id"] for event in events}) == len(events)
     assert all(key not in agent.stderr for keys in KEYS.values() for key in keys)
@@ -250,6 +253,8 @@ def test_a_gateway_that_is_not_nginx_is_read_through_its_tls_librarys_own_functi
     assert metered_rows(agent.events()) == expected
     assert_clean(counters)
     assert counters["tls_midstream"] == 0 and counters["tls_streams"] == 1, counters
+    assert counters["tls_library_read_processes"] == counters["tls_processes"] == 1, counters
+    assert "(reads: library worker 1)" in agent.stderr and "does not recognise" not in agent.stderr
 
 
 def _listening(port: int) -> bool:

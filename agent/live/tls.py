@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -83,7 +84,8 @@ class TlsCapture:
         except OSError as error:
             hint = " (the agent needs root, or CAP_BPF and CAP_PERFMON)" if "not permitted" in str(error) else ""
             raise TlsUnavailable(f"--tls-port: cannot meter HTTPS here: {error}{hint}") from None
-        self.attached: set[int] = set()
+        self.attached: dict[int, str] = {}  # pid -> how its reads are probed (see attach)
+        self.slow_reads_warned = False
         self.refused: set[int] = set()
         self.next_scan = 0.0
         self.http2_warned = 0
@@ -93,8 +95,8 @@ class TlsCapture:
             log.warning("--tls-port %s: no process listens there yet; looking again every %.0f s",
                         ",".join(map(str, sorted(ports))), RESCAN_SECONDS)
         else:
-            log.info("metering HTTPS on port %s in %d processes", ",".join(map(str, sorted(ports))),
-                     len(self.attached))
+            log.info("metering HTTPS on port %s in %d processes (reads: %s)", ",".join(map(str, sorted(ports))),
+                     len(self.attached), self.read_probes())
 
     def fileno(self) -> int:
         return self.probes.fileno()
@@ -102,21 +104,32 @@ class TlsCapture:
     def rescan(self) -> None:
         """Attach to listeners not attached yet."""
         self.next_scan = time.monotonic() + RESCAN_SECONDS
-        for pid in sorted(listening_processes(self.ports) - self.attached - self.refused):
+        for pid in sorted(listening_processes(self.ports) - self.attached.keys() - self.refused):
             self.attach(pid)
 
     def attach(self, pid: int) -> None:
+        """Probes `pid`. An nginx's reads take one probe hit each where the core understood its read function,
+        else the library's (two hits per call): that costs the gateway more, so it is said once."""
         library = tls_library(pid)
         if library is None:
             return
         try:
-            self.probes.attach(pid, library)
+            reads, is_nginx = self.probes.attach(pid, library)
         except OSError as error:
             self.refused.add(pid)
             log.error("--tls-port: %s", error)
             return
-        self.attached.add(pid)
-        log.debug("TLS probes attached to pid %d (%s)", pid, library)
+        self.attached[pid] = reads
+        log.debug("TLS probes attached to pid %d (%s), reads by %s probes", pid, library, reads)
+        if is_nginx and reads != "nginx" and not self.slow_reads_warned:
+            self.slow_reads_warned = True
+            log.warning("--tls-port: pid %d is an nginx whose read function (ngx_ssl_recv) the agent does not "
+                        "recognise: its reads are probed in the TLS library instead (%s), about twice the "
+                        "probe hits per request", pid, reads)
+
+    def read_probes(self) -> str:
+        """How many attached processes read by which probes, e.g. "nginx 3"."""
+        return ", ".join(f"{path} {count}" for path, count in sorted(Counter(self.attached.values()).items()))
 
     def feed(self, pipeline: Pipeline) -> tuple[bytes, int]:
         """What the probes have for `pipeline`: its events' lines and how many records there were."""
@@ -125,7 +138,7 @@ class TlsCapture:
             self.attach(pid)
         for pid in exited:
             self.probes.forget(pid)
-            self.attached.discard(pid)
+            self.attached.pop(pid, None)
             self.refused.discard(pid)
         if time.monotonic() >= self.next_scan:
             self.rescan()
@@ -142,8 +155,9 @@ class TlsCapture:
     def counters(self) -> dict[str, int]:
         """The probes' own losses, for the summary line."""
         ring_drops, _uncopied = self.probes.losses()  # uncopied bytes are the core's tls_truncated_bytes
+        library_reads = sum(reads != "nginx" for reads in self.attached.values())
         return {"tls_ring_drops": ring_drops, "tls_unread_bytes": self.unread_bytes,
-                "tls_processes": len(self.attached)}
+                "tls_processes": len(self.attached), "tls_library_read_processes": library_reads}
 
     def backlog_bytes(self) -> int:
         """Bytes of records the ring holds now."""

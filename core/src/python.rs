@@ -1385,9 +1385,11 @@ impl PyTlsProbes {
         Ok(PyTlsProbes { probes })
     }
 
-    /// Attaches the probes to `pid`'s copy of `library`; OSError with one line when refused.
-    fn attach(&mut self, pid: u32, library: &str) -> PyResult<()> {
-        self.probes.attach(pid, library).map_err(PyOSError::new_err)
+    /// Attaches the probes to `pid`'s copy of `library`: (how its reads are probed, whether its executable
+    /// is an nginx); OSError with one line when refused.
+    fn attach(&mut self, pid: u32, library: &str) -> PyResult<(&'static str, bool)> {
+        let attached = self.probes.attach(pid, library).map_err(PyOSError::new_err)?;
+        Ok((attached.reads.name(), attached.nginx))
     }
 
     fn forget(&mut self, pid: u32) {

@@ -2,7 +2,7 @@
 //! process's TLS library at a time, and reads the ring buffer of plaintext records (fed to
 //! `Pipeline::feed_tls`). This is the source edge, so it does I/O; what the records mean is `tls.rs`.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
@@ -83,8 +83,37 @@ pub struct TlsProbes {
     ebpf: Ebpf,
     ring: RingBuf<MapData>,
     watched: BpfHashMap<MapData, u32, NginxLayout>,
-    attached: HashSet<u32>,
+    attached: HashMap<u32, ReadProbes>,
     learning: bool,
+}
+
+/// How a process's reads are probed, which is what each costs it: a probe hit is a trap into the kernel.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ReadProbes {
+    /// nginx's own read function: one hit per read that got bytes
+    Nginx,
+    /// the library's read worker: an entry and a return per SSL_read call (nginx makes two a request)
+    LibraryWorker,
+    /// SSL_read and SSL_read_ex themselves, entry and return
+    LibraryCalls,
+}
+
+impl ReadProbes {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReadProbes::Nginx => "nginx",
+            ReadProbes::LibraryWorker => "library worker",
+            ReadProbes::LibraryCalls => "library calls",
+        }
+    }
+}
+
+/// What attaching to a process did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Attached {
+    pub reads: ReadProbes,
+    /// its executable is an nginx (it has `ngx_ssl_recv`), whether or not its read function was understood
+    pub nginx: bool,
 }
 
 /// One line saying what the kernel refused, and to what.
@@ -154,18 +183,22 @@ impl TlsProbes {
             return Err(format!("cannot map the ring buffer's positions: {}", std::io::Error::last_os_error()));
         }
         Ok(TlsProbes { positions: positions as *const u8, page, ring_bytes: u64::from(ring_bytes), ebpf, ring,
-                       watched, attached: HashSet::new(), learning: false })
+                       watched, attached: HashMap::new(), learning: false })
     }
 
     /// Attaches every probe to process `pid`'s copy of `library` (a path as the agent sees it, e.g.
     /// under /proc/PID/root), and its reads to nginx's own read function where its executable is an
     /// nginx. Idempotent per pid.
-    pub fn attach(&mut self, pid: u32, library: &str) -> Result<(), String> {
-        if self.attached.contains(&pid) {
-            return Ok(());
-        }
+    pub fn attach(&mut self, pid: u32, library: &str) -> Result<Attached, String> {
         let executable = format!("/proc/{pid}/exe");
-        let nginx = std::fs::read(&executable).ok().and_then(|code| nginx_reads(&code))
+        let executable_code = std::fs::read(&executable).ok();
+        let is_nginx = executable_code.as_deref().is_some_and(|code| {
+            object::File::parse(code).ok().is_some_and(|file| find_symbol(&file, "ngx_ssl_recv").is_some())
+        });
+        if let Some(&reads) = self.attached.get(&pid) {
+            return Ok(Attached { reads, nginx: is_nginx });
+        }
+        let nginx = executable_code.as_deref().and_then(nginx_reads)
             .and_then(|reads| Some((NginxLayout::of(&reads)?, reads.delivered.at)));
         let layout = nginx.map_or(NginxLayout::default(), |(layout, _)| layout);
         self.watched.insert(pid, layout, 0).map_err(|error| refused("cannot watch the process", error))?;
@@ -173,15 +206,20 @@ impl TlsProbes {
             self.attach_one(NGINX_DELIVERED, UProbeAttachLocation::AbsoluteOffset(at), &executable, pid)?;
         }
         let code = std::fs::read(library).map_err(|error| format!("cannot read {library}: {error}"))?;
+        let mut reads = ReadProbes::Nginx;
         match internal_workers(&code) {
             Some([read, write]) => {
                 if nginx.is_none() {
+                    reads = ReadProbes::LibraryWorker;
                     self.attach_one(READ_WORKER, UProbeAttachLocation::AbsoluteOffset(read), library, pid)?;
                     self.attach_one("ssl_return", UProbeAttachLocation::AbsoluteOffset(read), library, pid)?;
                 }
                 self.attach_one(WRITE_WORKER, UProbeAttachLocation::AbsoluteOffset(write), library, pid)?;
             }
             None => {
+                if nginx.is_none() {
+                    reads = ReadProbes::LibraryCalls;
+                }
                 let reads_elsewhere = |program: &str| nginx.is_some() && program.starts_with("ssl_read");
                 for (program, symbol) in CALLS.into_iter().filter(|(program, _)| !reads_elsewhere(program)) {
                     self.attach_one(program, UProbeAttachLocation::Symbol(symbol), library, pid)?;
@@ -207,8 +245,8 @@ impl TlsProbes {
             trace.attach().map_err(|error| refused("cannot attach to tracepoint sock_recv_length", verbose(&error)))?;
             self.learning = true;
         }
-        self.attached.insert(pid);
-        Ok(())
+        self.attached.insert(pid, reads);
+        Ok(Attached { reads, nginx: is_nginx })
     }
 
     fn attach_one(&mut self, program: &str, location: UProbeAttachLocation<'_>, library: &str, pid: u32)
@@ -228,7 +266,7 @@ impl TlsProbes {
     }
 
     pub fn is_attached(&self, pid: u32) -> bool {
-        self.attached.contains(&pid)
+        self.attached.contains_key(&pid)
     }
 
     /// Up to `max_records` records, each handed to `each`; returns how many there were.
