@@ -12,6 +12,12 @@ the summary line, and every billed access-log line matched to exactly one event 
 status, request and response size).
 
     sudo python scripts/bench_tls.py [--duration 5] [--rounds 3] [--connections 32] [--new-connections]
+                                     [--trap-floor]
+
+With --trap-floor each round also runs the gateway with bare kernel uprobes at the two places the agent's
+probes take per keep-alive request in an nginx (its read site and the TLS library's write worker), scoped to
+its workers as the agent's are, with no program behind them: the traps' own cost, which no probe program can
+save, and their count per request.
 
 Needs root, nginx, wrk, clang and bpftool at install. Exits 1 unless every run lost nothing, the ring dropped
 nothing and the gateway kept at least 80% of its HTTPS throughput (the goal is 90%).
@@ -20,7 +26,9 @@ nothing and the gateway kept at least 80% of its HTTPS throughput (the goal is 9
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -30,13 +38,66 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import psutil  # noqa: E402
 from bench_live import (CATCH_UP_LIMIT, INVALID_KEY, Sampler, log_entries_from, run_wrk, settled_log_size,  # noqa: E402
                         start_agent, wait_idle, wrk_script)
 from kong_standin import DEFAULT_DECK_FILE, KongStandin, billed_rows, free_loopback_port, metered_rows  # noqa: E402
 
+from agent import _core  # noqa: E402
+from agent.live.tls import tls_library  # noqa: E402
+
 KEPT_AT_LEAST = 0.80
 GOAL = 0.90
+
+
+class PerfEventAttr(ctypes.Structure):
+    """struct perf_event_attr up to config2 (PERF_ATTR_SIZE_VER1), all a uprobe counter needs."""
+    _fields_ = [("type", ctypes.c_uint32), ("size", ctypes.c_uint32), ("config", ctypes.c_uint64),
+                ("sample_period", ctypes.c_uint64), ("sample_type", ctypes.c_uint64),
+                ("read_format", ctypes.c_uint64), ("flags", ctypes.c_uint64), ("wakeup_events", ctypes.c_uint32),
+                ("bp_type", ctypes.c_uint32), ("config1", ctypes.c_uint64), ("config2", ctypes.c_uint64)]
+
+
+SYS_PERF_EVENT_OPEN = 298  # x86_64
+
+
+class BareTraps:
+    """Counting uprobes (the uprobe PMU, as the agent's loader uses it) at nginx's read site and the write
+    worker, one per gateway worker: each hit is the trap the agent's probe takes there, with no program."""
+
+    def __init__(self, gateway: KongStandin) -> None:
+        worker = psutil.Process(gateway.pid).children()[0].pid
+        executable, library = os.readlink(f"/proc/{worker}/exe"), tls_library(worker)
+        read, write = _core.nginx_request_sites(Path(executable).read_bytes(), Path(library).read_bytes())
+        if read is None or write is None:
+            raise RuntimeError(f"{executable}: not an nginx whose read and write sites the agent finds")
+        self.sites = [(executable.encode(), read), (library.encode(), write)]
+        self.workers = [child.pid for child in psutil.Process(gateway.pid).children()]
+        self.pmu = int(Path("/sys/bus/event_source/devices/uprobe/type").read_text())
+        self.fds: list[int] = []
+
+    def __enter__(self) -> "BareTraps":
+        libc = ctypes.CDLL(None, use_errno=True)
+        for pid in self.workers:
+            for path, offset in self.sites:
+                path_buffer = ctypes.create_string_buffer(path)
+                attr = PerfEventAttr(type=self.pmu, size=ctypes.sizeof(PerfEventAttr),
+                                     config1=ctypes.addressof(path_buffer), config2=offset)
+                fd = libc.syscall(SYS_PERF_EVENT_OPEN, ctypes.byref(attr), pid, -1, -1, 0)
+                if fd < 0:
+                    self.__exit__()
+                    raise OSError(ctypes.get_errno(), f"perf_event_open(uprobe {path.decode()}:{offset:#x})")
+                self.fds.append(fd)
+        return self
+
+    def hits(self) -> int:
+        return sum(int.from_bytes(os.read(fd, 8), "little") for fd in self.fds)
+
+    def __exit__(self, *_exc: object) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
 
 
 def timed_load(gateway: KongStandin, script: Path, args: argparse.Namespace) -> tuple[float, float]:
@@ -97,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     parser.add_argument("--new-connections", action="store_true",
                         help="a new connection (and TLS handshake) for every request, instead of keep-alive")
+    parser.add_argument("--trap-floor", action="store_true",
+                        help="also run the gateway with bare uprobes (no program) where the agent's probes sit")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch, \
             KongStandin(port=free_loopback_port(), tls_port=free_loopback_port()) as gateway:
@@ -104,18 +167,29 @@ def main(argv: list[str] | None = None) -> int:
         script = workdir / "keys.lua"
         script.write_text(wrk_script([*list(gateway.consumers)[:3], INVALID_KEY], close=args.new_connections))
         run_wrk(gateway.tls_url, script, args.threads, args.connections, 1.0)  # warm up
-        baselines, runs = [], []
+        baselines, runs, floors = [], [], []
         for number in range(args.rounds):
-            baselines.append(timed_load(gateway, script, args))
-            runs.append(agent_run(gateway, script, args, workdir / f"events-{number}.jsonl"))
+            # the order turns each round, so that neither side always runs on a machine warmed by the other
+            steps = ["alone", "agent", *(["floor"] if args.trap_floor else [])]
+            for step in steps[number % len(steps):] + steps[:number % len(steps)]:
+                if step == "alone":
+                    baselines.append(timed_load(gateway, script, args))
+                elif step == "agent":
+                    runs.append(agent_run(gateway, script, args, workdir / f"events-{number}.jsonl"))
+                else:
+                    with BareTraps(gateway) as traps:
+                        rps, us = timed_load(gateway, script, args)
+                        floors.append((rps, us, traps.hits() / (rps * args.duration)))
             run = runs[-1]
             alone, alone_us = baselines[-1]
+            floor = (f"; bare traps only {floors[-1][0]:,.0f} req/s ({floors[-1][0] / alone:.2f}; {floors[-1][1]:.1f} us, "
+                     f"{floors[-1][2]:.2f} hits per request)") if floors else ""
             print(f"round {number + 1}: gateway alone {alone:,.0f} req/s ({alone_us:.1f} us of its CPU per request), "
                   f"with the agent {run['rps']:,.0f} req/s ({run['rps'] / alone:.2f}; {run['gateway_us']:.1f} us); "
                   f"{run['billed']:,} billed lines, {run['events']:,} "
                   f"events, matched={run['matched']}, ring drops {run['counters']['tls_ring_drops']}, truncated "
                   f"{run['counters']['tls_truncated_chunks']}; the agent used {run['cpu_load']:.2f} of a core during the "
-                  f"load, caught up {run['catch_up']:.1f} s after it, {run['cpu_us']:.1f} us of CPU per request")
+                  f"load, caught up {run['catch_up']:.1f} s after it, {run['cpu_us']:.1f} us of CPU per request{floor}")
     kept = statistics.mean(run["rps"] for run in runs) / statistics.mean(rps for rps, _ in baselines)
     alone_us = statistics.mean(us for _, us in baselines)
     added_us = statistics.mean(run["gateway_us"] for run in runs) - alone_us
@@ -126,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
           f"rounds: the gateway kept {kept:.2f} of its HTTPS throughput with the agent "
           f"(at least {KEPT_AT_LEAST:.2f}, goal {GOAL:.2f}); the gateway's CPU per request {alone_us:.1f} us alone, "
           f"{added_us:+.1f} us with the agent; runs that lost a request: {len(lost)}")
+    if floors:
+        print(f"bare traps at the agent's probe sites, no program: the gateway kept "
+              f"{statistics.mean(rps for rps, _, _ in floors) / statistics.mean(rps for rps, _ in baselines):.2f}, "
+              f"{statistics.mean(us for _, us, _ in floors) - alone_us:+.1f} us of its CPU per request, "
+              f"{statistics.mean(hits for _, _, hits in floors):.2f} hits per request")
     return 0 if kept >= KEPT_AT_LEAST and not lost else 1
 
 

@@ -1416,8 +1416,16 @@ impl PyTlsProbes {
     }
 }
 
+/// (nginx's read site in `executable`, the write worker in `library`): file offsets of the probes a
+/// keep-alive request hits, or None each; for the HTTPS benchmark's floor.
+#[pyfunction]
+fn nginx_request_sites(executable: &[u8], library: &[u8]) -> (Option<u64>, Option<u64>) {
+    crate::source::tls_probes::nginx_request_sites(executable, library)
+}
+
 fn register_pipeline(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pipeline::PyPipeline>()?;
+    m.add_function(wrap_pyfunction!(nginx_request_sites, m)?)?;
     m.add_class::<PyTlsProbes>()?;
     m.add_class::<PyConnectionDealer>()?;
     Ok(())

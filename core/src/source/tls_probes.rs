@@ -116,6 +116,13 @@ pub struct Attached {
     pub nginx: bool,
 }
 
+/// Where the two probes a keep-alive request hits in an nginx sit, as file offsets: nginx's read site in
+/// its executable and the write worker in its TLS library (None where the code has another shape). For
+/// the benchmark's floor: a bare kernel trap at each costs what no probe program can save.
+pub fn nginx_request_sites(executable: &[u8], library: &[u8]) -> (Option<u64>, Option<u64>) {
+    (nginx_reads(executable).map(|reads| reads.delivered.at), internal_workers(library).map(|[_, write]| write))
+}
+
 /// One line saying what the kernel refused, and to what.
 fn refused(what: &str, error: impl std::fmt::Display) -> String {
     format!("{what}: {error}")
