@@ -187,14 +187,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {number + 1}: gateway alone {alone:,.0f} req/s ({alone_us:.1f} us of its CPU per request), "
                   f"with the agent {run['rps']:,.0f} req/s ({run['rps'] / alone:.2f}; {run['gateway_us']:.1f} us); "
                   f"{run['billed']:,} billed lines, {run['events']:,} "
-                  f"events, matched={run['matched']}, ring drops {run['counters']['tls_ring_drops']}, truncated "
+                  f"events, matched={run['matched']}, ring drops {run['counters']['tls_ring_drops']}, unfollowed calls "
+                  f"{run['counters']['tls_unfollowed_calls']}, truncated "
                   f"{run['counters']['tls_truncated_chunks']}; the agent used {run['cpu_load']:.2f} of a core during the "
                   f"load, caught up {run['catch_up']:.1f} s after it, {run['cpu_us']:.1f} us of CPU per request{floor}")
     kept = statistics.mean(run["rps"] for run in runs) / statistics.mean(rps for rps, _ in baselines)
     alone_us = statistics.mean(us for _, us in baselines)
     added_us = statistics.mean(run["gateway_us"] for run in runs) - alone_us
     lost = [run for run in runs if not run["matched"] or run["counters"]["tls_ring_drops"]
-            or run["counters"]["tls_truncated_chunks"]]
+            or run["counters"]["tls_unfollowed_calls"] or run["counters"]["tls_truncated_chunks"]]
     reuse = "a new connection per request" if args.new_connections else "keep-alive"
     print(f"\nwrk -t{args.threads} -c{args.connections} -d{args.duration:g}s over TLS ({reuse}), {args.rounds} "
           f"rounds: the gateway kept {kept:.2f} of its HTTPS throughput with the agent "

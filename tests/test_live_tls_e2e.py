@@ -132,7 +132,7 @@ def stopped(agent: LiveAgent) -> dict[str, int]:
 
 
 def assert_clean(counters: dict[str, int]) -> None:
-    assert counters["tls_ring_drops"] == 0
+    assert counters["tls_ring_drops"] == 0 and counters["tls_unfollowed_calls"] == 0
     assert counters["tls_truncated_chunks"] == 0 and counters["parse_errors"] == 0
     assert counters["lost_exchanges"] == 0
 

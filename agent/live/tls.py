@@ -154,9 +154,9 @@ class TlsCapture:
 
     def counters(self) -> dict[str, int]:
         """The probes' own losses, for the summary line."""
-        ring_drops, _uncopied = self.probes.losses()  # uncopied bytes are the core's tls_truncated_bytes
+        ring_drops, _uncopied, unfollowed = self.probes.losses()  # uncopied: the core's tls_truncated_bytes
         library_reads = sum(reads != "nginx" for reads in self.attached.values())
-        return {"tls_ring_drops": ring_drops, "tls_unread_bytes": self.unread_bytes,
+        return {"tls_ring_drops": ring_drops, "tls_unfollowed_calls": unfollowed, "tls_unread_bytes": self.unread_bytes,
                 "tls_processes": len(self.attached), "tls_library_read_processes": library_reads}
 
     def backlog_bytes(self) -> int:

@@ -160,10 +160,13 @@ struct {
 	__type(value, struct chunk);
 } scratch SEC(".maps");
 
-/* 0: records the ring had no room for; 1: plaintext bytes never captured (past PIECES) or unreadable */
+/* 0: records the ring had no room for; 1: plaintext bytes never captured (past PIECES) or unreadable;
+ * 2: calls seen but not followed (no room for the thread's call; at nginx's read site, a connection whose
+ * SSL* could not be read): their bytes never reach the core */
+#define UNFOLLOWED 2
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 2);
+	__uint(max_entries, 3);
 	__type(key, __u32);
 	__type(value, __u64);
 } losses SEC(".maps");
@@ -192,7 +195,7 @@ static __always_inline int enter(__u64 ssl, __u64 buf, __u64 ex_len, __u32 kind)
 	struct call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0,
 						 BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!call) {
-		count(0, 1); /* the call goes unseen: counted with the records the ring had no room for */
+		count(UNFOLLOWED, 1);
 		return 0;
 	}
 	call->ssl = ssl;
@@ -497,7 +500,7 @@ int ngx_read_delivered(struct pt_regs *ctx)
 	__u64 c = register_at(&regs, layout->connection);
 	__u64 ssl = ssl_of(c, layout->ssl_field, register_at(&regs, layout->ssl_connection));
 	if (!ssl) {
-		count(0, 1);
+		count(UNFOLLOWED, 1);
 		return 0;
 	}
 	struct endpoint *endpoint = endpoint_of(ssl);
@@ -517,7 +520,7 @@ int BPF_KPROBE(ssl_write_worker, void *ssl, const void *buf, size_t num)
 	struct call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0,
 						 BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!call) {
-		count(0, 1);
+		count(UNFOLLOWED, 1);
 		return 0;
 	}
 	call->ssl = (__u64)ssl;

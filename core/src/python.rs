@@ -1410,8 +1410,9 @@ impl PyTlsProbes {
         self.probes.fd()
     }
 
-    /// (records the ring had no room for, plaintext bytes the probes could not copy)
-    fn losses(&self) -> (u64, u64) {
+    /// (records the ring had no room for, plaintext bytes the probes could not copy, calls they saw but
+    /// could not follow)
+    fn losses(&self) -> (u64, u64, u64) {
         self.probes.losses()
     }
 }

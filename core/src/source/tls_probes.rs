@@ -304,12 +304,13 @@ impl TlsProbes {
         self.ring.as_raw_fd()
     }
 
-    /// (records the ring had no room for, plaintext bytes not copied), summed over CPUs.
-    pub fn losses(&self) -> (u64, u64) {
-        let Some(map) = self.ebpf.map("losses") else { return (0, 0) };
-        let Ok(losses) = PerCpuArray::<&MapData, u64>::try_from(map) else { return (0, 0) };
+    /// (records the ring had no room for, plaintext bytes not copied, calls seen but not followed),
+    /// summed over CPUs.
+    pub fn losses(&self) -> (u64, u64, u64) {
+        let Some(map) = self.ebpf.map("losses") else { return (0, 0, 0) };
+        let Ok(losses) = PerCpuArray::<&MapData, u64>::try_from(map) else { return (0, 0, 0) };
         let sum = |index: u32| losses.get(&index, 0).map_or(0, |values| values.iter().sum());
-        (sum(0), sum(1))
+        (sum(0), sum(1), sum(2))
     }
 }
 
