@@ -310,10 +310,15 @@ def wait_for_workers(gateway: KongStandin, old: set[int]) -> set[int]:
         time.sleep(0.05)
 
 
+def open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def test_a_reload_and_a_worker_that_dies_are_followed(gateway, start_agent, tmp_path: Path) -> None:
     agent = start_agent(gateway)
     base = gateway.tls_url
     curl("-H", f"apikey: {ALICE}", f"{base}/before/1", f"{base}/before/2")
+    descriptors = open_descriptors(agent.process.pid)
     # a keep-alive connection open across the reload: its old worker finishes it
     with httpx.Client(base_url=base, timeout=20, verify=False) as client:
         client.get("/across/1", headers={"apikey": BOB})
@@ -334,6 +339,14 @@ def test_a_reload_and_a_worker_that_dies_are_followed(gateway, start_agent, tmp_
     time.sleep(0.5)
     curl("-H", f"apikey: {ALICE}", f"{base}/after-kill/1", f"{base}/after-kill/2")
     entries = gateway.access_log_entries(expect=9)
+    # a dead worker's probes are detached, not only forgotten (each holds a perf event): reloads do not
+    # use up the agent's descriptors
+    for _ in range(3):
+        gateway.reload(DECK)
+    deadline = time.monotonic() + 5
+    while open_descriptors(agent.process.pid) > descriptors + 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert open_descriptors(agent.process.pid) <= descriptors + 4, (descriptors, gateway.workers)
     counters = stopped(agent)
     assert metered_rows(agent.events()) == billed_rows(entries)
     assert_clean(counters)

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::num::NonZeroU32;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::uprobe::{UProbeAttachLocation, UProbeScope};
+use aya::programs::uprobe::{UProbeAttachLocation, UProbeLink, UProbeScope};
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register};
 use object::{Object, ObjectSection, ObjectSymbol};
 
@@ -83,8 +83,16 @@ pub struct TlsProbes {
     ebpf: Ebpf,
     ring: RingBuf<MapData>,
     watched: BpfHashMap<MapData, u32, NginxLayout>,
-    attached: HashMap<u32, ReadProbes>,
+    attached: HashMap<u32, Process>,
     learning: bool,
+}
+
+/// A process the probes are attached to.
+struct Process {
+    reads: ReadProbes,
+    /// its uprobes, owned here so that forgetting the process detaches them (each holds a perf event
+    /// open: kept, a gateway reloaded every few minutes would use up the agent's descriptors in days)
+    _links: Vec<UProbeLink>,
 }
 
 /// How a process's reads are probed, which is what each costs it: a probe hit is a trap into the kernel.
@@ -202,35 +210,54 @@ impl TlsProbes {
         let is_nginx = executable_code.as_deref().is_some_and(|code| {
             object::File::parse(code).ok().is_some_and(|file| find_symbol(&file, "ngx_ssl_recv").is_some())
         });
-        if let Some(&reads) = self.attached.get(&pid) {
-            return Ok(Attached { reads, nginx: is_nginx });
+        if let Some(process) = self.attached.get(&pid) {
+            return Ok(Attached { reads: process.reads, nginx: is_nginx });
         }
         let nginx = executable_code.as_deref().and_then(nginx_reads)
             .and_then(|reads| Some((NginxLayout::of(&reads)?, reads.delivered.at)));
         let layout = nginx.map_or(NginxLayout::default(), |(layout, _)| layout);
         self.watched.insert(pid, layout, 0).map_err(|error| refused("cannot watch the process", error))?;
-        if let Some((_, at)) = nginx {
-            self.attach_one(NGINX_DELIVERED, UProbeAttachLocation::AbsoluteOffset(at), &executable, pid)?;
+        // all or nothing: a probe refused part-way drops the links made so far, which detaches them
+        let mut links = Vec::new();
+        match self.attach_probes(pid, library, &executable, nginx.map(|(_, at)| at), &mut links) {
+            Ok(reads) => {
+                self.attached.insert(pid, Process { reads, _links: links });
+                Ok(Attached { reads, nginx: is_nginx })
+            }
+            Err(error) => {
+                drop(links);
+                let _ = self.watched.remove(&pid);
+                Err(error)
+            }
+        }
+    }
+
+    /// Every probe of process `pid`, each link pushed onto `links`; how its reads are probed. `nginx_read`:
+    /// where in its executable nginx's read site is, if it is an nginx whose code was recognised.
+    fn attach_probes(&mut self, pid: u32, library: &str, executable: &str, nginx_read: Option<u64>,
+                     links: &mut Vec<UProbeLink>) -> Result<ReadProbes, String> {
+        if let Some(at) = nginx_read {
+            links.push(self.attach_one(NGINX_DELIVERED, UProbeAttachLocation::AbsoluteOffset(at), executable, pid)?);
         }
         let code = std::fs::read(library).map_err(|error| format!("cannot read {library}: {error}"))?;
         let mut reads = ReadProbes::Nginx;
         match internal_workers(&code) {
             Some([read, write]) => {
-                if nginx.is_none() {
+                if nginx_read.is_none() {
                     reads = ReadProbes::LibraryWorker;
-                    self.attach_one(READ_WORKER, UProbeAttachLocation::AbsoluteOffset(read), library, pid)?;
-                    self.attach_one("ssl_return", UProbeAttachLocation::AbsoluteOffset(read), library, pid)?;
+                    links.push(self.attach_one(READ_WORKER, UProbeAttachLocation::AbsoluteOffset(read), library, pid)?);
+                    links.push(self.attach_one("ssl_return", UProbeAttachLocation::AbsoluteOffset(read), library, pid)?);
                 }
-                self.attach_one(WRITE_WORKER, UProbeAttachLocation::AbsoluteOffset(write), library, pid)?;
+                links.push(self.attach_one(WRITE_WORKER, UProbeAttachLocation::AbsoluteOffset(write), library, pid)?);
             }
             None => {
-                if nginx.is_none() {
+                if nginx_read.is_none() {
                     reads = ReadProbes::LibraryCalls;
                 }
-                let reads_elsewhere = |program: &str| nginx.is_some() && program.starts_with("ssl_read");
+                let reads_elsewhere = |program: &str| nginx_read.is_some() && program.starts_with("ssl_read");
                 for (program, symbol) in CALLS.into_iter().filter(|(program, _)| !reads_elsewhere(program)) {
-                    self.attach_one(program, UProbeAttachLocation::Symbol(symbol), library, pid)?;
-                    self.attach_one("ssl_return", UProbeAttachLocation::Symbol(symbol), library, pid)?;
+                    links.push(self.attach_one(program, UProbeAttachLocation::Symbol(symbol), library, pid)?);
+                    links.push(self.attach_one("ssl_return", UProbeAttachLocation::Symbol(symbol), library, pid)?);
                 }
             }
         }
@@ -238,35 +265,36 @@ impl TlsProbes {
         for (program, symbol) in MARKERS {
             let offset = file.as_ref().and_then(|file| past_null_check(file, symbol));
             let location = offset.map_or(UProbeAttachLocation::Symbol(symbol), UProbeAttachLocation::AbsoluteOffset);
-            self.attach_one(program, location, library, pid)?;
+            links.push(self.attach_one(program, location, library, pid)?);
         }
         // kernel TLS's sendfile (OpenSSL 3.0 and later) sends on the socket outside any write: its
         // entry ends the last write's window as SSL_shutdown's does
         if file.as_ref().and_then(|file| find_symbol(file, "SSL_sendfile")).is_some() {
-            self.attach_one("ssl_shutdown", UProbeAttachLocation::Symbol("SSL_sendfile"), library, pid)?;
+            links.push(self.attach_one("ssl_shutdown", UProbeAttachLocation::Symbol("SSL_sendfile"), library, pid)?);
         }
         // last, once the process's own probes are in: a process refused above does not leave it running
-        if nginx.is_none() && !self.learning {
+        if nginx_read.is_none() && !self.learning {
             let trace: &mut BtfTracePoint =
                 self.ebpf.program_mut(LEARNING).and_then(|p| p.try_into().ok()).ok_or("no tracepoint program")?;
             trace.attach().map_err(|error| refused("cannot attach to tracepoint sock_recv_length", verbose(&error)))?;
             self.learning = true;
         }
-        self.attached.insert(pid, reads);
-        Ok(Attached { reads, nginx: is_nginx })
+        Ok(reads)
     }
 
     fn attach_one(&mut self, program: &str, location: UProbeAttachLocation<'_>, library: &str, pid: u32)
-                  -> Result<(), String> {
+                  -> Result<UProbeLink, String> {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or("pid 0")?);
         let what = format!("{location:?}");
         let probe: &mut UProbe = self.ebpf.program_mut(program).and_then(|p| p.try_into().ok()).ok_or("no probe")?;
-        probe.attach(location, library, scope).map(|_| ()).map_err(|error| {
+        let link = probe.attach(location, library, scope).map_err(|error| {
             refused(&format!("cannot attach a uprobe at {what} in {library} (pid {pid})"), verbose(&error))
-        })
+        })?;
+        probe.take_link(link).map_err(|error| error.to_string())
     }
 
-    /// A process that exited: its probes went with it; forget it (its pid may come back as another).
+    /// A process that exited: forget it (its pid may come back as another) and detach its probes, which
+    /// no longer fire but hold a perf event each.
     pub fn forget(&mut self, pid: u32) {
         self.attached.remove(&pid);
         let _ = self.watched.remove(&pid);
