@@ -46,6 +46,22 @@ def test_workers_are_summed_and_a_restarted_worker_never_makes_a_total_go_down()
     assert status.totals() == {"requests": 21, "events": 17, "rejected": 4}
 
 
+def test_levels_are_kept_as_reported_and_one_falling_is_no_restart(tmp_path: Path) -> None:
+    """A gateway's reload ends old workers: the TLS probes' processes fall, the counts must not double."""
+    status = LiveStatus(workers=1)
+    status.update(1, report(requests=1000, tls_chunks=2000, tls_processes=3, tls_library_read_processes=2))
+    status.update(1, report(requests=1010, tls_chunks=2020, tls_processes=2, tls_library_read_processes=1))
+    assert status.totals() == {"requests": 1010, "tls_chunks": 2020, "tls_processes": 2,
+                               "tls_library_read_processes": 1}
+    status.update(1, report(requests=5, tls_chunks=10, tls_processes=3, tls_library_read_processes=0))  # restarted
+    assert status.totals() == {"requests": 1015, "tls_chunks": 2030, "tls_processes": 3,
+                               "tls_library_read_processes": 0}
+    samples = scrape(status, JsonLinesSink(str(tmp_path / "events.jsonl")))
+    assert samples[("agent_tls_processes", ())] == 3 and samples[("agent_tls_library_read_processes", ())] == 0
+    assert samples[("agent_tls_chunks_total", ())] == 2030
+    assert not [labels for name, labels in samples if name == "agent_lost_total" and "tls_processes" in str(labels)]
+
+
 def test_every_summary_counter_is_exposed_and_a_new_kind_of_loss_needs_no_change(tmp_path: Path) -> None:
     status = LiveStatus(workers=1)
     status.update(1, report(requests=9, events=6, rejected=2, kernel_drops=1, gap_bytes=100,

@@ -2,8 +2,8 @@
 collector: nothing is counted twice, the data plane only reports once a second).
 
 The summary line is the one list of counters: each of its counters becomes `agent_<name>_total`, except
-the kinds of loss, which are one family, `agent_lost_total{reason=<name>}`, and the two levels of the
-spool. A counter the summary line gains later shows up here by itself, as a kind of loss unless it is
+the kinds of loss, which are one family, `agent_lost_total{reason=<name>}`, and the levels (the spool's
+two, the TLS probes' processes), which are gauges. A counter the summary line gains later shows up here by itself, as a kind of loss unless it is
 named in `NOT_LOSSES`.
 """
 
@@ -19,6 +19,7 @@ import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agent.observe.status import LEVELS as WORKER_LEVELS
 from agent.observe.status import LiveStatus
 from agent.sink import Sink
 from agent.sink.ingest import IngestSink
@@ -31,10 +32,17 @@ NOT_LOSSES = frozenset({
     "duplicate_segments", "expired_connections",                       # handled as TCP says, nothing lost
     "gap_bytes",                                                       # the size of the `gaps`, in bytes
     "delivered", "retried", "stored", "duplicates",                    # what the sinks did
+    "tls_chunks", "tls_streams",                                       # HTTPS plaintext read, its connections
+    "tls_write_retries",                                               # a write the gateway made again
+    "tls_unmetered",                                                   # a connection on a port not metered
 })
-# Summary values that are levels, not counts: the spool's.
+# Summary values that are levels, not counts: the spool's, and the TLS probes' (status.LEVELS).
 LEVELS = {"spooled_bytes": ("spool_bytes", "bytes the spool's files hold (events not yet acknowledged)"),
-          "pending": ("spool_events", "events in the spool, not yet acknowledged by the ingest endpoint")}
+          "pending": ("spool_events", "events in the spool, not yet acknowledged by the ingest endpoint"),
+          "tls_processes": ("tls_processes", "gateway processes the TLS probes are attached to"),
+          "tls_library_read_processes": ("tls_library_read_processes", "of those, processes whose reads are "
+                                         "probed in the TLS library (more probe hits) rather than nginx's own")}
+assert WORKER_LEVELS <= LEVELS.keys()
 
 
 class AgentCollector(Collector):

@@ -4,7 +4,9 @@ Each capture loop (the one of a single process, or each `--workers` child throug
 second: the counters of the summary line as they stand, how full its ring is, and its tables' status.
 The parent keeps the latest report of each worker and sums the counters so that a total never goes down:
 a worker whose counters fall (it restarted, and counts from zero again) has what it had counted before
-kept as a base under its new counts.
+kept as a base under its new counts. A few values of the summary line are levels, not counts (how many
+gateway processes the TLS probes are attached to now): they fall without a restart, and are kept as
+reported.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from dataclasses import dataclass, field
 from typing import TypedDict
 
 from agent.observe.tables import TableStatus
+
+
+# Summary values that say how things stand now, not how many happened: the latest is kept, never summed
+# over a restart, and one falling is no sign of a restart (old workers exit after a gateway's reload).
+LEVELS = frozenset({"tls_processes", "tls_library_read_processes"})
 
 
 class Report(TypedDict):
@@ -51,8 +58,12 @@ class LiveStatus:
         """Worker `worker` (1..workers) reports."""
         with self._lock:
             state = self._states.setdefault(worker, WorkerState())
-            restarted = any(value < state.last.get(name, 0) for name, value in report["counters"].items())
+            counts = {name: value for name, value in report["counters"].items() if name not in LEVELS}
+            restarted = any(value < state.last.get(name, 0) for name, value in counts.items())
             for name, value in report["counters"].items():
+                if name in LEVELS:
+                    state.counters[name] = value
+                    continue
                 before = state.last.get(name, 0)
                 state.counters[name] = state.counters.get(name, 0) + (value if restarted else value - before)
             state.last = dict(report["counters"])
