@@ -7,8 +7,8 @@ runs, for the same duration each, the gateway alone (the baseline) and the gatew
 it (`--tls-port`, writing JSON Lines); rounds are interleaved and the ratio is of the means, since loopback
 throughput on a shared VM moves from one run to the next. For each agent run: requests/s against the
 baseline, the gateway's CPU per request (its processes' CPU time over wrk's requests: steadier than
-throughput on a shared VM) beside the baseline's, the probes' ring-buffer drops and truncated chunks from
-the summary line, and every billed access-log line matched to exactly one event (subject, method, uri,
+throughput on a shared VM) beside the baseline's, the probes' ring-buffer drops, unfollowed calls and
+truncated chunks from the summary line, and every billed access-log line matched to exactly one event (subject, method, uri,
 status, request and response size).
 
     sudo python scripts/bench_tls.py [--duration 5] [--rounds 3] [--connections 32] [--new-connections]
@@ -19,7 +19,7 @@ probes take per keep-alive request in an nginx (its read site and the TLS librar
 its workers as the agent's are, with no program behind them: the traps' own cost, which no probe program can
 save, and their count per request.
 
-Needs root, nginx, wrk, clang and bpftool at install. Exits 1 unless every run lost nothing, the ring dropped
+Needs root, nginx, wrk, clang and bpftool at install. Exits 1 unless every run lost nothing, the probes dropped
 nothing and the gateway kept at least 80% of its HTTPS throughput (the goal is 90%).
 """
 
@@ -68,7 +68,9 @@ class BareTraps:
 
     def __init__(self, gateway: KongStandin) -> None:
         worker = psutil.Process(gateway.pid).children()[0].pid
-        executable, library = os.readlink(f"/proc/{worker}/exe"), tls_library(worker)
+        executable, library = f"/proc/{worker}/exe", tls_library(worker)  # the running file, as the agent reads it
+        if library is None:
+            raise RuntimeError(f"pid {worker} maps no TLS library the agent knows")
         read, write = _core.nginx_request_sites(Path(executable).read_bytes(), Path(library).read_bytes())
         if read is None or write is None:
             raise RuntimeError(f"{executable}: not an nginx whose read and write sites the agent finds")

@@ -124,8 +124,8 @@ class TlsCapture:
         if is_nginx and reads != "nginx" and not self.slow_reads_warned:
             self.slow_reads_warned = True
             log.warning("--tls-port: pid %d is an nginx whose read function (ngx_ssl_recv) the agent does not "
-                        "recognise: its reads are probed in the TLS library instead (%s), about twice the "
-                        "probe hits per request", pid, reads)
+                        "recognise: its reads are probed in the TLS library instead (%s), 5 or 6 probe hits per "
+                        "request instead of 2", pid, reads)
 
     def read_probes(self) -> str:
         """How many attached processes read by which probes, e.g. "nginx 3"."""

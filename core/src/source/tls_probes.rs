@@ -89,7 +89,7 @@ pub struct TlsProbes {
 
 /// A process the probes are attached to.
 struct Process {
-    reads: ReadProbes,
+    attached: Attached,
     /// its uprobes, owned here so that forgetting the process detaches them (each holds a perf event
     /// open: kept, a gateway reloaded every few minutes would use up the agent's descriptors in days)
     _links: Vec<UProbeLink>,
@@ -205,14 +205,14 @@ impl TlsProbes {
     /// under /proc/PID/root), and its reads to nginx's own read function where its executable is an
     /// nginx. Idempotent per pid.
     pub fn attach(&mut self, pid: u32, library: &str) -> Result<Attached, String> {
+        if let Some(process) = self.attached.get(&pid) {
+            return Ok(process.attached);
+        }
         let executable = format!("/proc/{pid}/exe");
         let executable_code = std::fs::read(&executable).ok();
         let is_nginx = executable_code.as_deref().is_some_and(|code| {
             object::File::parse(code).ok().is_some_and(|file| find_symbol(&file, "ngx_ssl_recv").is_some())
         });
-        if let Some(process) = self.attached.get(&pid) {
-            return Ok(Attached { reads: process.reads, nginx: is_nginx });
-        }
         let nginx = executable_code.as_deref().and_then(nginx_reads)
             .and_then(|reads| Some((NginxLayout::of(&reads)?, reads.delivered.at)));
         let layout = nginx.map_or(NginxLayout::default(), |(layout, _)| layout);
@@ -221,8 +221,9 @@ impl TlsProbes {
         let mut links = Vec::new();
         match self.attach_probes(pid, library, &executable, nginx.map(|(_, at)| at), &mut links) {
             Ok(reads) => {
-                self.attached.insert(pid, Process { reads, _links: links });
-                Ok(Attached { reads, nginx: is_nginx })
+                let attached = Attached { reads, nginx: is_nginx };
+                self.attached.insert(pid, Process { attached, _links: links });
+                Ok(attached)
             }
             Err(error) => {
                 drop(links);
