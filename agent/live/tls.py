@@ -156,8 +156,9 @@ class TlsCapture:
         """The probes' own losses, for the summary line."""
         ring_drops, _uncopied, unfollowed = self.probes.losses()  # uncopied: the core's tls_truncated_bytes
         library_reads = sum(reads != "nginx" for reads in self.attached.values())
-        return {"tls_ring_drops": ring_drops, "tls_unfollowed_calls": unfollowed, "tls_unread_bytes": self.unread_bytes,
-                "tls_processes": len(self.attached), "tls_library_read_processes": library_reads}
+        return {"tls_ring_drops": ring_drops, "tls_unfollowed_calls": unfollowed,
+                "tls_unread_bytes": self.unread_bytes, "tls_processes": len(self.attached),
+                "tls_library_read_processes": library_reads}
 
     def backlog_bytes(self) -> int:
         """Bytes of records the ring holds now."""

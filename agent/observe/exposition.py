@@ -3,8 +3,8 @@ collector: nothing is counted twice, the data plane only reports once a second).
 
 The summary line is the one list of counters: each of its counters becomes `agent_<name>_total`, except
 the kinds of loss, which are one family, `agent_lost_total{reason=<name>}`, and the levels (the spool's
-two, the TLS probes' processes), which are gauges. A counter the summary line gains later shows up here by itself, as a kind of loss unless it is
-named in `NOT_LOSSES`.
+two, the TLS probes' processes), which are gauges. A counter the summary line gains later shows up here
+by itself, as a kind of loss unless it is named in `NOT_LOSSES`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from agent.observe.status import LEVELS as WORKER_LEVELS
 from agent.observe.status import LiveStatus
 from agent.sink import Sink
 from agent.sink.ingest import IngestSink
@@ -42,7 +41,6 @@ LEVELS = {"spooled_bytes": ("spool_bytes", "bytes the spool's files hold (events
           "tls_processes": ("tls_processes", "gateway processes the TLS probes are attached to"),
           "tls_library_read_processes": ("tls_library_read_processes", "of those, processes whose reads are "
                                          "probed in the TLS library (more probe hits) rather than nginx's own")}
-assert WORKER_LEVELS <= LEVELS.keys()
 
 
 class AgentCollector(Collector):

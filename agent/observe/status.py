@@ -58,8 +58,8 @@ class LiveStatus:
         """Worker `worker` (1..workers) reports."""
         with self._lock:
             state = self._states.setdefault(worker, WorkerState())
-            counts = {name: value for name, value in report["counters"].items() if name not in LEVELS}
-            restarted = any(value < state.last.get(name, 0) for name, value in counts.items())
+            restarted = any(value < state.last.get(name, 0) for name, value in report["counters"].items()
+                            if name not in LEVELS)
             for name, value in report["counters"].items():
                 if name in LEVELS:
                     state.counters[name] = value
