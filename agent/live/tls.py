@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 from collections import Counter
 from pathlib import Path
@@ -74,11 +75,21 @@ def tls_library(pid: int) -> str | None:
     return f"/proc/{pid}/exe"
 
 
+def raise_descriptor_limit() -> None:
+    """The soft limit on open files up to the hard one: each gateway process attached keeps its probes'
+    perf events (about 6 descriptors) until the agent stops, even once it has exited, since detaching them
+    would block the attaching of a reload's new workers (see TlsProbes' `retired`)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class TlsCapture:
     """The probes, attached to the gateway's processes, read into the capture loop's pipeline."""
 
     def __init__(self, ports: set[int]) -> None:
         self.ports = ports
+        raise_descriptor_limit()
         try:
             self.probes = _core.TlsProbes(RING_BYTES, sorted(ports))
         except OSError as error:
