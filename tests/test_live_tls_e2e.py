@@ -369,7 +369,7 @@ def test_a_storm_of_reloads_under_steady_traffic_loses_nothing(gateway, start_ag
         thread.join(timeout=30)
     entries = gateway.access_log_entries(expect=len(served))
     counters = stopped(agent)
-    assert len(served) > 50 and metered_rows(agent.events()) == billed_rows(entries), counters
+    assert len(served) > 20 and metered_rows(agent.events()) == billed_rows(entries), counters
     assert_clean(counters)
 
 
