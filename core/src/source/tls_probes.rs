@@ -222,7 +222,9 @@ impl TlsProbes {
             .and_then(|reads| Some((NginxLayout::of(&reads)?, reads.delivered.at)));
         let layout = nginx.map_or(NginxLayout::default(), |(layout, _)| layout);
         self.watched.insert(pid, layout, 0).map_err(|error| refused("cannot watch the process", error))?;
-        // all or nothing: a probe refused part-way drops the links made so far, which detaches them
+        // all or nothing: a live process refused part-way has the links made so far dropped, which detaches
+        // them; one that has exited (the usual refusal in a reload storm, when the agent lags) has them
+        // retired, since a detach would block the attaching of the workers that replace it
         let mut links = Vec::new();
         match self.attach_probes(pid, library, &executable, nginx.map(|(_, at)| at), &mut links) {
             Ok(reads) => {
@@ -231,7 +233,11 @@ impl TlsProbes {
                 Ok(attached)
             }
             Err(error) => {
-                drop(links);
+                if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                    drop(links);
+                } else {
+                    self.retired.extend(links);
+                }
                 let _ = self.watched.remove(&pid);
                 Err(error)
             }
