@@ -49,11 +49,11 @@ class Pipeline:
         lines, blocks = self.core.feed_ring(ring, max_blocks, self._sync())
         return self._after(lines), blocks
 
-    def feed_tls(self, probes: _core.TlsProbes, max_records: int) -> tuple[bytes, int, list[int], list[int]]:
+    def feed_tls(self, probes: _core.TlsProbes, max_records: int) -> tuple[bytes, int, list[int]]:
         """Up to `max_records` of the TLS probes' records; also how many there were, and the processes the
-        probes saw fork (to attach) and exit."""
-        lines, records, forked, exited = self.core.feed_tls(probes, max_records, self._sync())
-        return self._after(lines), records, forked, exited
+        probes saw exit."""
+        lines, records, exited = self.core.feed_tls(probes, max_records, self._sync())
+        return self._after(lines), records, exited
 
     def tick(self, capture_time: float) -> bytes:
         """Let time pass without packets (a quiet live interface): expire what has waited too long."""

@@ -1,5 +1,6 @@
 """The CPU-share watcher with a real ring and a real process: idle priority while the ring has room,
-priority over others once it is three quarters full, idle again once it is read. Needs root."""
+priority over others once it is three quarters full (or while a fork waits to be attached), idle again
+once it is read. Needs root."""
 
 from __future__ import annotations
 
@@ -52,6 +53,33 @@ def test_the_capture_yields_until_its_ring_fills_and_again_once_it_is_read() -> 
         for process in (capture, follower):
             process.kill()
             process.wait()
+        ring.close()
+        server.close()
+
+
+def test_the_capture_takes_priority_while_a_fork_waits_whatever_its_ring_holds() -> None:
+    """The urgent descriptor is the TLS probes' forks ring in the agent (readable while a gateway process
+    that forked has a child not yet attached); a pipe is readable in the same way while unread."""
+    server = Server()
+    ring = open_ring(server.port, ring_bytes=8 * BLOCK_BYTES)
+    capture = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    forks, fork = os.pipe()
+    watcher = start_watcher([(capture.pid, ring)], urgent_fd=forks)
+    try:
+        assert wait_for_policy(capture.pid, os.SCHED_IDLE)
+        os.write(fork, b"1234")  # a fork: the ring is empty, yet the capture must run now
+        assert wait_for_policy(capture.pid, os.SCHED_OTHER, timeout=0.5)
+        assert os.getpriority(os.PRIO_PROCESS, capture.pid) == CATCH_UP_NICE
+        time.sleep(0.2)
+        assert os.sched_getscheduler(capture.pid) == os.SCHED_OTHER  # until the fork is read
+        os.read(forks, 4)
+        assert wait_for_policy(capture.pid, os.SCHED_IDLE)
+    finally:
+        stop_watcher(watcher)
+        capture.kill()
+        capture.wait()
+        os.close(forks)
+        os.close(fork)
         ring.close()
         server.close()
 

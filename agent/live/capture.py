@@ -38,10 +38,11 @@ class StopFlag:
             self.signal = signum
 
 
-def yield_cpu(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...] = ()) -> Callable[[], None]:
+def yield_cpu(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...] = (),
+              urgent_fd: int | None = None) -> Callable[[], None]:
     """Start the CPU-share watcher; returns what the calling thread does at a stop: end the watcher and
     take priority, since what the ring holds must be read before the deadline."""
-    watcher = start_watcher(targets, followers)
+    watcher = start_watcher(targets, followers, urgent_fd)
 
     def on_stop() -> None:
         stop_watcher(watcher)

@@ -25,7 +25,8 @@ log = logging.getLogger("agent.tls")
 
 RING_BYTES = 128 << 20       # the probes' ring buffer: about 8 s of a saturated gateway's plaintext (20k req/s)
 RESCAN_SECONDS = 5.0         # how often the listeners are looked for again
-RECORDS_PER_CALL = 65536     # records the core reads per call
+RECORDS_PER_CALL = 8192      # records the core reads per call; a fork waits for one such call at most (at 65536,
+#                              5 reloads under a saturated gateway missed up to 9 requests a run; at 8192 none)
 
 
 class TlsUnavailable(RuntimeError):
@@ -109,8 +110,14 @@ class TlsCapture:
             log.info("metering HTTPS on port %s in %d processes (reads: %s)", ",".join(map(str, sorted(ports))),
                      len(self.attached), self.read_probes())
 
-    def fileno(self) -> int:
-        return self.probes.fileno()
+    def filenos(self) -> list[int]:
+        """What the capture loop waits on: the records' ring, and the forks' (see `forks_fileno`)."""
+        return [self.probes.fileno(), self.probes.forks_fileno()]
+
+    def forks_fileno(self) -> int:
+        """Readable while a gateway process forked and its child is not attached yet: the CPU-share watcher
+        then has the capture take the CPU, since the new worker serves unseen until it is attached."""
+        return self.probes.forks_fileno()
 
     def rescan(self) -> None:
         """Attach to listeners not attached yet."""
@@ -128,7 +135,10 @@ class TlsCapture:
             reads, is_nginx = self.probes.attach(pid, library)
         except OSError as error:
             self.refused.add(pid)
-            log.error("--tls-port: %s", error)
+            if Path(f"/proc/{pid}").exists():
+                log.error("--tls-port: %s", error)
+            else:  # it exited while being attached (a reload's old worker): nothing of it is left to meter
+                log.debug("--tls-port: pid %d exited while being attached: %s", pid, error)
             return
         self.attached[pid] = reads
         log.debug("TLS probes attached to pid %d (%s), reads by %s probes", pid, library, reads)
@@ -143,10 +153,11 @@ class TlsCapture:
         return ", ".join(f"{path} {count}" for path, count in sorted(Counter(self.attached.values()).items()))
 
     def feed(self, pipeline: Pipeline) -> tuple[bytes, int]:
-        """What the probes have for `pipeline`: its events' lines and how many records there were."""
-        lines, records, forked, exited = pipeline.feed_tls(self.probes, RECORDS_PER_CALL)
-        for pid in forked:
+        """What the probes have for `pipeline`: its events' lines and how many records there were. New
+        children are attached first, ahead of the records that wait in the ring."""
+        for pid in self.probes.forked():
             self.attach(pid)
+        lines, records, exited = pipeline.feed_tls(self.probes, RECORDS_PER_CALL)
         for pid in exited:
             self.probes.forget(pid)
             self.attached.pop(pid, None)

@@ -33,7 +33,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define PIECES 128
 
 enum kind {
-	KIND_READ = 0, KIND_WRITE = 1, KIND_OPEN = 2, KIND_CLOSE = 3, KIND_FORK = 4, KIND_EXIT = 5,
+	KIND_READ = 0, KIND_WRITE = 1, KIND_OPEN = 2, KIND_CLOSE = 3, KIND_EXIT = 5,
 	/* the write this thread sent at its entry did not go out (a send on its socket failed): the
 	 * gateway calls again with the same bytes, so the core forgets this attempt's */
 	KIND_WRITE_FAILED = 6,
@@ -106,6 +106,14 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 64 << 20);
 } chunks SEC(".maps");
+
+/* The pids of watched processes' children, as they fork, on a ring of their own: the agent's CPU-share
+ * watcher waits on it, so that a reload's new workers are attached at once, even while the capture yields
+ * the CPU to a saturated gateway and the chunks ring holds seconds of records before them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 16 << 10);
+} forks SEC(".maps");
 
 /* Where an nginx keeps what its read probe reads, found by the loader in its executable's code
  * (nginx_reads.rs); all zero in another process. */
@@ -661,9 +669,9 @@ int BPF_PROG(process_fork, struct task_struct *parent, struct task_struct *child
 	 * no longer fire (an nginx binary upgrade's new master is not attached: see the README) */
 	struct nginx_layout inherited = *layout;
 	bpf_map_update_elem(&watched, &child_pid, &inherited, BPF_ANY);
-	struct chunk_header h = { .pid = child_pid, .kind = KIND_FORK, .time_ns = bpf_ktime_get_ns() };
-	/* woken at once (records are otherwise quiet): the new worker is attached before it accepts much */
-	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), BPF_RB_FORCE_WAKEUP))
+	/* woken at once: the new worker is attached before it accepts much (one lost here is found by the
+	 * agent's next look at the listeners, within seconds) */
+	if (bpf_ringbuf_output(&forks, &child_pid, sizeof(child_pid), BPF_RB_FORCE_WAKEUP))
 		count(0, 1);
 	return 0;
 }

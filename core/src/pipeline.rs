@@ -139,9 +139,9 @@ impl Pipeline {
         }
     }
 
-    /// Processes the TLS probes reported forked (to be attached) and exited, since the last call.
-    pub fn tls_processes(&mut self) -> (Vec<u32>, Vec<u32>) {
-        (std::mem::take(&mut self.tls.forked), std::mem::take(&mut self.tls.exited))
+    /// Processes the TLS probes reported exited since the last call.
+    pub fn tls_exited(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.tls.exited)
     }
 
     /// Appends to `out` the JSON Lines of every exchange finished since the last call.

@@ -1281,16 +1281,15 @@ mod pipeline {
         }
 
         /// Up to `max_records` of the TLS probes' ring; returns the lines, how many records there were, and
-        /// the processes the probes saw forked (to attach) and exit (to forget) since the last call.
-        #[allow(clippy::type_complexity)]
+        /// the processes the probes saw exit (to forget) since the last call.
         fn feed_tls<'py>(&mut self, py: Python<'py>, mut probes: PyRefMut<'py, super::PyTlsProbes>, max_records: usize,
-                         now: f64) -> (Bound<'py, PyBytes>, usize, Vec<u32>, Vec<u32>) {
+                         now: f64) -> (Bound<'py, PyBytes>, usize, Vec<u32>) {
             let (probes, pipeline, out) = (&mut probes.probes, &mut self.pipeline, &mut self.out);
             pipeline.begin_batch(now);
             let records = probes.drain(max_records, |record| pipeline.feed_tls(record));
             pipeline.end_batch(out);
-            let (forked, exited) = pipeline.tls_processes();
-            (self.take_lines(py), records, forked, exited)
+            let exited = pipeline.tls_exited();
+            (self.take_lines(py), records, exited)
         }
 
         /// No packets for a while: `capture_time` has passed all the same (timeouts, idle expiry).
@@ -1398,6 +1397,16 @@ impl PyTlsProbes {
 
     fn is_attached(&self, pid: u32) -> bool {
         self.probes.is_attached(pid)
+    }
+
+    /// The children the gateway's processes forked since the last call (to attach).
+    fn forked(&mut self) -> Vec<u32> {
+        self.probes.forked()
+    }
+
+    /// The forks ring's file descriptor: readable while a fork waits (the CPU-share watcher waits on it).
+    fn forks_fileno(&self) -> i32 {
+        self.probes.forks_fd()
     }
 
     /// How full the ring buffer is, 0 to 1 (for the CPU-share watcher).

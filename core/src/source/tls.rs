@@ -32,7 +32,6 @@ const KIND_READ: u32 = 0;
 const KIND_WRITE: u32 = 1;
 const KIND_OPEN: u32 = 2;
 const KIND_CLOSE: u32 = 3;
-const KIND_FORK: u32 = 4;
 const KIND_EXIT: u32 = 5;
 const KIND_WRITE_FAILED: u32 = 6;
 /// The stream's socket is on a port not metered (the gateway's own TLS to an upstream, its Admin API's
@@ -65,8 +64,7 @@ pub struct TlsCounters {
     pub truncated_bytes: u64,
     /// streams that began with HTTP/2's preface (ALPN h2): counted, not parsed
     pub http2_connections: u64,
-    /// watched processes that forked a child (attached too) and that exited
-    pub forks: u64,
+    /// watched processes that exited
     pub exits: u64,
     /// records too short for their header or of an unknown kind
     pub bad_records: u64,
@@ -213,8 +211,7 @@ pub struct TlsStreams {
     clock_offset: f64,
     /// the latest record's time (wall clock), 0 before any
     pub last_time: f64,
-    /// processes a fork or exit was reported for, for the loader to act on
-    pub forked: Vec<u32>,
+    /// processes an exit was reported for, for the loader to forget
     pub exited: Vec<u32>,
 }
 
@@ -227,7 +224,6 @@ impl TlsStreams {
             next_id: 0,
             clock_offset,
             last_time: 0.0,
-            forked: Vec::new(),
             exited: Vec::new(),
         }
     }
@@ -328,10 +324,6 @@ impl TlsStreams {
                     }
                     sink.event(&old.info, true, time, StreamEvent::Closed);
                 }
-            }
-            KIND_FORK => {
-                self.counters.forks += 1;
-                self.forked.push(record.pid);
             }
             KIND_EXIT => {
                 self.counters.exits += 1;

@@ -82,6 +82,8 @@ pub struct TlsProbes {
     ring_bytes: u64,
     ebpf: Ebpf,
     ring: RingBuf<MapData>,
+    /// the pids of watched processes' children, as they fork (a ring of its own: see `forked`)
+    forks: RingBuf<MapData>,
     watched: BpfHashMap<MapData, u32, NginxLayout>,
     attached: HashMap<u32, Process>,
     learning: bool,
@@ -183,6 +185,8 @@ impl TlsProbes {
         }
         let ring = RingBuf::try_from(ebpf.take_map("chunks").ok_or("no ring buffer map")?)
             .map_err(|error| error.to_string())?;
+        let forks = RingBuf::try_from(ebpf.take_map("forks").ok_or("no forks ring buffer map")?)
+            .map_err(|error| error.to_string())?;
         let watched = BpfHashMap::try_from(ebpf.take_map("watched").ok_or("no watched map")?)
             .map_err(|error| error.to_string())?;
         let mut metered: BpfHashMap<MapData, u16, u8> =
@@ -203,7 +207,7 @@ impl TlsProbes {
             return Err(format!("cannot map the ring buffer's positions: {}", std::io::Error::last_os_error()));
         }
         Ok(TlsProbes { positions: positions as *const u8, page, ring_bytes: u64::from(ring_bytes), ebpf, ring,
-                       watched, attached: HashMap::new(), learning: false, retired: Vec::new() })
+                       forks, watched, attached: HashMap::new(), learning: false, retired: Vec::new() })
     }
 
     /// Attaches every probe to process `pid`'s copy of `library` (a path as the agent sees it, e.g.
@@ -327,6 +331,25 @@ impl TlsProbes {
             records += 1;
         }
         records
+    }
+
+    /// The children watched processes forked since the last call, to be attached. They come on a ring of
+    /// their own, not after the records the chunks ring holds before them: a saturated gateway's reload
+    /// would otherwise leave its new workers unprobed while the agent catches up.
+    pub fn forked(&mut self) -> Vec<u32> {
+        let mut pids = Vec::new();
+        while let Some(item) = self.forks.next() {
+            if let Some(pid) = item.get(..4).and_then(|bytes| bytes.try_into().ok()) {
+                pids.push(u32::from_ne_bytes(pid));
+            }
+        }
+        pids
+    }
+
+    /// The forks ring's file descriptor: readable while a fork waits to be attached.
+    pub fn forks_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.forks.as_raw_fd()
     }
 
     /// How full the ring is, 0 to 1.
