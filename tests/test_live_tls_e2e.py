@@ -407,6 +407,52 @@ def test_reloads_while_the_gateway_is_saturated_lose_nothing(gateway, start_agen
     assert_clean(counters)
 
 
+UNIQUE_URIS = """
+local threads = 0
+function setup(thread) threads = threads + 1; thread:set("id", threads) end
+local keys = {%s}
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("GET", "/orders/" .. id .. "-" .. n, {["apikey"] = keys[(n %% #keys) + 1]})
+end
+"""
+
+
+def test_an_agent_started_at_the_gateways_peak_bills_every_request_from_then_on_and_none_wrongly(
+        gateway, start_agent, tmp_path: Path) -> None:
+    """Started while every connection has a request in flight: a response whose request went unseen must not
+    be paired with the next request (attaching the read probe before the write probe did that, and every
+    later request of the connection was billed another's status and size), and from the first request it
+    meters, it meters all but those in flight at that moment."""
+    script = tmp_path / "unique.lua"
+    script.write_text(UNIQUE_URIS % ", ".join(json.dumps(key) for key in (ALICE, BOB, CAROL, UNKNOWN)))
+    connections = 32
+    wrk = subprocess.Popen(["wrk", "-t2", f"-c{connections}", "-d6s", "-s", str(script), gateway.tls_url],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    agent = start_agent(gateway)
+    _, wrk_errors = wrk.communicate(timeout=60)
+    assert wrk.returncode == 0, wrk_errors
+    time.sleep(0.5)  # the requests in flight when wrk stopped are logged a moment later
+    entries = [entry for entry in gateway.access_log_entries() if entry["consumer"] and entry["status"] != 401]
+    counters = stopped(agent)
+    metered = metered_rows(agent.events())
+    assert not metered - billed_rows(entries), counters  # no event the gateway's log does not have
+    # each uri is unique, so each line's event is found; on each connection, once one request is metered
+    # (its worker probed), every later one is
+    unmetered_after: Counter[int] = Counter()
+    metered_connections: set[int] = set()
+    for entry in entries:
+        if next(iter(billed_rows([entry]))) in metered:
+            metered_connections.add(entry["remote_port"])
+        elif entry["remote_port"] in metered_connections:
+            unmetered_after[entry["remote_port"]] += 1
+    assert len(metered_connections) == connections and not unmetered_after, (unmetered_after, counters)
+    assert sum(metered.values()) > 1000
+    assert_clean(counters)
+
+
 def test_without_bpf_privileges_one_line_says_so_and_plain_capture_goes_on(gateway, tmp_path: Path) -> None:
     """As root but without CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (setpriv drops them)."""
     output = tmp_path / "events.jsonl"

@@ -17,12 +17,13 @@ use aya::{Btf, Ebpf, EbpfLoader};
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tls.bpf.o"));
 
 /// Entry probes, by program and symbol; every one also gets the shared return probe (`ssl_return`).
-/// Used as they are only where `internal_workers` does not find the two functions all four call.
+/// Used as they are only where `internal_workers` does not find the two functions all four call. Writes
+/// first: see `attach_probes`.
 const CALLS: [(&str, &str); 4] = [
-    ("ssl_read_enter", "SSL_read"),
-    ("ssl_read_ex_enter", "SSL_read_ex"),
     ("ssl_write_enter", "SSL_write"),
     ("ssl_write_ex_enter", "SSL_write_ex"),
+    ("ssl_read_enter", "SSL_read"),
+    ("ssl_read_ex_enter", "SSL_read_ex"),
 ];
 /// The internal workers' programs, (s, buf, num, size_t *done) as the `_ex` forms': the read's entry with
 /// the shared return probe; the write's entry alone (it sends the bytes there; see tls.bpf.c).
@@ -250,21 +251,25 @@ impl TlsProbes {
 
     /// Every probe of process `pid`, each link pushed onto `links`; how its reads are probed. `nginx_read`:
     /// where in its executable nginx's read site is, if it is an nginx whose code was recognised.
+    ///
+    /// Writes are probed before reads. A process busy while it is attached (a reload's new worker under
+    /// load, a gateway at its peak when the agent starts) has requests in flight on many connections: one
+    /// whose request is read after the read probe is in, but whose response is written before the write
+    /// probe is, would have the next response paired with it, and every later one on that connection
+    /// shifted by one (statuses and sizes billed to the wrong requests). The other way round, a response
+    /// whose request went unseen is only a response without a request (counted, not billed).
     fn attach_probes(&mut self, pid: u32, library: &str, executable: &str, nginx_read: Option<u64>,
                      links: &mut Vec<UProbeLink>) -> Result<ReadProbes, String> {
-        if let Some(at) = nginx_read {
-            links.push(self.attach_one(NGINX_DELIVERED, UProbeAttachLocation::AbsoluteOffset(at), executable, pid)?);
-        }
         let code = std::fs::read(library).map_err(|error| format!("cannot read {library}: {error}"))?;
         let mut reads = ReadProbes::Nginx;
         match internal_workers(&code) {
             Some([read, write]) => {
+                links.push(self.attach_one(WRITE_WORKER, UProbeAttachLocation::AbsoluteOffset(write), library, pid)?);
                 if nginx_read.is_none() {
                     reads = ReadProbes::LibraryWorker;
                     links.push(self.attach_one(READ_WORKER, UProbeAttachLocation::AbsoluteOffset(read), library, pid)?);
                     links.push(self.attach_one("ssl_return", UProbeAttachLocation::AbsoluteOffset(read), library, pid)?);
                 }
-                links.push(self.attach_one(WRITE_WORKER, UProbeAttachLocation::AbsoluteOffset(write), library, pid)?);
             }
             None => {
                 if nginx_read.is_none() {
@@ -276,6 +281,9 @@ impl TlsProbes {
                     links.push(self.attach_one("ssl_return", UProbeAttachLocation::Symbol(symbol), library, pid)?);
                 }
             }
+        }
+        if let Some(at) = nginx_read {
+            links.push(self.attach_one(NGINX_DELIVERED, UProbeAttachLocation::AbsoluteOffset(at), executable, pid)?);
         }
         let file = object::File::parse(&*code).ok();
         for (program, symbol) in MARKERS {
