@@ -240,8 +240,10 @@ def test_live_and_replay_of_the_same_packets_give_the_same_events(gateway, start
     """Event ids are made from the connection and sequence numbers: capturing live, or replaying tcpdump's
     capture of the same traffic, must give the same events (so a backfill never double-bills)."""
     capture = tmp_path / "same.pcap"
-    tcpdump = subprocess.Popen(["tcpdump", "-i", "lo", "-s", "0", "-U", "-w", str(capture), "tcp", "port",
-                                str(gateway.port)], stderr=subprocess.PIPE, text=True)
+    # a buffer as big as the agent's ring: the 6 MB upload comes in one burst, and a reference that
+    # dropped some of it (tcpdump's default is 2 MiB) would differ from the agent for its own reason
+    tcpdump = subprocess.Popen(["tcpdump", "-i", "lo", "-s", "0", "-B", str(256 << 10), "-U", "-w", str(capture),
+                                "tcp", "port", str(gateway.port)], stderr=subprocess.PIPE, text=True)
     try:
         assert tcpdump.stderr is not None
         assert "listening on" in tcpdump.stderr.readline()
@@ -254,6 +256,9 @@ def test_live_and_replay_of_the_same_packets_give_the_same_events(gateway, start
         time.sleep(0.5)
         tcpdump.send_signal(signal.SIGINT)
         tcpdump.wait(10)
+    assert tcpdump.stderr is not None
+    tcpdump_summary = tcpdump.stderr.read()
+    assert "\n0 packets dropped by kernel" in tcpdump_summary, tcpdump_summary
     replayed = tmp_path / "replayed.jsonl"
     run_agent("--read", str(capture), "--port", str(gateway.port), "--credentials", str(DECK),
               "--output", str(replayed))

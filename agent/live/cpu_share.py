@@ -15,8 +15,8 @@ GIL to share with the threads it watches, so a starved capture thread cannot blo
 
 With `--tls-port` there is one more reason to run at once: a gateway process forked (a reload's new
 workers), and until the capture thread attaches the probes to it, that worker serves requests no probe
-sees. The watcher waits on the probes' forks ring and, while a fork is unread, has the capture take
-priority (a reload under a saturated gateway otherwise left the new workers unprobed until the load fell:
+sees. The watcher waits on the probes' forks ring and, from a fork until its child is attached, has the
+capture take priority (a reload under a saturated gateway otherwise left the new workers unprobed until the load fell:
 60 to 75% of the requests of a 6 s run with 3 reloads went unmetered).
 
 Leaving SCHED_IDLE and going below nice 0 need CAP_SYS_NICE or an RLIMIT_NICE of 30;
@@ -33,6 +33,7 @@ import resource
 import select
 import signal
 import time
+from typing import Protocol
 
 from agent.source.packet_ring import PacketRing
 from agent.workers import fork
@@ -44,6 +45,16 @@ CALM_FRACTION = 0.25   # ring this empty again: yield again
 CATCH_UP_NICE = -10
 WATCH_SECONDS = 0.05
 URGENT_RECHECK_SECONDS = 0.002  # a fork not read yet: how soon to look again
+
+
+class Urgent(Protocol):
+    """Work the capture must do at once, whatever its rings hold (the TLS probes' new gateway processes)."""
+
+    def fileno(self) -> int:
+        """Readable while the work waits to be taken up."""
+
+    def attaching(self) -> bool:
+        """Whether the capture is doing it now (once taken up, the descriptor is no longer readable)."""
 
 
 def allow_return_after_privilege_drop() -> None:
@@ -74,12 +85,12 @@ def _try_priorities() -> int:
 
 
 def start_watcher(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...] = (),
-                  urgent_fd: int | None = None) -> int:
+                  urgent: Urgent | None = None) -> int:
     """Fork the watcher for (capture thread id, its ring) pairs; it puts them at idle priority at once.
     `followers` (the thread that takes the workers' events) yield while every capture thread does; while
-    `urgent_fd` (the TLS probes' forks ring) is readable, the capture threads take priority whatever their
-    rings hold. Returns its pid; stop it with `stop_watcher` before the capture threads drain at a stop."""
-    return fork(lambda: _watch(targets, followers, urgent_fd), on_parent_death=signal.SIGKILL)
+    `urgent` work waits or is being done, the capture threads take priority whatever their rings hold.
+    Returns its pid; stop it with `stop_watcher` before the capture threads drain at a stop."""
+    return fork(lambda: _watch(targets, followers, urgent), on_parent_death=signal.SIGKILL)
 
 
 def stop_watcher(pid: int) -> None:
@@ -96,7 +107,7 @@ def catch_up_priority() -> None:
     _set_policy(0, os.SCHED_OTHER)
 
 
-def _watch(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...], urgent_fd: int | None) -> int:
+def _watch(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...], work: Urgent | None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):  # a stop ends the watcher at once, not after the capture
         signal.signal(signum, signal.SIG_DFL)
     for _, ring in targets:
@@ -106,11 +117,13 @@ def _watch(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...], ur
         return 0
     followers_yield = all(_set_policy(tid, os.SCHED_IDLE) for tid in followers)
     urgent_wait = select.poll()  # with nothing registered, a plain sleep
-    if urgent_fd is not None:
-        urgent_wait.register(urgent_fd, select.POLLIN)
-    for_urgent = dict.fromkeys(yielding, False)  # taken priority for a fork, not for a full ring
+    if work is not None:
+        urgent_wait.register(work.fileno(), select.POLLIN)
+    for_urgent = dict.fromkeys(yielding, False)  # taken priority for urgent work, not for a full ring
     while True:
-        urgent = bool(urgent_wait.poll(WATCH_SECONDS * 1000))
+        urgent = work is not None and work.attaching()
+        if not urgent:
+            urgent = any(events & select.POLLIN for _, events in urgent_wait.poll(WATCH_SECONDS * 1000))
         if followers_yield != all(yielding.values()):
             followers_yield = not followers_yield
             for tid in followers:
@@ -124,7 +137,7 @@ def _watch(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...], ur
                     return 1
                 yielding[tid], for_urgent[tid] = False, backlog < BUSY_FRACTION
                 if for_urgent[tid]:
-                    log.debug("a gateway process started: capture %d takes priority until it is probed", tid)
+                    log.debug("a gateway process started: capture %d takes priority until it is attached", tid)
                 else:
                     log.info("the ring of capture %d is %.0f%% full: it takes priority over the gateway until "
                              "it has caught up", tid, backlog * 100)

@@ -10,10 +10,13 @@ which is attached at once, and its exit; a rescan every few seconds catches any 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import resource
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -76,6 +79,38 @@ def tls_library(pid: int) -> str | None:
     return f"/proc/{pid}/exe"
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie: an exited worker its master has not reaped yet still has its /proc entry."""
+    try:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
+        return False
+
+
+class NewProcesses:
+    """What the CPU-share watcher waits on for `--tls-port`: the probes' forks ring, readable from a gateway
+    process's fork until the capture reads it, then a flag shared with the watcher's process (forked after
+    this is made), set until the children read are attached."""
+
+    def __init__(self, forks_fd: int) -> None:
+        self.forks_fd = forks_fd
+        self._attaching = mmap.mmap(-1, 1)  # anonymous and shared: the watcher sees this process's writes
+
+    def fileno(self) -> int:
+        return self.forks_fd
+
+    def attaching(self) -> bool:
+        return self._attaching[0] == 1
+
+    @contextmanager
+    def being_attached(self) -> Iterator[None]:
+        self._attaching[0] = 1
+        try:
+            yield
+        finally:
+            self._attaching[0] = 0
+
+
 def raise_descriptor_limit() -> None:
     """The soft limit on open files up to the hard one: each gateway process attached keeps its probes'
     perf events (about 6 descriptors) until the agent stops, even once it has exited, since detaching them
@@ -96,6 +131,7 @@ class TlsCapture:
         except OSError as error:
             hint = " (the agent needs root, or CAP_BPF and CAP_PERFMON)" if "not permitted" in str(error) else ""
             raise TlsUnavailable(f"--tls-port: cannot meter HTTPS here: {error}{hint}") from None
+        self.new_processes = NewProcesses(self.probes.forks_fileno())
         self.attached: dict[int, str] = {}  # pid -> how its reads are probed (see attach)
         self.slow_reads_warned = False
         self.refused: set[int] = set()
@@ -111,13 +147,8 @@ class TlsCapture:
                      len(self.attached), self.read_probes())
 
     def filenos(self) -> list[int]:
-        """What the capture loop waits on: the records' ring, and the forks' (see `forks_fileno`)."""
+        """What the capture loop waits on: the records' ring, and the forks' (see NewProcesses)."""
         return [self.probes.fileno(), self.probes.forks_fileno()]
-
-    def forks_fileno(self) -> int:
-        """Readable while a gateway process forked and its child is not attached yet: the CPU-share watcher
-        then has the capture take the CPU, since the new worker serves unseen until it is attached."""
-        return self.probes.forks_fileno()
 
     def rescan(self) -> None:
         """Attach to listeners not attached yet."""
@@ -135,7 +166,7 @@ class TlsCapture:
             reads, is_nginx = self.probes.attach(pid, library)
         except OSError as error:
             self.refused.add(pid)
-            if Path(f"/proc/{pid}").exists():
+            if running(pid):
                 log.error("--tls-port: %s", error)
             else:  # it exited while being attached (a reload's old worker): nothing of it is left to meter
                 log.debug("--tls-port: pid %d exited while being attached: %s", pid, error)
@@ -154,9 +185,13 @@ class TlsCapture:
 
     def feed(self, pipeline: Pipeline) -> tuple[bytes, int]:
         """What the probes have for `pipeline`: its events' lines and how many records there were. New
-        children are attached first, ahead of the records that wait in the ring."""
-        for pid in self.probes.forked():
-            self.attach(pid)
+        children are attached first, ahead of the records that wait in the ring (the watcher gives the capture
+        the CPU until they are: a new worker serves unseen until then)."""
+        forked = self.probes.forked()
+        if forked:
+            with self.new_processes.being_attached():
+                for pid in forked:
+                    self.attach(pid)
         lines, records, exited = pipeline.feed_tls(self.probes, RECORDS_PER_CALL)
         for pid in exited:
             self.probes.forget(pid)

@@ -140,6 +140,16 @@ pub fn nginx_request_sites(executable: &[u8], library: &[u8]) -> (Option<u64>, O
 }
 
 /// One line saying what the kernel refused, and to what.
+/// Whether process `pid` is alive: not gone, and not a zombie (an exited worker its master has not reaped
+/// yet still has a /proc entry, but no executable or mappings to attach to).
+fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().is_some_and(|stat| {
+        // the state follows the command name, which is in parentheses and may hold any byte
+        stat.rfind(')').and_then(|end| stat[end + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
 fn refused(what: &str, error: impl std::fmt::Display) -> String {
     format!("{what}: {error}")
 }
@@ -238,7 +248,7 @@ impl TlsProbes {
                 Ok(attached)
             }
             Err(error) => {
-                if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                if is_running(pid) {
                     drop(links);
                 } else {
                     self.retired.extend(links);
@@ -354,7 +364,7 @@ impl TlsProbes {
         pids
     }
 
-    /// The forks ring's file descriptor: readable while a fork waits to be attached.
+    /// The forks ring's file descriptor: readable from a fork until `forked` reads it.
     pub fn forks_fd(&self) -> i32 {
         use std::os::fd::AsRawFd;
         self.forks.as_raw_fd()
@@ -533,6 +543,21 @@ pub(super) fn code_at<'data, 'file>(file: &'file object::File<'data>, address: u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_zombie_or_a_gone_process_is_not_running() {
+        assert!(is_running(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while is_running(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!is_running(pid), "exited, not reaped yet: a zombie");
+        assert!(std::fs::metadata(format!("/proc/{pid}")).is_ok());
+        child.wait().unwrap();
+        assert!(!is_running(pid));
+    }
 
     #[test]
     fn debian_openssl_3_has_the_internal_workers() {
