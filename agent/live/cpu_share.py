@@ -16,8 +16,8 @@ GIL to share with the threads it watches, so a starved capture thread cannot blo
 With `--tls-port` there is one more reason to run at once: a gateway process forked (a reload's new
 workers), and until the capture thread attaches the probes to it, that worker serves requests no probe
 sees. The watcher waits on the probes' forks ring and, from a fork until its child is attached, has the
-capture take priority (a reload under a saturated gateway otherwise left the new workers unprobed until the load fell:
-60 to 75% of the requests of a 6 s run with 3 reloads went unmetered).
+capture take priority (a reload under a saturated gateway otherwise left the new workers unprobed until
+the load fell: 60 to 75% of the requests of a 6 s run with 3 reloads went unmetered).
 
 Leaving SCHED_IDLE and going below nice 0 need CAP_SYS_NICE or an RLIMIT_NICE of 30;
 `allow_return_after_privilege_drop()` raises that limit while the process is still root, so it also
@@ -44,7 +44,7 @@ BUSY_FRACTION = 0.75   # ring this full: take priority over the gateway
 CALM_FRACTION = 0.25   # ring this empty again: yield again
 CATCH_UP_NICE = -10
 WATCH_SECONDS = 0.05
-URGENT_RECHECK_SECONDS = 0.002  # a fork not read yet: how soon to look again
+URGENT_RECHECK_SECONDS = 0.002  # a fork not yet attached: how soon to look again
 
 
 class Urgent(Protocol):
@@ -145,7 +145,7 @@ def _watch(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...], wo
                                                       or for_urgent[tid] and backlog < BUSY_FRACTION):
                 yielding[tid] = _set_policy(tid, os.SCHED_IDLE)
         if urgent:
-            time.sleep(URGENT_RECHECK_SECONDS)  # not read yet: look again soon, without spinning
+            time.sleep(URGENT_RECHECK_SECONDS)  # not attached yet: look again soon, without spinning
 
 
 def _set_policy(tid: int, policy: int) -> bool:
