@@ -79,14 +79,6 @@ def tls_library(pid: int) -> str | None:
     return f"/proc/{pid}/exe"
 
 
-def running(pid: int) -> bool:
-    """Alive and not a zombie: an exited worker its master has not reaped yet still has its /proc entry."""
-    try:
-        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
-    except psutil.Error:
-        return False
-
-
 class NewProcesses:
     """What the CPU-share watcher waits on for `--tls-port`: the probes' forks ring, readable from a gateway
     process's fork until the capture reads it, then a flag shared with the watcher's process (forked after
@@ -164,12 +156,13 @@ class TlsCapture:
             return
         try:
             reads, is_nginx = self.probes.attach(pid, library)
+        except ProcessLookupError as error:  # it exited while being attached (a reload's old worker)
+            self.refused.add(pid)
+            log.debug("--tls-port: pid %d exited while being attached: %s", pid, error)
+            return
         except OSError as error:
             self.refused.add(pid)
-            if running(pid):
-                log.error("--tls-port: %s", error)
-            else:  # it exited while being attached (a reload's old worker): nothing of it is left to meter
-                log.debug("--tls-port: pid %d exited while being attached: %s", pid, error)
+            log.error("--tls-port: %s", error)
             return
         self.attached[pid] = reads
         log.debug("TLS probes attached to pid %d (%s), reads by %s probes", pid, library, reads)

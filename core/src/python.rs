@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 
 use std::path::PathBuf;
 
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyProcessLookupError, PyValueError};
 use pyo3::types::{PyBytes, PyDict, PyFrozenSet};
 
 use crate::source::capture_file::{CaptureFile, Frame};
@@ -1385,9 +1385,13 @@ impl PyTlsProbes {
     }
 
     /// Attaches the probes to `pid`'s copy of `library`: (how its reads are probed, whether its executable
-    /// is an nginx); OSError with one line when refused.
+    /// is an nginx); OSError with one line when refused, ProcessLookupError when the process exited meanwhile.
     fn attach(&mut self, pid: u32, library: &str) -> PyResult<(&'static str, bool)> {
-        let attached = self.probes.attach(pid, library).map_err(PyOSError::new_err)?;
+        use crate::source::tls_probes::AttachError;
+        let attached = self.probes.attach(pid, library).map_err(|error| match error {
+            AttachError::Exited(line) => PyProcessLookupError::new_err(line),
+            AttachError::Refused(line) => PyOSError::new_err(line),
+        })?;
         Ok((attached.reads.name(), attached.nginx))
     }
 
@@ -1404,7 +1408,8 @@ impl PyTlsProbes {
         self.probes.forked()
     }
 
-    /// The forks ring's file descriptor: readable while a fork waits (the CPU-share watcher waits on it).
+    /// The forks ring's file descriptor: readable from a fork until `forked` reads it (the CPU-share watcher
+    /// waits on it).
     fn forks_fileno(&self) -> i32 {
         self.probes.forks_fd()
     }

@@ -139,7 +139,6 @@ pub fn nginx_request_sites(executable: &[u8], library: &[u8]) -> (Option<u64>, O
     (nginx_reads(executable).map(|reads| reads.delivered.at), internal_workers(library).map(|[_, write]| write))
 }
 
-/// One line saying what the kernel refused, and to what.
 /// Whether process `pid` is alive: not gone, and not a zombie (an exited worker its master has not reaped
 /// yet still has a /proc entry, but no executable or mappings to attach to).
 fn is_running(pid: u32) -> bool {
@@ -150,6 +149,16 @@ fn is_running(pid: u32) -> bool {
     })
 }
 
+/// Why an attach failed, in one line each.
+#[derive(Debug)]
+pub enum AttachError {
+    /// the process exited (or is a zombie) before its probes were all in: nothing of it is left to meter
+    Exited(String),
+    /// the kernel or the process's files refused
+    Refused(String),
+}
+
+/// One line saying what the kernel refused, and to what.
 fn refused(what: &str, error: impl std::fmt::Display) -> String {
     format!("{what}: {error}")
 }
@@ -224,7 +233,7 @@ impl TlsProbes {
     /// Attaches every probe to process `pid`'s copy of `library` (a path as the agent sees it, e.g.
     /// under /proc/PID/root), and its reads to nginx's own read function where its executable is an
     /// nginx. Idempotent per pid.
-    pub fn attach(&mut self, pid: u32, library: &str) -> Result<Attached, String> {
+    pub fn attach(&mut self, pid: u32, library: &str) -> Result<Attached, AttachError> {
         if let Some(process) = self.attached.get(&pid) {
             return Ok(process.attached);
         }
@@ -236,7 +245,8 @@ impl TlsProbes {
         let nginx = executable_code.as_deref().and_then(nginx_reads)
             .and_then(|reads| Some((NginxLayout::of(&reads)?, reads.delivered.at)));
         let layout = nginx.map_or(NginxLayout::default(), |(layout, _)| layout);
-        self.watched.insert(pid, layout, 0).map_err(|error| refused("cannot watch the process", error))?;
+        self.watched.insert(pid, layout, 0)
+            .map_err(|error| AttachError::Refused(refused("cannot watch the process", error)))?;
         // all or nothing: a live process refused part-way has the links made so far dropped, which detaches
         // them; one that has exited (the usual refusal in a reload storm, when the agent lags) has them
         // retired, since a detach would block the attaching of the workers that replace it
@@ -248,13 +258,14 @@ impl TlsProbes {
                 Ok(attached)
             }
             Err(error) => {
+                let _ = self.watched.remove(&pid);
                 if is_running(pid) {
                     drop(links);
+                    Err(AttachError::Refused(error))
                 } else {
                     self.retired.extend(links);
+                    Err(AttachError::Exited(error))
                 }
-                let _ = self.watched.remove(&pid);
-                Err(error)
             }
         }
     }
