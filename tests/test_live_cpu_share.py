@@ -1,6 +1,5 @@
 """The CPU-share watcher with a real ring and a real process: idle priority while the ring has room,
-priority over others once it is three quarters full (or while a fork waits to be attached), idle again
-once it is read. Needs root."""
+priority over others once it is three quarters full, idle again once it is read. Needs root."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import time
 import pytest
 
 from agent.live.cpu_share import CATCH_UP_NICE, can_take_priority_back, start_watcher, stop_watcher
-from agent.live.tls import NewProcesses
 from agent.source.packet_ring import BLOCK_BYTES
 from test_live_ring import Server, open_ring, read_until_quiet
 
@@ -54,37 +52,6 @@ def test_the_capture_yields_until_its_ring_fills_and_again_once_it_is_read() -> 
         for process in (capture, follower):
             process.kill()
             process.wait()
-        ring.close()
-        server.close()
-
-
-def test_the_capture_takes_priority_from_a_fork_until_its_child_is_attached_whatever_its_ring_holds() -> None:
-    """In the agent the descriptor is the TLS probes' forks ring, readable from a gateway process's fork
-    until the capture reads it; a pipe is readable in the same way while unread."""
-    server = Server()
-    ring = open_ring(server.port, ring_bytes=8 * BLOCK_BYTES)
-    capture = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    forks, fork = os.pipe()
-    new_processes = NewProcesses(forks)
-    watcher = start_watcher([(capture.pid, ring)], urgent=new_processes)
-    try:
-        assert wait_for_policy(capture.pid, os.SCHED_IDLE)
-        os.write(fork, b"1234")  # a fork: the ring is empty, yet the capture must run now
-        assert wait_for_policy(capture.pid, os.SCHED_OTHER, timeout=0.5)
-        assert os.getpriority(os.PRIO_PROCESS, capture.pid) == CATCH_UP_NICE
-        time.sleep(0.2)
-        assert os.sched_getscheduler(capture.pid) == os.SCHED_OTHER  # until the fork is read
-        with new_processes.being_attached():
-            os.read(forks, 4)
-            time.sleep(0.2)
-            assert os.sched_getscheduler(capture.pid) == os.SCHED_OTHER  # and its child attached
-        assert wait_for_policy(capture.pid, os.SCHED_IDLE)
-    finally:
-        stop_watcher(watcher)
-        capture.kill()
-        capture.wait()
-        os.close(forks)
-        os.close(fork)
         ring.close()
         server.close()
 

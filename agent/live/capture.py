@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from agent.credentials.sync import CredentialSync
-from agent.live.cpu_share import Urgent, catch_up_priority, start_watcher, stop_watcher
+from agent.live.cpu_share import catch_up_priority, start_watcher, stop_watcher
 from agent.live.tls import TlsCapture
 from agent.observe.status import Report
 from agent.observe.tables import table_statuses
@@ -38,11 +38,10 @@ class StopFlag:
             self.signal = signum
 
 
-def yield_cpu(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...] = (),
-              urgent: Urgent | None = None) -> Callable[[], None]:
+def yield_cpu(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...] = ()) -> Callable[[], None]:
     """Start the CPU-share watcher; returns what the calling thread does at a stop: end the watcher and
     take priority, since what the ring holds must be read before the deadline."""
-    watcher = start_watcher(targets, followers, urgent)
+    watcher = start_watcher(targets, followers)
 
     def on_stop() -> None:
         stop_watcher(watcher)

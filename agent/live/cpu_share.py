@@ -13,12 +13,6 @@ ring is down to a quarter; then it yields again. An equal share was measured not
 gateway's processes the capture gets too small a part, and the ring kept filling. The watcher has no
 GIL to share with the threads it watches, so a starved capture thread cannot block it.
 
-With `--tls-port` there is one more reason to run at once: a gateway process forked (a reload's new
-workers), and until the capture thread attaches the probes to it, that worker serves requests no probe
-sees. The watcher waits on the probes' forks ring and, from a fork until its child is attached, has the
-capture take priority (a reload under a saturated gateway otherwise left the new workers unprobed until
-the load fell: 60 to 75% of the requests of a 6 s run with 3 reloads went unmetered).
-
 Leaving SCHED_IDLE and going below nice 0 need CAP_SYS_NICE or an RLIMIT_NICE of 30;
 `allow_return_after_privilege_drop()` raises that limit while the process is still root, so it also
 works after `--user`. Where neither is to be had (root without CAP_SYS_RESOURCE before `--user`, a user
@@ -30,10 +24,8 @@ from __future__ import annotations
 import logging
 import os
 import resource
-import select
 import signal
 import time
-from typing import Protocol
 
 from agent.source.packet_ring import PacketRing
 from agent.workers import fork
@@ -44,17 +36,6 @@ BUSY_FRACTION = 0.75   # ring this full: take priority over the gateway
 CALM_FRACTION = 0.25   # ring this empty again: yield again
 CATCH_UP_NICE = -10
 WATCH_SECONDS = 0.05
-URGENT_RECHECK_SECONDS = 0.002  # a fork not yet attached: how soon to look again
-
-
-class Urgent(Protocol):
-    """Work the capture must do at once, whatever its rings hold (the TLS probes' new gateway processes)."""
-
-    def fileno(self) -> int:
-        """Readable while the work waits to be taken up."""
-
-    def attaching(self) -> bool:
-        """Whether the capture is doing it now (once taken up, the descriptor is no longer readable)."""
 
 
 def allow_return_after_privilege_drop() -> None:
@@ -84,13 +65,11 @@ def _try_priorities() -> int:
     return 0
 
 
-def start_watcher(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...] = (),
-                  urgent: Urgent | None = None) -> int:
+def start_watcher(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...] = ()) -> int:
     """Fork the watcher for (capture thread id, its ring) pairs; it puts them at idle priority at once.
-    `followers` (the thread that takes the workers' events) yield while every capture thread does; while
-    `urgent` work waits or is being done, the capture threads take priority whatever their rings hold.
+    `followers` (the thread that takes the workers' events) yield while every capture thread does.
     Returns its pid; stop it with `stop_watcher` before the capture threads drain at a stop."""
-    return fork(lambda: _watch(targets, followers, urgent), on_parent_death=signal.SIGKILL)
+    return fork(lambda: _watch(targets, followers), on_parent_death=signal.SIGKILL)
 
 
 def stop_watcher(pid: int) -> None:
@@ -107,7 +86,7 @@ def catch_up_priority() -> None:
     _set_policy(0, os.SCHED_OTHER)
 
 
-def _watch(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...], work: Urgent | None) -> int:
+def _watch(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...]) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):  # a stop ends the watcher at once, not after the capture
         signal.signal(signum, signal.SIG_DFL)
     for _, ring in targets:
@@ -116,36 +95,22 @@ def _watch(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...], wo
     if not any(yielding.values()):
         return 0
     followers_yield = all(_set_policy(tid, os.SCHED_IDLE) for tid in followers)
-    urgent_wait = select.poll()  # with nothing registered, a plain sleep
-    if work is not None:
-        urgent_wait.register(work.fileno(), select.POLLIN)
-    for_urgent = dict.fromkeys(yielding, False)  # taken priority for urgent work, not for a full ring
     while True:
-        urgent = work is not None and work.attaching()
-        if not urgent:
-            urgent = any(events & select.POLLIN for _, events in urgent_wait.poll(WATCH_SECONDS * 1000))
+        time.sleep(WATCH_SECONDS)
         if followers_yield != all(yielding.values()):
             followers_yield = not followers_yield
             for tid in followers:
                 _set_policy(tid, os.SCHED_IDLE if followers_yield else os.SCHED_OTHER)
         for tid, ring in targets:
             backlog = ring.ready_fraction()
-            if backlog >= BUSY_FRACTION:
-                for_urgent[tid] = False  # now behind as well: it catches up before it yields
-            if yielding[tid] and (backlog >= BUSY_FRACTION or urgent):
+            if yielding[tid] and backlog >= BUSY_FRACTION:
                 if not _set_policy(tid, os.SCHED_OTHER):
                     return 1
-                yielding[tid], for_urgent[tid] = False, backlog < BUSY_FRACTION
-                if for_urgent[tid]:
-                    log.debug("a gateway process started: capture %d takes priority until it is attached", tid)
-                else:
-                    log.info("the ring of capture %d is %.0f%% full: it takes priority over the gateway until "
-                             "it has caught up", tid, backlog * 100)
-            elif not yielding[tid] and not urgent and (backlog <= CALM_FRACTION
-                                                      or for_urgent[tid] and backlog < BUSY_FRACTION):
+                yielding[tid] = False
+                log.info("the ring of capture %d is %.0f%% full: it takes priority over the gateway until it "
+                         "has caught up", tid, backlog * 100)
+            elif not yielding[tid] and backlog <= CALM_FRACTION:
                 yielding[tid] = _set_policy(tid, os.SCHED_IDLE)
-        if urgent:
-            time.sleep(URGENT_RECHECK_SECONDS)  # not attached yet: look again soon, without spinning
 
 
 def _set_policy(tid: int, policy: int) -> bool:

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tls-port", type=whole_number(1, 65535), action="append", metavar="N",
                        help="also meter HTTPS served on this port, repeatable: read from the gateway's own TLS "
                             "library (OpenSSL's SSL_read/SSL_write) by eBPF uprobes, without keys; needs root "
-                            "(CAP_BPF and CAP_PERFMON) and a kernel with uprobes and BTF")
+                            "(CAP_BPF, CAP_PERFMON and tracefs) and a kernel with uprobes and BTF")
     group.add_argument("--user", metavar="NAME", type=not_empty,
                        help="after opening the capture, switch to this user (e.g. nobody), keeping no privilege; the "
                             "data directory (spool, store) becomes that user's, the decK file must be readable by it")

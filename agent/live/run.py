@@ -92,9 +92,8 @@ def _capture_until_stopped(args: argparse.Namespace, link: Link, ports: set[int]
     status = monitor.status if monitor is not None else None
     if len(rings) == 1:
         if tls is not None:  # before the CPU-share watcher starts: it looks at the fuller of the two rings
-            rings[0].also_wake_on(tls.filenos(), tls.probes.ready_fraction)
-        urgent = tls.new_processes if tls is not None else None
-        on_stop = yield_cpu([(os.getpid(), rings[0])], urgent=urgent) if args.yield_cpu else nothing
+            rings[0].also_wake_on(tls.fileno(), tls.probes.ready_fraction)
+        on_stop = yield_cpu([(os.getpid(), rings[0])]) if args.yield_cpu else nothing
         log.info("%s", where)
         counters = capture(rings[0], pipeline, credentials, stop, sink.write, on_stop,
                            report=(lambda report: status.update(1, report)) if status is not None else None,

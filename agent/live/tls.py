@@ -3,20 +3,17 @@
 The processes listening on each TLS port (nginx's master and its workers, Kong's among them) are found
 with psutil; each one's TLS library is the `libssl.so*` it maps (`/proc/PID/maps`, reached through
 `/proc/PID/root` so that a container's or Kong's own copy is the one probed), or its executable when
-OpenSSL is linked in statically. The probes report a watched process's fork (a reload's new workers),
-which is attached at once, and its exit; a rescan every few seconds catches any other newcomer.
+OpenSSL is linked in statically. A watched process's children (a reload's new workers) inherit its
+probes from the kernel as they fork, so they are probed from their first instruction; the probes report
+forks and exits, and a rescan every few seconds catches any other newcomer.
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
 import os
-import resource
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -28,8 +25,7 @@ log = logging.getLogger("agent.tls")
 
 RING_BYTES = 128 << 20       # the probes' ring buffer: about 8 s of a saturated gateway's plaintext (20k req/s)
 RESCAN_SECONDS = 5.0         # how often the listeners are looked for again
-RECORDS_PER_CALL = 8192      # records the core reads per call; a fork waits for one such call at most (at 65536,
-#                              5 reloads under a saturated gateway missed up to 9 requests a run; at 8192 none)
+RECORDS_PER_CALL = 8192      # records the core reads per call, between looks at the forks and the clock
 
 
 class TlsUnavailable(RuntimeError):
@@ -79,51 +75,19 @@ def tls_library(pid: int) -> str | None:
     return f"/proc/{pid}/exe"
 
 
-class NewProcesses:
-    """What the CPU-share watcher waits on for `--tls-port`: the probes' forks ring, readable from a gateway
-    process's fork until the capture reads it, then a flag shared with the watcher's process (forked after
-    this is made), set until the children read are attached."""
-
-    def __init__(self, forks_fd: int) -> None:
-        self.forks_fd = forks_fd
-        self._attaching = mmap.mmap(-1, 1)  # anonymous and shared: the watcher sees this process's writes
-
-    def fileno(self) -> int:
-        return self.forks_fd
-
-    def attaching(self) -> bool:
-        return self._attaching[0] == 1
-
-    @contextmanager
-    def being_attached(self) -> Iterator[None]:
-        self._attaching[0] = 1
-        try:
-            yield
-        finally:
-            self._attaching[0] = 0
-
-
-def raise_descriptor_limit() -> None:
-    """The soft limit on open files up to the hard one: each gateway process attached keeps its probes'
-    perf events (about 6 descriptors) until the agent stops, even once it has exited, since detaching them
-    would block the attaching of a reload's new workers (see TlsProbes' `retired`)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 class TlsCapture:
     """The probes, attached to the gateway's processes, read into the capture loop's pipeline."""
 
     def __init__(self, ports: set[int]) -> None:
         self.ports = ports
-        raise_descriptor_limit()
         try:
             self.probes = _core.TlsProbes(RING_BYTES, sorted(ports))
         except OSError as error:
-            hint = " (the agent needs root, or CAP_BPF and CAP_PERFMON)" if "not permitted" in str(error) else ""
+            hint = " (the agent needs root: CAP_BPF, CAP_PERFMON and tracefs)" if "not permitted" in str(error) else ""
             raise TlsUnavailable(f"--tls-port: cannot meter HTTPS here: {error}{hint}") from None
-        self.new_processes = NewProcesses(self.probes.forks_fileno())
+        if self.probes.mounted_tracefs():
+            log.info("--tls-port: tracefs was not mounted; mounted it at /sys/kernel/tracing (the uprobes are "
+                     "made there)")
         self.attached: dict[int, str] = {}  # pid -> how its reads are probed (see attach)
         self.slow_reads_warned = False
         self.refused: set[int] = set()
@@ -138,9 +102,8 @@ class TlsCapture:
             log.info("metering HTTPS on port %s in %d processes (reads: %s)", ",".join(map(str, sorted(ports))),
                      len(self.attached), self.read_probes())
 
-    def filenos(self) -> list[int]:
-        """What the capture loop waits on: the records' ring, and the forks' (see NewProcesses)."""
-        return [self.probes.fileno(), self.probes.forks_fileno()]
+    def fileno(self) -> int:
+        return self.probes.fileno()
 
     def rescan(self) -> None:
         """Attach to listeners not attached yet."""
@@ -178,13 +141,10 @@ class TlsCapture:
 
     def feed(self, pipeline: Pipeline) -> tuple[bytes, int]:
         """What the probes have for `pipeline`: its events' lines and how many records there were. New
-        children are attached first, ahead of the records that wait in the ring (the watcher gives the capture
-        the CPU until they are: a new worker serves unseen until then)."""
-        forked = self.probes.forked()
-        if forked:
-            with self.new_processes.being_attached():
-                for pid in forked:
-                    self.attach(pid)
+        children are taken first (most inherited their parent's probes; one forked while its parent was
+        being attached is attached now)."""
+        for pid in self.probes.forked():
+            self.attach(pid)
         lines, records, exited = pipeline.feed_tls(self.probes, RECORDS_PER_CALL)
         for pid in exited:
             self.probes.forget(pid)

@@ -112,12 +112,10 @@ class PacketRing:
     def ring_bytes(self) -> int:
         return self.block_bytes * self.block_count
 
-    def also_wake_on(self, fds: list[int], backlog: Callable[[], float]) -> None:
-        """Other rings read in the same loop (the TLS probes'): `wait` also ends when one of `fds` is
-        readable, and `ready_fraction` is the fuller of this ring and `backlog` (what the CPU-share watcher
-        looks at)."""
-        for fd in fds:
-            self._poll.register(fd, select.POLLIN)
+    def also_wake_on(self, fd: int, backlog: Callable[[], float]) -> None:
+        """Another ring read in the same loop (the TLS probes' ring buffer): `wait` also ends when `fd` is
+        readable, and `ready_fraction` is the fuller one's (what the CPU-share watcher looks at)."""
+        self._poll.register(fd, select.POLLIN)
         self._other_backlog = backlog
 
     def wait(self, timeout_ms: int) -> bool:

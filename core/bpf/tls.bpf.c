@@ -107,9 +107,15 @@ struct {
 	__uint(max_entries, 64 << 20);
 } chunks SEC(".maps");
 
-/* The pids of watched processes' children, as they fork, on a ring of their own: the agent's CPU-share
- * watcher waits on it, so that a reload's new workers are attached at once, even while the capture yields
- * the CPU to a saturated gateway and the chunks ring holds seconds of records before them. */
+/* Watched processes' children, as they fork, on a ring of their own: the agent learns of them ahead of the
+ * records the chunks ring holds before them. A child inherits its parent's probes (see trace_events.rs),
+ * so nothing waits on this to probe it. */
+struct fork {
+	__u32 child;
+	__u32 parent;
+	__u64 time_ns;
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 16 << 10);
@@ -655,8 +661,8 @@ int BPF_PROG(sock_send, struct sock *sk, int ret, int flags)
 	return learn_socket(sk, ret);
 }
 
-/* A watched process forks (nginx's master starting workers on a reload): the child is watched at once,
- * and the loader is told, to attach its probes to it. */
+/* A watched process forks (nginx's master starting workers on a reload): the child, which inherited its
+ * parent's probes, is watched at once, and the agent told. */
 SEC("tp_btf/sched_process_fork")
 int BPF_PROG(process_fork, struct task_struct *parent, struct task_struct *child)
 {
@@ -669,9 +675,9 @@ int BPF_PROG(process_fork, struct task_struct *parent, struct task_struct *child
 	 * no longer fire (an nginx binary upgrade's new master is not attached: see the README) */
 	struct nginx_layout inherited = *layout;
 	bpf_map_update_elem(&watched, &child_pid, &inherited, BPF_ANY);
-	/* woken at once: the new worker is attached before it accepts much (one lost here is found by the
-	 * agent's next look at the listeners, within seconds) */
-	if (bpf_ringbuf_output(&forks, &child_pid, sizeof(child_pid), BPF_RB_FORCE_WAKEUP))
+	/* (one lost here is found by the agent's next look at the listeners, within seconds) */
+	struct fork fork = { .child = child_pid, .parent = parent_pid, .time_ns = bpf_ktime_get_ns() };
+	if (bpf_ringbuf_output(&forks, &fork, sizeof(fork), QUIET))
 		count(0, 1);
 	return 0;
 }

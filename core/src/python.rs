@@ -1403,15 +1403,15 @@ impl PyTlsProbes {
         self.probes.is_attached(pid)
     }
 
-    /// The children the gateway's processes forked since the last call (to attach).
+    /// The children the gateway's processes forked since the last call (to attach: most inherited their
+    /// parent's probes, and are attached already).
     fn forked(&mut self) -> Vec<u32> {
         self.probes.forked()
     }
 
-    /// The forks ring's file descriptor: readable from a fork until `forked` reads it (the CPU-share watcher
-    /// waits on it).
-    fn forks_fileno(&self) -> i32 {
-        self.probes.forks_fd()
+    /// Whether the agent mounted tracefs (nothing had).
+    fn mounted_tracefs(&self) -> bool {
+        self.probes.mounted_tracefs()
     }
 
     /// How full the ring buffer is, 0 to 1 (for the CPU-share watcher).

@@ -7,6 +7,7 @@ pub mod nginx_reads;
 pub mod ring;
 pub mod tls;
 pub mod tls_probes;
+mod trace_events;
 
 #[cfg(feature = "python")]
 pub(crate) use file_bytes::os_message;

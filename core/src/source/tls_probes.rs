@@ -3,14 +3,14 @@
 //! `Pipeline::feed_tls`). This is the source edge, so it does I/O; what the records mean is `tls.rs`.
 
 use std::collections::HashMap;
-use std::num::NonZeroU32;
+use std::os::fd::{AsFd, OwnedFd};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::uprobe::{UProbeAttachLocation, UProbeLink, UProbeScope};
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register};
 use object::{Object, ObjectSection, ObjectSymbol};
 
 use super::nginx_reads::{nginx_reads, pt_regs_slot, NginxReads};
+use super::trace_events::TraceEvents;
 use aya::programs::{BtfTracePoint, UProbe};
 use aya::{Btf, Ebpf, EbpfLoader};
 
@@ -83,24 +83,55 @@ pub struct TlsProbes {
     ring_bytes: u64,
     ebpf: Ebpf,
     ring: RingBuf<MapData>,
-    /// the pids of watched processes' children, as they fork (a ring of its own: see `forked`)
+    /// the watched processes' children, as they fork (a ring of its own: see `forked`)
     forks: RingBuf<MapData>,
     watched: BpfHashMap<MapData, u32, NginxLayout>,
     attached: HashMap<u32, Process>,
     learning: bool,
-    /// the probes of processes that ended, kept attached (each holds a perf event descriptor) until the
-    /// agent stops: detaching a uprobe holds the kernel's trace-event lock through RCU grace periods
-    /// (tens of ms), which blocks every attach meanwhile, so a reload's new workers went unattached and
-    /// their first requests unseen (20 reloads under steady traffic lost 57 of 200 requests, from the
-    /// capture loop or from a thread of its own alike)
-    retired: Vec<UProbeLink>,
+    /// the uprobes' trace events (after `attached` in drop order: a process's events close first)
+    trace: TraceEvents,
 }
 
-/// A process the probes are attached to.
+/// A process the probes are attached to, itself or by inheritance.
 struct Process {
     attached: Attached,
-    /// its uprobes (an attach refused part-way drops those it made, which detaches them)
-    links: Vec<UProbeLink>,
+    /// its anchor and its uprobes' perf events, which its children inherit (only the anchor for a child
+    /// that inherited its parent's); closing them ends its probes (an attach refused part-way drops
+    /// those it made)
+    _perf_events: Vec<OwnedFd>,
+    /// the monotonic clock (bpf_ktime_get_ns's) when its probes were all in: a child forked after that
+    /// inherited them
+    complete_ns: u64,
+}
+
+/// A fork record (struct fork in tls.bpf.c).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Fork {
+    child: u32,
+    parent: u32,
+    time_ns: u64,
+}
+
+impl Fork {
+    fn parse(record: &[u8]) -> Option<Fork> {
+        let word = |at: usize| record.get(at..at + 4).and_then(|bytes| bytes.try_into().ok()).map(u32::from_ne_bytes);
+        let time = record.get(8..16).and_then(|bytes| bytes.try_into().ok()).map(u64::from_ne_bytes)?;
+        Some(Fork { child: word(0)?, parent: word(4)?, time_ns: time })
+    }
+}
+
+/// How long before a fork its parent's probes must have been all in for the child to be taken as having
+/// inherited them: a fork copies the parent's perf events early in the syscall and is reported at its end,
+/// and one that overlapped the parent's attach may lack the last ones (that child is attached itself;
+/// a site opened twice for a process still runs its program once).
+const INHERITED_AFTER_NS: u64 = 1_000_000_000;
+
+/// The monotonic clock, as bpf_ktime_get_ns reads it.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given, which lives through the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap_or(0)
 }
 
 /// How a process's reads are probed, which is what each costs it: a probe hit is a trap into the kernel.
@@ -171,9 +202,6 @@ impl TlsProbes {
         if OBJECT.is_empty() {
             return Err(format!("the TLS probes were not built when the agent was installed ({missing})"));
         }
-        if !std::path::Path::new("/sys/bus/event_source/devices/uprobe").exists() {
-            return Err("this kernel has no uprobe events (/sys/bus/event_source/devices/uprobe)".to_string());
-        }
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("chunks", ring_bytes)
             .allow_unsupported_maps() // the per-thread call state (task storage), used by the programs alone
@@ -226,13 +254,19 @@ impl TlsProbes {
         if positions == libc::MAP_FAILED {
             return Err(format!("cannot map the ring buffer's positions: {}", std::io::Error::last_os_error()));
         }
+        let trace = TraceEvents::open()?;
         Ok(TlsProbes { positions: positions as *const u8, page, ring_bytes: u64::from(ring_bytes), ebpf, ring,
-                       forks, watched, attached: HashMap::new(), learning: false, retired: Vec::new() })
+                       forks, watched, attached: HashMap::new(), learning: false, trace })
+    }
+
+    /// Whether the agent had to mount tracefs (nothing had), to say so.
+    pub fn mounted_tracefs(&self) -> bool {
+        self.trace.mounted
     }
 
     /// Attaches every probe to process `pid`'s copy of `library` (a path as the agent sees it, e.g.
     /// under /proc/PID/root), and its reads to nginx's own read function where its executable is an
-    /// nginx. Idempotent per pid.
+    /// nginx; the children it forks from then on inherit them. Idempotent per pid.
     pub fn attach(&mut self, pid: u32, library: &str) -> Result<Attached, AttachError> {
         if let Some(process) = self.attached.get(&pid) {
             return Ok(process.attached);
@@ -247,25 +281,22 @@ impl TlsProbes {
         let layout = nginx.map_or(NginxLayout::default(), |(layout, _)| layout);
         self.watched.insert(pid, layout, 0)
             .map_err(|error| AttachError::Refused(refused("cannot watch the process", error)))?;
-        // all or nothing: a live process refused part-way has the links made so far dropped, which detaches
-        // them; one that has exited (the usual refusal in a reload storm, when the agent lags) has them
-        // retired, since a detach would block the attaching of the workers that replace it
+        // all or nothing: a process refused part-way has the events made so far dropped, which ends them
         let mut links = Vec::new();
-        match self.attach_probes(pid, library, &executable, nginx.map(|(_, at)| at), &mut links) {
+        let made = TraceEvents::anchor(pid).and_then(|anchor| {
+            links.push(anchor);
+            self.attach_probes(pid, library, &executable, nginx.map(|(_, at)| at), &mut links)
+        });
+        match made {
             Ok(reads) => {
                 let attached = Attached { reads, nginx: is_nginx };
-                self.attached.insert(pid, Process { attached, links });
+                self.attached.insert(pid, Process { attached, _perf_events: links, complete_ns: monotonic_ns() });
                 Ok(attached)
             }
             Err(error) => {
                 let _ = self.watched.remove(&pid);
-                if is_running(pid) {
-                    drop(links);
-                    Err(AttachError::Refused(error))
-                } else {
-                    self.retired.extend(links);
-                    Err(AttachError::Exited(error))
-                }
+                drop(links);
+                Err(if is_running(pid) { AttachError::Refused(error) } else { AttachError::Exited(error) })
             }
         }
     }
@@ -280,16 +311,21 @@ impl TlsProbes {
     /// shifted by one (statuses and sizes billed to the wrong requests). The other way round, a response
     /// whose request went unseen is only a response without a request (counted, not billed).
     fn attach_probes(&mut self, pid: u32, library: &str, executable: &str, nginx_read: Option<u64>,
-                     links: &mut Vec<UProbeLink>) -> Result<ReadProbes, String> {
+                     links: &mut Vec<OwnedFd>) -> Result<ReadProbes, String> {
         let code = std::fs::read(library).map_err(|error| format!("cannot read {library}: {error}"))?;
+        let file = object::File::parse(&*code).ok();
+        let symbol_at = |symbol: &str| {
+            file.as_ref().and_then(|file| file_offset(file, find_symbol(file, symbol)?.address()))
+                .ok_or_else(|| format!("{library} has no {symbol}"))
+        };
         let mut reads = ReadProbes::Nginx;
         match internal_workers(&code) {
             Some([read, write]) => {
-                links.push(self.attach_one(WRITE_WORKER, UProbeAttachLocation::AbsoluteOffset(write), library, pid)?);
+                links.push(self.attach_one(WRITE_WORKER, write, library, pid)?);
                 if nginx_read.is_none() {
                     reads = ReadProbes::LibraryWorker;
-                    links.push(self.attach_one(READ_WORKER, UProbeAttachLocation::AbsoluteOffset(read), library, pid)?);
-                    links.push(self.attach_one("ssl_return", UProbeAttachLocation::AbsoluteOffset(read), library, pid)?);
+                    links.push(self.attach_one(READ_WORKER, read, library, pid)?);
+                    links.push(self.attach_one("ssl_return", read, library, pid)?);
                 }
             }
             None => {
@@ -298,24 +334,26 @@ impl TlsProbes {
                 }
                 let reads_elsewhere = |program: &str| nginx_read.is_some() && program.starts_with("ssl_read");
                 for (program, symbol) in CALLS.into_iter().filter(|(program, _)| !reads_elsewhere(program)) {
-                    links.push(self.attach_one(program, UProbeAttachLocation::Symbol(symbol), library, pid)?);
-                    links.push(self.attach_one("ssl_return", UProbeAttachLocation::Symbol(symbol), library, pid)?);
+                    let at = symbol_at(symbol)?;
+                    links.push(self.attach_one(program, at, library, pid)?);
+                    links.push(self.attach_one("ssl_return", at, library, pid)?);
                 }
             }
         }
         if let Some(at) = nginx_read {
-            links.push(self.attach_one(NGINX_DELIVERED, UProbeAttachLocation::AbsoluteOffset(at), executable, pid)?);
+            links.push(self.attach_one(NGINX_DELIVERED, at, executable, pid)?);
         }
-        let file = object::File::parse(&*code).ok();
         for (program, symbol) in MARKERS {
-            let offset = file.as_ref().and_then(|file| past_null_check(file, symbol));
-            let location = offset.map_or(UProbeAttachLocation::Symbol(symbol), UProbeAttachLocation::AbsoluteOffset);
-            links.push(self.attach_one(program, location, library, pid)?);
+            let at = match file.as_ref().and_then(|file| past_null_check(file, symbol)) {
+                Some(at) => at,
+                None => symbol_at(symbol)?,
+            };
+            links.push(self.attach_one(program, at, library, pid)?);
         }
         // kernel TLS's sendfile (OpenSSL 3.0 and later) sends on the socket outside any write: its
         // entry ends the last write's window as SSL_shutdown's does
-        if file.as_ref().and_then(|file| find_symbol(file, "SSL_sendfile")).is_some() {
-            links.push(self.attach_one("ssl_shutdown", UProbeAttachLocation::Symbol("SSL_sendfile"), library, pid)?);
+        if let Ok(at) = symbol_at("SSL_sendfile") {
+            links.push(self.attach_one("ssl_shutdown", at, library, pid)?);
         }
         // last, once the process's own probes are in: a process refused above does not leave it running
         if nginx_read.is_none() && !self.learning {
@@ -327,24 +365,19 @@ impl TlsProbes {
         Ok(reads)
     }
 
-    fn attach_one(&mut self, program: &str, location: UProbeAttachLocation<'_>, library: &str, pid: u32)
-                  -> Result<UProbeLink, String> {
-        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or("pid 0")?);
-        let what = format!("{location:?}");
-        let probe: &mut UProbe = self.ebpf.program_mut(program).and_then(|p| p.try_into().ok()).ok_or("no probe")?;
-        let link = probe.attach(location, library, scope).map_err(|error| {
-            refused(&format!("cannot attach a uprobe at {what} in {library} (pid {pid})"), verbose(&error))
-        })?;
-        probe.take_link(link).map_err(|error| error.to_string())
+    /// Program `program` at `offset` in `file` (a path the agent reaches), in process `pid` and its
+    /// future children.
+    fn attach_one(&mut self, program: &str, offset: u64, file: &str, pid: u32) -> Result<OwnedFd, String> {
+        let probe = self.ebpf.program(program).ok_or_else(|| format!("no program {program}"))?;
+        let fd = probe.fd().map_err(|error| format!("program {program} is not loaded: {error}"))?;
+        self.trace.open_for(fd.as_fd(), file, offset, program == "ssl_return", pid)
     }
 
-    /// A process that exited: forget it (its pid may come back as another); its probes, which no longer
-    /// fire, are retired (see `retired`).
+    /// A process that exited: forget it (its pid may come back as another) and close its probes' events.
+    /// Its entry in the programs' `watched` map went when it exited (the exit tracepoint), and a child
+    /// that took its pid since is watched again: that entry stays.
     pub fn forget(&mut self, pid: u32) {
-        if let Some(process) = self.attached.remove(&pid) {
-            self.retired.extend(process.links);
-        }
-        let _ = self.watched.remove(&pid);
+        self.attached.remove(&pid);
     }
 
     pub fn is_attached(&self, pid: u32) -> bool {
@@ -362,23 +395,25 @@ impl TlsProbes {
         records
     }
 
-    /// The children watched processes forked since the last call, to be attached. They come on a ring of
-    /// their own, not after the records the chunks ring holds before them: a saturated gateway's reload
-    /// would otherwise leave its new workers unprobed while the agent catches up.
+    /// The children watched processes forked since the last call. One forked well after its parent's
+    /// probes were all in inherited them (the kernel copies them into the child before it runs) and is
+    /// taken as attached; the others (forked while the parent was being attached, or by a parent the
+    /// agent did not attach) are to be attached.
     pub fn forked(&mut self) -> Vec<u32> {
         let mut pids = Vec::new();
         while let Some(item) = self.forks.next() {
-            if let Some(pid) = item.get(..4).and_then(|bytes| bytes.try_into().ok()) {
-                pids.push(u32::from_ne_bytes(pid));
+            let Some(fork) = Fork::parse(&item) else { continue };
+            let inherited = self.attached.get(&fork.parent)
+                .filter(|parent| parent.complete_ns.saturating_add(INHERITED_AFTER_NS) < fork.time_ns)
+                .map(|parent| (parent.attached, parent.complete_ns));
+            if let Some((attached, complete_ns)) = inherited {
+                // (a child that has exited already needs none)
+                let anchor = TraceEvents::anchor(fork.child).into_iter().collect();
+                self.attached.insert(fork.child, Process { attached, _perf_events: anchor, complete_ns });
             }
+            pids.push(fork.child);
         }
         pids
-    }
-
-    /// The forks ring's file descriptor: readable from a fork until `forked` reads it.
-    pub fn forks_fd(&self) -> i32 {
-        use std::os::fd::AsRawFd;
-        self.forks.as_raw_fd()
     }
 
     /// How full the ring is, 0 to 1.
@@ -410,6 +445,7 @@ impl TlsProbes {
 
 impl Drop for TlsProbes {
     fn drop(&mut self) {
+        self.attached.clear(); // the processes' perf events, before the trace events they are open on
         // SAFETY: the mapping made in `load`, of that size, used by nothing after this.
         unsafe { libc::munmap(self.positions as *mut libc::c_void, 2 * self.page) };
     }
