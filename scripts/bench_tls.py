@@ -63,8 +63,9 @@ SYS_PERF_EVENT_OPEN = 298  # x86_64
 
 
 class BareTraps:
-    """Counting uprobes (the uprobe PMU, as the agent's loader uses it) at nginx's read site and the write
-    worker, one per gateway worker: each hit is the trap the agent's probe takes there, with no program."""
+    """Counting uprobes (made with the uprobe PMU: a trap costs the same however its uprobe was made) at
+    nginx's read site and the write worker, one per gateway worker: each hit is the trap the agent's probe
+    takes there, with no program."""
 
     def __init__(self, gateway: KongStandin) -> None:
         worker = psutil.Process(gateway.pid).children()[0].pid

@@ -140,8 +140,17 @@ def assert_clean(counters: dict[str, int]) -> None:
     assert counters["lost_exchanges"] == 0
 
 
+def uprobe_events() -> str:
+    """What tracefs lists of the uprobes made on this host (the agent's are in its group, agent_tls_PID)."""
+    mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
+    tracefs = next(fields[1] for fields in mounts if fields[2] == "tracefs")
+    return (Path(tracefs) / "uprobe_events").read_text()
+
+
 def test_https_events_match_the_access_log_one_for_one(gateway, start_agent, tmp_path: Path) -> None:
     agent = start_agent(gateway)
+    group = f"agent_tls_{agent.process.pid}/"
+    assert group in uprobe_events()
     sent = drive_https(gateway, tmp_path)
     subprocess.run(["curl", "-sS", "-o", "/dev/null", "-H", f"apikey: {ALICE}", f"{gateway.base_url}/plain/too"],
                    check=True, timeout=30)  # the plain port, in the same run
@@ -158,6 +167,7 @@ def test_https_events_match_the_access_log_one_for_one(gateway, start_agent, tmp
     assert {event["data"]["client_ip"] for event in events} == {"127.0.0.1"}
     assert len({event["id"] for event in events}) == len(events)
     assert all(key not in agent.stderr for keys in KEYS.values() for key in keys)
+    assert group not in uprobe_events(), "an agent that stops removes its uprobes"
 
 
 def test_the_gateways_own_tls_to_its_upstream_and_its_other_tls_ports_are_not_metered(start_agent) -> None:
@@ -506,3 +516,17 @@ def test_a_connection_begun_before_the_agent_is_metered_from_its_next_request(ga
     assert metered_rows(events) == billed_rows([e for e in entries if e["request_uri"] != "/before-agent"])
     assert {event["data"]["client_ip"] for event in events} == {"127.0.0.1"}
     assert len({event["id"] for event in events}) == 3
+
+
+def test_the_uprobes_of_an_agent_that_was_killed_are_removed_by_the_next_one(gateway, start_agent) -> None:
+    killed = start_agent(gateway)
+    killed.process.kill()
+    killed.process.wait(timeout=30)
+    group = f"agent_tls_{killed.process.pid}/"
+    assert group in uprobe_events(), "a killed agent cannot remove its own"
+    agent = start_agent(gateway)
+    assert group not in uprobe_events()
+    curl("-H", f"apikey: {ALICE}", f"{gateway.tls_url}/after-a-kill")
+    gateway.access_log_entries(expect=1)
+    stopped(agent)
+    assert [event["data"]["request_uri"] for event in agent.events()] == ["/after-a-kill"]

@@ -88,6 +88,8 @@ pub struct TlsProbes {
     watched: BpfHashMap<MapData, u32, NginxLayout>,
     attached: HashMap<u32, Process>,
     learning: bool,
+    /// processes to be attached again, their events kept open until they are (see `forked`)
+    superseded: HashMap<u32, Process>,
     /// the uprobes' trace events (after `attached` in drop order: a process's events close first)
     trace: TraceEvents,
 }
@@ -99,9 +101,11 @@ struct Process {
     /// that inherited its parent's); closing them ends its probes (an attach refused part-way drops
     /// those it made)
     _perf_events: Vec<OwnedFd>,
-    /// the monotonic clock (bpf_ktime_get_ns's) when its probes were all in: a child forked after that
-    /// inherited them
+    /// the monotonic clock (bpf_ktime_get_ns's) when its probes were all in (for a child that inherited
+    /// them, its anchor): a child forked after that inherited them and is not a clone
     complete_ns: u64,
+    /// its uprobes' events are inherited ones, not its own
+    inherited: bool,
 }
 
 /// A fork record (struct fork in tls.bpf.c).
@@ -125,6 +129,23 @@ impl Fork {
 /// and one that overlapped the parent's attach may lack the last ones (that child is attached itself;
 /// a site opened twice for a process still runs its program once).
 const INHERITED_AFTER_NS: u64 = 1_000_000_000;
+
+/// What a fork asks of the agent (see `TlsProbes::forked`).
+#[derive(Debug, PartialEq)]
+enum AfterFork {
+    Inherited,
+    AttachChild,
+    AttachBoth,
+}
+
+/// `parent`: (when its probes were all in, whether they are inherited), if the agent has it.
+fn after_fork(parent: Option<(u64, bool)>, fork_ns: u64) -> AfterFork {
+    match parent {
+        Some((complete_ns, _)) if complete_ns.saturating_add(INHERITED_AFTER_NS) < fork_ns => AfterFork::Inherited,
+        Some((_, true)) => AfterFork::AttachBoth,
+        _ => AfterFork::AttachChild,
+    }
+}
 
 /// The monotonic clock, as bpf_ktime_get_ns reads it.
 fn monotonic_ns() -> u64 {
@@ -256,7 +277,7 @@ impl TlsProbes {
         }
         let trace = TraceEvents::open()?;
         Ok(TlsProbes { positions: positions as *const u8, page, ring_bytes: u64::from(ring_bytes), ebpf, ring,
-                       forks, watched, attached: HashMap::new(), learning: false, trace })
+                       forks, watched, attached: HashMap::new(), learning: false, superseded: HashMap::new(), trace })
     }
 
     /// Whether the agent had to mount tracefs (nothing had), to say so.
@@ -287,10 +308,11 @@ impl TlsProbes {
             links.push(anchor);
             self.attach_probes(pid, library, &executable, nginx.map(|(_, at)| at), &mut links)
         });
-        match made {
+        let result = match made {
             Ok(reads) => {
                 let attached = Attached { reads, nginx: is_nginx };
-                self.attached.insert(pid, Process { attached, _perf_events: links, complete_ns: monotonic_ns() });
+                let process = Process { attached, _perf_events: links, complete_ns: monotonic_ns(), inherited: false };
+                self.attached.insert(pid, process);
                 Ok(attached)
             }
             Err(error) => {
@@ -298,7 +320,9 @@ impl TlsProbes {
                 drop(links);
                 Err(if is_running(pid) { AttachError::Refused(error) } else { AttachError::Exited(error) })
             }
-        }
+        };
+        self.superseded.remove(&pid);
+        result
     }
 
     /// Every probe of process `pid`, each link pushed onto `links`; how its reads are probed. `nginx_read`:
@@ -378,6 +402,7 @@ impl TlsProbes {
     /// that took its pid since is watched again: that entry stays.
     pub fn forget(&mut self, pid: u32) {
         self.attached.remove(&pid);
+        self.superseded.remove(&pid);
     }
 
     pub fn is_attached(&self, pid: u32) -> bool {
@@ -395,23 +420,33 @@ impl TlsProbes {
         records
     }
 
-    /// The children watched processes forked since the last call. One forked well after its parent's
+    /// The processes to attach since the last call: mostly none, as a child forked well after its parent's
     /// probes were all in inherited them (the kernel copies them into the child before it runs) and is
-    /// taken as attached; the others (forked while the parent was being attached, or by a parent the
-    /// agent did not attach) are to be attached.
+    /// taken as attached, given its anchor here. A child forked while its parent was being attached, or by
+    /// a parent the agent did not attach, is to be attached. So is the parent, if its own probes are
+    /// inherited and it forked before its anchor was in: the child is then a clone, whose exit could take
+    /// the parent's probes with it (see trace_events.rs); the parent's events stay until it is attached.
     pub fn forked(&mut self) -> Vec<u32> {
         let mut pids = Vec::new();
         while let Some(item) = self.forks.next() {
             let Some(fork) = Fork::parse(&item) else { continue };
-            let inherited = self.attached.get(&fork.parent)
-                .filter(|parent| parent.complete_ns.saturating_add(INHERITED_AFTER_NS) < fork.time_ns)
-                .map(|parent| (parent.attached, parent.complete_ns));
-            if let Some((attached, complete_ns)) = inherited {
-                // (a child that has exited already needs none)
-                let anchor = TraceEvents::anchor(fork.child).into_iter().collect();
-                self.attached.insert(fork.child, Process { attached, _perf_events: anchor, complete_ns });
+            let parent = self.attached.get(&fork.parent);
+            match after_fork(parent.map(|parent| (parent.complete_ns, parent.inherited)), fork.time_ns) {
+                AfterFork::Inherited => {
+                    let attached = parent.expect("a parent to inherit from").attached;
+                    // (a child that has exited already needs no anchor)
+                    let anchor = TraceEvents::anchor(fork.child).into_iter().collect();
+                    let child = Process { attached, _perf_events: anchor, complete_ns: monotonic_ns(), inherited: true };
+                    self.attached.insert(fork.child, child);
+                }
+                AfterFork::AttachChild => pids.push(fork.child),
+                AfterFork::AttachBoth => {
+                    if let Some(parent) = self.attached.remove(&fork.parent) {
+                        self.superseded.insert(fork.parent, parent);
+                    }
+                    pids.extend([fork.parent, fork.child]);
+                }
             }
-            pids.push(fork.child);
         }
         pids
     }
@@ -445,7 +480,9 @@ impl TlsProbes {
 
 impl Drop for TlsProbes {
     fn drop(&mut self) {
-        self.attached.clear(); // the processes' perf events, before the trace events they are open on
+        // the processes' perf events, before the trace events they are open on
+        self.attached.clear();
+        self.superseded.clear();
         // SAFETY: the mapping made in `load`, of that size, used by nothing after this.
         unsafe { libc::munmap(self.positions as *mut libc::c_void, 2 * self.page) };
     }
@@ -590,6 +627,22 @@ pub(super) fn code_at<'data, 'file>(file: &'file object::File<'data>, address: u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_child_forked_well_after_its_parents_probes_were_in_inherited_them() {
+        let second = 1_000_000_000;
+        assert_eq!(after_fork(Some((5 * second, false)), 7 * second), AfterFork::Inherited);
+        assert_eq!(after_fork(Some((5 * second, true)), 7 * second), AfterFork::Inherited);
+        // forked while the parent was being attached, or just after: it may lack the last probes
+        assert_eq!(after_fork(Some((5 * second, false)), 5 * second + 1), AfterFork::AttachChild);
+        assert_eq!(after_fork(Some((5 * second, false)), 4 * second), AfterFork::AttachChild);
+        // a parent that inherited its probes and forked before its anchor was in: the child is a clone
+        assert_eq!(after_fork(Some((5 * second, true)), 5 * second + 1), AfterFork::AttachBoth);
+        assert_eq!(after_fork(None, 7 * second), AfterFork::AttachChild, "a parent the agent did not attach");
+        assert_eq!(Fork::parse(&[1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0]),
+                   Some(Fork { child: 1, parent: 2, time_ns: 3 }));
+        assert_eq!(Fork::parse(&[1, 0, 0, 0]), None);
+    }
 
     #[test]
     fn a_zombie_or_a_gone_process_is_not_running() {

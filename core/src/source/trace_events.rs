@@ -43,6 +43,8 @@ type Site = (u64, u64, u64, bool);
 struct TraceEvent {
     name: String,
     id: u64,
+    /// the program's descriptor number, which stays the same while the agent runs
+    program: i32,
     /// the agent's own perf event on it, which holds the program (dropped before the event is removed)
     _carrier: OwnedFd,
 }
@@ -60,6 +62,9 @@ impl TraceEvents {
     /// previous agent left behind when it was killed.
     pub fn open() -> Result<TraceEvents, String> {
         let (root, mounted) = tracefs()?;
+        if !root.join("uprobe_events").exists() {
+            return Err(format!("this kernel has no uprobe events ({} has no uprobe_events)", root.display()));
+        }
         let group = format!("{GROUP_PREFIX}{}", std::process::id());
         let events = TraceEvents { root, group, events: HashMap::new(), mounted };
         events.remove_stale();
@@ -67,12 +72,15 @@ impl TraceEvents {
     }
 
     /// A perf event that makes process `pid` (and every child it forks from now on) trap at `offset` in
-    /// `path` and run `program` there. `program` must be the same for a site every time.
+    /// `path` and run `program` there (one program per site).
     pub fn open_for(&mut self, program: BorrowedFd<'_>, path: &str, offset: u64, retprobe: bool, pid: u32)
                     -> Result<OwnedFd, String> {
         let metadata = std::fs::metadata(path).map_err(|error| format!("cannot read {path}: {error}"))?;
         let site = (metadata.dev(), metadata.ino(), offset, retprobe);
         let id = match self.events.get(&site) {
+            Some(event) if event.program != program.as_raw_fd() => {
+                return Err(format!("two programs for the uprobe at {offset:#x} in {path}"));
+            }
             Some(event) => event.id,
             None => {
                 let event = self.make(program, path, offset, retprobe)?;
@@ -116,7 +124,7 @@ impl TraceEvents {
                 .map_err(|error| format!("cannot open the uprobe at {offset:#x} in {path}: {error}"))?;
             attach_program(&carrier, program)
                 .map_err(|error| format!("cannot attach a program to the uprobe at {offset:#x} in {path}: {error}"))?;
-            Ok(TraceEvent { name: name.clone(), id, _carrier: carrier })
+            Ok(TraceEvent { name: name.clone(), id, program: program.as_raw_fd(), _carrier: carrier })
         })();
         if made.is_err() {
             let _ = self.command(&format!("-:{}/{name}", self.group));
@@ -131,11 +139,18 @@ impl TraceEvents {
     }
 
     /// The trace events of agents that are no longer running (or of an earlier agent with this pid):
-    /// removed, as the agent would have on a clean stop. One still in use stays.
+    /// removed, as the agent would have on a clean stop. A killed agent's are busy for a moment after it
+    /// is gone (its CPU-share watcher, which holds copies of its descriptors, dies after it), so a busy
+    /// one is tried again for up to 2 s; one still in use then stays.
     fn remove_stale(&self) {
         let Ok(listing) = std::fs::read_to_string(self.root.join("uprobe_events")) else { return };
-        for name in stale_events(&listing, std::process::id(), |pid| Path::new(&format!("/proc/{pid}")).exists()) {
-            let _ = self.command(&format!("-:{name}"));
+        let mut stale = stale_events(&listing, std::process::id(), |pid| Path::new(&format!("/proc/{pid}")).exists());
+        for _ in 0..40 {
+            stale.retain(|name| self.command(&format!("-:{name}")).is_err_and(|error| error.raw_os_error() == Some(libc::EBUSY)));
+            if stale.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
 }
