@@ -1403,8 +1403,8 @@ impl PyTlsProbes {
         self.probes.is_attached(pid)
     }
 
-    /// The children the gateway's processes forked since the last call (to attach: most inherited their
-    /// parent's probes, and are attached already).
+    /// The children the gateway's processes forked since the last call, and the parents to attach again:
+    /// each to pass to `attach` (most children inherited their parent's probes, and are attached already).
     fn forked(&mut self) -> Vec<u32> {
         self.probes.forked()
     }

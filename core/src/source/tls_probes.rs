@@ -420,10 +420,11 @@ impl TlsProbes {
         records
     }
 
-    /// The processes to attach since the last call: mostly none, as a child forked well after its parent's
-    /// probes were all in inherited them (the kernel copies them into the child before it runs) and is
-    /// taken as attached, given its anchor here. A child forked while its parent was being attached, or by
-    /// a parent the agent did not attach, is to be attached. So is the parent, if its own probes are
+    /// The children watched processes forked since the last call, and the parents to attach again, each to
+    /// be passed to `attach`. A child forked well after its parent's probes were all in inherited them (the
+    /// kernel copies them into the child before it runs) and is taken as attached here, given its anchor
+    /// (`attach` then only says how); a child forked while its parent was being attached, or by a parent
+    /// the agent did not attach, is attached by `attach`. So is the parent again, if its own probes are
     /// inherited and it forked before its anchor was in: the child is then a clone, whose exit could take
     /// the parent's probes with it (see trace_events.rs); the parent's events stay until it is attached.
     pub fn forked(&mut self) -> Vec<u32> {
@@ -438,6 +439,7 @@ impl TlsProbes {
                     let anchor = TraceEvents::anchor(fork.child).into_iter().collect();
                     let child = Process { attached, _perf_events: anchor, complete_ns: monotonic_ns(), inherited: true };
                     self.attached.insert(fork.child, child);
+                    pids.push(fork.child);
                 }
                 AfterFork::AttachChild => pids.push(fork.child),
                 AfterFork::AttachBoth => {
