@@ -29,6 +29,7 @@ from kong_standin import (KongStandin, billed_rows, free_loopback_port, load_con
                           strip_key_params)
 
 from conftest import CAPTURES, summary
+from tests.doubles.ingest import IngestDouble
 from tests.test_live_e2e import LiveAgent, request
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: packet sockets, bpf()")]
@@ -530,3 +531,34 @@ def test_the_uprobes_of_an_agent_that_was_killed_are_removed_by_the_next_one(gat
     gateway.access_log_entries(expect=1)
     stopped(agent)
     assert [event["data"]["request_uri"] for event in agent.events()] == ["/after-a-kill"]
+
+
+def test_the_agents_own_https_to_its_ingest_endpoint_never_reaches_the_pipeline(gateway, tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    """The agent maps the same libssl as the gateway (for its own HTTPS) and holds each uprobe's program on
+    a perf event of its own, so the probes trap in it too: its writes to the ingest endpoint, token and
+    all, must be dropped there, never become a stream."""
+    token = "own-https-token"
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(gateway.prefix / "cert.pem", gateway.prefix / "key.pem")
+    monkeypatch.setenv("METERING_API_TOKEN", token)
+    with IngestDouble(token, tls=context) as ingest:
+        agent = LiveAgent(None, gateway.port, "--tls-port", str(gateway.tls_port), "--ingest-endpoint", ingest.url,
+                          "--insecure-skip-tls-verify", "--data-dir", str(tmp_path / "data"), deck=DECK)
+        try:
+            agent.wait_for("metering HTTPS on port")
+            agent.wait_for("credentials: loaded")
+            base = gateway.tls_url
+            for round_ in range(3):  # each round's events are sent before the next round's requests
+                curl("-H", f"apikey: {ALICE}", f"{base}/own/{round_}/a", f"{base}/own/{round_}/b")
+                deadline = time.monotonic() + 20
+                while len(ingest.accepted) < 2 * (round_ + 1):
+                    assert time.monotonic() < deadline, (ingest.statuses(), agent.stderr)
+                    time.sleep(0.05)
+            counters = stopped(agent)
+        finally:
+            agent.process.kill()
+    assert len(ingest.accepted) == 6
+    assert counters["tls_streams"] == 3 and counters["tls_midstream"] == 0 and counters["tls_unmetered"] == 0, counters
+    assert counters["events"] == 6 and counters["parse_errors"] == 0, counters
+    assert token not in agent.stderr

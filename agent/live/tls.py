@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,6 +26,7 @@ log = logging.getLogger("agent.tls")
 
 RING_BYTES = 128 << 20       # the probes' ring buffer: about 8 s of a saturated gateway's plaintext (20k req/s)
 RESCAN_SECONDS = 5.0         # how often the listeners are looked for again
+EXEC_RESCAN_SECONDS = 0.5    # how soon after a gateway process exec'd (an nginx binary upgrade)
 RECORDS_PER_CALL = 8192      # records the core reads per call, between looks at the forks and the clock
 
 
@@ -75,15 +77,26 @@ def tls_library(pid: int) -> str | None:
     return f"/proc/{pid}/exe"
 
 
+def raise_descriptor_limit() -> None:
+    """The soft limit on open files up to the hard one: each gateway process attached itself holds 8 or 9
+    perf events (an anchor and its probes), so a gateway of 200 workers found at start needs some 1,800
+    descriptors, over the usual soft limit of 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class TlsCapture:
     """The probes, attached to the gateway's processes, read into the capture loop's pipeline."""
 
     def __init__(self, ports: set[int]) -> None:
         self.ports = ports
+        raise_descriptor_limit()
         try:
             self.probes = _core.TlsProbes(RING_BYTES, sorted(ports))
         except OSError as error:
-            hint = " (the agent needs root: CAP_BPF, CAP_PERFMON and tracefs)" if "not permitted" in str(error) else ""
+            hint = (" (the agent needs root: CAP_BPF, CAP_PERFMON, write access to tracefs and, to mount it, "
+                    "CAP_SYS_ADMIN)" if "not permitted" in str(error) else "")
             raise TlsUnavailable(f"--tls-port: cannot meter HTTPS here: {error}{hint}") from None
         if self.probes.mounted_tracefs():
             log.info("--tls-port: tracefs was not mounted; mounted it at /sys/kernel/tracing (the uprobes are "
@@ -142,9 +155,15 @@ class TlsCapture:
     def feed(self, pipeline: Pipeline) -> tuple[bytes, int]:
         """What the probes have for `pipeline`: its events' lines and how many records there were. New
         children are taken first (most inherited their parent's probes; one forked while its parent was
-        being attached is attached now)."""
+        being attached, and such a parent if its own probes are inherited, are attached now). A process that
+        exec'd is forgotten, and the listeners looked at again soon: an nginx binary upgrade's new master
+        is attached anew there."""
         for pid in self.probes.forked():
             self.attach(pid)
+        for pid in self.probes.execed():
+            self.attached.pop(pid, None)
+            self.refused.discard(pid)
+            self.next_scan = min(self.next_scan, time.monotonic() + EXEC_RESCAN_SECONDS)
         lines, records, exited = pipeline.feed_tls(self.probes, RECORDS_PER_CALL)
         for pid in exited:
             self.probes.forget(pid)

@@ -114,7 +114,10 @@ struct fork {
 	__u32 child;
 	__u32 parent;
 	__u64 time_ns;
+	__u32 kind; /* FORK_EXEC: `child` exec'd another program (parent is itself) */
+	__u32 unused;
 };
+#define FORK_EXEC 1
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -203,9 +206,13 @@ static __always_inline int is_watched(void)
 	return bpf_map_lookup_elem(&watched, &pid) != 0;
 }
 
-/* The uprobes are attached per process (the gateway's), so they need no check of the process. */
+/* A uprobe traps in every process that has a perf event on it: the gateway's processes, and the agent's
+ * own (which holds each trace event's program, and maps the same libssl for its own HTTPS), so a probe
+ * that may run before the stream's socket is known checks the process. */
 static __always_inline int enter(__u64 ssl, __u64 buf, __u64 ex_len, __u32 kind)
 {
+	if (!is_watched())
+		return 0;
 	struct call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0,
 						 BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!call) {
@@ -531,6 +538,10 @@ int ngx_read_delivered(struct pt_regs *ctx)
 SEC("uprobe")
 int BPF_KPROBE(ssl_write_worker, void *ssl, const void *buf, size_t num)
 {
+	/* a known stream is a watched process's (ssl_set_fd and the socket's learning check) */
+	struct endpoint *endpoint = endpoint_of((__u64)ssl);
+	if (!endpoint && !is_watched())
+		return 0;
 	struct call *call = bpf_task_storage_get(&calls, bpf_get_current_task_btf(), 0,
 						 BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!call) {
@@ -543,7 +554,6 @@ int BPF_KPROBE(ssl_write_worker, void *ssl, const void *buf, size_t num)
 	call->kind = KIND_WRITE;
 	call->active = 1;
 	call->at_entry = 1;
-	struct endpoint *endpoint = endpoint_of((__u64)ssl);
 	call->copied_seq = 0;
 	if (endpoint) {
 		struct tcp_sock *tp = (struct tcp_sock *)endpoint->sk;
@@ -671,13 +681,27 @@ int BPF_PROG(process_fork, struct task_struct *parent, struct task_struct *child
 	struct nginx_layout *layout = bpf_map_lookup_elem(&watched, &parent_pid);
 	if (child_pid == parent_pid || !layout)
 		return 0;
-	/* the same executable; a child that execs another keeps this layout and its pid's old probes, which
-	 * no longer fire (an nginx binary upgrade's new master is not attached: see the README) */
+	/* the same executable (one that execs another is unwatched then: process_exec) */
 	struct nginx_layout inherited = *layout;
 	bpf_map_update_elem(&watched, &child_pid, &inherited, BPF_ANY);
 	/* (one lost here is found by the agent's next look at the listeners, within seconds) */
-	struct fork fork = { .child = child_pid, .parent = parent_pid, .time_ns = bpf_ktime_get_ns() };
+	struct fork fork = { .child = child_pid, .parent = parent_pid, .time_ns = bpf_ktime_get_ns(), .kind = 0 };
 	if (bpf_ringbuf_output(&forks, &fork, sizeof(fork), QUIET))
+		count(0, 1);
+	return 0;
+}
+
+/* A watched process execs (an nginx binary upgrade's new master): its layout and inherited probes are the
+ * old program's, so it is not watched until the agent attaches it again, which it is told to. */
+SEC("tp_btf/sched_process_exec")
+int BPF_PROG(process_exec, struct task_struct *task, pid_t old_pid, struct linux_binprm *bprm)
+{
+	__u32 pid = BPF_CORE_READ(task, tgid);
+	if (!bpf_map_lookup_elem(&watched, &pid))
+		return 0;
+	bpf_map_delete_elem(&watched, &pid);
+	struct fork exec = { .child = pid, .parent = pid, .time_ns = bpf_ktime_get_ns(), .kind = FORK_EXEC };
+	if (bpf_ringbuf_output(&forks, &exec, sizeof(exec), QUIET))
 		count(0, 1);
 	return 0;
 }

@@ -1409,6 +1409,12 @@ impl PyTlsProbes {
         self.probes.forked()
     }
 
+    /// The processes that exec'd another program since the last call: no longer attached (to look for
+    /// again among the listeners).
+    fn execed(&mut self) -> Vec<u32> {
+        self.probes.execed()
+    }
+
     /// Whether the agent mounted tracefs (nothing had).
     fn mounted_tracefs(&self) -> bool {
         self.probes.mounted_tracefs()

@@ -33,10 +33,11 @@ const WRITE_WORKER: &str = "ssl_write_worker";
 const NGINX_DELIVERED: &str = "ngx_read_delivered";
 const MARKERS: [(&str, &str); 3] =
     [("ssl_set_fd", "SSL_set_fd"), ("ssl_free", "SSL_free"), ("ssl_shutdown", "SSL_shutdown")];
-const TRACEPOINTS: [(&str, &str); 4] = [
+const TRACEPOINTS: [(&str, &str); 5] = [
     ("sock_recv", "sock_recv_length"),
     ("sock_send", "sock_send_length"),
     ("process_fork", "sched_process_fork"),
+    ("process_exec", "sched_process_exec"),
     ("process_exit", "sched_process_exit"),
 ];
 /// The receive tracepoint learns the socket of a library read worker's call (an nginx's read probe reads
@@ -90,6 +91,13 @@ pub struct TlsProbes {
     learning: bool,
     /// processes to be attached again, their events kept open until they are (see `forked`)
     superseded: HashMap<u32, Process>,
+    /// the events of processes gone (exited, or exec'd into another program) that live processes
+    /// inherited, by owner: closing an event ends every copy a child inherited from it
+    retired: HashMap<u64, Process>,
+    /// the owner number the next process attached itself gets
+    next_owner: u64,
+    /// processes that exec'd, forgotten, for the agent to forget too
+    execed: Vec<u32>,
     /// the uprobes' trace events (after `attached` in drop order: a process's events close first)
     trace: TraceEvents,
 }
@@ -106,21 +114,33 @@ struct Process {
     complete_ns: u64,
     /// its uprobes' events are inherited ones, not its own
     inherited: bool,
+    /// whose uprobes' events these are: a number of its own when attached itself, else its parent's
+    owner: u64,
 }
 
-/// A fork record (struct fork in tls.bpf.c).
+/// What the forks ring says (struct fork in tls.bpf.c).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ForkKind {
+    Fork,
+    /// the process `child` exec'd: its probes and layout are the old program's
+    Exec,
+}
+
+/// A record of the forks ring (struct fork in tls.bpf.c).
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Fork {
     child: u32,
     parent: u32,
     time_ns: u64,
+    kind: ForkKind,
 }
 
 impl Fork {
     fn parse(record: &[u8]) -> Option<Fork> {
         let word = |at: usize| record.get(at..at + 4).and_then(|bytes| bytes.try_into().ok()).map(u32::from_ne_bytes);
         let time = record.get(8..16).and_then(|bytes| bytes.try_into().ok()).map(u64::from_ne_bytes)?;
-        Some(Fork { child: word(0)?, parent: word(4)?, time_ns: time })
+        let kind = if word(16)? == 1 { ForkKind::Exec } else { ForkKind::Fork };
+        Some(Fork { child: word(0)?, parent: word(4)?, time_ns: time, kind })
     }
 }
 
@@ -264,6 +284,8 @@ impl TlsProbes {
         for port in ports {
             metered.insert(port, 1, 0).map_err(|error| refused("cannot set the TLS ports", error))?;
         }
+        // before the mapping below, which nothing would unmap if this failed
+        let trace = TraceEvents::open()?;
         use std::os::fd::AsRawFd;
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
@@ -275,9 +297,9 @@ impl TlsProbes {
         if positions == libc::MAP_FAILED {
             return Err(format!("cannot map the ring buffer's positions: {}", std::io::Error::last_os_error()));
         }
-        let trace = TraceEvents::open()?;
         Ok(TlsProbes { positions: positions as *const u8, page, ring_bytes: u64::from(ring_bytes), ebpf, ring,
-                       forks, watched, attached: HashMap::new(), learning: false, superseded: HashMap::new(), trace })
+                       forks, watched, attached: HashMap::new(), learning: false, superseded: HashMap::new(), retired: HashMap::new(),
+                       next_owner: 1, execed: Vec::new(), trace })
     }
 
     /// Whether the agent had to mount tracefs (nothing had), to say so.
@@ -308,21 +330,45 @@ impl TlsProbes {
             links.push(anchor);
             self.attach_probes(pid, library, &executable, nginx.map(|(_, at)| at), &mut links)
         });
-        let result = match made {
+        let superseded = self.superseded.remove(&pid);
+        match made {
             Ok(reads) => {
                 let attached = Attached { reads, nginx: is_nginx };
-                let process = Process { attached, _perf_events: links, complete_ns: monotonic_ns(), inherited: false };
+                let owner = self.next_owner;
+                self.next_owner += 1;
+                let process = Process { attached, _perf_events: links, complete_ns: monotonic_ns(), inherited: false,
+                                        owner };
                 self.attached.insert(pid, process);
+                if let Some(old) = superseded {
+                    self.release(old);
+                }
                 Ok(attached)
             }
             Err(error) => {
-                let _ = self.watched.remove(&pid);
                 drop(links);
-                Err(if is_running(pid) { AttachError::Refused(error) } else { AttachError::Exited(error) })
+                let running = is_running(pid);
+                match superseded {
+                    // attached again and refused: it keeps the probes it had
+                    Some(old) if running => {
+                        self.attached.insert(pid, old);
+                    }
+                    _ => {
+                        let _ = self.watched.remove(&pid);
+                    }
+                }
+                Err(if running { AttachError::Refused(error) } else { AttachError::Exited(error) })
             }
-        };
-        self.superseded.remove(&pid);
-        result
+        }
+    }
+
+    /// A process's events once it no longer needs them: closed, unless a live process inherited them
+    /// (then retired until none does).
+    fn release(&mut self, process: Process) {
+        if !process.inherited && self.attached.values().any(|other| other.owner == process.owner) {
+            self.retired.insert(process.owner, process);
+        }
+        let owners: std::collections::HashSet<u64> = self.attached.values().map(|other| other.owner).collect();
+        self.retired.retain(|owner, _| owners.contains(owner));
     }
 
     /// Every probe of process `pid`, each link pushed onto `links`; how its reads are probed. `nginx_read`:
@@ -401,8 +447,17 @@ impl TlsProbes {
     /// Its entry in the programs' `watched` map went when it exited (the exit tracepoint), and a child
     /// that took its pid since is watched again: that entry stays.
     pub fn forget(&mut self, pid: u32) {
-        self.attached.remove(&pid);
-        self.superseded.remove(&pid);
+        if let Some(process) = self.attached.remove(&pid) {
+            self.release(process);
+        }
+        if let Some(process) = self.superseded.remove(&pid) {
+            self.release(process);
+        }
+    }
+
+    /// The processes that exec'd another program since the last call (forgotten: see `forked`).
+    pub fn execed(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.execed)
     }
 
     pub fn is_attached(&self, pid: u32) -> bool {
@@ -428,19 +483,39 @@ impl TlsProbes {
     /// inherited and it forked before its anchor was in: the child is then a clone, whose exit could take
     /// the parent's probes with it (see trace_events.rs); the parent's events stay until it is attached.
     pub fn forked(&mut self) -> Vec<u32> {
-        let mut pids = Vec::new();
+        let mut records = Vec::new();
         while let Some(item) = self.forks.next() {
-            let Some(fork) = Fork::parse(&item) else { continue };
+            records.extend(Fork::parse(&item));
+        }
+        let mut pids = Vec::new();
+        for fork in records {
+            if fork.kind == ForkKind::Exec {
+                // its probes and layout are the old program's (the programs no longer watch it): it is
+                // attached again if it is still a gateway process, when the agent next looks
+                if let Some(process) = self.attached.remove(&fork.child) {
+                    self.release(process);
+                    self.execed.push(fork.child);
+                }
+                continue;
+            }
             let parent = self.attached.get(&fork.parent);
             match after_fork(parent.map(|parent| (parent.complete_ns, parent.inherited)), fork.time_ns) {
-                AfterFork::Inherited => {
-                    let attached = parent.expect("a parent to inherit from").attached;
-                    // (a child that has exited already needs no anchor)
-                    let anchor = TraceEvents::anchor(fork.child).into_iter().collect();
-                    let child = Process { attached, _perf_events: anchor, complete_ns: monotonic_ns(), inherited: true };
-                    self.attached.insert(fork.child, child);
-                    pids.push(fork.child);
+                AfterFork::Inherited if !self.attached.contains_key(&fork.child) => {
+                    let (attached, owner) = parent.map(|parent| (parent.attached, parent.owner)).expect("a parent");
+                    match TraceEvents::anchor(fork.child) {
+                        Ok(anchor) => {
+                            let child = Process { attached, _perf_events: vec![anchor], complete_ns: monotonic_ns(),
+                                                  inherited: true, owner };
+                            self.attached.insert(fork.child, child);
+                            pids.push(fork.child);
+                        }
+                        // gone already (its exit may have been read before its fork): nothing to keep
+                        Err(_) if !is_running(fork.child) => {}
+                        // without its anchor its own children would be clones: attached itself instead
+                        Err(_) => pids.push(fork.child),
+                    }
                 }
+                AfterFork::Inherited => pids.push(fork.child),
                 AfterFork::AttachChild => pids.push(fork.child),
                 AfterFork::AttachBoth => {
                     if let Some(parent) = self.attached.remove(&fork.parent) {
@@ -485,6 +560,7 @@ impl Drop for TlsProbes {
         // the processes' perf events, before the trace events they are open on
         self.attached.clear();
         self.superseded.clear();
+        self.retired.clear();
         // SAFETY: the mapping made in `load`, of that size, used by nothing after this.
         unsafe { libc::munmap(self.positions as *mut libc::c_void, 2 * self.page) };
     }
@@ -641,8 +717,9 @@ mod tests {
         // a parent that inherited its probes and forked before its anchor was in: the child is a clone
         assert_eq!(after_fork(Some((5 * second, true)), 5 * second + 1), AfterFork::AttachBoth);
         assert_eq!(after_fork(None, 7 * second), AfterFork::AttachChild, "a parent the agent did not attach");
-        assert_eq!(Fork::parse(&[1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0]),
-                   Some(Fork { child: 1, parent: 2, time_ns: 3 }));
+        let record = |kind: u8| [1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, kind, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(Fork::parse(&record(0)), Some(Fork { child: 1, parent: 2, time_ns: 3, kind: ForkKind::Fork }));
+        assert_eq!(Fork::parse(&record(1)), Some(Fork { child: 1, parent: 2, time_ns: 3, kind: ForkKind::Exec }));
         assert_eq!(Fork::parse(&[1, 0, 0, 0]), None);
     }
 

@@ -53,6 +53,9 @@ pub struct TraceEvents {
     root: PathBuf,
     group: String,
     events: HashMap<Site, TraceEvent>,
+    /// the number in the next event's name (not reused: a half-made event that could not be removed keeps
+    /// its name)
+    made: u32,
     /// tracefs was not mounted, and the agent mounted it at `TRACEFS_HOME`
     pub mounted: bool,
 }
@@ -66,7 +69,7 @@ impl TraceEvents {
             return Err(format!("this kernel has no uprobe events ({} has no uprobe_events)", root.display()));
         }
         let group = format!("{GROUP_PREFIX}{}", std::process::id());
-        let events = TraceEvents { root, group, events: HashMap::new(), mounted };
+        let events = TraceEvents { root, group, events: HashMap::new(), made: 0, mounted };
         events.remove_stale();
         Ok(events)
     }
@@ -108,11 +111,12 @@ impl TraceEvents {
     }
 
     /// A new trace event for the site, its program attached through the carrier.
-    fn make(&self, program: BorrowedFd<'_>, path: &str, offset: u64, retprobe: bool) -> Result<TraceEvent, String> {
+    fn make(&mut self, program: BorrowedFd<'_>, path: &str, offset: u64, retprobe: bool) -> Result<TraceEvent, String> {
         if path.contains(|c: char| c.is_whitespace() || c == ':') {
             return Err(format!("cannot probe {path:?}: tracefs takes no spaces or colons in a path"));
         }
-        let name = format!("p{}", self.events.len());
+        let name = format!("p{}", self.made);
+        self.made += 1;
         let kind = if retprobe { 'r' } else { 'p' };
         self.command(&format!("{kind}:{}/{name} {path}:{offset:#x}", self.group))
             .map_err(|error| format!("cannot make a uprobe at {offset:#x} in {path}: {error}"))?;
@@ -194,7 +198,7 @@ fn tracefs() -> Result<(PathBuf, bool), String> {
     // SAFETY: mount(2) with NUL-terminated strings that outlive the call and no data.
     let status = unsafe { libc::mount(kind.as_ptr(), target.as_ptr(), kind.as_ptr(), 0, std::ptr::null()) };
     if status != 0 {
-        return Err(format!("tracefs is not mounted and mounting it at {TRACEFS_HOME} failed: {} (it needs root)",
+        return Err(format!("tracefs is not mounted and mounting it at {TRACEFS_HOME} failed: {}",
                            std::io::Error::last_os_error()));
     }
     Ok((PathBuf::from(TRACEFS_HOME), true))
