@@ -335,7 +335,7 @@ def test_a_reload_and_a_worker_that_dies_are_followed(gateway, start_agent, tmp_
         client.get("/across/2", headers={"apikey": BOB})
     time.sleep(0.5)
     curl("-H", f"apikey: {CAROL}", f"{base}/after-reload/1", f"{base}/after-reload/2")
-    # a worker killed outright: nginx starts another, which is attached too; its streams are closed
+    # a worker killed outright: nginx starts another, which inherits the probes; its streams are closed
     workers = {child.pid for child in psutil.Process(gateway.pid).children()}
     connection = tls_socket(gateway.tls_port)
     connection.sendall(request("GET", "/killed/answered", ALICE))
@@ -394,7 +394,8 @@ def test_a_storm_of_reloads_under_steady_traffic_loses_nothing(gateway, start_ag
     assert_clean(counters)
     # and without piling up: an exited worker's perf events are closed (each child holds one, its anchor)
     assert descriptors_after <= descriptors_before + 2 * gateway.workers, (descriptors_before, descriptors_after)
-    # an old worker that exits while being attached is no error: nothing of it is left to meter
+    # an old worker that exits while the agent attaches it (a fork in the agent's first second) is no
+    # error: nothing of it is left to meter
     assert not any("--tls-port" in line and "ERROR:" in line for line in agent.lines), agent.stderr
 
 
@@ -562,3 +563,72 @@ def test_the_agents_own_https_to_its_ingest_endpoint_never_reaches_the_pipeline(
     assert counters["tls_streams"] == 3 and counters["tls_midstream"] == 0 and counters["tls_unmetered"] == 0, counters
     assert counters["events"] == 6 and counters["parse_errors"] == 0, counters
     assert token not in agent.stderr
+
+
+
+def test_a_gateway_process_that_execs_is_attached_anew(tmp_path: Path) -> None:
+    """An nginx binary upgrade's new master is a watched process that execs (the stand-in's nginx runs in
+    the foreground, where nginx ignores USR2): here the Python gateway execs itself on SIGUSR2, keeping its
+    listening socket and pid. The probes stop watching it at the exec, and the agent attaches it again."""
+    port, log = free_loopback_port(), tmp_path / "answered.jsonl"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+                   check=True, capture_output=True, timeout=60)
+    execs = PYTHON_GATEWAY.replace(
+        'server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)',
+        'import signal, socket\n'
+        'inherited = int(os.environ.get("LISTENER", "-1"))\n'
+        'server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler, bind_and_activate=inherited < 0)\n'
+        'if inherited >= 0:\n'
+        '    server.socket.close()\n'
+        '    server.socket = socket.socket(fileno=inherited)\n'
+        'listener = server.socket.fileno()\n'
+        'def upgrade(*_):\n'
+        '    os.set_inheritable(listener, True)\n'
+        '    os.environ["LISTENER"] = str(listener)\n'
+        '    os.execv(sys.executable, [sys.executable, *sys.argv])\n'
+        'signal.signal(signal.SIGUSR2, upgrade)')
+    assert execs != PYTHON_GATEWAY
+    (tmp_path / "gateway.py").write_text(execs)
+    subprocess.run(["setsid", "-f", sys.executable, str(tmp_path / "gateway.py"), str(port), str(tmp_path / "cert.pem"),
+                    str(tmp_path / "key.pem"), str(log)], check=True, timeout=10)
+    deadline = time.monotonic() + 10
+    while not Path(f"{log}.pid").exists() or not _listening(port):
+        assert time.monotonic() < deadline, "the Python gateway did not start"
+        time.sleep(0.05)
+    server = psutil.Process(int(Path(f"{log}.pid").read_text()))
+    agent = LiveAgent(tmp_path / "events.jsonl", free_loopback_port(), "--tls-port", str(port), deck=DECK)
+
+    def one(path: str) -> None:
+        with tls_socket(port) as connection:
+            connection.sendall(request("GET", path, ALICE, close=True))
+            assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+
+    try:
+        agent.wait_for("metering HTTPS on port")
+        agent.wait_for("credentials: loaded")
+        one("/before-exec")
+        started = server.create_time()
+        Path(f"{log}.pid").unlink()
+        server.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + 10
+        while not Path(f"{log}.pid").exists():
+            assert time.monotonic() < deadline, "the Python gateway did not exec"
+            time.sleep(0.05)
+        assert server.pid == int(Path(f"{log}.pid").read_text()) and server.create_time() == started
+        time.sleep(1.5)  # the agent looks at the listeners again within 0.5 s of an exec
+        one("/after-exec/1")
+        one("/after-exec/2")
+        deadline = time.monotonic() + 10
+        while len(log.read_text().splitlines()) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        counters = stopped(agent)
+    finally:
+        agent.kill()
+        server.kill()
+    assert sorted(event["data"]["request_uri"] for event in agent.events()) == [
+        "/after-exec/1", "/after-exec/2", "/before-exec"]
+    assert_clean(counters)
+    assert counters["tls_processes"] == 1, counters
+    assert not any("ERROR:" in line for line in agent.lines), agent.stderr

@@ -17,7 +17,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if getattr(args, "tls_port", None) and args.workers > 1:
         parser.error("--tls-port goes with --workers 1: the TLS probes feed one pipeline")
     if getattr(args, "tls_port", None) and args.user:
-        parser.error("--tls-port cannot go with --user: attaching to a reload's new workers needs root")
+        parser.error("--tls-port cannot go with --user: the TLS probes need root for as long as the agent runs")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
