@@ -569,7 +569,9 @@ def test_the_agents_own_https_to_its_ingest_endpoint_never_reaches_the_pipeline(
 def test_a_gateway_process_that_execs_is_attached_anew(tmp_path: Path) -> None:
     """An nginx binary upgrade's new master is a watched process that execs (the stand-in's nginx runs in
     the foreground, where nginx ignores USR2): here the Python gateway execs itself on SIGUSR2, keeping its
-    listening socket and pid. The probes stop watching it at the exec, and the agent attaches it again."""
+    listening socket and pid. The probes stop watching it at the exec, and the agent attaches it again.
+    First it starts a helper holding the listening socket too, as a plugin's shell does under nginx (whose
+    listeners its children inherit): a program without TLS, which the agent must leave alone, silently."""
     port, log = free_loopback_port(), tmp_path / "answered.jsonl"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
                     "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
@@ -584,6 +586,9 @@ def test_a_gateway_process_that_execs_is_attached_anew(tmp_path: Path) -> None:
         '    server.socket = socket.socket(fileno=inherited)\n'
         'listener = server.socket.fileno()\n'
         'def upgrade(*_):\n'
+        '    import subprocess\n'
+        '    helper = subprocess.Popen(["sleep", "30"], pass_fds=[listener], start_new_session=True)\n'
+        '    open(log + ".helper", "w").write(str(helper.pid))\n'
         '    os.set_inheritable(listener, True)\n'
         '    os.environ["LISTENER"] = str(listener)\n'
         '    os.execv(sys.executable, [sys.executable, *sys.argv])\n'
@@ -627,8 +632,12 @@ def test_a_gateway_process_that_execs_is_attached_anew(tmp_path: Path) -> None:
     finally:
         agent.kill()
         server.kill()
+        helper = Path(f"{log}.helper")
+        if helper.exists():
+            os.kill(int(helper.read_text()), signal.SIGKILL)
     assert sorted(event["data"]["request_uri"] for event in agent.events()) == [
         "/after-exec/1", "/after-exec/2", "/before-exec"]
     assert_clean(counters)
     assert counters["tls_processes"] == 1, counters
     assert not any("ERROR:" in line for line in agent.lines), agent.stderr
+    assert Path(f"{log}.helper").exists(), "the helper was started"

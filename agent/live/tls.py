@@ -35,10 +35,9 @@ class TlsUnavailable(RuntimeError):
 
 
 def listening_processes(ports: set[int]) -> set[int]:
-    """Processes holding a listening socket on one of `ports`, with the process tree around them: nginx
-    shares one listening socket among master and workers, and psutil names only one of them."""
-    found = {conn.pid for conn in psutil.net_connections(kind="tcp")
-             if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port in ports and conn.pid}
+    """Processes holding a listening socket on one of `ports`, with the process tree around them (the
+    workers a master has started meanwhile, say)."""
+    found = _holders(_listening_inodes(ports))
     tree: set[int] = set()
     for pid in found:
         try:
@@ -52,6 +51,40 @@ def listening_processes(ports: set[int]) -> set[int]:
         except psutil.Error:
             continue
     return tree
+
+
+def _listening_inodes(ports: set[int]) -> set[str]:
+    """The inodes of the listening TCP sockets on `ports`, from the kernel's tables (this network namespace's)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text(encoding="ascii", errors="replace").splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) in ports:
+                inodes.add(fields[9])
+    return inodes
+
+
+def _holders(inodes: set[str]) -> set[int]:
+    """Every process with a descriptor on one of those sockets. psutil names one process per socket, and
+    nginx's master, its workers and whatever they started (a plugin's shell inherits the listeners) share
+    them: named alone, a helper hid the gateway."""
+    holders: set[int] = set()
+    if not inodes:
+        return holders
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            links = (os.readlink(fd.path) for fd in os.scandir(f"/proc/{entry.name}/fd"))
+            if any(link.startswith("socket:[") and link[8:-1] in inodes for link in links):
+                holders.add(int(entry.name))
+        except OSError:  # gone, or a descriptor closed meanwhile
+            continue
+    return holders
 
 
 def _same_executable(parent: psutil.Process, process: psutil.Process) -> bool:
@@ -104,6 +137,7 @@ class TlsCapture:
         self.attached: dict[int, str] = {}  # pid -> how its reads are probed (see attach)
         self.slow_reads_warned = False
         self.refused: set[int] = set()
+        self.execed: set[int] = set()  # exec'd and still listening (see rescan)
         self.next_scan = 0.0
         self.http2_warned = 0
         self.unread_bytes = 0  # left in the ring at a stop's deadline
@@ -121,7 +155,17 @@ class TlsCapture:
     def rescan(self) -> None:
         """Attach to listeners not attached yet."""
         self.next_scan = time.monotonic() + RESCAN_SECONDS
-        for pid in sorted(listening_processes(self.ports) - self.attached.keys() - self.refused):
+        for pid in self.probes.unwatched():  # an exit or exec whose record the probes had no room for
+            self.attached.pop(pid, None)
+        listening = listening_processes(self.ports)
+        self.execed &= listening
+        for pid in sorted(listening - self.attached.keys() - self.refused):
+            if pid in self.execed and tls_library(pid) == f"/proc/{pid}/exe":
+                # a program without TLS that a gateway process became (a shell a plugin started), holding the
+                # listening socket nginx lets its children inherit: nothing to meter, and no error; looked at
+                # again each time, in case it maps the library later
+                log.debug("--tls-port: pid %d exec'd a program that maps no TLS library: not attached", pid)
+                continue
             self.attach(pid)
 
     def attach(self, pid: int) -> None:
@@ -133,7 +177,6 @@ class TlsCapture:
         try:
             reads, is_nginx = self.probes.attach(pid, library)
         except ProcessLookupError as error:  # it exited while being attached (a reload's old worker)
-            self.refused.add(pid)
             log.debug("--tls-port: pid %d exited while being attached: %s", pid, error)
             return
         except OSError as error:
@@ -161,8 +204,10 @@ class TlsCapture:
         for pid in self.probes.forked():
             self.attach(pid)
         for pid in self.probes.execed():
+            log.debug("--tls-port: pid %d exec'd another program: looked for again among the listeners", pid)
             self.attached.pop(pid, None)
             self.refused.discard(pid)
+            self.execed.add(pid)
             self.next_scan = min(self.next_scan, time.monotonic() + EXEC_RESCAN_SECONDS)
         lines, records, exited = pipeline.feed_tls(self.probes, RECORDS_PER_CALL)
         for pid in exited:

@@ -115,7 +115,7 @@ struct fork {
 	__u32 parent;
 	__u64 time_ns;
 	__u32 kind; /* FORK_EXEC: `child` exec'd another program (parent is itself) */
-	__u32 unused;
+	__u32 thread; /* the parent's thread that forked */
 };
 #define FORK_EXEC 1
 
@@ -685,7 +685,8 @@ int BPF_PROG(process_fork, struct task_struct *parent, struct task_struct *child
 	struct nginx_layout inherited = *layout;
 	bpf_map_update_elem(&watched, &child_pid, &inherited, BPF_ANY);
 	/* (one lost here is found by the agent's next look at the listeners, within seconds) */
-	struct fork fork = { .child = child_pid, .parent = parent_pid, .time_ns = bpf_ktime_get_ns(), .kind = 0 };
+	struct fork fork = { .child = child_pid, .parent = parent_pid, .time_ns = bpf_ktime_get_ns(), .kind = 0,
+			     .thread = BPF_CORE_READ(parent, pid) };
 	if (bpf_ringbuf_output(&forks, &fork, sizeof(fork), QUIET))
 		count(0, 1);
 	return 0;
@@ -700,7 +701,9 @@ int BPF_PROG(process_exec, struct task_struct *task, pid_t old_pid, struct linux
 	if (!bpf_map_lookup_elem(&watched, &pid))
 		return 0;
 	bpf_map_delete_elem(&watched, &pid);
-	struct fork exec = { .child = pid, .parent = pid, .time_ns = bpf_ktime_get_ns(), .kind = FORK_EXEC };
+	bpf_task_storage_delete(&calls, task); /* a call the old program was in is over */
+	struct fork exec = { .child = pid, .parent = pid, .time_ns = bpf_ktime_get_ns(), .kind = FORK_EXEC,
+			     .thread = pid };
 	if (bpf_ringbuf_output(&forks, &exec, sizeof(exec), QUIET))
 		count(0, 1);
 	return 0;

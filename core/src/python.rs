@@ -1415,6 +1415,12 @@ impl PyTlsProbes {
         self.probes.execed()
     }
 
+    /// The processes taken as attached that the probes no longer watch (an exit or exec whose record was
+    /// lost): forgotten, to forget too.
+    fn unwatched(&mut self) -> Vec<u32> {
+        self.probes.unwatched()
+    }
+
     /// Whether the agent mounted tracefs (nothing had).
     fn mounted_tracefs(&self) -> bool {
         self.probes.mounted_tracefs()

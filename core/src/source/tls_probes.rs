@@ -98,6 +98,8 @@ pub struct TlsProbes {
     next_owner: u64,
     /// processes that exec'd, forgotten, for the agent to forget too
     execed: Vec<u32>,
+    /// children returned by `forked` to be attached, with the owner of the events they inherited
+    pending: HashMap<u32, u64>,
     /// the uprobes' trace events (after `attached` in drop order: a process's events close first)
     trace: TraceEvents,
 }
@@ -133,6 +135,8 @@ struct Fork {
     parent: u32,
     time_ns: u64,
     kind: ForkKind,
+    /// the parent's thread that forked
+    thread: u32,
 }
 
 impl Fork {
@@ -140,7 +144,7 @@ impl Fork {
         let word = |at: usize| record.get(at..at + 4).and_then(|bytes| bytes.try_into().ok()).map(u32::from_ne_bytes);
         let time = record.get(8..16).and_then(|bytes| bytes.try_into().ok()).map(u64::from_ne_bytes)?;
         let kind = if word(16)? == 1 { ForkKind::Exec } else { ForkKind::Fork };
-        Some(Fork { child: word(0)?, parent: word(4)?, time_ns: time, kind })
+        Some(Fork { child: word(0)?, parent: word(4)?, time_ns: time, kind, thread: word(20)? })
     }
 }
 
@@ -299,7 +303,7 @@ impl TlsProbes {
         }
         Ok(TlsProbes { positions: positions as *const u8, page, ring_bytes: u64::from(ring_bytes), ebpf, ring,
                        forks, watched, attached: HashMap::new(), learning: false, superseded: HashMap::new(), retired: HashMap::new(),
-                       next_owner: 1, execed: Vec::new(), trace })
+                       next_owner: 1, execed: Vec::new(), pending: HashMap::new(), trace })
     }
 
     /// Whether the agent had to mount tracefs (nothing had), to say so.
@@ -331,6 +335,7 @@ impl TlsProbes {
             self.attach_probes(pid, library, &executable, nginx.map(|(_, at)| at), &mut links)
         });
         let superseded = self.superseded.remove(&pid);
+        self.pending.remove(&pid);
         match made {
             Ok(reads) => {
                 let attached = Attached { reads, nginx: is_nginx };
@@ -364,11 +369,28 @@ impl TlsProbes {
     /// A process's events once it no longer needs them: closed, unless a live process inherited them
     /// (then retired until none does).
     fn release(&mut self, process: Process) {
-        if !process.inherited && self.attached.values().any(|other| other.owner == process.owner) {
+        let owners = self.live_owners();
+        if !process.inherited && owners.contains(&process.owner) {
             self.retired.insert(process.owner, process);
         }
-        let owners: std::collections::HashSet<u64> = self.attached.values().map(|other| other.owner).collect();
         self.retired.retain(|owner, _| owners.contains(owner));
+    }
+
+    /// The owners whose events some live process still inherits: the attached, those being attached again,
+    /// and the children to attach, which hold inherited copies until they are.
+    fn live_owners(&self) -> std::collections::HashSet<u64> {
+        self.attached.values().chain(self.superseded.values()).map(|process| process.owner)
+            .chain(self.pending.values().copied()).collect()
+    }
+
+    /// The processes the agent takes as attached whose probes the programs no longer watch (they exited or
+    /// exec'd, and the record saying so was lost: the ring was full): forgotten, for the agent to forget.
+    pub fn unwatched(&mut self) -> Vec<u32> {
+        let gone: Vec<u32> = self.attached.keys().copied().filter(|pid| self.watched.get(pid, 0).is_err()).collect();
+        for pid in &gone {
+            self.forget(*pid);
+        }
+        gone
     }
 
     /// Every probe of process `pid`, each link pushed onto `links`; how its reads are probed. `nginx_read`:
@@ -453,6 +475,7 @@ impl TlsProbes {
         if let Some(process) = self.superseded.remove(&pid) {
             self.release(process);
         }
+        self.pending.remove(&pid);
     }
 
     /// The processes that exec'd another program since the last call (forgotten: see `forked`).
@@ -491,37 +514,51 @@ impl TlsProbes {
         for fork in records {
             if fork.kind == ForkKind::Exec {
                 // its probes and layout are the old program's (the programs no longer watch it): it is
-                // attached again if it is still a gateway process, when the agent next looks
-                if let Some(process) = self.attached.remove(&fork.child) {
+                // attached again if it is still a gateway process, when the agent next looks (a helper a
+                // fork of this batch started is not attached as the program it became)
+                pids.retain(|pid| *pid != fork.child);
+                self.pending.remove(&fork.child);
+                let old = self.attached.remove(&fork.child).into_iter().chain(self.superseded.remove(&fork.child));
+                for process in old.collect::<Vec<_>>() {
                     self.release(process);
-                    self.execed.push(fork.child);
                 }
+                self.execed.push(fork.child);
                 continue;
             }
             let parent = self.attached.get(&fork.parent);
-            match after_fork(parent.map(|parent| (parent.complete_ns, parent.inherited)), fork.time_ns) {
-                AfterFork::Inherited if !self.attached.contains_key(&fork.child) => {
+            // a fork by another thread than the parent's first: that thread's perf events are those the
+            // threads started before the attach lack (an event opened on a process is its first thread's,
+            // inherited by the threads started after), so the child may have none
+            let from_leader = fork.thread == fork.parent;
+            let decided = after_fork(parent.map(|parent| (parent.complete_ns, parent.inherited)), fork.time_ns);
+            match decided {
+                AfterFork::Inherited if from_leader && !self.attached.contains_key(&fork.child) => {
                     let (attached, owner) = parent.map(|parent| (parent.attached, parent.owner)).expect("a parent");
-                    match TraceEvents::anchor(fork.child) {
-                        Ok(anchor) => {
-                            let child = Process { attached, _perf_events: vec![anchor], complete_ns: monotonic_ns(),
-                                                  inherited: true, owner };
-                            self.attached.insert(fork.child, child);
-                            pids.push(fork.child);
-                        }
+                    let anchor = match TraceEvents::anchor(fork.child) {
+                        Ok(anchor) => vec![anchor],
                         // gone already (its exit may have been read before its fork): nothing to keep
-                        Err(_) if !is_running(fork.child) => {}
-                        // without its anchor its own children would be clones: attached itself instead
-                        Err(_) => pids.push(fork.child),
-                    }
+                        Err(_) if !is_running(fork.child) => continue,
+                        // (out of descriptors, most likely): its probes work; its own forks may be clones
+                        Err(_) => Vec::new(),
+                    };
+                    let child = Process { attached, _perf_events: anchor, complete_ns: monotonic_ns(),
+                                          inherited: true, owner };
+                    self.attached.insert(fork.child, child);
+                    pids.push(fork.child);
                 }
-                AfterFork::Inherited => pids.push(fork.child),
-                AfterFork::AttachChild => pids.push(fork.child),
+                AfterFork::Inherited if self.attached.contains_key(&fork.child) => pids.push(fork.child),
                 AfterFork::AttachBoth => {
                     if let Some(parent) = self.attached.remove(&fork.parent) {
+                        self.pending.insert(fork.child, parent.owner);
                         self.superseded.insert(fork.parent, parent);
                     }
                     pids.extend([fork.parent, fork.child]);
+                }
+                _ => {
+                    if let Some(parent) = parent {
+                        self.pending.insert(fork.child, parent.owner);
+                    }
+                    pids.push(fork.child);
                 }
             }
         }
@@ -717,9 +754,10 @@ mod tests {
         // a parent that inherited its probes and forked before its anchor was in: the child is a clone
         assert_eq!(after_fork(Some((5 * second, true)), 5 * second + 1), AfterFork::AttachBoth);
         assert_eq!(after_fork(None, 7 * second), AfterFork::AttachChild, "a parent the agent did not attach");
-        let record = |kind: u8| [1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, kind, 0, 0, 0, 0, 0, 0, 0];
-        assert_eq!(Fork::parse(&record(0)), Some(Fork { child: 1, parent: 2, time_ns: 3, kind: ForkKind::Fork }));
-        assert_eq!(Fork::parse(&record(1)), Some(Fork { child: 1, parent: 2, time_ns: 3, kind: ForkKind::Exec }));
+        let record = |kind: u8| [1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, kind, 0, 0, 0, 4, 0, 0, 0];
+        let fork = Fork { child: 1, parent: 2, time_ns: 3, kind: ForkKind::Fork, thread: 4 };
+        assert_eq!(Fork::parse(&record(0)), Some(fork));
+        assert_eq!(Fork::parse(&record(1)), Some(Fork { kind: ForkKind::Exec, ..fork }));
         assert_eq!(Fork::parse(&[1, 0, 0, 0]), None);
     }
 
