@@ -271,7 +271,9 @@ def test_live_and_replay_of_the_same_packets_give_the_same_events(gateway, start
     def latencies(events: list[dict]) -> list[int]:
         return [e["data"]["latency_ms"] for e in sorted(events, key=lambda e: e["id"])]
 
-    assert comparable(agent.events()) == comparable(read_events(replayed))
+    live, replay = comparable(agent.events()), comparable(read_events(replayed))
+    differing = [(one, other) for one, other in zip(live, replay) if one != other][:2]
+    assert live == replay, (len(live), len(replay), differing, agent.summary())
     assert all(abs(live - replay) <= 1 for live, replay in zip(latencies(agent.events()),
                                                                latencies(read_events(replayed))))
     assert len(agent.events()) == sum(1 for e in entries if e["consumer"] and e["status"] != 401)

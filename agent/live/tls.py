@@ -1,7 +1,7 @@
 """`--tls-port`: HTTPS metered from the gateway's own TLS library, by eBPF uprobes (see core/bpf/tls.bpf.c).
 
 The processes listening on each TLS port (nginx's master and its workers, Kong's among them) are found
-with psutil; each one's TLS library is the `libssl.so*` it maps (`/proc/PID/maps`, reached through
+from the kernel's socket tables; each one's TLS library is the `libssl.so*` it maps (`/proc/PID/maps`, reached through
 `/proc/PID/root` so that a container's or Kong's own copy is the one probed), or its executable when
 OpenSSL is linked in statically. A watched process's children (a reload's new workers) inherit its
 probes from the kernel as they fork, so they are probed from their first instruction; the probes report
