@@ -385,6 +385,10 @@ def test_a_storm_of_reloads_under_steady_traffic_loses_nothing(gateway, start_ag
         stop.set()
         thread.join(timeout=30)
     descriptors_after = descriptors(agent)
+    # the CPU-share watcher (a fork of the agent) holds none of them: they close when the agent closes them
+    watchers = psutil.Process(agent.process.pid).children()
+    assert watchers and all(not any("perf_event" in os.readlink(f"/proc/{watcher.pid}/fd/{fd}")
+                                    for fd in os.listdir(f"/proc/{watcher.pid}/fd")) for watcher in watchers)
     entries = gateway.access_log_entries(expect=len(served))
     counters = stopped(agent)
     billed, metered = billed_rows(entries), metered_rows(agent.events())

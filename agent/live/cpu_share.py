@@ -91,6 +91,9 @@ def _watch(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...]) ->
         signal.signal(signum, signal.SIG_DFL)
     for _, ring in targets:
         ring.close_socket()  # the map is all the watcher needs; the socket stays the capture's alone
+    # nor any other descriptor of the agent's (the maps stay): the TLS probes' perf events among them, which
+    # must close when the agent closes them (an exited gateway process's, and its trace events at a stop)
+    os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     yielding = {tid: _set_policy(tid, os.SCHED_IDLE) for tid, _ in targets}
     if not any(yielding.values()):
         return 0

@@ -143,9 +143,9 @@ impl TraceEvents {
     }
 
     /// The trace events of agents that are no longer running (or of an earlier agent with this pid):
-    /// removed, as the agent would have on a clean stop. A killed agent's are busy for a moment after it
-    /// is gone (its CPU-share watcher, which holds copies of its descriptors, dies after it), so a busy
-    /// one is tried again for up to 2 s; one still in use then stays.
+    /// removed, as the agent would have on a clean stop. A killed agent's were seen busy for a moment
+    /// after it was gone (while its CPU-share watcher still held copies of its descriptors), so a busy one
+    /// is tried again for up to 2 s; one still in use then stays.
     fn remove_stale(&self) {
         let Ok(listing) = std::fs::read_to_string(self.root.join("uprobe_events")) else { return };
         let mut stale = stale_events(&listing, std::process::id(), |pid| Path::new(&format!("/proc/{pid}")).exists());
