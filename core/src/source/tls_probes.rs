@@ -302,8 +302,8 @@ impl TlsProbes {
             return Err(format!("cannot map the ring buffer's positions: {}", std::io::Error::last_os_error()));
         }
         Ok(TlsProbes { positions: positions as *const u8, page, ring_bytes: u64::from(ring_bytes), ebpf, ring,
-                       forks, watched, attached: HashMap::new(), learning: false, superseded: HashMap::new(), retired: HashMap::new(),
-                       next_owner: 1, execed: Vec::new(), pending: HashMap::new(), trace })
+                       forks, watched, attached: HashMap::new(), learning: false, superseded: HashMap::new(),
+                       retired: HashMap::new(), next_owner: 1, execed: Vec::new(), pending: HashMap::new(), trace })
     }
 
     /// Whether the agent had to mount tracefs (nothing had), to say so.

@@ -122,7 +122,8 @@ impl TraceEvents {
             .map_err(|error| format!("cannot make a uprobe at {offset:#x} in {path}: {error}"))?;
         let made = (|| {
             let id_path = self.root.join("events").join(&self.group).join(&name).join("id");
-            let id = std::fs::read_to_string(&id_path).map_err(|error| format!("cannot read {}: {error}", id_path.display()))?;
+            let id = std::fs::read_to_string(&id_path)
+                .map_err(|error| format!("cannot read {}: {error}", id_path.display()))?;
             let id = id.trim().parse().map_err(|_| format!("{} is not a number: {id:?}", id_path.display()))?;
             let carrier = perf_event(id, std::process::id(), false)
                 .map_err(|error| format!("cannot open the uprobe at {offset:#x} in {path}: {error}"))?;
@@ -150,7 +151,8 @@ impl TraceEvents {
         let Ok(listing) = std::fs::read_to_string(self.root.join("uprobe_events")) else { return };
         let mut stale = stale_events(&listing, std::process::id(), |pid| Path::new(&format!("/proc/{pid}")).exists());
         for _ in 0..40 {
-            stale.retain(|name| self.command(&format!("-:{name}")).is_err_and(|error| error.raw_os_error() == Some(libc::EBUSY)));
+            let busy = |error: std::io::Error| error.raw_os_error() == Some(libc::EBUSY);
+            stale.retain(|name| self.command(&format!("-:{name}")).is_err_and(busy));
             if stale.is_empty() {
                 break;
             }
