@@ -12,12 +12,14 @@ truncated chunks from the summary line, and every billed access-log line matched
 status, request and response size).
 
     sudo python scripts/bench_tls.py [--duration 5] [--rounds 3] [--connections 32] [--new-connections]
-                                     [--trap-floor]
+                                     [--trap-floor] [--program-time]
 
 With --trap-floor each round also runs the gateway with bare kernel uprobes at the two places the agent's
 probes take per keep-alive request in an nginx (its read site and the TLS library's write worker), scoped to
 its workers as the agent's are, with no program behind them: the traps' own cost, which no probe program can
-save, and their count per request.
+save, and their count per request. With --program-time the kernel also counts the run time of the agent's BPF
+programs during its runs (which costs each run two clock reads more): the part of the agent's cost that is its
+programs', apart from the traps that start them.
 
 Needs root, nginx, wrk, clang and bpftool at install. Exits 1 unless every run lost nothing, the probes dropped
 nothing and the gateway kept at least 80% of its HTTPS throughput (the goal is 90%).
@@ -26,12 +28,12 @@ nothing and the gateway kept at least 80% of its HTTPS throughput (the goal is 9
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,6 +62,7 @@ class PerfEventAttr(ctypes.Structure):
 
 
 SYS_PERF_EVENT_OPEN = 298  # x86_64
+SYS_BPF, BPF_ENABLE_STATS, BPF_STATS_RUN_TIME = 321, 32, 0  # x86_64
 
 
 class BareTraps:
@@ -103,6 +106,46 @@ class BareTraps:
         self.fds.clear()
 
 
+class ProgramTimes:
+    """The run time of one process's BPF programs, counted by the kernel while the descriptor that
+    BPF_ENABLE_STATS returns is open (no sysctl is left changed if the benchmark dies)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd = -1
+        self.start = 0
+
+    def __enter__(self) -> "ProgramTimes":
+        libc = ctypes.CDLL(None, use_errno=True)
+        kind = ctypes.c_uint32(BPF_STATS_RUN_TIME)
+        self.fd = libc.syscall(SYS_BPF, BPF_ENABLE_STATS, ctypes.byref(kind), ctypes.sizeof(kind))
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "bpf(BPF_ENABLE_STATS)")
+        self.start = self.nanoseconds()
+        return self
+
+    def nanoseconds(self) -> int:
+        """The run time so far of the programs that `pid` holds: each program descriptor's fdinfo counts its
+        program's (once per program, however many descriptors it has)."""
+        run_time: dict[str, int] = {}
+        for fd in Path(f"/proc/{self.pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) != "anon_inode:bpf-prog":
+                    continue
+                fields = dict(line.split(":", 1) for line in
+                              Path(f"/proc/{self.pid}/fdinfo/{fd.name}").read_text().splitlines() if ":" in line)
+            except OSError:  # closed meanwhile
+                continue
+            run_time[fields["prog_id"].strip()] = int(fields.get("run_time_ns", "0"))
+        return sum(run_time.values())
+
+    def since_start(self) -> int:
+        return self.nanoseconds() - self.start
+
+    def __exit__(self, *_exc: object) -> None:
+        os.close(self.fd)
+
+
 def timed_load(gateway: KongStandin, script: Path, args: argparse.Namespace) -> tuple[float, float]:
     """wrk's requests/s, and the CPU per request in µs of the gateway's processes (master and workers,
     where the probes' cost lands): the steadier of the two figures on a shared VM, where throughput moves
@@ -126,7 +169,9 @@ def agent_run(gateway: KongStandin, script: Path, args: argparse.Namespace, outp
     # CPU time only: the memory-sampling thread (smaps 10 times a second) would load the run it measures
     sampler = Sampler(psutil.Process(agent.pid))
     cpu_start = sampler.cpu_seconds()
-    rps, gateway_us = timed_load(gateway, script, args)
+    with ProgramTimes(agent.pid) if args.program_time else contextlib.nullcontext() as programs:
+        rps, gateway_us = timed_load(gateway, script, args)
+        program_ns = programs.since_start() if programs else None
     cpu_load = (sampler.cpu_seconds() - cpu_start) / args.duration
     catch_up = wait_idle(sampler, CATCH_UP_LIMIT)  # what the ring holds is read
     cpu_total = sampler.cpu_seconds() - cpu_start
@@ -150,7 +195,8 @@ def agent_run(gateway: KongStandin, script: Path, args: argparse.Namespace, outp
     requests = counters["requests"]
     return {"rps": rps, "gateway_us": gateway_us, "counters": counters, "matched": matched, "billed": sum(billed.values()),
             "events": len(events), "cpu_load": cpu_load, "catch_up": catch_up,
-            "cpu_us": cpu_total / requests * 1e6 if requests else 0.0}
+            "cpu_us": cpu_total / requests * 1e6 if requests else 0.0,
+            "program_us": program_ns / (rps * args.duration) / 1e3 if program_ns is not None else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a new connection (and TLS handshake) for every request, instead of keep-alive")
     parser.add_argument("--trap-floor", action="store_true",
                         help="also run the gateway with bare uprobes (no program) where the agent's probes sit")
+    parser.add_argument("--program-time", action="store_true",
+                        help="also count the run time of the agent's BPF programs (the kernel's BPF_ENABLE_STATS)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch, \
             KongStandin(port=free_loopback_port(), tls_port=free_loopback_port()) as gateway:
@@ -185,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                         floors.append((rps, us, traps.hits() / (rps * args.duration)))
             run = runs[-1]
             alone, alone_us = baselines[-1]
+            programs = (f"; its BPF programs ran {run['program_us']:.1f} us per request"
+                        if run["program_us"] is not None else "")
             floor = (f"; bare traps only {floors[-1][0]:,.0f} req/s ({floors[-1][0] / alone:.2f}; {floors[-1][1]:.1f} us, "
                      f"{floors[-1][2]:.2f} hits per request)") if floors else ""
             print(f"round {number + 1}: gateway alone {alone:,.0f} req/s ({alone_us:.1f} us of its CPU per request), "
@@ -193,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"events, matched={run['matched']}, ring drops {run['counters']['tls_ring_drops']}, unfollowed calls "
                   f"{run['counters']['tls_unfollowed_calls']}, truncated "
                   f"{run['counters']['tls_truncated_chunks']}; the agent used {run['cpu_load']:.2f} of a core during the "
-                  f"load, caught up {run['catch_up']:.1f} s after it, {run['cpu_us']:.1f} us of CPU per request{floor}")
+                  f"load, caught up {run['catch_up']:.1f} s after it, {run['cpu_us']:.1f} us of CPU per request{programs}{floor}")
     kept = statistics.mean(run["rps"] for run in runs) / statistics.mean(rps for rps, _ in baselines)
     alone_us = statistics.mean(us for _, us in baselines)
     added_us = statistics.mean(run["gateway_us"] for run in runs) - alone_us
@@ -204,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
           f"rounds: the gateway kept {kept:.2f} of its HTTPS throughput with the agent "
           f"(at least {KEPT_AT_LEAST:.2f}, goal {GOAL:.2f}); the gateway's CPU per request {alone_us:.1f} us alone, "
           f"{added_us:+.1f} us with the agent; runs that lost a request: {len(lost)}")
+    if args.program_time:
+        print(f"the agent's BPF programs ran {statistics.mean(run['program_us'] for run in runs):.1f} us per request "
+              f"(their share of the CPU the agent added to the gateway's; the traps and the rest are the kernel's)")
     if floors:
         print(f"bare traps at the agent's probe sites, no program: the gateway kept "
               f"{statistics.mean(rps for rps, _, _ in floors) / statistics.mean(rps for rps, _ in baselines):.2f}, "
