@@ -27,15 +27,23 @@ Emit = Callable[[bytes], None]  # events as JSON Lines
 Reporter = Callable[[Report], None]  # monitoring: where the loop's counters go once a second
 
 
+def nothing() -> None:
+    pass
+
+
 class StopFlag:
-    """The signal handler: records the first stop signal; the capture loop looks at it between blocks."""
+    """The signal handler: records the first stop signal; the capture loop looks at it between blocks.
+    `on_first` runs at once on the first: a capture at idle priority takes priority there, not after the
+    batch it is in, which it would finish at idle priority."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.on_first: Callable[[], None] = nothing
 
     def __call__(self, signum: int, frame: object) -> None:
         if self.signal is None:
             self.signal = signum
+            self.on_first()
 
 
 def yield_cpu(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...] = ()) -> Callable[[], None]:
@@ -48,10 +56,6 @@ def yield_cpu(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...] 
         catch_up_priority()
 
     return on_stop
-
-
-def nothing() -> None:
-    pass
 
 
 def capture(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | None, stop: StopFlag,

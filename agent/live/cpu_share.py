@@ -13,6 +13,12 @@ ring is down to a quarter; then it yields again. An equal share was measured not
 gateway's processes the capture gets too small a part, and the ring kept filling. The watcher has no
 GIL to share with the threads it watches, so a starved capture thread cannot block it.
 
+A stop is the watcher's too: an idle thread may wait seconds for the CPU to take a stop signal, and then
+finish its batch at idle priority, while the agent's supervisor counts down to SIGKILL (20 s in
+`deploy/`) with a backlog that would then be lost. So the watcher looks for a stop signal pending in the
+processes it watches: once one is, every capture thread takes priority and the watcher ends. A signal
+already taken raises its thread by itself (`StopFlag`, with `catch_up_priority` as its first action).
+
 Leaving SCHED_IDLE and going below nice 0 need CAP_SYS_NICE or an RLIMIT_NICE of 30;
 `allow_return_after_privilege_drop()` raises that limit while the process is still root, so it also
 works after `--user`. Where neither is to be had (root without CAP_SYS_RESOURCE before `--user`, a user
@@ -36,6 +42,7 @@ BUSY_FRACTION = 0.75   # ring this full: take priority over the gateway
 CALM_FRACTION = 0.25   # ring this empty again: yield again
 CATCH_UP_NICE = -10
 WATCH_SECONDS = 0.05
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def allow_return_after_privilege_drop() -> None:
@@ -100,6 +107,10 @@ def _watch(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...]) ->
     followers_yield = all(_set_policy(tid, os.SCHED_IDLE) for tid in followers)
     while True:
         time.sleep(WATCH_SECONDS)
+        if any(_stop_pending(tid) for tid in (*yielding, *followers)):
+            for tid in (*yielding, *followers):
+                _set_policy(tid, os.SCHED_OTHER)
+            return 0
         if followers_yield != all(yielding.values()):
             followers_yield = not followers_yield
             for tid in followers:
@@ -114,6 +125,18 @@ def _watch(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...]) ->
                          "has caught up", tid, backlog * 100)
             elif not yielding[tid] and backlog <= CALM_FRACTION:
                 yielding[tid] = _set_policy(tid, os.SCHED_IDLE)
+
+
+def _stop_pending(tid: int) -> bool:
+    """Whether SIGINT or SIGTERM waits to be taken by thread `tid` or its process (/proc's pending sets)."""
+    mask = sum(1 << (signum - 1) for signum in STOP_SIGNALS)
+    try:
+        with open(f"/proc/{tid}/status") as file:
+            status = file.read()
+    except OSError:  # ended
+        return False
+    return any(int(line.split()[1], 16) & mask for line in status.splitlines()
+               if line.startswith(("SigPnd:", "ShdPnd:")))
 
 
 def _set_policy(tid: int, policy: int) -> bool:

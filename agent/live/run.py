@@ -21,7 +21,8 @@ import signal
 from agent import logs
 from agent.credentials.sync import CredentialSync
 from agent.live.capture import StopFlag, capture, nothing, yield_cpu
-from agent.live.cpu_share import CATCH_UP_NICE, allow_return_after_privilege_drop, can_take_priority_back
+from agent.live.cpu_share import (CATCH_UP_NICE, allow_return_after_privilege_drop, can_take_priority_back,
+                                  catch_up_priority)
 from agent.live.fanout import run_workers
 from agent.live.privileges import drop_privileges, user_entry
 from agent.live.tls import TlsCapture, TlsUnavailable
@@ -85,6 +86,8 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, open_
 def _capture_until_stopped(args: argparse.Namespace, link: Link, ports: set[int], rings: list[PacketRing],
                            pipeline: Pipeline, credentials: CredentialSync | None, sink: Sink, stop: StopFlag,
                            monitor: Monitor | None, tls: TlsCapture | None) -> int:
+    if args.yield_cpu:
+        stop.on_first = catch_up_priority  # the thread that takes the signal: the capture, or the workers' reader
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
     where = (f"capturing on {link.interface} (ports {', '.join(map(str, sorted(ports)))}; "
