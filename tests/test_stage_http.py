@@ -680,6 +680,19 @@ def test_a_request_its_client_gave_up_on_is_logged_as_nginx_logs_it_499():
         assert (connection.http.counters.client_closed, connection.http.counters.unanswered) == (1, 0)
 
 
+def test_a_request_whose_client_left_before_all_of_its_body_is_logged_as_nginx_logs_it_400():
+    """nginx logs a body cut short by the client's close as 400 ("client prematurely closed connection"),
+    not 499, which is for a whole request given up on."""
+    connection = Connection()
+    head = b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 1000\r\n\r\n"
+    connection.client(head + b"x" * 400, time=1.0)
+    connection.client(b"", time=2.0, flags=TCP_ACK | TCP_FIN)
+    connection.server(b"", time=2.001, flags=TCP_ACK | TCP_FIN)
+    [exchange] = connection.done()
+    assert (exchange.status, exchange.response_size) == (400, 0)
+    assert (connection.http.counters.client_closed, connection.http.counters.unanswered) == (1, 0)
+
+
 def test_a_server_that_closes_first_leaves_the_request_unanswered():
     connection = Connection()
     connection.client(request("GET", "/dropped"), time=1.0)

@@ -30,7 +30,7 @@ pub struct ExchangeCounters {
     pub unmatched_responses: u64,
     /// handed on with status 0
     pub unanswered: u64,
-    /// handed on with status 499: the client closed the connection before any response
+    /// handed on with status 499 (or 400 mid-body): the client closed the connection before any response
     pub client_closed: u64,
     /// arrived after the request was handed on unanswered
     pub late_responses: u64,
@@ -47,6 +47,8 @@ struct Waiting {
     method: RequestMethod,
     head_end: u64,
     request_done: bool,
+    /// the client's side ended inside the request's body: nginx logs such a request 400, not 499
+    body_cut_short: bool,
     response_done: bool,
     /// handed on already (response timeout); a late answer is dropped
     emitted: bool,
@@ -115,7 +117,7 @@ impl Output<'_> {
         exchange.connection = *connection;
         if exchange.status == 0 {
             self.counters.unanswered += 1;
-        } else if exchange.status == CLIENT_CLOSED_REQUEST && exchange.response_size == 0 {
+        } else if matches!(exchange.status, CLIENT_CLOSED_REQUEST | CLIENT_LEFT_MID_BODY) && exchange.response_size == 0 {
             self.counters.client_closed += 1;
         }
         *self.finished_bytes += exchange_bytes(&exchange);
@@ -196,6 +198,7 @@ impl Side<'_, '_> {
             method,
             head_end,
             request_done: false,
+            body_cut_short: false,
             response_done: false,
             emitted: false,
         });
@@ -225,6 +228,7 @@ impl Side<'_, '_> {
             method: RequestMethod::Other,
             head_end: 0,
             request_done: true,
+            body_cut_short: false,
             response_done: false,
             emitted: false,
         });
@@ -359,6 +363,15 @@ impl MessageSink for Side<'_, '_> {
             self.response_lost();
         }
     }
+
+    fn cut_short(&mut self) {
+        if !self.to_server {
+            return;
+        }
+        if let Some(waiting) = self.pairing.pending.back_mut() {
+            waiting.body_cut_short = waiting.has_request && !waiting.request_done;
+        }
+    }
 }
 
 struct HttpConnection {
@@ -446,7 +459,7 @@ impl HttpConnection {
         let client_left = self.pairing.client_left_first && self.pairing.server_ended;
         for waiting in self.pairing.pending.drain(..) {
             if let Some(exchange) = waiting.exchange {
-                output.emit(client_gone(exchange, client_left), &self.connection);
+                output.emit(client_gone(exchange, client_left, waiting.body_cut_short), &self.connection);
             }
         }
     }
@@ -470,16 +483,20 @@ impl HttpConnection {
     }
 }
 
-/// A request the client gave up on before any response is logged by nginx (and Kong) with status 499.
-fn client_gone(mut exchange: Exchange, client_left: bool) -> Exchange {
+/// A request the client gave up on before any response is logged by nginx (and Kong) with status 499, or
+/// with 400 when the client left before all of its body was in (nginx: "client prematurely closed
+/// connection" while reading it).
+fn client_gone(mut exchange: Exchange, client_left: bool, body_cut_short: bool) -> Exchange {
     if client_left && exchange.status == 0 && exchange.response_size == 0 {
-        exchange.status = CLIENT_CLOSED_REQUEST;
+        exchange.status = if body_cut_short { CLIENT_LEFT_MID_BODY } else { CLIENT_CLOSED_REQUEST };
     }
     exchange
 }
 
 /// nginx's status for a request whose client closed the connection first.
 pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+/// nginx's status for a request whose client closed the connection before sending all of its body.
+pub const CLIENT_LEFT_MID_BODY: u16 = 400;
 
 /// Stream events in, completed exchanges out, for every connection the reassembler reports.
 pub struct HttpExchanges {
@@ -659,6 +676,27 @@ mod tests {
         );
         assert!(exchange.proxied_by_kong && !exchange.answered_by_kong);
         assert_eq!(exchange.request.header(b"apikey"), Some(&b"k1"[..]));
+    }
+
+    /// The client leaves (FIN), then the server: nginx's 499 for a whole request, 400 for one whose body
+    /// was cut short.
+    #[test]
+    fn a_request_its_client_left_is_499_or_400_when_its_body_was_cut_short() {
+        let whole = b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc".as_slice();
+        let cut = b"POST /a HTTP/1.1\r\nContent-Length: 30\r\n\r\nabc".as_slice();
+        for (request, status) in [(whole, 499), (cut, 400)] {
+            let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+            let mut conversation = Conversation::new(1);
+            conversation.send(&mut http, true, 1.0, request);
+            let position = request.len() as u64;
+            http.event(&conversation.info, true, 2.0, StreamEvent::End { position });
+            http.event(&conversation.info, false, 2.001, StreamEvent::End { position: 0 });
+            conversation.close(&mut http, 2.002);
+            let exchanges: Vec<Exchange> = http.take().collect();
+            let [exchange] = &exchanges[..] else { panic!("{exchanges:?}") };
+            assert_eq!((exchange.status, exchange.response_size), (status, 0));
+            assert_eq!((http.counters.client_closed, http.counters.unanswered), (1, 0));
+        }
     }
 
     /// `MAX_PENDING + extra` pipelined requests, each for a distinct path; the queue overflows once.

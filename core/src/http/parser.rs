@@ -72,6 +72,9 @@ pub trait MessageSink {
     fn head(&mut self, message: Message);
     fn complete(&mut self, size: u64, end_time: f64);
     fn lost(&mut self);
+    /// The direction ended inside the body of the message whose head was reported last (a body with a
+    /// length or chunks, not one delimited by the close); `complete` follows.
+    fn cut_short(&mut self) {}
 }
 
 /// The message in progress: in `Head` one whose head is still arriving, in the other states one whose
@@ -226,6 +229,9 @@ impl MessageParser {
                 sink.lost();
             }
         } else if self.message.is_some() && self.state != State::Tunnel {
+            if self.state != State::UntilClose {
+                sink.cut_short();
+            }
             self.complete(time, sink);
         }
         self.message = None;
