@@ -552,6 +552,33 @@ def test_a_connection_begun_before_the_agent_is_metered_from_its_next_request(ga
     assert len({event["id"] for event in events}) == 3
 
 
+def test_an_upload_whose_body_holds_requests_bills_none_of_them_when_the_agent_joins_inside_it(
+        gateway, start_agent) -> None:
+    """An upload of logs or HAR files holds request lines, someone else's key among them. Joined inside its
+    body, the agent took them for requests: a thousand events billed to that key, none of them in the
+    gateway's log, and the next real request lost. The upload itself is counted (its answer unmatched)."""
+    embedded = b"\r\n" + b"".join(request("GET", f"/phantom/{number}", ALICE) for number in range(20))
+    piece = b"y" * 1000 + embedded
+    pieces = 60
+    connection = tls_socket(gateway.tls_port)
+    try:
+        head = request("POST", "/upload/embedded", BOB)[:-2]
+        connection.sendall(head + f"Content-Length: {len(piece) * pieces}\r\n\r\n".encode() + piece * 5)
+        agent = start_agent(gateway)
+        for _ in range(pieces - 5):
+            connection.sendall(piece)
+            time.sleep(0.01)
+        assert connection.recv(65536).startswith(b"HTTP/1.1 2")
+        connection.sendall(request("GET", "/upload/after", BOB))
+        assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        connection.close()
+    entries = gateway.access_log_entries(expect=2)
+    counters = stopped(agent)
+    assert metered_rows(agent.events()) == billed_rows([e for e in entries if e["request_uri"] == "/upload/after"])
+    assert counters["unmatched_responses"] == 1 and counters["tls_midstream"] == 1, counters
+
+
 def test_the_uprobes_of_an_agent_that_was_killed_are_removed_by_the_next_one(gateway, start_agent) -> None:
     killed = start_agent(gateway)
     killed.process.kill()

@@ -414,6 +414,9 @@ impl HttpConnection {
     }
 
     fn handle(&mut self, to_server: bool, time: f64, event: StreamEvent<'_>, output: &mut Output<'_>) {
+        if !to_server && matches!(event, StreamEvent::Data { .. }) {
+            self.requests.peer_spoke();
+        }
         let parser = if to_server { &mut self.requests } else { &mut self.responses };
         let mut side = Self::side(to_server, &mut self.pairing, &self.connection, output);
         match event {

@@ -99,6 +99,19 @@ pub struct MessageParser {
     kept_starts_line: bool,
     message: Option<Progress>,
     remaining: u64,
+    joined: Joined,
+}
+
+/// A request stream joined after its start (its connection's SYN, or the TLS library's start, unseen). Its
+/// first bytes may begin a request (a keep-alive connection joined between two). If they do not, the
+/// stream is inside a request, whose body may hold text that looks like requests (an upload of logs or
+/// HAR files, or a client that means to bill its requests to another key): nothing it sends is searched
+/// for a request until the server has spoken, which it does once that request is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Joined {
+    Synced,
+    FirstBytes,
+    UntilAnswer,
 }
 
 /// What a head said, once parsed.
@@ -125,7 +138,13 @@ impl MessageParser {
             kept_starts_line: true,
             message: None,
             remaining: 0,
+            joined: if is_request && !synced { Joined::FirstBytes } else { Joined::Synced },
         }
+    }
+
+    /// The other direction sent data: a request stream joined inside a request may be searched again.
+    pub fn peer_spoke(&mut self) {
+        self.joined = Joined::Synced;
     }
 
     /// The bytes held now (partial head, chunk line or resync window), for tests and the budget.
@@ -498,6 +517,15 @@ impl MessageParser {
         sink: &mut impl MessageSink,
     ) -> usize {
         let rest = data.get(offset..).unwrap_or_default();
+        if self.joined != Joined::Synced {
+            if self.joined == Joined::FirstBytes && self.starts_here(rest) {
+                self.joined = Joined::Synced;
+            } else {
+                self.joined = Joined::UntilAnswer;
+                self.skip(rest.len() as u64, sink);
+                return data.len();
+            }
+        }
         if self.starts_here(rest) {
             // messages usually begin where a segment does
             self.skip(self.buffer.len() as u64, sink);
@@ -1107,12 +1135,32 @@ mod tests {
     #[test]
     fn a_start_line_split_across_segments_is_found_while_resyncing() {
         let mut parser = MessageParser::new(true, false, MAX_HEAD_BYTES);
+        parser.peer_spoke(); // the server answered the request the stream was joined inside
         let mut recorder = Recorder::default();
         let junk = b"...end of a previous body\r\n";
         parser.feed(&[&junk[..], b"GET /insi"].concat(), 0.0, 0, -1, &mut recorder);
         parser.feed(b"de HTTP/1.1\r\nHost: a\r\n\r\n", 0.0, junk.len() as u64 + 9, -1, &mut recorder);
         assert_eq!(recorder.calls, ["head", "complete"]);
         assert_eq!((&recorder.heads[0].target[..], recorder.heads[0].position), (&b"/inside"[..], junk.len() as u64));
+    }
+
+    /// Joined inside an upload whose body holds request lines: none is taken for a request until the server
+    /// has spoken; joined between two requests, the first bytes are the next request.
+    #[test]
+    fn a_request_stream_joined_inside_a_body_is_not_searched_until_the_server_speaks() {
+        let phantom = b"GET /phantom HTTP/1.1\r\napikey: someone-elses\r\n\r\n";
+        let mut parser = MessageParser::new(true, false, MAX_HEAD_BYTES);
+        let mut recorder = Recorder::default();
+        parser.feed(&[&b"...,\"log\": \""[..], phantom].concat(), 0.0, 0, -1, &mut recorder);
+        parser.feed(phantom, 0.0, 60, -1, &mut recorder);
+        assert!(recorder.calls.is_empty(), "{:?}", recorder.calls);
+        parser.peer_spoke();
+        parser.feed(GOOD, 0.0, 120, -1, &mut recorder);
+        assert_eq!(recorder.calls, ["head", "complete"]);
+        let mut between = MessageParser::new(true, false, MAX_HEAD_BYTES);
+        let mut recorder = Recorder::default();
+        between.feed(GOOD, 0.0, 0, -1, &mut recorder);
+        assert_eq!(recorder.calls, ["head", "complete"]);
     }
 
     #[test]
