@@ -264,22 +264,29 @@ def test_gap_in_a_head_loses_that_message_and_resyncs_at_the_next_request_line()
     assert direction.counters.lost_heads == 1
 
 
-def test_mid_stream_start_resyncs_at_a_request_line_that_begins_a_segment():
+def test_mid_stream_start_inside_a_request_waits_for_the_server_then_resyncs_at_a_request_line():
+    """A request stream joined inside a body: what it holds is not searched for requests (it may hold request
+    lines) until the server has spoken; then the next request line that begins a segment is the next request."""
     tail_of_a_body = b'"items": [1, 2, 3]}\r\n' * 5
+    in_the_body = tail_of_a_body + request("GET", "/in-the-body")
     direction = Direction(synced=False)
+    direction.feed(in_the_body)
+    assert direction.record.names() == []
+    direction.parser.peer_spoke()
     direction.feed(tail_of_a_body)
     direction.feed(request("POST", "/next", body=b"{}"))
     assert direction.record.names() == ["head", "complete"]
     message = direction.record.completed()[0]
-    assert (message.target, message.position, message.size) == ("/next", len(tail_of_a_body),
+    assert (message.target, message.position, message.size) == ("/next", len(in_the_body) + len(tail_of_a_body),
                                                                  len(request("POST", "/next", body=b"{}")))
-    assert direction.counters.resync_skipped_bytes == len(tail_of_a_body)
+    assert direction.counters.resync_skipped_bytes == len(in_the_body) + len(tail_of_a_body)
 
 
 def test_mid_stream_start_resyncs_at_a_request_line_inside_a_segment_and_across_segments():
     junk = b"...end of a previous body\r\n"
     wire = request("GET", "/inside")
     direction = Direction(synced=False)
+    direction.parser.peer_spoke()  # the server answered the request the stream was joined inside
     direction.feed(junk + wire[:9])   # the start line is split after "GET /insi"
     direction.feed(wire[9:])
     assert direction.record.names() == ["head", "complete"]

@@ -663,6 +663,10 @@ mod http {
             self.parser.resync();
         }
 
+        fn peer_spoke(&mut self) {
+            self.parser.peer_spoke();
+        }
+
         /// The partial head, chunk line or resync window held now.
         #[getter]
         fn buffer<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {

@@ -115,9 +115,10 @@ struct Output<'a> {
 impl Output<'_> {
     fn emit(&mut self, mut exchange: Exchange, connection: &ConnectionInfo) {
         exchange.connection = *connection;
+        let left_first = matches!(exchange.status, CLIENT_CLOSED_REQUEST | CLIENT_LEFT_MID_BODY);
         if exchange.status == 0 {
             self.counters.unanswered += 1;
-        } else if matches!(exchange.status, CLIENT_CLOSED_REQUEST | CLIENT_LEFT_MID_BODY) && exchange.response_size == 0 {
+        } else if left_first && exchange.response_size == 0 {
             self.counters.client_closed += 1;
         }
         *self.finished_bytes += exchange_bytes(&exchange);
