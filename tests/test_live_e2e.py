@@ -274,9 +274,11 @@ def test_live_and_replay_of_the_same_packets_give_the_same_events(gateway, start
     live, replay = comparable(agent.events()), comparable(read_events(replayed))
     differing = [(one, other) for one, other in zip(live, replay) if one != other][:2]
     # what differs, field by field (live, replayed): pytest cuts a long event's middle out of the message
-    fields = [{"id": (one[0], other[0]), "subject": (one[1], other[1]),
-               **{key: (value, json.loads(other[2]).get(key)) for key, value in json.loads(one[2]).items()
-                  if json.loads(other[2]).get(key) != value}} for one, other in differing]
+    fields = []
+    for (one_id, one_subject, one_data), (other_id, other_subject, other_data) in differing:
+        one, other = json.loads(one_data), json.loads(other_data)
+        fields.append({"id": (one_id, other_id), "subject": (one_subject, other_subject),
+                       **{key: (value, other.get(key)) for key, value in one.items() if other.get(key) != value}})
     assert live == replay, (len(live), len(replay), fields, agent.summary())
     assert all(abs(live - replay) <= 1 for live, replay in zip(latencies(agent.events()),
                                                                latencies(read_events(replayed))))

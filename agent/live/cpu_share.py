@@ -42,7 +42,7 @@ BUSY_FRACTION = 0.75   # ring this full: take priority over the gateway
 CALM_FRACTION = 0.25   # ring this empty again: yield again
 CATCH_UP_NICE = -10
 WATCH_SECONDS = 0.05
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNAL_MASK = (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))  # as /proc's SigPnd shows them
 
 
 def allow_return_after_privilege_drop() -> None:
@@ -129,13 +129,12 @@ def _watch(targets: list[tuple[int, PacketRing]], followers: tuple[int, ...]) ->
 
 def _stop_pending(tid: int) -> bool:
     """Whether SIGINT or SIGTERM waits to be taken by thread `tid` or its process (/proc's pending sets)."""
-    mask = sum(1 << (signum - 1) for signum in STOP_SIGNALS)
     try:
         with open(f"/proc/{tid}/status") as file:
             status = file.read()
     except OSError:  # ended
         return False
-    return any(int(line.split()[1], 16) & mask for line in status.splitlines()
+    return any(int(line.split()[1], 16) & STOP_SIGNAL_MASK for line in status.splitlines()
                if line.startswith(("SigPnd:", "ShdPnd:")))
 
 

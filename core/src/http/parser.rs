@@ -518,13 +518,12 @@ impl MessageParser {
     ) -> usize {
         let rest = data.get(offset..).unwrap_or_default();
         if self.joined != Joined::Synced {
-            if self.joined == Joined::FirstBytes && self.starts_here(rest) {
-                self.joined = Joined::Synced;
-            } else {
+            if self.joined == Joined::UntilAnswer || !self.starts_here(rest) {
                 self.joined = Joined::UntilAnswer;
                 self.skip(rest.len() as u64, sink);
                 return data.len();
             }
+            self.joined = Joined::Synced;
         }
         if self.starts_here(rest) {
             // messages usually begin where a segment does
