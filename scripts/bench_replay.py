@@ -69,7 +69,9 @@ def record(directory: Path, seconds: int) -> tuple[Path, int, list[dict]]:
             raise SystemExit("tcpdump did not start")
         subprocess.run(["wrk", "-t2", "-c32", f"-d{seconds}s", "-s", str(lua), f"http://127.0.0.1:{port}/"],
                        check=True, capture_output=True, timeout=seconds + 30)
-        time.sleep(1)
+        # libpcap hands over a ring block once it is full or a second old; a SIGINT before then would lose
+        # the last block's packets without counting them as drops
+        time.sleep(2)
         tcpdump.send_signal(signal.SIGINT)
         _, stderr = tcpdump.communicate(timeout=60)
         dropped = [line for line in stderr.splitlines() if "dropped by kernel" in line]

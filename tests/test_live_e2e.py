@@ -241,9 +241,12 @@ def test_live_and_replay_of_the_same_packets_give_the_same_events(gateway, start
     capture of the same traffic, must give the same events (so a backfill never double-bills)."""
     capture = tmp_path / "same.pcap"
     # a buffer as big as the agent's ring: the 6 MB upload comes in one burst, and a reference that
-    # dropped some of it (tcpdump's default is 2 MiB) would differ from the agent for its own reason
-    tcpdump = subprocess.Popen(["tcpdump", "-i", "lo", "-s", "0", "-B", str(256 << 10), "-U", "-w", str(capture),
-                                "tcp", "port", str(gateway.port)], stderr=subprocess.PIPE, text=True)
+    # dropped some of it (tcpdump's default is 2 MiB) would differ from the agent for its own reason.
+    # Immediate mode: otherwise libpcap hands over a ring block only once it is full or a second old, and
+    # a SIGINT before then loses the block's packets (the upload's end, its 201) without counting a drop
+    tcpdump = subprocess.Popen(["tcpdump", "-i", "lo", "-s", "0", "-B", str(256 << 10), "-U", "--immediate-mode",
+                                "-w", str(capture), "tcp", "port", str(gateway.port)],
+                               stderr=subprocess.PIPE, text=True)
     try:
         assert tcpdump.stderr is not None
         assert "listening on" in tcpdump.stderr.readline()
