@@ -541,6 +541,12 @@ http {{
         set $route_name "";
 
         location = /__standin/ready {{ access_log off; return 200 "{self._ready_token}"; }}
+        # Kong's rate limiting: key-auth passes, then Kong answers 429 itself, the body unread
+        location ^~ /over-quota/ {{
+{_KEY_AUTH}
+            add_header X-Kong-Response-Latency 0 always;
+            return 429 '{{"message":"API rate limit exceeded"}}';
+        }}
 
 {body}
     }}"""
@@ -550,16 +556,7 @@ http {{
         named = f"            set $route_name {_nginx_string(route)};\n" if route else ""
         header = "            add_header X-Standin-Route $route_name always;\n" if route else ""
         return f"""        {location} {{
-{named}            if ($apikey_value = "") {{
-                add_header WWW-Authenticate Key always;
-                add_header X-Kong-Response-Latency 0 always;
-                return 401 '{{"message":"No API key found in request"}}';
-            }}
-            if ($consumer = "") {{
-                add_header WWW-Authenticate Key always;
-                add_header X-Kong-Response-Latency 0 always;
-                return 401 '{{"message":"Unauthorized"}}';
-            }}
+{named}{_KEY_AUTH}
             proxy_pass {"https" if self.upstream_tls else "http"}://api_upstream;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
@@ -570,6 +567,19 @@ http {{
             add_header X-Kong-Request-Id $request_id always;
             add_header Via "1.1 kong/{KONG_VERSION}" always;
         }}"""
+
+
+# key-auth's two refusals, the first lines of a gateway location
+_KEY_AUTH = """            if ($apikey_value = "") {
+                add_header WWW-Authenticate Key always;
+                add_header X-Kong-Response-Latency 0 always;
+                return 401 '{"message":"No API key found in request"}';
+            }
+            if ($consumer = "") {
+                add_header WWW-Authenticate Key always;
+                add_header X-Kong-Response-Latency 0 always;
+                return 401 '{"message":"Unauthorized"}';
+            }"""
 
 
 def _status_location(code: int, body: str) -> str:

@@ -33,6 +33,20 @@ pub struct EventContext<'a> {
     pub attributes: &'a [u8],
 }
 
+/// nginx's `$request_length`, which counts the bytes it read as the request. A body nginx discards
+/// unread is not counted, and nginx discards it whenever Kong answers before reading it: key-auth,
+/// rate limiting, its error page for a 413 (`X-Kong-Response-Latency` marks all of these). Such a request
+/// is as long as its head. A plugin that read the body before Kong answered (key-auth's `key_in_body`,
+/// request validation) made nginx count it, which the wire does not show.
+fn request_length(exchange: &Exchange) -> u64 {
+    let request = &exchange.request;
+    if exchange.answered_by_kong {
+        request.size.min(request.head_end.saturating_sub(request.position))
+    } else {
+        request.size
+    }
+}
+
 /// The connection a cached id prefix belongs to.
 type FourTuple = (Address, u16, Address, u16);
 
@@ -74,7 +88,7 @@ impl EventWriter {
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"request_size_bytes\":");
-        push_u64(out, request.size);
+        push_u64(out, request_length(exchange));
         out.extend_from_slice(b",\"response_http_status\":");
         push_u64(out, exchange.status.into());
         out.extend_from_slice(b",\"response_size_bytes\":");
@@ -428,6 +442,7 @@ mod tests {
         let request = Message {
             start_time: START,
             size: head.len() as u64,
+            head_end: head.len() as u64,
             head,
             method: b"GET".to_vec(),
             target: target.to_vec(),
@@ -517,6 +532,16 @@ mod tests {
         let mut by_kong = exchange(b"/a", &[]);
         (by_kong.status, by_kong.answered_by_kong) = (429, true);
         assert_eq!(field(&line(&by_kong), "upstream_status"), "null");
+    }
+
+    #[test]
+    fn a_body_is_counted_unless_kong_answered_before_reading_it() {
+        let mut upload = exchange(b"/a", &[b"Content-Length: 5000"]);
+        let head = upload.request.size;
+        upload.request.size += 5000;
+        assert_eq!(field(&line(&upload), "request_size_bytes"), (head + 5000).to_string());
+        (upload.status, upload.answered_by_kong) = (413, true);
+        assert_eq!(field(&line(&upload), "request_size_bytes"), head.to_string());
     }
 
     #[test]
