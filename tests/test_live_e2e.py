@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -48,11 +49,13 @@ class LiveAgent:
     """`agent --iface lo` in its own process; stderr is collected as it comes."""
 
     def __init__(self, output: Path | None, port: int, *extra: str, user: str | None = None,
-                 deck: Path = DECK) -> None:
+                 deck: Path = DECK, launch: Callable[..., subprocess.Popen] = subprocess.Popen) -> None:
+        """`launch` starts the command (Popen's arguments): a service manager's double can stand in."""
         self.output = output
         command = [sys.executable, "-m", "agent", "--iface", "lo", "--port", str(port), "--credentials", str(deck),
                    *(["--output", str(output)] if output else []), *extra]
-        self.process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, user=user)
+        self.process = launch(command, cwd=REPO, stderr=subprocess.PIPE, text=True,
+                              **({"user": user} if user else {}))
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

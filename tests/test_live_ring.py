@@ -1,5 +1,6 @@
-"""The TPACKET_V3 ring with real loopback traffic: whole super-frames, fanout by flow, stopping without
-losing what was captured, and the kernel's drop counter when the ring is full. Needs root."""
+"""The TPACKET_V3 ring with real loopback traffic: whole super-frames, fanout by flow, a socket taken over
+by a new reader without losing or repeating what was captured, and the kernel's drop counter when the ring
+is full. Needs root."""
 
 from __future__ import annotations
 
@@ -137,20 +138,43 @@ def test_fanout_keeps_each_connection_in_one_ring_and_misses_none() -> None:
     assert all(seen), "the flow hash sent every connection to one ring"
 
 
-def test_stopping_keeps_what_was_captured_and_lets_nothing_new_in() -> None:
+def test_a_socket_taken_over_is_read_on_from_where_its_previous_reader_stopped() -> None:
+    """What a service manager's store does across a restart: the socket outlives its reader, the kernel
+    fills its ring meanwhile, and a new reader starts at the first block the old one did not read."""
     server = Server()
-    ring = open_ring(server.port)
+    program = capture_filter([server.port], 14, drop_outgoing=True)
+    first = open_ring(server.port, ring_bytes=8 * BLOCK_BYTES)
+    taken = None
     try:
-        before_stop = server.send(b"captured")
-        time.sleep(0.1)
-        ring.stop_capturing()
-        after_stop = server.send(b"not captured")
-        streams = payloads(read_until_quiet(ring), server.port)
+        read_before = server.send(b"read by the first reader")
+        seen_first = payloads(read_until_quiet(first), server.port)
+        left = [server.send(b"left for the next reader %d" % number) for number in range(3)]
+        time.sleep(0.3)  # handed over by the kernel, not read
+        kept = os.dup(first.fileno())
+        first.close()  # the reader is gone; the kept descriptor holds the socket, and its ring
+        taken = PacketRing("lo", DLT_EN10MB, program, 8 * BLOCK_BYTES, inherited=kept)
+        after = server.send(b"captured after the take-over")
+        seen_next = payloads(read_until_quiet(taken), server.port)
     finally:
-        ring.close()
+        first.close()
+        if taken is not None:
+            taken.close()
         server.close()
-    assert streams[(before_stop, True)] == b"captured"
-    assert (after_stop, True) not in streams
+    assert seen_first[(read_before, True)] == b"read by the first reader"
+    assert (read_before, True) not in seen_next
+    for number, client_port in enumerate(left):
+        assert seen_next[(client_port, True)] == b"left for the next reader %d" % number
+    assert seen_next[(after, True)] == b"captured after the take-over"
+    assert taken.fanout_group == first.fanout_group and taken.ignores_outgoing
+
+
+def test_a_descriptor_that_is_not_a_packet_ring_is_refused() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+        with pytest.raises(OSError, match="not a packet socket"):
+            PacketRing("lo", DLT_EN10MB, capture_filter([80], 14, drop_outgoing=True), 8 * BLOCK_BYTES, inherited=os.dup(other.fileno()))
+    plain = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # no ring: mapping it fails
+    with pytest.raises(OSError):
+        PacketRing("lo", DLT_EN10MB, capture_filter([80], 14, drop_outgoing=True), 8 * BLOCK_BYTES, inherited=plain.detach())
 
 
 def test_a_full_ring_is_seen_as_full_and_its_drops_are_counted() -> None:

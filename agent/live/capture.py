@@ -133,24 +133,31 @@ def _report(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | 
 
 
 def _drain(ring: PacketRing, pipeline: Pipeline, emit: Emit, deadline: float, label: str) -> int:
-    """Read what the ring holds once no more comes in; returns the packets left unread at the deadline."""
-    ring.stop_capturing()
-    settled = time.monotonic() + 2 * ring.retire_ms / 1000  # by then the block being filled is handed over
-    while True:
+    """Read every packet captured before the stop: through the block the kernel was filling, which it hands
+    over within a retire period. The ring goes on filling meanwhile and is never read past a block boundary,
+    so a successor that takes the ring over (`ring_store.py`) reads each packet this run did not, once.
+    Returns the packets captured before the stop and left unread at the deadline."""
+    last = ring.current_sequence()
+    settled = time.monotonic() + 2 * ring.retire_ms / 1000  # a block with packets is handed over by then
+    while not ring.read_through(last):
         events, blocks = pipeline.feed_ring(ring.core_ring, BLOCKS_PER_CALL)
         if events:
             emit(events)
         if not blocks:
             remaining = settled - time.monotonic()
             if remaining <= 0:
-                return 0
+                return 0  # the block being filled was still empty: nothing was captured before the stop
             ring.wait(max(1, int(remaining * 1000)))
             continue
         if time.monotonic() > deadline:
             unread = ring.pending_packets()
-            if unread:
+            if unread and ring.kept_by_service_manager:
+                log.warning("%sstopping with %d captured packets still unread (the agent was behind); the ring "
+                            "stays with the service manager, and the next start reads them", label, unread)
+            elif unread:
                 log.warning("%sstopping with %d captured packets still unread (the agent was behind)", label, unread)
             return unread
+    return 0
 
 
 def _drain_tls(tls: TlsCapture, pipeline: Pipeline, emit: Emit, deadline: float) -> None:

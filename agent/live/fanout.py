@@ -27,9 +27,10 @@ WORKER_EXIT_SECONDS = 8.5   # after forwarding a stop, the longest the parent wa
 
 
 def run_workers(rings: list[PacketRing], args: argparse.Namespace, credentials: CredentialSync | None,
-                stop: StopFlag, sink: Sink, where: str,
+                stop: StopFlag, sink: Sink, capturing: Callable[[], None],
                 status: LiveStatus | None = None) -> tuple[dict[str, int], bool]:
-    """Each worker reports once a second through its pipe; with `status`, the reports go to it too."""
+    """Each worker reports once a second through its pipe; with `status`, the reports go to it too.
+    `capturing` runs once the workers have their rings."""
 
     def work(index: int, writer: Connection) -> int:
         for other in rings:
@@ -42,7 +43,7 @@ def run_workers(rings: list[PacketRing], args: argparse.Namespace, credentials: 
     on_stop = yield_cpu(list(zip(children.values(), rings)), followers=(os.getpid(),)) if args.yield_cpu else nothing
     for ring in rings:
         ring.close()  # the workers' copies are the ones in use
-    log.info("%s", where)
+    capturing()
     return _collect(children, stop, sink, on_stop, status)
 
 

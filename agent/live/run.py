@@ -25,9 +25,10 @@ from agent.live.cpu_share import (CATCH_UP_NICE, allow_return_after_privilege_dr
                                   catch_up_priority)
 from agent.live.fanout import run_workers
 from agent.live.privileges import drop_privileges, user_entry
+from agent.live.ring_store import RingStore
+from agent.live.service_manager import ServiceManager, inherited_fds
 from agent.live.tls import TlsCapture, TlsUnavailable
-from agent.live.startup_checks import (Link, LiveCaptureError, check_ring_memory, interface_link, report_listeners,
-                                       socket_error)
+from agent.live.startup_checks import Link, LiveCaptureError, check_ring_memory, interface_link, report_listeners
 from agent.observe.server import Monitor
 from agent.options import pipeline_from_args
 from agent.pipeline import Pipeline
@@ -50,8 +51,10 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, open_
     check_ring_memory(args.ring_mb << 20, args.workers)
     if args.user:
         user_entry(args.user)
+    manager = ServiceManager.from_environment()
     # the rings first: without permission to capture, that is the one line a start says
-    rings = open_rings(link, ports, args.workers, args.ring_mb << 20)
+    program = capture_filter(ports, link.header_length, drop_outgoing=link.loopback)
+    rings = RingStore(manager, inherited_fds()).open(link, program, args.ring_mb << 20, args.workers)
     monitor = None
     try:
         tls = open_tls(args)
@@ -77,7 +80,8 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, open_
             monitor.close()
         raise
     try:
-        return _capture_until_stopped(args, link, ports, rings, pipeline, credentials, sink, stop, monitor, tls)
+        return _capture_until_stopped(args, link, ports, rings, pipeline, credentials, sink, stop, monitor, tls,
+                                      manager)
     finally:
         if monitor is not None:
             monitor.close()
@@ -85,26 +89,32 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, open_
 
 def _capture_until_stopped(args: argparse.Namespace, link: Link, ports: set[int], rings: list[PacketRing],
                            pipeline: Pipeline, credentials: CredentialSync | None, sink: Sink, stop: StopFlag,
-                           monitor: Monitor | None, tls: TlsCapture | None) -> int:
+                           monitor: Monitor | None, tls: TlsCapture | None, manager: ServiceManager | None) -> int:
     if args.yield_cpu:
         stop.on_first = catch_up_priority  # the thread that takes the signal: the capture, or the workers' reader
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
     where = (f"capturing on {link.interface} (ports {', '.join(map(str, sorted(ports)))}; "
              f"{len(rings)} x {rings[0].ring_bytes >> 20} MiB ring)")
+
+    def capturing() -> None:
+        log.info("%s", where)
+        if manager is not None:
+            manager.ready()  # Type=notify: a start (or restart) is done once capture has begun
+
     status = monitor.status if monitor is not None else None
     if len(rings) == 1:
         if tls is not None:  # before the CPU-share watcher starts: it looks at the fuller of the two rings
             rings[0].also_wake_on(tls.fileno(), tls.probes.ready_fraction)
         on_stop = yield_cpu([(os.getpid(), rings[0])]) if args.yield_cpu else nothing
-        log.info("%s", where)
+        capturing()
         counters = capture(rings[0], pipeline, credentials, stop, sink.write, on_stop,
                            report=(lambda report: status.update(1, report)) if status is not None else None,
                            tls=tls)
         rings[0].close()
         clean = True
     else:
-        counters, clean = run_workers(rings, args, credentials, stop, sink, where, status)
+        counters, clean = run_workers(rings, args, credentials, stop, sink, capturing, status)
     sink.close()  # in live capture a spool is not waited for: what it holds is sent at the next start
     delivery = sink.counters()
     logs.summary({**counters, **delivery})
@@ -136,20 +146,3 @@ def _switch_user(args: argparse.Namespace) -> None:
                                    f"({error.strerror or error})") from None
     drop_privileges(args.user)
 
-
-def open_rings(link: Link, ports: set[int], workers: int, ring_bytes: int) -> list[PacketRing]:
-    """One ring per worker, all in one fanout group; opened before any privilege is dropped."""
-    program = capture_filter(ports, link.header_length, drop_outgoing=link.loopback)
-    rings: list[PacketRing] = []
-    try:
-        for _ in range(workers):
-            first = rings[0] if rings else None
-            rings.append(PacketRing(
-                link.interface, link.linktype, program, ring_bytes,
-                fanout_group=first.fanout_group if first else None,
-                ignore_outgoing=first.ignores_outgoing if first else link.loopback))
-    except OSError as error:
-        for ring in rings:
-            ring.close()
-        raise socket_error(link.interface, error) from None
-    return rings

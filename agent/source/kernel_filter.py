@@ -151,7 +151,3 @@ def attach(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> Non
     fprog = struct.pack("@HP", len(program), ctypes.addressof(buffer))
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
-
-def drop_all() -> list[tuple[int, int, int, int]]:
-    """Swapped in at shutdown: the ring stops filling while what it holds is still read."""
-    return [(BPF_RET | BPF_K, 0, 0, 0)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import errno
 import select
 import socket
 import struct
@@ -56,7 +57,10 @@ class PacketRing:
 
     def __init__(self, interface: str, linktype: int, program: list[tuple[int, int, int, int]],
                  ring_bytes: int, fanout_group: int | None = None, ignore_outgoing: bool = False,
-                 block_bytes: int = BLOCK_BYTES, retire_ms: int = RETIRE_MS) -> None:
+                 block_bytes: int = BLOCK_BYTES, retire_ms: int = RETIRE_MS, inherited: int | None = None) -> None:
+        """With `inherited`, the descriptor of a socket a previous run set up with the same interface and ring
+        shape (kept by the service manager): its ring is taken over, with what it captured meanwhile, and only
+        the filter is replaced (the ports may have changed)."""
         self.interface = interface
         self.linktype = linktype
         self.block_bytes = block_bytes
@@ -65,11 +69,16 @@ class PacketRing:
         self.statistics = KernelStatistics()
         self.fanout_group = 0
         self.ignores_outgoing = False  # whether the kernel skips outgoing copies before even cloning them
+        self.kept_by_service_manager = False  # a stop then leaves what is unread to the next start
         self.core_ring: _core.Ring | None = None
         # Protocol 0: nothing arrives until bind(), so no unfiltered packet ever lands in the ring.
-        self._socket = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        self._socket = (socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) if inherited is None
+                        else socket.socket(fileno=inherited))
         try:
-            self._setup(program, fanout_group, ignore_outgoing)
+            if inherited is None:
+                self._setup(program, fanout_group, ignore_outgoing)
+            else:
+                self._take_over(program)
         except BaseException:
             self.close()
             raise
@@ -89,6 +98,21 @@ class PacketRing:
         self.core_ring = _core.Ring(sock.fileno(), self.block_bytes, self.block_count, self.linktype)
         sock.bind((self.interface, ETH_P_ALL))
         self._join_fanout(fanout_group, ignore_outgoing)
+
+    def _take_over(self, program: list[tuple[int, int, int, int]]) -> None:
+        sock = self._socket
+        if (sock.family, sock.type) != (socket.AF_PACKET, socket.SOCK_RAW) \
+                or sock.getsockopt(SOL_PACKET, PACKET_VERSION) != TPACKET_V3:
+            raise OSError(errno.EINVAL, "not a packet socket with a TPACKET_V3 ring")
+        kernel_filter.attach(sock, program)
+        # the kernel maps a ring only at its exact size, so a socket of another shape fails here
+        self.core_ring = _core.Ring(sock.fileno(), self.block_bytes, self.block_count, self.linktype)
+        fanout = sock.getsockopt(SOL_PACKET, PACKET_FANOUT)  # id | type << 16 | flags >> 8 << 24
+        self.fanout_group = fanout & 0xFFFF
+        self.ignores_outgoing = bool(fanout >> 24 & PACKET_FANOUT_FLAG_IGNORE_OUTGOING >> 8)
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
 
     def _join_fanout(self, group: int | None, ignore_outgoing: bool) -> None:
         """Join `group`, or found a new one with an id the kernel picks (so two agents never share one)."""
@@ -153,9 +177,16 @@ class PacketRing:
         self.statistics.freezes += freezes
         return KernelStatistics(packets, drops, freezes)
 
-    def stop_capturing(self) -> None:
-        """Let no further packet in; blocks already filled (and the one being filled) can still be read."""
-        kernel_filter.attach(self._socket, kernel_filter.drop_all())
+    def current_sequence(self) -> int:
+        """The kernel's number of the block it opened last: once `read_through(n)` for this number, every
+        packet captured before the call has been read."""
+        assert self.core_ring is not None
+        return self.core_ring.current_sequence()
+
+    def read_through(self, sequence: int) -> bool:
+        """Whether a block numbered `sequence` or later has been read."""
+        assert self.core_ring is not None
+        return self.core_ring.last_sequence >= sequence
 
     def close_socket(self) -> None:
         """Keep only the map (to watch how full the ring is, from another process)."""

@@ -165,6 +165,15 @@ impl PyRing {
         self.ring.pending_packets()
     }
 
+    fn current_sequence(&self) -> u64 {
+        self.ring.current_sequence()
+    }
+
+    #[getter]
+    fn last_sequence(&self) -> u64 {
+        self.ring.last_sequence
+    }
+
     #[getter]
     fn truncated(&self) -> u64 {
         self.ring.truncated

@@ -6,13 +6,17 @@
 //! socket's descriptor and reads it. The map does not keep the descriptor: a process that only watches how
 //! full the ring is (a forked watcher) keeps the map alone.
 //!
+//! A ring can outlive the process that read it (a service manager keeps the socket across a restart), so
+//! a map starts where the kernel's hand-over is: at the oldest block handed over and not read, or at the
+//! block being filled. Blocks are numbered by the kernel as it opens them, which orders them.
+//!
 //! This is the one module with `unsafe`: the ring is memory the kernel writes. Every offset the kernel's
 //! headers give is checked against the block before it is read.
 
 use std::io;
 use std::os::fd::RawFd;
 use std::ptr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use super::capture_file::Frame;
 
@@ -24,6 +28,7 @@ const TP_STATUS_USER: u32 = 1;
 const BLOCK_STATUS: usize = 8;
 const BLOCK_PACKETS: usize = 12;
 const BLOCK_FIRST_PACKET: usize = 16;
+const BLOCK_SEQUENCE: usize = 24; // the kernel numbers blocks from 1 as it opens them; never opened: 0
 const BLOCK_HEADER: usize = 48;
 // struct tpacket3_hdr: tp_next_offset, tp_sec, tp_nsec, tp_snaplen, tp_len, tp_status, tp_mac, tp_net, ...
 const PACKET_HEADER: usize = 28;
@@ -37,6 +42,8 @@ pub struct Ring {
     linktype: u32,
     /// The block the kernel hands over next.
     next: usize,
+    /// The kernel's number of the last block read (0 before the first).
+    pub last_sequence: u64,
     /// Frames the kernel cut (larger than a block), or that a block's headers placed outside it: counted,
     /// never handed over silently short.
     pub truncated: u64,
@@ -65,7 +72,35 @@ impl Ring {
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Ring { base: base.cast(), block_bytes, block_count, linktype, next: 0, truncated: 0 })
+        let mut ring = Ring { base: base.cast(), block_bytes, block_count, linktype, next: 0, last_sequence: 0, truncated: 0 };
+        ring.next = ring.handed_over_next();
+        Ok(ring)
+    }
+
+    /// Where reading starts: the oldest block handed over and not read yet (a previous reader of the socket
+    /// may have left some), else the block the kernel opened last, which it is filling. A fresh ring: block 0.
+    fn handed_over_next(&self) -> usize {
+        let oldest_ready = (0..self.block_count).filter(|&block| self.is_ready(block)).min_by_key(|&block| self.sequence(block));
+        oldest_ready.unwrap_or_else(|| {
+            (0..self.block_count).rev().max_by_key(|&block| self.sequence(block)).unwrap_or(0)
+        })
+    }
+
+    /// The kernel's number of `block` (0 if never opened, or unmapped).
+    fn sequence(&self, block: usize) -> u64 {
+        if self.base.is_null() || block >= self.block_count {
+            return 0;
+        }
+        // `block < block_count` and `BLOCK_SEQUENCE + 8 <= BLOCK_HEADER <= block_bytes`: the word lies in the
+        // map; the map is page-aligned and block_bytes a multiple of 8, so the word is 8-aligned.
+        // SAFETY: an in-bounds, aligned word of a live map, which the kernel writes concurrently: atomic only.
+        unsafe { AtomicU64::from_ptr(self.base.add(block * self.block_bytes + BLOCK_SEQUENCE).cast()) }.load(Ordering::Acquire)
+    }
+
+    /// The number of the block the kernel opened last: once a block of at least this number has been read,
+    /// every packet captured before this call has been read.
+    pub fn current_sequence(&self) -> u64 {
+        (0..self.block_count).map(|block| self.sequence(block)).max().unwrap_or(0)
     }
 
     /// The words at `offset` (a multiple of 4 below BLOCK_HEADER) of every block's header, or none once
@@ -126,6 +161,7 @@ impl Ring {
             }
             position += next_offset;
         }
+        self.last_sequence = self.sequence(self.next);
         // Release: our reads of the block happen before the kernel may refill it.
         if let Some(status) = self.header_word(self.next, BLOCK_STATUS) {
             status.store(TP_STATUS_KERNEL, Ordering::Release);
@@ -242,6 +278,52 @@ mod tests {
         assert_eq!(frames_of(&mut ring).unwrap().len(), 1);
         assert!(frames_of(&mut ring).is_none(), "the third block is the kernel's");
         assert_eq!((ring.ready_fraction(), ring.pending_packets(), ring.truncated), (0.0, 0, 0));
+    }
+
+    /// `block` as the kernel numbered it when it opened it.
+    fn numbered(mut block: Vec<u8>, sequence: u64) -> Vec<u8> {
+        block[BLOCK_SEQUENCE..BLOCK_SEQUENCE + 8].copy_from_slice(&sequence.to_ne_bytes());
+        block
+    }
+
+    fn set_status_in_file(file: &mut File, block: usize, status: u32) {
+        file.seek(SeekFrom::Start((block * BLOCK + BLOCK_STATUS) as u64)).unwrap();
+        file.write_all(&status.to_ne_bytes()).unwrap();
+    }
+
+    #[test]
+    fn a_ring_left_by_a_previous_reader_is_read_from_its_oldest_block_handed_over() {
+        // the kernel wrapped around: block 1 is being filled, blocks 2, 3 and 0 are waiting, oldest first
+        let file = ring_file(&[
+            numbered(block(true, &[(3, 0, b"third", 5)]), 5),
+            numbered(block(false, &[]), 6),
+            numbered(block(true, &[(1, 0, b"first", 5)]), 3),
+            numbered(block(true, &[(2, 0, b"second", 6)]), 4),
+        ]);
+        let mut ring = Ring::map(file.as_raw_fd(), BLOCK, 4, 1).unwrap();
+        assert_eq!(ring.current_sequence(), 6);
+        let mut read = Vec::new();
+        while let Some(frames) = frames_of(&mut ring) {
+            read.push((ring.last_sequence, frames[0].2.clone()));
+        }
+        assert_eq!(read, [(3, b"first".to_vec()), (4, b"second".to_vec()), (5, b"third".to_vec())]);
+    }
+
+    #[test]
+    fn with_nothing_waiting_a_ring_left_by_a_previous_reader_is_read_from_the_block_being_filled() {
+        let mut file = ring_file(&[
+            numbered(block(false, &[]), 7),
+            numbered(block(false, &[(9, 0, b"next", 4)]), 8),
+            numbered(block(false, &[]), 5),
+            numbered(block(false, &[]), 6),
+        ]);
+        let mut ring = Ring::map(file.as_raw_fd(), BLOCK, 4, 1).unwrap();
+        assert!(frames_of(&mut ring).is_none());
+        set_status_in_file(&mut file, 2, TP_STATUS_USER); // an old block: not the next to come
+        assert!(frames_of(&mut ring).is_none());
+        set_status_in_file(&mut file, 1, TP_STATUS_USER); // the kernel hands the block it was filling over
+        assert_eq!(frames_of(&mut ring).unwrap()[0].2, b"next");
+        assert_eq!(ring.last_sequence, 8);
     }
 
     #[test]

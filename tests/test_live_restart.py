@@ -1,0 +1,145 @@
+"""A restart under a service manager loses no request: the packet rings stay with the manager (systemd's
+file-descriptor store; a double of it here, `tests/doubles/service_manager.py`), the kernel fills them
+while no agent runs, and the next start reads what they hold. Real nginx (the key-auth stand-in), real
+clients, real kernel capture; nginx's access log is the truth. Needs root (packet sockets).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+from kong_standin import KongStandin, billed_rows, free_loopback_port, metered_rows
+
+from tests.doubles.service_manager import ServiceManagerDouble
+from tests.test_live_e2e import ALICE, BOB, STOP_LIMIT, UNKNOWN, LiveAgent, curl
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: packet sockets")]
+
+
+@pytest.fixture
+def gateway():
+    with KongStandin(port=free_loopback_port()) as standin:
+        yield standin
+
+
+@pytest.fixture
+def manager(tmp_path: Path):
+    double = ServiceManagerDouble(tmp_path)
+    yield double
+    double.close()
+
+
+class Load:
+    """Keep-alive clients sending requests with unique targets until stopped; each answered request's
+    target and the time its answer came."""
+
+    def __init__(self, base_url: str, clients: int = 2) -> None:
+        self.base_url = base_url
+        self.answered: list[tuple[str, float]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(number,), daemon=True) for number in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, number: int) -> None:
+        keys = [ALICE, BOB, UNKNOWN]
+        sent = 0
+        with httpx.Client(base_url=self.base_url, timeout=20) as client:
+            while not self._stop.is_set():
+                target = f"/restart/{number}/{sent}"
+                client.get(target, headers={"apikey": keys[sent % len(keys)]})
+                self.answered.append((target, time.monotonic()))
+                sent += 1
+
+    def stop(self) -> int:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+        return len(self.answered)
+
+
+def start(manager: ServiceManagerDouble, gateway: KongStandin, output: Path, *extra: str) -> LiveAgent:
+    agent = LiveAgent(output, gateway.port, *extra, launch=manager.start)
+    agent.wait_for("capturing on lo")
+    manager.wait_for("READY")
+    agent.wait_for("credentials: loaded")
+    return agent
+
+
+def stop(manager: ServiceManagerDouble, agent: LiveAgent) -> None:
+    code, took = agent.stop(signal.SIGTERM)
+    assert code == 0, agent.stderr
+    assert took < STOP_LIMIT
+    manager.drain()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_restart_under_the_service_manager_bills_every_request_once(gateway, manager, tmp_path: Path,
+                                                                      workers: int) -> None:
+    first = start(manager, gateway, tmp_path / "first.jsonl", "--workers", str(workers))
+    assert [name.split("-of-")[0] for name, _ in manager.store] == [f"agent-ring-{n}" for n in range(1, workers + 1)]
+    load = Load(gateway.base_url)
+    time.sleep(1.0)
+    stop(manager, first)
+    stopped = time.monotonic()
+    time.sleep(1.5)  # the manager's RestartSec: the gateway serves on with no agent running
+    second = start(manager, gateway, tmp_path / "second.jsonl", "--workers", str(workers))
+    started = time.monotonic()
+    time.sleep(1.0)
+    sent = load.stop()
+    entries = gateway.access_log_entries(expect=sent)
+    stop(manager, second)
+
+    served_while_no_agent_ran = [target for target, at in load.answered if stopped < at < started]
+    assert len(served_while_no_agent_ran) > 100, "the test must have traffic while no agent runs"
+    events = first.events() + second.events()
+    assert len({event["id"] for event in events}) == len(events)
+    # one event per billed log line, none missing, none twice; a request in flight at the stop is the
+    # first run's, with status 0 (its answer comes in the ring the second run reads: an unmatched response)
+    billed = billed_rows(entries)
+    metered = metered_rows(events)
+    in_flight = first.summary()["unanswered"]
+    assert sum((billed - metered).values()) == sum((metered - billed).values()) == in_flight
+    assert all(row[3] == 0 for row in metered - billed)
+    assert Counter(row[2] for row in billed) == Counter(row[2] for row in metered)
+    assert sum(1 for entry in entries if entry["status"] == 401) == \
+        first.summary()["rejected"] + second.summary()["rejected"]
+    for agent in (first, second):
+        counters = agent.summary()
+        assert counters["kernel_drops"] == 0 and counters["gaps"] == 0 and counters["parse_errors"] == 0
+    assert f"took over {workers} ring(s) from the previous run" in second.stderr
+    assert manager.ignored == 0  # only the main process speaks to the manager, never a worker
+
+
+def test_a_ring_too_small_for_the_restart_counts_what_the_kernel_dropped(gateway, manager, tmp_path: Path) -> None:
+    first = start(manager, gateway, tmp_path / "first.jsonl", "--ring-mb", "4")
+    stop(manager, first)
+    upload = tmp_path / "upload.bin"
+    upload.write_bytes(os.urandom(48 << 20))  # twelve times what the ring holds, while no agent runs
+    curl("-H", f"apikey: {ALICE}", "--data-binary", f"@{upload}", f"{gateway.base_url}/uploads")
+    second = start(manager, gateway, tmp_path / "second.jsonl", "--ring-mb", "4")
+    stop(manager, second)
+    assert "the kernel dropped" in second.stderr and "while no agent ran" in second.stderr
+    assert second.summary()["kernel_drops"] > 0
+
+
+def test_rings_of_another_shape_are_not_taken_over_and_leave_the_store(gateway, manager, tmp_path: Path) -> None:
+    first = start(manager, gateway, tmp_path / "first.jsonl", "--ring-mb", "8")
+    [(old_name, _)] = manager.store
+    stop(manager, first)
+    second = start(manager, gateway, tmp_path / "second.jsonl", "--ring-mb", "16")
+    curl("-H", f"apikey: {BOB}", f"{gateway.base_url}/after-the-change")
+    entries = gateway.access_log_entries(expect=1)
+    stop(manager, second)
+    assert "have another shape" in second.stderr and "took over" not in second.stderr
+    assert {"FDSTOREREMOVE": "1", "FDNAME": old_name} in manager.messages
+    assert [name for name, _ in manager.store] != [old_name] and len(manager.store) == 1
+    assert metered_rows(second.events()) == billed_rows(entries)
+
