@@ -59,6 +59,15 @@ class Pipeline:
         """Let time pass without packets (a quiet live interface): expire what has waited too long."""
         return self._after(self.core.tick(capture_time, self._sync()))
 
+    def leave_new_requests(self) -> None:
+        """A stop's boundary in the packet capture: requests begun from here on are the next run's (it reads
+        the ring on from here); those begun before are still finished by this one."""
+        self.core.leave_new_requests()
+
+    def requests_in_flight(self) -> int:
+        """Requests from the packet capture this run bills that still wait for their answer."""
+        return self.core.requests_in_flight()
+
     def finish(self) -> bytes:
         """The capture is over: close every connection, so requests still in flight are emitted too."""
         return self._after(self.core.finish(self._sync()))

@@ -22,6 +22,7 @@ POLL_MS = 100               # longest wait for a block: how quickly a stop signa
 HOUSEKEEPING_SECONDS = 1.0  # kernel counters read; on a quiet interface, timeouts and idle expiry run
 DRAIN_SECONDS = 6.0         # after a stop signal, the longest spent reading what the ring still holds
 BLOCKS_PER_CALL = 16        # ring blocks the core reads per call (their events are emitted together)
+IN_FLIGHT_SECONDS = 2.0     # after a stop, the longest spent waiting for the answers of requests in flight
 
 Emit = Callable[[bytes], None]  # events as JSON Lines
 Reporter = Callable[[Report], None]  # monitoring: where the loop's counters go once a second
@@ -133,10 +134,37 @@ def _report(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | 
 
 
 def _drain(ring: PacketRing, pipeline: Pipeline, emit: Emit, deadline: float, label: str) -> int:
-    """Read every packet captured before the stop: through the block the kernel was filling, which it hands
-    over within a retire period. The ring goes on filling meanwhile and is never read past a block boundary,
-    so a successor that takes the ring over (`ring_store.py`) reads each packet this run did not, once.
-    Returns the packets captured before the stop and left unread at the deadline."""
+    """Read every packet captured before the stop, then finish the requests in flight at it (see
+    `_finish_in_flight`). Returns the packets captured before the stop and left unread at the deadline."""
+    unread = _read_through_the_stop(ring, pipeline, emit, deadline, label)
+    if not unread:
+        _finish_in_flight(ring, pipeline, emit, deadline)
+    return unread
+
+
+def _finish_in_flight(ring: PacketRing, pipeline: Pipeline, emit: Emit, deadline: float) -> None:
+    """The requests in flight at the stop get their answers: the ring is read on for up to
+    IN_FLIGHT_SECONDS, but what is read there is left in it, for the next run that takes the ring over, and
+    the requests begun there are left to that run (counted `after_stop`). So each request is billed once,
+    by the run that saw its first byte, with its answer when it came in time. At most half the ring is read
+    this way, so that the kernel keeps room to capture."""
+    pipeline.leave_new_requests()
+    ring.leave_read_blocks()
+    until = min(deadline, time.monotonic() + IN_FLIGHT_SECONDS)
+    room = ring.block_count // 2
+    while room > 0 and pipeline.requests_in_flight() and time.monotonic() < until:
+        events, blocks = pipeline.feed_ring(ring.core_ring, min(BLOCKS_PER_CALL, room))
+        if events:
+            emit(events)
+        room -= blocks
+        if not blocks:
+            ring.wait(max(1, min(POLL_MS, int((until - time.monotonic()) * 1000))))
+
+
+def _read_through_the_stop(ring: PacketRing, pipeline: Pipeline, emit: Emit, deadline: float, label: str) -> int:
+    """Through the block the kernel was filling at the stop, which it hands over within a retire period.
+    The ring goes on filling meanwhile and is read here only up to a block boundary, so a successor that
+    takes the ring over (`ring_store.py`) reads each packet this run did not, once."""
     last = ring.current_sequence()
     settled = time.monotonic() + 2 * ring.retire_ms / 1000  # a block with packets is handed over by then
     while not ring.read_through(last):

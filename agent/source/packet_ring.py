@@ -183,6 +183,11 @@ class PacketRing:
         assert self.core_ring is not None
         return self.core_ring.current_sequence()
 
+    def leave_read_blocks(self) -> None:
+        """From now on, blocks read stay handed over: the next reader of the socket reads them again."""
+        assert self.core_ring is not None
+        self.core_ring.leave_read_blocks()
+
     def read_through(self, sequence: int) -> bool:
         """Whether a block numbered `sequence` or later has been read."""
         assert self.core_ring is not None

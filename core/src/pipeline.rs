@@ -13,7 +13,7 @@ use crate::metering::billing::{Meter, MeterConfig};
 use crate::source::capture_file::Frame;
 use crate::source::frames::{flow_hash, FrameDecoder};
 use crate::source::tls::{self, monotonic_to_wall, TlsStreams};
-use crate::tcp::reassembly::{ReassemblyLimits, TcpReassembler};
+use crate::tcp::reassembly::{ConnectionInfo, ReassemblyLimits, TcpReassembler};
 
 /// Capture time between idle and response-timeout sweeps.
 const HOUSEKEEPING_INTERVAL: f64 = 1.0;
@@ -151,6 +151,17 @@ impl Pipeline {
         out.append(&mut self.lines);
     }
 
+    /// A stop's boundary in the packet capture: the next run takes the ring over from the next block on, so
+    /// the requests begun from now on are left to it, and those begun before are still finished here.
+    pub fn leave_new_requests(&mut self) {
+        self.http.leave_new_requests(from_packets);
+    }
+
+    /// Requests from the packet capture this run bills that still wait for (the rest of) their exchange.
+    pub fn requests_in_flight(&self) -> usize {
+        self.http.requests_in_flight(from_packets)
+    }
+
     /// Time passes without packets (a quiet live interface): expire what has waited too long.
     pub fn tick(&mut self, capture_time: f64, out: &mut Vec<u8>) {
         self.housekeeping(capture_time);
@@ -253,6 +264,7 @@ impl Pipeline {
             ("status_filtered", meter.status_filtered),
             ("unanswered", http.unanswered),
             ("client_closed", http.client_closed),
+            ("after_stop", http.after_stop),
             ("gaps", tcp.gaps),
             ("gap_bytes", tcp.gap_bytes),
             ("lost_exchanges", http.lost_exchanges),
@@ -292,6 +304,10 @@ impl Pipeline {
 /// Connections are told apart by flow hash: two that share one share a worker, and the table stays small;
 /// past `MAX_DEALT_FLOWS` (a hostile capture of random ports) new flows go by hash alone. Frames no
 /// connection claims (not TCP, corrupt) are share 0's, to be counted once.
+fn from_packets(connection: &ConnectionInfo) -> bool {
+    !tls::is_tls_stream(connection)
+}
+
 pub struct ConnectionDealer {
     shares: u32,
     owners: HashMap<u32, u32>,

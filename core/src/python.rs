@@ -169,6 +169,10 @@ impl PyRing {
         self.ring.current_sequence()
     }
 
+    fn leave_read_blocks(&mut self) {
+        self.ring.leave_read_blocks = true;
+    }
+
     #[getter]
     fn last_sequence(&self) -> u64 {
         self.ring.last_sequence
@@ -1310,6 +1314,14 @@ mod pipeline {
             self.pipeline.begin_batch(now);
             self.pipeline.tick(capture_time, &mut self.out);
             self.take_lines(py)
+        }
+
+        fn leave_new_requests(&mut self) {
+            self.pipeline.leave_new_requests();
+        }
+
+        fn requests_in_flight(&self) -> usize {
+            self.pipeline.requests_in_flight()
         }
 
         fn finish<'py>(&mut self, py: Python<'py>, now: f64) -> Bound<'py, PyBytes> {

@@ -36,6 +36,8 @@ pub struct ExchangeCounters {
     pub late_responses: u64,
     /// a connection's queue hit MAX_PENDING: its waiting requests handed on
     pub unpaired_overflows: u64,
+    /// begun after a stop's boundary (`leave_new_requests`): the next run's to bill, from its ring
+    pub after_stop: u64,
 }
 
 /// One place in a connection's queue.
@@ -95,6 +97,13 @@ struct Pairing {
     /// client's side alone never shows the server's end, and its requests stay unanswered)
     client_left_first: bool,
     server_ended: bool,
+    /// the end of the client's bytes delivered so far (its stream's position)
+    client_end: u64,
+    /// requests whose first byte is at or past this position are the next run's (`leave_new_requests`)
+    next_run_from: Option<u64>,
+    /// the boundary fell inside a request: the next run, joining there, takes no request until the server
+    /// speaks (see the parser's `Joined`), so this run takes the ones begun before that
+    next_run_after_answer: bool,
 }
 
 impl Pairing {
@@ -184,6 +193,14 @@ impl Side<'_, '_> {
     fn request_head(&mut self, message: Message) {
         self.output.counters.requests += 1;
         let (method, head_end) = (RequestMethod::of(&message.method), message.head_end);
+        if self.pairing.next_run_from.is_some_and(|from| message.position >= from) {
+            // its place is kept, so that its answer pairs with it and is not taken for another's
+            self.output.counters.after_stop += 1;
+            let request_done = false;
+            let waiting = Waiting { exchange: None, has_request: true, method, head_end, request_done,
+                                    body_cut_short: false, response_done: false, emitted: false };
+            return self.enqueue(waiting);
+        }
         let exchange = Exchange {
             connection: *self.connection,
             request: message,
@@ -417,11 +434,18 @@ impl HttpConnection {
     fn handle(&mut self, to_server: bool, time: f64, event: StreamEvent<'_>, output: &mut Output<'_>) {
         if !to_server && matches!(event, StreamEvent::Data { .. }) {
             self.requests.peer_spoke();
+            let pairing = &mut self.pairing;
+            if std::mem::take(&mut pairing.next_run_after_answer) {
+                pairing.next_run_from = Some(pairing.client_end);
+            }
         }
         let parser = if to_server { &mut self.requests } else { &mut self.responses };
         let mut side = Self::side(to_server, &mut self.pairing, &self.connection, output);
         match event {
             StreamEvent::Data { payload, position, peer_acked } => {
+                if to_server {
+                    side.pairing.client_end = side.pairing.client_end.max(position + payload.len() as u64);
+                }
                 parser.feed(payload, time, position, peer_acked, &mut side)
             }
             StreamEvent::Gap { lost, .. } => parser.gap(lost, time, &mut side),
@@ -515,6 +539,8 @@ pub struct HttpExchanges {
     finished_bytes: usize,
     /// heap bytes of every connection (see `HttpConnection::held_bytes`)
     connections_held: usize,
+    /// after a stop's boundary: the connections whose new requests are the next run's
+    next_run_takes: Option<fn(&ConnectionInfo) -> bool>,
 }
 
 impl HttpExchanges {
@@ -529,7 +555,31 @@ impl HttpExchanges {
             finished: Vec::new(),
             finished_bytes: 0,
             connections_held: 0,
+            next_run_takes: None,
         }
+    }
+
+    /// A stop's boundary: the next run reads the capture on from here (the ring it takes over), so a request
+    /// of a connection `of` selects whose first byte comes from now on is left to it (counted `after_stop`);
+    /// the requests begun before still get their answers here. Where the boundary falls inside a request,
+    /// the next run sees that connection as one joined inside a request: it takes none of its requests
+    /// until the server speaks, so up to then they stay this run's.
+    pub fn leave_new_requests(&mut self, of: fn(&ConnectionInfo) -> bool) {
+        self.next_run_takes = Some(of);
+        for http in self.connections.values_mut().filter(|http| of(&http.connection)) {
+            let pairing = &mut http.pairing;
+            if http.requests.between_messages() {
+                pairing.next_run_from = Some(pairing.client_end);
+            } else {
+                pairing.next_run_after_answer = true;
+            }
+        }
+    }
+
+    /// Requests this run bills that wait for (the rest of) their exchange, on the connections `of` selects.
+    pub fn requests_in_flight(&self, of: fn(&ConnectionInfo) -> bool) -> usize {
+        let connections = self.connections.values().filter(|http| of(&http.connection));
+        connections.map(|http| http.pairing.pending.iter().filter(|waiting| waiting.exchange.is_some()).count()).sum()
     }
 
     /// Hand on, unanswered, complete requests waiting longer than the response timeout.
@@ -592,6 +642,7 @@ impl StreamSink for HttpExchanges {
             connections_held,
             next_order,
             max_head_bytes,
+            next_run_takes,
             ..
         } = self;
         let mut output = Output { parser_counters, counters, finished, finished_bytes };
@@ -604,7 +655,11 @@ impl StreamSink for HttpExchanges {
         }
         let http = connections.entry(connection.id).or_insert_with(|| {
             *next_order += 1;
-            HttpConnection::new(connection, *next_order, *max_head_bytes)
+            let mut http = HttpConnection::new(connection, *next_order, *max_head_bytes);
+            if next_run_takes.is_some_and(|of| of(connection)) {
+                http.pairing.next_run_from = Some(0); // first seen after the boundary: all the next run's
+            }
+            http
         });
         http.connection = *connection;
         let before = http.held_bytes();
@@ -684,6 +739,46 @@ mod tests {
 
     /// The client leaves (FIN), then the server: nginx's 499 for a whole request, 400 for one whose body
     /// was cut short.
+    #[test]
+    fn after_a_stops_boundary_requests_begun_before_are_finished_and_new_ones_left_to_the_next_run() {
+        fn any(_: &ConnectionInfo) -> bool {
+            true
+        }
+        fn request(target: &str) -> Vec<u8> {
+            format!("POST {target} HTTP/1.1\r\nHost: api\r\napikey: k1\r\nContent-Length: 4\r\n\r\nbody").into_bytes()
+        }
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let (mut kept, mut split) = (Conversation::new(1), Conversation::new(2));
+        let (waiting, half_sent) = (request("/waiting"), request("/half-sent"));
+        kept.send(&mut http, true, 1.0, &waiting);
+        split.send(&mut http, true, 1.0, &half_sent[..20]); // its head straddles the boundary
+        http.leave_new_requests(any);
+        assert_eq!(http.requests_in_flight(any), 1);
+        // the rest of the head, and a request pipelined behind it before the server answered: the next
+        // run joins this connection inside a request and takes nothing before the answer, so it is this run's
+        split.send(&mut http, true, 1.1, &[&half_sent[20..], &request("/behind-the-split")[..]].concat());
+        kept.send(&mut http, true, 1.1, &request("/after-the-boundary")); // pipelined behind the first
+        let mut opened_after = Conversation::new(3);
+        opened_after.send(&mut http, true, 1.1, &request("/on-a-new-connection"));
+        assert_eq!(http.requests_in_flight(any), 3);
+        for conversation in [&mut kept, &mut split, &mut opened_after] {
+            conversation.send(&mut http, false, 1.2, RESPONSE);
+        }
+        split.send(&mut http, false, 1.2, RESPONSE);
+        split.send(&mut http, true, 1.25, &request("/after-the-answer")); // the next run takes it
+        split.send(&mut http, false, 1.3, RESPONSE);
+        kept.send(&mut http, false, 1.3, RESPONSE); // the answer to the request after the boundary
+        assert_eq!(http.requests_in_flight(any), 0);
+        let billed: Vec<(Vec<u8>, u16)> = http.take().map(|exchange| (exchange.request.target, exchange.status)).collect();
+        let behind = (b"/behind-the-split".to_vec(), 200);
+        assert_eq!(billed, [(b"/waiting".to_vec(), 200), (b"/half-sent".to_vec(), 200), behind]);
+        assert_eq!((http.counters.after_stop, http.counters.unmatched_responses), (3, 0));
+        for conversation in [&kept, &split, &opened_after] {
+            conversation.close(&mut http, 1.3);
+        }
+        assert_eq!((http.take().count(), http.counters.unanswered), (0, 0));
+    }
+
     #[test]
     fn a_request_its_client_left_is_499_or_400_when_its_body_was_cut_short() {
         let whole = b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc".as_slice();

@@ -142,6 +142,11 @@ impl MessageParser {
         }
     }
 
+    /// Waiting for a message's first byte: the next bytes begin a message (or junk), not the middle of one.
+    pub fn between_messages(&self) -> bool {
+        self.state == State::Head && self.buffer.is_empty() && self.joined == Joined::Synced
+    }
+
     /// The other direction sent data: a request stream joined inside a request may be searched again.
     pub fn peer_spoke(&mut self) {
         self.joined = Joined::Synced;

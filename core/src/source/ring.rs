@@ -44,6 +44,9 @@ pub struct Ring {
     next: usize,
     /// The kernel's number of the last block read (0 before the first).
     pub last_sequence: u64,
+    /// Blocks read are left handed over, for the next reader of the socket to read again (a stop that
+    /// finishes what is in flight reads past the point where its successor begins).
+    pub leave_read_blocks: bool,
     /// Frames the kernel cut (larger than a block), or that a block's headers placed outside it: counted,
     /// never handed over silently short.
     pub truncated: u64,
@@ -72,7 +75,8 @@ impl Ring {
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let mut ring = Ring { base: base.cast(), block_bytes, block_count, linktype, next: 0, last_sequence: 0, truncated: 0 };
+        let (next, last_sequence, leave_read_blocks, truncated) = (0, 0, false, 0);
+        let mut ring = Ring { base: base.cast(), block_bytes, block_count, linktype, next, last_sequence, leave_read_blocks, truncated };
         ring.next = ring.handed_over_next();
         Ok(ring)
     }
@@ -163,7 +167,7 @@ impl Ring {
         }
         self.last_sequence = self.sequence(self.next);
         // Release: our reads of the block happen before the kernel may refill it.
-        if let Some(status) = self.header_word(self.next, BLOCK_STATUS) {
+        if let Some(status) = self.header_word(self.next, BLOCK_STATUS).filter(|_| !self.leave_read_blocks) {
             status.store(TP_STATUS_KERNEL, Ordering::Release);
         }
         self.next = (self.next + 1) % self.block_count;
@@ -324,6 +328,23 @@ mod tests {
         set_status_in_file(&mut file, 1, TP_STATUS_USER); // the kernel hands the block it was filling over
         assert_eq!(frames_of(&mut ring).unwrap()[0].2, b"next");
         assert_eq!(ring.last_sequence, 8);
+    }
+
+    #[test]
+    fn blocks_read_can_be_left_for_the_next_reader() {
+        let mut file = ring_file(&[
+            numbered(block(true, &[(1, 0, b"first", 5)]), 1),
+            numbered(block(true, &[(2, 0, b"second", 6)]), 2),
+            numbered(block(false, &[]), 3),
+        ]);
+        let mut ring = Ring::map(file.as_raw_fd(), BLOCK, 3, 1).unwrap();
+        assert_eq!(frames_of(&mut ring).unwrap()[0].2, b"first");
+        ring.leave_read_blocks = true;
+        assert_eq!(frames_of(&mut ring).unwrap()[0].2, b"second");
+        assert_eq!((status_in_file(&mut file, 0), status_in_file(&mut file, 1)), (TP_STATUS_KERNEL, TP_STATUS_USER));
+        let mut next_reader = Ring::map(file.as_raw_fd(), BLOCK, 3, 1).unwrap();
+        assert_eq!(frames_of(&mut next_reader).unwrap()[0].2, b"second");
+        assert!(frames_of(&mut next_reader).is_none());
     }
 
     #[test]

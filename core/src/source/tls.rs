@@ -48,6 +48,11 @@ const AF_INET6: u16 = 10;
 /// TLS streams' connection ids have this bit set: never one of TCP reassembly's.
 const TLS_ID_BIT: u64 = 1 << 63;
 
+/// Whether a connection is one of these streams (not one reassembled from packets).
+pub fn is_tls_stream(connection: &ConnectionInfo) -> bool {
+    connection.id & TLS_ID_BIT != 0
+}
+
 /// What the HTTP/2 client sends first after ALPN chose h2.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
