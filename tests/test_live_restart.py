@@ -189,3 +189,27 @@ def test_rings_of_another_shape_are_not_taken_over_and_leave_the_store(gateway, 
     assert [name for name, _ in manager.store] != [old_name] and len(manager.store) == 1
     assert metered_rows(second.events()) == billed_rows(entries)
 
+
+
+def test_a_restart_the_ring_did_not_outlive_says_how_long_nothing_was_captured(gateway, manager, tmp_path: Path) -> None:
+    data = ("--data-dir", str(tmp_path / "state"))  # the record is kept with the sink's state
+    plain = LiveAgent(None, gateway.port, *data)  # no service manager: its ring closes with it
+    plain.wait_for("capturing on lo")
+    plain.stop(signal.SIGTERM)
+    time.sleep(1.0)
+    fresh = LiveAgent(None, gateway.port, *data, launch=manager.start)
+    fresh.wait_for("capturing on lo")
+    stop(manager, fresh)
+    kept = LiveAgent(None, gateway.port, *data, launch=manager.start)  # takes the ring over: nothing to say
+    kept.wait_for("capturing on lo")
+    kept.process.kill()  # and leaves no record of its stop
+    kept.process.wait(10)
+    after_a_kill = LiveAgent(None, gateway.port, *data)
+    after_a_kill.wait_for("capturing on lo")
+    after_a_kill.stop(signal.SIGTERM)
+
+    said = [line for line in fresh.lines if "nothing was captured for" in line]
+    assert len(said) == 1 and 1.0 <= float(said[0].split("nothing was captured for ")[1].split()[0]) < 10
+    assert "took over 1 ring(s)" in kept.stderr and "nothing was captured" not in kept.stderr
+    assert f"the previous run (pid {kept.process.pid}) did not record its stop" in after_a_kill.stderr
+    assert "nothing was captured" not in after_a_kill.stderr

@@ -21,6 +21,7 @@ import signal
 from agent import logs
 from agent.credentials.sync import CredentialSync
 from agent.live.capture import StopFlag, capture, nothing, yield_cpu
+from agent.live.capture_record import CaptureRecord
 from agent.live.cpu_share import (CATCH_UP_NICE, allow_return_after_privilege_drop, can_take_priority_back,
                                   catch_up_priority)
 from agent.live.fanout import run_workers
@@ -80,8 +81,10 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, open_
             monitor.close()
         raise
     try:
+        directories = state_dirs(args)
+        record = CaptureRecord(directories[0] if directories else None)
         return _capture_until_stopped(args, link, ports, rings, pipeline, credentials, sink, stop, monitor, tls,
-                                      manager)
+                                      manager, record)
     finally:
         if monitor is not None:
             monitor.close()
@@ -89,7 +92,8 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, open_
 
 def _capture_until_stopped(args: argparse.Namespace, link: Link, ports: set[int], rings: list[PacketRing],
                            pipeline: Pipeline, credentials: CredentialSync | None, sink: Sink, stop: StopFlag,
-                           monitor: Monitor | None, tls: TlsCapture | None, manager: ServiceManager | None) -> int:
+                           monitor: Monitor | None, tls: TlsCapture | None, manager: ServiceManager | None,
+                           record: CaptureRecord) -> int:
     if args.yield_cpu:
         stop.on_first = catch_up_priority  # the thread that takes the signal: the capture, or the workers' reader
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -99,6 +103,7 @@ def _capture_until_stopped(args: argparse.Namespace, link: Link, ports: set[int]
 
     def capturing() -> None:
         log.info("%s", where)
+        record.started(took_over_the_ring=any(ring.taken_over for ring in rings))
         if manager is not None:
             manager.ready()  # Type=notify: a start (or restart) is done once capture has begun
 
@@ -116,6 +121,7 @@ def _capture_until_stopped(args: argparse.Namespace, link: Link, ports: set[int]
     else:
         counters, clean = run_workers(rings, args, credentials, stop, sink, capturing, status)
     sink.close()  # in live capture a spool is not waited for: what it holds is sent at the next start
+    record.stopped()
     delivery = sink.counters()
     logs.summary({**counters, **delivery})
     return 0 if clean else 1

@@ -34,6 +34,7 @@ NOT_LOSSES = frozenset({
     "tls_chunks", "tls_streams",                                       # HTTPS plaintext read, its connections
     "tls_write_retries",                                               # a write the gateway made again
     "tls_unmetered",                                                   # a connection on a port not metered
+    "after_stop",                                                      # begun after a stop: the next run's
 })
 # Summary values that are levels, not counts: the spool's, and the TLS probes' (status.LEVELS).
 LEVELS = {"spooled_bytes": ("spool_bytes", "bytes the spool's files hold (events not yet acknowledged)"),
