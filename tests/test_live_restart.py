@@ -191,6 +191,25 @@ def test_rings_of_another_shape_are_not_taken_over_and_leave_the_store(gateway, 
 
 
 
+def test_a_kept_descriptor_that_is_not_a_ring_is_said_replaced_and_capture_goes_on(gateway, manager,
+                                                                                    tmp_path: Path) -> None:
+    first = start(manager, gateway, tmp_path / "first.jsonl")
+    stop(manager, first)
+    [(name, ring)] = manager.store
+    os.close(ring)
+    manager.store = [(name, socket.socket(socket.AF_INET, socket.SOCK_DGRAM).detach())]  # under the ring's name
+    second = start(manager, gateway, tmp_path / "second.jsonl")
+    curl("-H", f"apikey: {BOB}", f"{gateway.base_url}/after-a-bad-descriptor")
+    entries = gateway.access_log_entries(expect=1)
+    stop(manager, second)
+    assert "cannot take over the rings kept from the previous run (not a packet socket" in second.stderr
+    assert {"FDSTOREREMOVE": "1", "FDNAME": name} in manager.messages
+    [(stored_name, stored)] = manager.store
+    with socket.socket(fileno=os.dup(stored)) as kept:
+        assert (stored_name, kept.family) == (name, socket.AF_PACKET)
+    assert metered_rows(second.events()) == billed_rows(entries)
+
+
 def test_a_restart_the_ring_did_not_outlive_says_how_long_nothing_was_captured(gateway, manager, tmp_path: Path) -> None:
     data = ("--data-dir", str(tmp_path / "state"))  # the record is kept with the sink's state
     plain = LiveAgent(None, gateway.port, *data)  # no service manager: its ring closes with it

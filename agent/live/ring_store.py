@@ -69,6 +69,9 @@ class RingStore:
         except OSError as error:
             for ring in rings:
                 ring.close()
+            for name in names:  # the manager's copies too: new rings are stored under these names
+                if self.manager is not None:
+                    self.manager.remove(name)
             log.warning("cannot take over the rings kept from the previous run (%s); opening new ones: what they "
                         "captured since is not read", error.strerror or error)
             return None
