@@ -68,6 +68,15 @@ class Pipeline:
         """Requests from the packet capture this run bills that still wait for their answer."""
         return self.core.requests_in_flight()
 
+    def answers_owed(self) -> list[tuple[bytes, int, bytes, int, list[str]]]:
+        """After `leave_new_requests`: per connection (client and server address and port), the methods of
+        this run's requests whose answers the next run will see and must not take for its own."""
+        return self.core.answers_owed()
+
+    def expect_answers(self, owed: list[tuple[bytes, int, bytes, int, list[str]]]) -> None:
+        """The previous run's `answers_owed`, before the first frame."""
+        self.core.expect_answers(owed)
+
     def finish(self) -> bytes:
         """The capture is over: close every connection, so requests still in flight are emitted too."""
         return self._after(self.core.finish(self._sync()))

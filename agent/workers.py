@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 
 
-def fork(run: Callable[[], int], on_parent_death: int = signal.SIGTERM) -> int:
+def fork(run: Callable[[], int], on_parent_death: int = signal.SIGKILL) -> int:
     """Start `run()` in a child process; returns its pid. The child gets `on_parent_death` if the parent dies."""
     parent = os.getpid()
     pid = os.fork()
@@ -47,7 +47,9 @@ def fork(run: Callable[[], int], on_parent_death: int = signal.SIGTERM) -> int:
 
 def spawn(count: int, work: Callable[[int, Connection], int]) -> dict[Connection, int]:
     """Fork `count` workers, each running `work(its index, the pipe to the parent)`; returns the parent's
-    ends of the pipes, each with its worker's pid. A worker keeps only its own pipe's writing end."""
+    ends of the pipes, each with its worker's pid. A worker keeps only its own pipe's writing end. One whose
+    parent dies has nowhere to send its events: it ends at once, leaving what it has not read in the ring
+    (for the next run, when the ring is kept), rather than reading on for nothing."""
     children: dict[Connection, int] = {}
     for index in range(count):
         reader, writer = Pipe(duplex=False)

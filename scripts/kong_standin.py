@@ -184,6 +184,7 @@ class KongStandin:
         tls_port: int | None = None,
         http2: bool = False,
         upstream_tls: bool = False,
+        other_upstreams: dict[str, int] | None = None,
     ) -> None:
         self.port = port
         self.workers = workers
@@ -196,6 +197,8 @@ class KongStandin:
         self.tls_port = tls_port  # HTTPS too, with a self-signed certificate made at start (openssl)
         self.http2 = http2  # ALPN offers h2 on the TLS port, as Kong's 8443 does
         self.upstream_tls = upstream_tls  # the gateway reaches the API over HTTPS, as a Kong service may
+        # path prefix -> the port of an HTTP upstream the caller runs on 127.0.0.1 (one that answers slowly)
+        self.other_upstreams = other_upstreams or {}
         self.consumers = load_consumers(self.deck_file)
         self.routes = load_routes(self.deck_file) if routes else None
         self._prefix: Path | None = None
@@ -547,9 +550,20 @@ http {{
             add_header X-Kong-Response-Latency 0 always;
             return 429 '{{"message":"API rate limit exceeded"}}';
         }}
+{self._other_upstream_locations()}
 
 {body}
     }}"""
+
+    def _other_upstream_locations(self) -> str:
+        return "".join(f"""        location ^~ {path} {{
+{_KEY_AUTH}
+            proxy_pass http://127.0.0.1:{port};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            add_header X-Kong-Upstream-Latency $kong_upstream_latency always;
+        }}
+""" for path, port in self.other_upstreams.items())
 
     def _proxy_location(self, location: str, route: str) -> str:
         """Kong's key-auth in front of the upstream, as one route (or all of them, unnamed)."""

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from agent.credentials.sync import CredentialSync
 from agent.live.cpu_share import catch_up_priority, start_watcher, stop_watcher
+from agent.live.ring_store import leave_answers, take_answers
 from agent.live.tls import TlsCapture
 from agent.observe.status import Report
 from agent.observe.tables import table_statuses
@@ -23,6 +24,7 @@ HOUSEKEEPING_SECONDS = 1.0  # kernel counters read; on a quiet interface, timeou
 DRAIN_SECONDS = 6.0         # after a stop signal, the longest spent reading what the ring still holds
 BLOCKS_PER_CALL = 16        # ring blocks the core reads per call (their events are emitted together)
 IN_FLIGHT_SECONDS = 2.0     # after a stop, the longest spent waiting for the answers of requests in flight
+IN_FLIGHT_POLL_SECONDS = 0.005  # meanwhile, how often the ring is looked at for the next block
 
 Emit = Callable[[bytes], None]  # events as JSON Lines
 Reporter = Callable[[Report], None]  # monitoring: where the loop's counters go once a second
@@ -67,6 +69,8 @@ def capture(ring: PacketRing, pipeline: Pipeline, credentials: CredentialSync | 
     `tls`, the TLS probes' records go into the same pipeline, between ring blocks."""
     if credentials is not None:
         credentials.start()  # a first load that fails is retried; events wait for the table meanwhile
+    if ring.taken_over:
+        pipeline.expect_answers(take_answers(ring))
     try:
         if report is not None:
             report(_report(ring, pipeline, credentials, tls))
@@ -145,9 +149,10 @@ def _drain(ring: PacketRing, pipeline: Pipeline, emit: Emit, deadline: float, la
 def _finish_in_flight(ring: PacketRing, pipeline: Pipeline, emit: Emit, deadline: float) -> None:
     """The requests in flight at the stop get their answers: the ring is read on for up to
     IN_FLIGHT_SECONDS, but what is read there is left in it, for the next run that takes the ring over, and
-    the requests begun there are left to that run (counted `after_stop`). So each request is billed once,
-    by the run that saw its first byte, with its answer when it came in time. At most half the ring is read
-    this way, so that the kernel keeps room to capture."""
+    the requests that run will take are left to it (counted `after_stop`; `http/hand_over.rs` says which).
+    So each request is billed once, with its answer when it came in time; the answers the next run will
+    see to this run's requests are left with the ring (`leave_answers`). At most half the ring is read this
+    way, so that the kernel keeps room to capture."""
     pipeline.leave_new_requests()
     ring.leave_read_blocks()
     until = min(deadline, time.monotonic() + IN_FLIGHT_SECONDS)
@@ -158,7 +163,10 @@ def _finish_in_flight(ring: PacketRing, pipeline: Pipeline, emit: Emit, deadline
             emit(events)
         room -= blocks
         if not blocks:
-            ring.wait(max(1, min(POLL_MS, int((until - time.monotonic()) * 1000))))
+            # (not ring.wait: with the blocks read left handed over, the kernel says the ring is readable)
+            time.sleep(IN_FLIGHT_POLL_SECONDS)
+    if ring.kept_by_service_manager:
+        leave_answers(ring, pipeline.answers_owed())
 
 
 def _read_through_the_stop(ring: PacketRing, pipeline: Pipeline, emit: Emit, deadline: float, label: str) -> int:

@@ -1,10 +1,13 @@
 """The packet rings outlive a restart: under a service manager with a file-descriptor store (systemd's
 `FileDescriptorStoreMax=`), each ring's socket is left with the manager, which keeps it open while the
 agent restarts. The kernel goes on filling the ring meanwhile; the next start takes the sockets over and
-reads first what was captured while no agent ran. A stop reads through the block being filled and no
-further (`capture._drain`), and a block is handed back to the kernel once read, so each packet is read by
-one run: a restart loses nothing that the ring could hold, and what it could not hold is the kernel's drop
-count, in the next run's summary.
+reads first what was captured while no agent ran. A stop reads through the block being filled and hands
+those blocks back; past that boundary it reads on only to answer the requests in flight, and leaves those
+blocks in the ring (`capture._drain`). The next run begins at the first block not handed back, so every
+packet past the boundary is seen by it, and each request is billed by one run (`http/hand_over.rs`): a
+restart loses nothing that the ring could hold, and what it could not hold is the kernel's drop count, in
+the next run's summary. The answers the next run will see to the stopping run's requests are left beside
+the ring, in the data directory (`leave_answers`), so that it does not take them for its own.
 
 A socket is taken over only if its name says it has the shape this run asks for (interface, link type,
 ring size, retire period, number of workers); otherwise the stored ones are closed and new ones opened.
@@ -13,8 +16,10 @@ ring size, retire period, number of workers); otherwise the stored ones are clos
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+from pathlib import Path
 
 from agent.live.service_manager import ServiceManager
 from agent.live.startup_checks import Link, socket_error
@@ -37,9 +42,12 @@ class RingStore:
     """The rings' way through a restart: the descriptors the manager passed at this start, and the manager
     to leave this run's with (None when not run by one: rings are then opened anew and closed at the end)."""
 
-    def __init__(self, manager: ServiceManager | None, inherited: dict[str, list[int]]) -> None:
+    def __init__(self, manager: ServiceManager | None, inherited: dict[str, list[int]],
+                 directory: Path | None = None) -> None:
+        """`directory`: where the answers owed are left beside the rings (the data directory)."""
         self.manager = manager
         self.inherited = inherited
+        self.directory = directory
 
     def open(self, link: Link, program: list[tuple[int, int, int, int]], ring_bytes: int,
              workers: int) -> list[PacketRing]:
@@ -51,7 +59,12 @@ class RingStore:
             rings = open_rings(link, program, ring_bytes, workers)
         if self.manager is not None:
             for name, ring in zip(names, rings):
-                ring.kept_by_service_manager = self.manager.store(name, ring.fileno())
+                # one taken over is in the store already (storing it again would only count against its limit)
+                ring.kept_by_service_manager = ring.taken_over or self.manager.store(name, ring.fileno())
+                if self.directory is not None:
+                    ring.answers_path = self.directory / f"{name}.answers.json"
+                    if not ring.taken_over:
+                        ring.answers_path.unlink(missing_ok=True)  # a previous ring's: not this one's
         return rings
 
     def _take_over(self, link: Link, program: list[tuple[int, int, int, int]], ring_bytes: int,
@@ -93,6 +106,40 @@ class RingStore:
             if name.startswith(PREFIX) and self.manager is not None:
                 self.manager.remove(name)
         self.inherited = {}
+
+
+def leave_answers(ring: PacketRing, owed: list[tuple[bytes, int, bytes, int, list[str]]]) -> None:
+    """Beside the ring, for the run that takes it over: the answers it will see to this run's requests."""
+    if ring.answers_path is None:
+        return
+    text = json.dumps([[client.hex(), client_port, server.hex(), server_port, methods]
+                       for client, client_port, server, server_port, methods in owed])
+    temporary = ring.answers_path.with_suffix(".tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, ring.answers_path)
+    except OSError as error:
+        log.warning("cannot leave the answers owed to this run's requests in %s (%s): the next run may pair "
+                    "them with its own", ring.answers_path, error.strerror or error)
+
+
+def take_answers(ring: PacketRing) -> list[tuple[bytes, int, bytes, int, list[str]]]:
+    """What the previous run left beside the ring (see `leave_answers`); the file is removed."""
+    if ring.answers_path is None:
+        return []
+    try:
+        entries = json.loads(ring.answers_path.read_text())
+        ring.answers_path.unlink()
+        owed = [(bytes.fromhex(client), int(client_port), bytes.fromhex(server), int(server_port),
+                 [str(method) for method in methods])
+                for client, client_port, server, server_port, methods in entries]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, TypeError) as error:
+        log.warning("cannot read the answers the previous run left in %s (%s): the first answers on its "
+                    "connections may be paired with this run's requests", ring.answers_path, error)
+        return []
+    return owed
 
 
 def open_rings(link: Link, program: list[tuple[int, int, int, int]], ring_bytes: int,

@@ -14,6 +14,7 @@ import array
 import fcntl
 import logging
 import os
+import re
 import socket
 
 log = logging.getLogger("agent.live")
@@ -67,8 +68,8 @@ def inherited_fds() -> dict[str, list[int]]:
     """The descriptors the manager passed at this start, by name (LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES);
     the variables are removed and the descriptors made close-on-exec, as sd_listen_fds does."""
     pid, count, names = (os.environ.pop(variable, "") for variable in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"))
-    if pid != str(os.getpid()) or not count.isdigit():
-        return {}
+    if pid != str(os.getpid()) or not re.fullmatch(r"[0-9]{1,4}", count):
+        return {}  # not ours, or not a count systemd would give (its store holds at most a few thousand)
     fds = range(LISTEN_FDS_START, LISTEN_FDS_START + int(count))
     labels = names.split(":") if names else []
     passed: dict[str, list[int]] = {}

@@ -150,4 +150,3 @@ def attach(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> Non
     buffer = ctypes.create_string_buffer(code, len(code))
     fprog = struct.pack("@HP", len(program), ctypes.addressof(buffer))
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
-

@@ -16,6 +16,7 @@ import select
 import socket
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 from agent import _core
 from agent.source import kernel_filter
@@ -71,6 +72,7 @@ class PacketRing:
         self.ignores_outgoing = False  # whether the kernel skips outgoing copies before even cloning them
         self.kept_by_service_manager = False  # a stop then leaves what is unread to the next start
         self.taken_over = inherited is not None  # from the previous run, with what it captured meanwhile
+        self.answers_path: Path | None = None  # where the answers owed are left beside it (`ring_store.py`)
         self.core_ring: _core.Ring | None = None
         # Protocol 0: nothing arrives until bind(), so no unfiltered packet ever lands in the ring.
         self._socket = (socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) if inherited is None
@@ -106,7 +108,7 @@ class PacketRing:
                 or sock.getsockopt(SOL_PACKET, PACKET_VERSION) != TPACKET_V3:
             raise OSError(errno.EINVAL, "not a packet socket with a TPACKET_V3 ring")
         kernel_filter.attach(sock, program)
-        # the kernel maps a ring only at its exact size, so a socket of another shape fails here
+        # the kernel maps a ring only at its exact size, so a socket with a ring of another size fails here
         self.core_ring = _core.Ring(sock.fileno(), self.block_bytes, self.block_count, self.linktype)
         fanout = sock.getsockopt(SOL_PACKET, PACKET_FANOUT)  # id | type << 16 | flags >> 8 << 24
         self.fanout_group = fanout & 0xFFFF

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::http::exchanges::HttpExchanges;
+use crate::http::exchanges::{ConnectionKey, HttpExchanges};
+use crate::http::parser::RequestMethod;
 use crate::metering::billing::{Meter, MeterConfig};
 use crate::source::capture_file::Frame;
 use crate::source::frames::{flow_hash, FrameDecoder};
@@ -160,6 +161,17 @@ impl Pipeline {
     /// Requests from the packet capture this run bills that still wait for (the rest of) their exchange.
     pub fn requests_in_flight(&self) -> usize {
         self.http.requests_in_flight(from_packets)
+    }
+
+    /// After `leave_new_requests`, before `finish`: the answers the next run will see to this run's
+    /// requests, by connection (see `HttpExchanges::answers_owed`).
+    pub fn answers_owed(&self) -> Vec<(ConnectionKey, Vec<RequestMethod>)> {
+        self.http.answers_owed()
+    }
+
+    /// The previous run's `answers_owed`, before the first frame.
+    pub fn expect_answers(&mut self, owed: Vec<(ConnectionKey, Vec<RequestMethod>)>) {
+        self.http.expect_answers(owed);
     }
 
     /// Time passes without packets (a quiet live interface): expire what has waited too long.

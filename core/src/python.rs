@@ -1224,10 +1224,16 @@ mod pipeline {
     use pyo3::types::{PyBytes, PyDict};
 
     use super::{PyCaptureFile, PyRing};
+    use crate::http::parser::RequestMethod;
     use crate::metering::billing::MeterConfig;
     use crate::metering::key_lookup::KeyAuth;
     use crate::pipeline::{Pipeline, PipelineConfig};
+    use crate::source::frames::Address;
     use crate::tcp::reassembly::ReassemblyLimits;
+
+    /// A connection whose first answers the next run sees are owed to this one's requests (see
+    /// `answers_owed`).
+    type HandedOverAnswers = (Vec<u8>, u16, Vec<u8>, u16, Vec<String>);
 
     /// The whole data plane. Each call takes a batch (a capture file's next frames, a ring's ready blocks)
     /// and returns the JSON Lines of the events it completed, as one `bytes`; the GIL is released while
@@ -1322,6 +1328,30 @@ mod pipeline {
 
         fn requests_in_flight(&self) -> usize {
             self.pipeline.requests_in_flight()
+        }
+
+        /// `(client address, client port, server address, server port, [method])` per connection, the
+        /// methods as "HEAD", "CONNECT" or "OTHER".
+        fn answers_owed(&self) -> Vec<HandedOverAnswers> {
+            let name = |method: &RequestMethod| match method {
+                RequestMethod::Head => "HEAD",
+                RequestMethod::Connect => "CONNECT",
+                RequestMethod::Other => "OTHER",
+            };
+            let owed = self.pipeline.answers_owed().into_iter();
+            owed.map(|((client, client_port, server, server_port), methods)| {
+                let methods = methods.iter().map(|method| name(method).to_string()).collect();
+                (client.bytes().to_vec(), client_port, server.bytes().to_vec(), server_port, methods)
+            })
+            .collect()
+        }
+
+        fn expect_answers(&mut self, owed: Vec<HandedOverAnswers>) {
+            let owed = owed.into_iter().map(|(client, client_port, server, server_port, methods)| {
+                let methods = methods.iter().map(|method| RequestMethod::of(method.as_bytes())).collect();
+                ((Address::new(&client), client_port, Address::new(&server), server_port), methods)
+            });
+            self.pipeline.expect_answers(owed.collect());
         }
 
         fn finish<'py>(&mut self, py: Python<'py>, now: f64) -> Bound<'py, PyBytes> {

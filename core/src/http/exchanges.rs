@@ -14,7 +14,9 @@ use std::mem::size_of;
 
 use crate::http::message::{Exchange, Message};
 pub use crate::http::parser::ParserCounters;
-use crate::http::parser::{MessageParser, MessageSink, RequestMethod};
+use crate::http::hand_over::HandOver;
+use crate::http::parser::{begins_a_request, MessageParser, MessageSink, RequestMethod};
+use crate::source::frames::Address;
 use crate::tcp::reassembly::{ConnectionInfo, StreamEvent, StreamSink};
 
 /// Requests one connection may have waiting for an answer. Beyond it, the answers are clearly not being
@@ -97,13 +99,11 @@ struct Pairing {
     /// client's side alone never shows the server's end, and its requests stay unanswered)
     client_left_first: bool,
     server_ended: bool,
-    /// the end of the client's bytes delivered so far (its stream's position)
+    /// the ends of the client's and the server's bytes delivered so far (their streams' positions)
     client_end: u64,
-    /// requests whose first byte is at or past this position are the next run's (`leave_new_requests`)
-    next_run_from: Option<u64>,
-    /// the boundary fell inside a request: the next run, joining there, takes no request until the server
-    /// speaks (see the parser's `Joined`), so this run takes the ones begun before that
-    next_run_after_answer: bool,
+    server_end: u64,
+    /// past a stop's boundary (`leave_new_requests`): which requests are the next run's
+    hand_over: Option<HandOver>,
 }
 
 impl Pairing {
@@ -193,7 +193,7 @@ impl Side<'_, '_> {
     fn request_head(&mut self, message: Message) {
         self.output.counters.requests += 1;
         let (method, head_end) = (RequestMethod::of(&message.method), message.head_end);
-        if self.pairing.next_run_from.is_some_and(|from| message.position >= from) {
+        if self.pairing.hand_over.as_ref().is_some_and(|hand_over| hand_over.next_runs(message.position)) {
             // its place is kept, so that its answer pairs with it and is not taken for another's
             self.output.counters.after_stop += 1;
             let request_done = false;
@@ -274,6 +274,10 @@ impl Side<'_, '_> {
         pairing.answering = answered.is_some();
         pairing.response_status = message.status;
         let Some(waiting) = answered.and_then(|index| pairing.pending.get_mut(index)) else { return };
+        let this_runs = waiting.exchange.is_some() || waiting.emitted;
+        if let Some(hand_over) = pairing.hand_over.as_mut().filter(|_| this_runs && is_final(message.status)) {
+            hand_over.answer_begins(message.position, waiting.method);
+        }
         if waiting.emitted || !is_final(message.status) {
             return;
         }
@@ -432,20 +436,26 @@ impl HttpConnection {
     }
 
     fn handle(&mut self, to_server: bool, time: f64, event: StreamEvent<'_>, output: &mut Output<'_>) {
-        if !to_server && matches!(event, StreamEvent::Data { .. }) {
-            self.requests.peer_spoke();
+        if let StreamEvent::Data { payload, position, .. } = event {
             let pairing = &mut self.pairing;
-            if std::mem::take(&mut pairing.next_run_after_answer) {
-                pairing.next_run_from = Some(pairing.client_end);
+            let end = position + payload.len() as u64;
+            if to_server {
+                pairing.client_end = pairing.client_end.max(end);
+                if let Some(hand_over) = &mut pairing.hand_over {
+                    hand_over.client_data(begins_a_request(payload));
+                }
+            } else {
+                self.requests.peer_spoke();
+                pairing.server_end = pairing.server_end.max(end);
+                if let Some(hand_over) = &mut pairing.hand_over {
+                    hand_over.server_data(pairing.client_end);
+                }
             }
         }
         let parser = if to_server { &mut self.requests } else { &mut self.responses };
         let mut side = Self::side(to_server, &mut self.pairing, &self.connection, output);
         match event {
             StreamEvent::Data { payload, position, peer_acked } => {
-                if to_server {
-                    side.pairing.client_end = side.pairing.client_end.max(position + payload.len() as u64);
-                }
                 parser.feed(payload, time, position, peer_acked, &mut side)
             }
             StreamEvent::Gap { lost, .. } => parser.gap(lost, time, &mut side),
@@ -541,7 +551,20 @@ pub struct HttpExchanges {
     connections_held: usize,
     /// after a stop's boundary: the connections whose new requests are the next run's
     next_run_takes: Option<fn(&ConnectionInfo) -> bool>,
+    /// from the previous run's stop, by connection: the methods of its requests whose answers this run will
+    /// see first (see `expect_answers`)
+    previous_runs_answers: HashMap<ConnectionKey, Vec<RequestMethod>>,
 }
+
+/// A connection as both runs name it: client and server, address and port.
+pub type ConnectionKey = (Address, u16, Address, u16);
+
+fn key_of(connection: &ConnectionInfo) -> ConnectionKey {
+    (connection.client, connection.client_port, connection.server, connection.server_port)
+}
+
+/// Connections the previous run may name (`expect_answers`); more are not kept.
+const MAX_HANDED_OVER: usize = 1 << 18;
 
 impl HttpExchanges {
     pub fn new(response_timeout: f64, max_head_bytes: usize) -> HttpExchanges {
@@ -556,6 +579,7 @@ impl HttpExchanges {
             finished_bytes: 0,
             connections_held: 0,
             next_run_takes: None,
+            previous_runs_answers: HashMap::new(),
         }
     }
 
@@ -567,19 +591,57 @@ impl HttpExchanges {
     pub fn leave_new_requests(&mut self, of: fn(&ConnectionInfo) -> bool) {
         self.next_run_takes = Some(of);
         for http in self.connections.values_mut().filter(|http| of(&http.connection)) {
-            let pairing = &mut http.pairing;
-            if http.requests.between_messages() {
-                pairing.next_run_from = Some(pairing.client_end);
-            } else {
-                pairing.next_run_after_answer = true;
-            }
+            http.pairing.hand_over = Some(HandOver::at(http.pairing.client_end, http.pairing.server_end));
         }
     }
 
-    /// Requests this run bills that wait for (the rest of) their exchange, on the connections `of` selects.
+    /// Requests this run bills that wait for (the rest of) their exchange, on the connections `of` selects;
+    /// a head still arriving where the next run waits for the server's answer counts too.
     pub fn requests_in_flight(&self, of: fn(&ConnectionInfo) -> bool) -> usize {
         let connections = self.connections.values().filter(|http| of(&http.connection));
-        connections.map(|http| http.pairing.pending.iter().filter(|waiting| waiting.exchange.is_some()).count()).sum()
+        connections
+            .map(|http| {
+                let waiting = http.pairing.pending.iter().filter(|waiting| waiting.exchange.is_some()).count();
+                // a request still arriving, this run's if it began before what the next run takes
+                let arriving = http.pairing.hand_over.as_ref().is_some_and(|hand_over| match http.requests.message_start() {
+                    Some(start) => !hand_over.next_runs(start),
+                    None => hand_over.until_answer() && !http.requests.between_messages(),
+                });
+                waiting + usize::from(arriving)
+            })
+            .sum()
+    }
+
+    /// At the end of a stop that leaves the ring to the next run: for each connection, the methods of this
+    /// run's requests whose answers the next run will see (they began past the boundary, or have not begun).
+    pub fn answers_owed(&self) -> Vec<(ConnectionKey, Vec<RequestMethod>)> {
+        let mut owed = Vec::new();
+        for http in self.connections.values() {
+            let pairing = &http.pairing;
+            let Some(hand_over) = &pairing.hand_over else { continue };
+            let mut methods = hand_over.owed.clone();
+            // the answer in progress was listed when it began, if it began past the boundary
+            let answering = pairing.answering && is_final(pairing.response_status);
+            let in_progress = if answering { pairing.first_unanswered() } else { None };
+            for (index, waiting) in pairing.pending.iter().enumerate() {
+                let this_runs = waiting.exchange.is_some() || waiting.emitted;
+                if this_runs && !waiting.response_done && Some(index) != in_progress {
+                    methods.push(waiting.method);
+                }
+            }
+            if !methods.is_empty() {
+                owed.push((key_of(&http.connection), methods));
+            }
+        }
+        owed
+    }
+
+    /// The previous run's `answers_owed`: on each of those connections, when this run joins it, the first
+    /// answers pair with places kept for those requests, not with this run's.
+    pub fn expect_answers(&mut self, owed: Vec<(ConnectionKey, Vec<RequestMethod>)>) {
+        for (key, methods) in owed.into_iter().take(MAX_HANDED_OVER) {
+            self.previous_runs_answers.insert(key, methods);
+        }
     }
 
     /// Hand on, unanswered, complete requests waiting longer than the response timeout.
@@ -643,6 +705,7 @@ impl StreamSink for HttpExchanges {
             next_order,
             max_head_bytes,
             next_run_takes,
+            previous_runs_answers,
             ..
         } = self;
         let mut output = Output { parser_counters, counters, finished, finished_bytes };
@@ -657,8 +720,19 @@ impl StreamSink for HttpExchanges {
             *next_order += 1;
             let mut http = HttpConnection::new(connection, *next_order, *max_head_bytes);
             if next_run_takes.is_some_and(|of| of(connection)) {
-                http.pairing.next_run_from = Some(0); // first seen after the boundary: all the next run's
+                // first seen past the boundary: the next run sees it from the same place, its SYN if this
+                // run does, and makes of a joined one's first bytes what this run does
+                let hand_over = if connection.saw_syn { HandOver::all_next_runs() } else { HandOver::at(0, 0) };
+                http.pairing.hand_over = Some(hand_over);
             }
+            let owed = if connection.saw_syn { None } else { previous_runs_answers.remove(&key_of(connection)) };
+            for method in owed.unwrap_or_default() {
+                http.pairing.pending.push_back(Waiting {
+                    exchange: None, has_request: true, method, head_end: 0, request_done: true,
+                    body_cut_short: false, response_done: false, emitted: false,
+                });
+            }
+            *connections_held += http.held_bytes(); // its queue holds from the start
             http
         });
         http.connection = *connection;
@@ -737,8 +811,103 @@ mod tests {
         assert_eq!(exchange.request.header(b"apikey"), Some(&b"k1"[..]));
     }
 
-    /// The client leaves (FIN), then the server: nginx's 499 for a whole request, 400 for one whose body
-    /// was cut short.
+    /// What crosses one connection, and where a stop's boundary falls in it.
+    enum Step {
+        Client(Vec<u8>),
+        Server(Vec<u8>),
+        Boundary,
+    }
+    use Step::{Boundary, Client, Server};
+
+    fn get(target: &str) -> Vec<u8> {
+        format!("GET {target} HTTP/1.1\r\nHost: api\r\napikey: k1\r\n\r\n").into_bytes()
+    }
+
+    fn answer(status: u16) -> Vec<u8> {
+        format!("HTTP/1.1 {status} Fine\r\nContent-Length: 2\r\n\r\nok").into_bytes()
+    }
+
+    /// The stopping run (from the connection's start if `from_syn`, else joined at the first step), which
+    /// reads on past the boundary, and the next run, which joins at the boundary with the answers the
+    /// stopping run handed over: the requests each billed, with their status.
+    fn two_runs(from_syn: bool, steps: &[Step]) -> [Vec<(String, u16)>; 2] {
+        fn packets(_: &ConnectionInfo) -> bool {
+            true
+        }
+        let billed = |http: &mut HttpExchanges| -> Vec<(String, u16)> {
+            http.take().map(|e| (String::from_utf8(e.request.target).unwrap(), e.status)).collect()
+        };
+        let mut stopping = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut first = Conversation::new(1);
+        first.info.saw_syn = from_syn;
+        let boundary = steps.iter().position(|step| matches!(step, Boundary)).expect("a boundary");
+        for step in steps {
+            match step {
+                Boundary => stopping.leave_new_requests(packets),
+                Client(bytes) => first.send(&mut stopping, true, 1.0, bytes),
+                Server(bytes) => first.send(&mut stopping, false, 1.0, bytes),
+            }
+        }
+        let mut next = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        next.expect_answers(stopping.answers_owed());
+        let mut second = Conversation::new(1);
+        second.info.saw_syn = false;
+        for step in &steps[boundary + 1..] {
+            match step {
+                Client(bytes) => second.send(&mut next, true, 2.0, bytes),
+                Server(bytes) => second.send(&mut next, false, 2.0, bytes),
+                Boundary => {}
+            }
+        }
+        first.close(&mut stopping, 3.0);
+        second.close(&mut next, 3.0);
+        [billed(&mut stopping), billed(&mut next)]
+    }
+
+    /// A case: its name, whether the stopping run saw the connection's start, its steps, what each run bills.
+    type Case<'a> = (&'a str, bool, Vec<Step>, [Vec<(String, u16)>; 2]);
+
+    fn billed(targets: &[(&str, u16)]) -> Vec<(String, u16)> {
+        targets.iter().map(|&(target, status)| (target.to_string(), status)).collect()
+    }
+
+    #[test]
+    fn across_a_stops_boundary_each_request_is_billed_once_with_its_own_answer() {
+        let half = |bytes: Vec<u8>, first: bool| if first { bytes[..20].to_vec() } else { bytes[20..].to_vec() };
+        let long = format!("/long?{}", "q".repeat(1500));
+        let cases: Vec<Case> = vec![
+            ("a request pipelined behind one in flight", true,
+             vec![Client(get("/a")), Server(answer(200)), Client(get("/b")), Boundary, Client(get("/c")),
+                  Server(answer(201)), Server(answer(202))],
+             [billed(&[("/a", 200), ("/b", 201)]), billed(&[("/c", 202)])]),
+            ("a head straddling the boundary", true,
+             vec![Client(half(get("/b"), true)), Boundary, Client(half(get("/b"), false)), Server(answer(201)),
+                  Client(get("/c")), Server(answer(202))],
+             [billed(&[("/b", 201)]), billed(&[("/c", 202)])]),
+            ("a stray line end before the next request", true,
+             vec![Client(get("/a")), Server(answer(200)), Boundary, Client([&b"\r\n"[..], &get("/c")].concat()),
+                  Server(answer(202)), Client(get("/d")), Server(answer(203))],
+             [billed(&[("/a", 200), ("/c", 202)]), billed(&[("/d", 203)])]),
+            ("a request line longer than its first segment", true,
+             vec![Client(get("/a")), Server(answer(200)), Boundary, Client(get(&long)[..1000].to_vec()),
+                  Client(get(&long)[1000..].to_vec()), Server(answer(202)), Client(get("/d")), Server(answer(203))],
+             [billed(&[("/a", 200), (long.as_str(), 202)]), billed(&[("/d", 203)])]),
+            ("a connection first seen past the boundary, joined", false,
+             vec![Boundary, Client(get(&long)[1000..].to_vec()), Server(answer(202)), Client(get("/d")),
+                  Server(answer(203))],
+             [billed(&[]), billed(&[("/d", 203)])]),
+            ("a stopping run that joined the connection itself", false,
+             vec![Server(answer(200)), Boundary, Client(get("/c")), Server(answer(202))],
+             [billed(&[]), billed(&[("/c", 202)])]),
+            ("the server speaking first past the boundary", true,
+             vec![Client(get("/b")), Boundary, Server(answer(201)), Client(get("/c")), Server(answer(202))],
+             [billed(&[("/b", 201)]), billed(&[("/c", 202)])]),
+        ];
+        for (case, from_syn, steps, expected) in cases {
+            assert_eq!(two_runs(from_syn, &steps), expected, "{case}");
+        }
+    }
+
     #[test]
     fn after_a_stops_boundary_requests_begun_before_are_finished_and_new_ones_left_to_the_next_run() {
         fn any(_: &ConnectionInfo) -> bool {
@@ -753,7 +922,7 @@ mod tests {
         kept.send(&mut http, true, 1.0, &waiting);
         split.send(&mut http, true, 1.0, &half_sent[..20]); // its head straddles the boundary
         http.leave_new_requests(any);
-        assert_eq!(http.requests_in_flight(any), 1);
+        assert_eq!(http.requests_in_flight(any), 2, "a request waiting, and a head still arriving");
         // the rest of the head, and a request pipelined behind it before the server answered: the next
         // run joins this connection inside a request and takes nothing before the answer, so it is this run's
         split.send(&mut http, true, 1.1, &[&half_sent[20..], &request("/behind-the-split")[..]].concat());
@@ -779,6 +948,8 @@ mod tests {
         assert_eq!((http.take().count(), http.counters.unanswered), (0, 0));
     }
 
+    /// The client leaves (FIN), then the server: nginx's 499 for a whole request, 400 for one whose body
+    /// was cut short.
     #[test]
     fn a_request_its_client_left_is_499_or_400_when_its_body_was_cut_short() {
         let whole = b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc".as_slice();

@@ -114,6 +114,11 @@ enum Joined {
     UntilAnswer,
 }
 
+/// Whether a joined request stream whose first bytes are `bytes` takes them for a request's start.
+pub fn begins_a_request(bytes: &[u8]) -> bool {
+    Window { kept: &[], data: bytes }.request_start_at(0, true)
+}
+
 /// What a head said, once parsed.
 struct Parsed {
     method: (usize, usize),
@@ -145,6 +150,11 @@ impl MessageParser {
     /// Waiting for a message's first byte: the next bytes begin a message (or junk), not the middle of one.
     pub fn between_messages(&self) -> bool {
         self.state == State::Head && self.buffer.is_empty() && self.joined == Joined::Synced
+    }
+
+    /// Where the message in progress (its head still arriving, or its body) began.
+    pub fn message_start(&self) -> Option<u64> {
+        self.message.as_ref().map(|message| message.position)
     }
 
     /// The other direction sent data: a request stream joined inside a request may be searched again.
@@ -582,11 +592,10 @@ impl MessageParser {
 
     /// REQUEST_START_HERE / RESPONSE_START_HERE: a start line right at the start of `bytes`.
     fn starts_here(&self, bytes: &[u8]) -> bool {
-        let window = Window { kept: &[], data: bytes };
         if self.is_request {
-            window.request_start_at(0, true)
+            begins_a_request(bytes)
         } else {
-            window.response_start_at(0)
+            Window { kept: &[], data: bytes }.response_start_at(0)
         }
     }
 

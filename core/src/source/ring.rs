@@ -83,11 +83,12 @@ impl Ring {
 
     /// Where reading starts: the oldest block handed over and not read yet (a previous reader of the socket
     /// may have left some), else the block the kernel opened last, which it is filling. A fresh ring: block 0.
+    /// The block being filled is found first: the kernel hands a block over and then opens the next, so a
+    /// look at the ready blocks first could miss one handed over meanwhile and start past it.
     fn handed_over_next(&self) -> usize {
+        let being_filled = (0..self.block_count).rev().max_by_key(|&block| self.sequence(block)).unwrap_or(0);
         let oldest_ready = (0..self.block_count).filter(|&block| self.is_ready(block)).min_by_key(|&block| self.sequence(block));
-        oldest_ready.unwrap_or_else(|| {
-            (0..self.block_count).rev().max_by_key(|&block| self.sequence(block)).unwrap_or(0)
-        })
+        oldest_ready.unwrap_or(being_filled)
     }
 
     /// The kernel's number of `block` (0 if never opened, or unmapped).

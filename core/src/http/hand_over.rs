@@ -1,0 +1,119 @@
+//! A stop's boundary on one connection. The next run takes the packet ring over from the boundary, so it
+//! joins every connection there: this decides which requests the stopping run bills and which the next run
+//! does, so that each is billed once, and it lists the answers the next run will see to requests the
+//! stopping run billed, which the next run must not pair with its own.
+//!
+//! The next run's parser decides as for any joined stream (`parser::Joined`): if the client's first bytes
+//! begin a request, it takes that request and those after; if they do not, it takes none until the server
+//! has spoken; if the server speaks first, it takes the requests it finds after. The stopping run makes the
+//! same decision on the same bytes, whatever its own parser's state there.
+
+use super::parser::RequestMethod;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Decision {
+    /// nothing has crossed the boundary yet on this connection
+    Undecided,
+    /// requests whose first byte is at or past this position are the next run's
+    NextRunFrom(u64),
+    /// the next run takes no request until the server has spoken: up to then they are this run's
+    UntilAnswer,
+}
+
+#[derive(Debug)]
+pub struct HandOver {
+    client_at: u64,
+    server_at: u64,
+    decision: Decision,
+    /// The methods of this run's requests whose final answer begins past the boundary (a HEAD's answer has
+    /// no body), in order.
+    pub owed: Vec<RequestMethod>,
+}
+
+impl HandOver {
+    /// The boundary falls at these positions of the client's and the server's streams.
+    pub fn at(client_at: u64, server_at: u64) -> HandOver {
+        HandOver { client_at, server_at, decision: Decision::Undecided, owed: Vec::new() }
+    }
+
+    /// A connection first seen past the boundary: the next run sees it from the same place, so all of it
+    /// is the next run's.
+    pub fn all_next_runs() -> HandOver {
+        HandOver { client_at: 0, server_at: 0, decision: Decision::NextRunFrom(0), owed: Vec::new() }
+    }
+
+    /// The client's bytes, `begin_a_request` if a joined stream's parser takes them for a request's start.
+    pub fn client_data(&mut self, begin_a_request: bool) {
+        if self.decision == Decision::Undecided {
+            self.decision = if begin_a_request { Decision::NextRunFrom(self.client_at) } else { Decision::UntilAnswer };
+        }
+    }
+
+    /// The server's bytes; `client_end` is where the client's stream is now.
+    pub fn server_data(&mut self, client_end: u64) {
+        self.decision = match self.decision {
+            Decision::Undecided => Decision::NextRunFrom(self.client_at),
+            Decision::UntilAnswer => Decision::NextRunFrom(client_end),
+            decided => decided,
+        };
+    }
+
+    /// Whether the request whose first byte is at `position` is the next run's.
+    pub fn next_runs(&self, position: u64) -> bool {
+        matches!(self.decision, Decision::NextRunFrom(from) if position >= from)
+    }
+
+    /// Waiting for the server before the next run takes requests: what the client sends is this run's.
+    pub fn until_answer(&self) -> bool {
+        self.decision == Decision::UntilAnswer
+    }
+
+    /// A final answer to one of this run's requests begins at `position` of the server's stream.
+    pub fn answer_begins(&mut self, position: u64, method: RequestMethod) {
+        if position >= self.server_at {
+            self.owed.push(method);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_run_takes_the_requests_from_the_boundary_when_the_clients_first_bytes_begin_one() {
+        let mut hand_over = HandOver::at(100, 50);
+        hand_over.client_data(true);
+        hand_over.server_data(180);
+        assert!(!hand_over.next_runs(99) && hand_over.next_runs(100) && hand_over.next_runs(500));
+    }
+
+    #[test]
+    fn when_they_do_not_the_requests_before_the_servers_answer_stay_this_runs() {
+        let mut hand_over = HandOver::at(100, 50);
+        hand_over.client_data(false);
+        assert!(hand_over.until_answer() && !hand_over.next_runs(150));
+        hand_over.client_data(true); // a later segment that begins a request: the next run still waits
+        assert!(!hand_over.next_runs(150));
+        hand_over.server_data(200);
+        assert!(!hand_over.next_runs(150) && hand_over.next_runs(200));
+    }
+
+    #[test]
+    fn when_the_server_speaks_first_the_next_run_takes_what_it_finds_after() {
+        let mut hand_over = HandOver::at(100, 50);
+        hand_over.server_data(100);
+        hand_over.client_data(false);
+        assert!(hand_over.next_runs(100) && !hand_over.until_answer());
+    }
+
+    #[test]
+    fn only_answers_beginning_past_the_boundary_are_owed() {
+        let mut hand_over = HandOver::at(100, 50);
+        hand_over.answer_begins(20, RequestMethod::Other); // began before: the next run resyncs past it
+        hand_over.answer_begins(50, RequestMethod::Head);
+        hand_over.answer_begins(90, RequestMethod::Other);
+        assert_eq!(hand_over.owed, [RequestMethod::Head, RequestMethod::Other]);
+        assert!(HandOver::all_next_runs().next_runs(0));
+    }
+}
