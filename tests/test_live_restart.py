@@ -84,14 +84,15 @@ def stop(manager: ServiceManagerDouble, agent: LiveAgent) -> None:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_restart_under_the_service_manager_bills_every_request_once(gateway, manager, tmp_path: Path,
                                                                       workers: int) -> None:
-    first = start(manager, gateway, tmp_path / "first.jsonl", "--workers", str(workers))
+    state = ("--data-dir", str(tmp_path / "state"))  # where the answers owed are left for the next run
+    first = start(manager, gateway, tmp_path / "first.jsonl", "--workers", str(workers), *state)
     assert [name.split("-of-")[0] for name, _ in manager.store] == [f"agent-ring-{n}" for n in range(1, workers + 1)]
     load = Load(gateway.base_url)
     time.sleep(1.0)
     stop(manager, first)
     stopped = time.monotonic()
     time.sleep(1.5)  # the manager's RestartSec: the gateway serves on with no agent running
-    second = start(manager, gateway, tmp_path / "second.jsonl", "--workers", str(workers))
+    second = start(manager, gateway, tmp_path / "second.jsonl", "--workers", str(workers), *state)
     started = time.monotonic()
     time.sleep(1.0)
     sent = load.stop()
@@ -105,7 +106,7 @@ def test_a_restart_under_the_service_manager_bills_every_request_once(gateway, m
     # one event per billed log line, none missing, none twice, each with its answer: the requests in flight
     # at the stop are the first run's, which reads on for their answers; those begun after are the second's
     assert metered_rows(events) == billed_rows(entries)
-    assert first.summary()["unanswered"] == 0
+    assert first.summary()["unanswered"] == 0 and second.summary()["unmatched_responses"] == 0
     assert sum(1 for entry in entries if entry["status"] == 401) == \
         first.summary()["rejected"] + second.summary()["rejected"]
     for agent in (first, second):
