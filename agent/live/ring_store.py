@@ -28,6 +28,8 @@ from agent.source.packet_ring import BLOCK_BYTES, RETIRE_MS, PacketRing
 log = logging.getLogger("agent.live")
 
 PREFIX = "agent-ring"
+METHODS = frozenset({"HEAD", "CONNECT", "OTHER"})  # what `answers_owed` names a request's method
+MAX_ANSWERS_BYTES = 64 << 20  # an answers file larger than this is not one a stop left
 
 
 def ring_names(link: Link, ring_bytes: int, workers: int) -> list[str]:
@@ -124,22 +126,46 @@ def leave_answers(ring: PacketRing, owed: list[tuple[bytes, int, bytes, int, lis
 
 
 def take_answers(ring: PacketRing) -> list[tuple[bytes, int, bytes, int, list[str]]]:
-    """What the previous run left beside the ring (see `leave_answers`); the file is removed."""
+    """What the previous run left beside the ring (see `leave_answers`), removed as it is read. A file that
+    is not what `leave_answers` writes is said and ignored: the first answers on those connections may then
+    be paired with this run's requests."""
     if ring.answers_path is None:
         return []
     try:
-        entries = json.loads(ring.answers_path.read_text())
-        ring.answers_path.unlink()
-        owed = [(bytes.fromhex(client), int(client_port), bytes.fromhex(server), int(server_port),
-                 [str(method) for method in methods])
-                for client, client_port, server, server_port, methods in entries]
+        with ring.answers_path.open("rb") as file:
+            text = file.read(MAX_ANSWERS_BYTES + 1)
     except FileNotFoundError:
         return []
-    except (OSError, ValueError, TypeError) as error:
-        log.warning("cannot read the answers the previous run left in %s (%s): the first answers on its "
-                    "connections may be paired with this run's requests", ring.answers_path, error)
+    except OSError as error:
+        log.warning("cannot read %s (%s): the first answers on the previous run's connections may be paired "
+                    "with this run's requests", ring.answers_path, error.strerror or error)
         return []
-    return owed
+    try:
+        ring.answers_path.unlink()
+    except OSError as error:  # read anyway; the next stop writes it anew
+        log.warning("cannot remove %s (%s)", ring.answers_path, error.strerror or error)
+    try:
+        if len(text) > MAX_ANSWERS_BYTES:
+            raise ValueError(f"larger than {MAX_ANSWERS_BYTES >> 20} MiB")
+        return [_owed_answers(entry) for entry in json.loads(text)]
+    except (ValueError, TypeError, RecursionError) as error:
+        log.warning("ignoring %s, which is not what a stop leaves (%s): the first answers on the previous run's "
+                    "connections may be paired with this run's requests", ring.answers_path,
+                    type(error).__name__)
+        return []
+
+
+def _owed_answers(entry: object) -> tuple[bytes, int, bytes, int, list[str]]:
+    """One connection of an answers file, checked (a ValueError or TypeError if it is not one)."""
+    client, client_port, server, server_port, methods = entry  # type: ignore[misc]
+    addresses = bytes.fromhex(client), bytes.fromhex(server)
+    ports = client_port, server_port
+    if not all(len(address) in (4, 16) for address in addresses) or not all(
+            type(port) is int and 0 <= port <= 0xFFFF for port in ports):
+        raise ValueError("not a connection")
+    if type(methods) is not list or not all(method in METHODS for method in methods):
+        raise ValueError("not a list of methods")
+    return addresses[0], client_port, addresses[1], server_port, methods
 
 
 def open_rings(link: Link, program: list[tuple[int, int, int, int]], ring_bytes: int,

@@ -56,6 +56,15 @@ struct Waiting {
     response_done: bool,
     /// handed on already (response timeout); a late answer is dropped
     emitted: bool,
+    /// a place kept for a request a previous run billed (`expect_answers`): its answer is not this run's
+    previous_runs: bool,
+}
+
+impl Waiting {
+    /// A request this run or a previous one billed, so its answer is no later run's to pair.
+    fn billed(&self) -> bool {
+        self.exchange.is_some() || self.emitted || self.previous_runs
+    }
 }
 
 /// What an exchange holds on the heap and in place.
@@ -198,7 +207,8 @@ impl Side<'_, '_> {
             self.output.counters.after_stop += 1;
             let request_done = false;
             let waiting = Waiting { exchange: None, has_request: true, method, head_end, request_done,
-                                    body_cut_short: false, response_done: false, emitted: false };
+                                    body_cut_short: false, response_done: false, emitted: false,
+                                    previous_runs: false };
             return self.enqueue(waiting);
         }
         let exchange = Exchange {
@@ -219,6 +229,7 @@ impl Side<'_, '_> {
             body_cut_short: false,
             response_done: false,
             emitted: false,
+            previous_runs: false,
         });
     }
 
@@ -249,6 +260,7 @@ impl Side<'_, '_> {
             body_cut_short: false,
             response_done: false,
             emitted: false,
+            previous_runs: false,
         });
     }
 
@@ -274,8 +286,8 @@ impl Side<'_, '_> {
         pairing.answering = answered.is_some();
         pairing.response_status = message.status;
         let Some(waiting) = answered.and_then(|index| pairing.pending.get_mut(index)) else { return };
-        let this_runs = waiting.exchange.is_some() || waiting.emitted;
-        if let Some(hand_over) = pairing.hand_over.as_mut().filter(|_| this_runs && is_final(message.status)) {
+        let billed = waiting.billed();
+        if let Some(hand_over) = pairing.hand_over.as_mut().filter(|_| billed && is_final(message.status)) {
             hand_over.answer_begins(message.position, waiting.method);
         }
         if waiting.emitted || !is_final(message.status) {
@@ -624,8 +636,7 @@ impl HttpExchanges {
             let answering = pairing.answering && is_final(pairing.response_status);
             let in_progress = if answering { pairing.first_unanswered() } else { None };
             for (index, waiting) in pairing.pending.iter().enumerate() {
-                let this_runs = waiting.exchange.is_some() || waiting.emitted;
-                if this_runs && !waiting.response_done && Some(index) != in_progress {
+                if waiting.billed() && !waiting.response_done && Some(index) != in_progress {
                     methods.push(waiting.method);
                 }
             }
@@ -633,6 +644,8 @@ impl HttpExchanges {
                 owed.push((key_of(&http.connection), methods));
             }
         }
+        // a previous run's, for connections this run never saw: still owed to that run
+        owed.extend(self.previous_runs_answers.iter().map(|(key, methods)| (*key, methods.clone())));
         owed
     }
 
@@ -729,7 +742,7 @@ impl StreamSink for HttpExchanges {
             for method in owed.unwrap_or_default() {
                 http.pairing.pending.push_back(Waiting {
                     exchange: None, has_request: true, method, head_end: 0, request_done: true,
-                    body_cut_short: false, response_done: false, emitted: false,
+                    body_cut_short: false, response_done: false, emitted: false, previous_runs: true,
                 });
             }
             *connections_held += http.held_bytes(); // its queue holds from the start
@@ -906,6 +919,42 @@ mod tests {
         for (case, from_syn, steps, expected) in cases {
             assert_eq!(two_runs(from_syn, &steps), expected, "{case}");
         }
+    }
+
+    #[test]
+    fn answers_owed_to_a_run_before_the_last_are_handed_on_through_the_restarts_between() {
+        fn packets(_: &ConnectionInfo) -> bool {
+            true
+        }
+        let run = || HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let joined = |id| {
+            let mut conversation = Conversation::new(id);
+            conversation.info.saw_syn = false;
+            conversation
+        };
+        // run 1 bills /a and /b, stops before their answers; its next run sees no packet of connection 2,
+        // and /b is still owed when that run stops too
+        let (mut first, mut one, mut two) = (run(), Conversation::new(1), Conversation::new(2));
+        one.send(&mut first, true, 1.0, &get("/a"));
+        two.send(&mut first, true, 1.0, &get("/b"));
+        first.leave_new_requests(packets);
+        let mut second = run();
+        second.expect_answers(first.answers_owed());
+        assert_eq!(first.take().count(), 0);
+        let mut one_again = joined(1);
+        one_again.send(&mut second, true, 2.0, &get("/c")); // pipelined behind /a: the second run's
+        second.leave_new_requests(packets);
+        let mut third = run();
+        third.expect_answers(second.answers_owed());
+        let (mut one_third, mut two_third) = (joined(1), joined(2));
+        one_third.send(&mut third, false, 3.0, &answer(200));
+        two_third.send(&mut third, false, 3.0, &answer(201));
+        one_third.send(&mut third, false, 3.0, &answer(202));
+        two_third.send(&mut third, true, 3.0, &get("/d"));
+        two_third.send(&mut third, false, 3.0, &answer(203));
+        let billed: Vec<(Vec<u8>, u16)> = third.take().map(|exchange| (exchange.request.target, exchange.status)).collect();
+        assert_eq!(billed, [(b"/d".to_vec(), 203)], "the answers to /a, /b and /c are owed to the runs before");
+        assert_eq!(third.counters.unmatched_responses, 0);
     }
 
     #[test]
