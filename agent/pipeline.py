@@ -21,6 +21,7 @@ log = logging.getLogger("agent.pipeline")
 KeyAuthSource = Callable[[], KeyAuthConfig]
 TableSource = Callable[[], "CredentialTable | None"]
 GatewaySource = Callable[[], "dict | None"]
+HandedOver = tuple[bytes, int, bytes, int, list[str], "int | None"]  # see `Pipeline.answers_owed`
 
 
 class Pipeline:
@@ -59,21 +60,23 @@ class Pipeline:
         """Let time pass without packets (a quiet live interface): expire what has waited too long."""
         return self._after(self.core.tick(capture_time, self._sync()))
 
-    def leave_new_requests(self) -> None:
-        """A stop's boundary in the packet capture: requests begun from here on are the next run's (it reads
-        the ring on from here); those begun before are still finished by this one."""
-        self.core.leave_new_requests()
+    def leave_new_requests(self, resume: bool) -> None:
+        """A stop's boundary in the packet capture: the requests the next run will take (it reads the ring on
+        from here) are left to it; the others are still finished by this one. `resume`: the next run gets
+        `answers_owed`, which then also say where each client's next request begins."""
+        self.core.leave_new_requests(resume)
 
     def requests_in_flight(self) -> int:
         """Requests from the packet capture this run bills that still wait for their answer."""
         return self.core.requests_in_flight()
 
-    def answers_owed(self) -> list[tuple[bytes, int, bytes, int, list[str]]]:
+    def answers_owed(self) -> list[HandedOver]:
         """After `leave_new_requests`: per connection (client and server address and port), the methods of
-        this run's requests whose answers the next run will see and must not take for its own."""
+        this run's requests whose answers the next run will see and must not take for its own, and the
+        client's sequence number where its next request begins (None if not known)."""
         return self.core.answers_owed()
 
-    def expect_answers(self, owed: list[tuple[bytes, int, bytes, int, list[str]]]) -> None:
+    def expect_answers(self, owed: list[HandedOver]) -> None:
         """The previous run's `answers_owed`, before the first frame."""
         self.core.expect_answers(owed)
 

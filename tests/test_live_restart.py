@@ -67,7 +67,9 @@ class Load:
 
 
 def start(manager: ServiceManagerDouble, gateway: KongStandin, output: Path, *extra: str) -> LiveAgent:
-    agent = LiveAgent(output, gateway.port, *extra, launch=manager.start)
+    """The agent as the unit runs it, with a data directory (where a stop leaves the answers owed)."""
+    state = ("--data-dir", str(output.parent / "state"))
+    agent = LiveAgent(output, gateway.port, *state, *extra, launch=manager.start)
     agent.wait_for("capturing on lo")
     manager.wait_for("READY")
     agent.wait_for("credentials: loaded")
@@ -84,15 +86,14 @@ def stop(manager: ServiceManagerDouble, agent: LiveAgent) -> None:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_restart_under_the_service_manager_bills_every_request_once(gateway, manager, tmp_path: Path,
                                                                       workers: int) -> None:
-    state = ("--data-dir", str(tmp_path / "state"))  # where the answers owed are left for the next run
-    first = start(manager, gateway, tmp_path / "first.jsonl", "--workers", str(workers), *state)
+    first = start(manager, gateway, tmp_path / "first.jsonl", "--workers", str(workers))
     assert [name.split("-of-")[0] for name, _ in manager.store] == [f"agent-ring-{n}" for n in range(1, workers + 1)]
     load = Load(gateway.base_url)
     time.sleep(1.0)
     stop(manager, first)
     stopped = time.monotonic()
     time.sleep(1.5)  # the manager's RestartSec: the gateway serves on with no agent running
-    second = start(manager, gateway, tmp_path / "second.jsonl", "--workers", str(workers), *state)
+    second = start(manager, gateway, tmp_path / "second.jsonl", "--workers", str(workers))
     started = time.monotonic()
     time.sleep(1.0)
     sent = load.stop()
@@ -127,8 +128,8 @@ def test_a_request_in_flight_at_the_stop_is_billed_with_its_answer_and_those_aft
         stopping = threading.Thread(target=stop, args=(manager, first))
         stopping.start()
         time.sleep(0.5)
-        # the rest of its body, and a request pipelined behind it before its answer (the next run joins this
-        # connection inside the upload: it takes no request until the server has answered)
+        # the rest of its body, and a request pipelined behind it before its answer: the stopping run knows
+        # where the body ends and hands that over, so the next run reads on in step from there
         connection.sendall(upload[-600:] + request("GET", "/behind-the-upload", BOB))
         read_responses(connection, 2)
         stopping.join(30)
@@ -141,13 +142,38 @@ def test_a_request_in_flight_at_the_stop_is_billed_with_its_answer_and_those_aft
     stop(manager, second)
     assert metered_rows(first.events() + second.events()) == billed_rows(entries)
     by_run = [[event["data"]["request_uri"] for event in run.events()] for run in (first, second)]
-    assert by_run == [["/uploads/in-flight", "/behind-the-upload"], ["/after-the-answers", "/after-the-restart"]]
+    assert by_run == [["/uploads/in-flight"], ["/behind-the-upload", "/after-the-answers", "/after-the-restart"]]
     assert first.summary()["unanswered"] == 0
+
+
+def test_an_upload_whose_body_past_the_stop_looks_like_requests_bills_none_of_them(gateway, manager,
+                                                                                   tmp_path: Path) -> None:
+    """The stopping run knows where the upload's body ends and hands it over: the next run, which joins the
+    connection inside the body, reads the client in step from there instead of searching the body."""
+    first = start(manager, gateway, tmp_path / "first.jsonl")
+    forged = b"".join(request("GET", f"/forged/{number}", ALICE) for number in range(20))  # alice's key
+    upload = request("POST", "/uploads/timed", BOB, body=b"0123456789" + forged)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as connection:
+        connection.sendall(upload[:-len(forged)])  # the head and 10 bytes of body before the stop
+        time.sleep(0.2)
+        stopping = threading.Thread(target=stop, args=(manager, first))
+        stopping.start()
+        time.sleep(0.5)
+        connection.sendall(forged)  # past the boundary: the body's rest, beginning with a request line
+        read_responses(connection, 1)
+        stopping.join(30)
+        second = start(manager, gateway, tmp_path / "second.jsonl")
+        connection.sendall(request("GET", "/after-the-upload", BOB, close=True))
+        read_responses(connection, 1)
+    entries = gateway.access_log_entries(expect=2)
+    stop(manager, second)
+    assert metered_rows(first.events() + second.events()) == billed_rows(entries)
+    assert [event["data"]["request_uri"] for event in second.events()] == ["/after-the-upload"]
 
 
 def test_a_request_whose_head_straddles_the_stop_is_billed_once_with_its_answer(gateway, manager,
                                                                                  tmp_path: Path) -> None:
-    first = start(manager, gateway, tmp_path / "first.jsonl", "--data-dir", str(tmp_path / "state"))
+    first = start(manager, gateway, tmp_path / "first.jsonl")
     head = request("GET", "/split-head", ALICE)
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as connection:
         connection.sendall(request("GET", "/before-the-stop", BOB))
@@ -160,7 +186,7 @@ def test_a_request_whose_head_straddles_the_stop_is_billed_once_with_its_answer(
         connection.sendall(head[25:])
         read_responses(connection, 1)
         stopping.join(30)
-        second = start(manager, gateway, tmp_path / "second.jsonl", "--data-dir", str(tmp_path / "state"))
+        second = start(manager, gateway, tmp_path / "second.jsonl")
         connection.sendall(request("GET", "/after-the-restart", ALICE, close=True))
         read_responses(connection, 1)
     entries = gateway.access_log_entries(expect=3)
@@ -192,9 +218,8 @@ class SlowUpstream(http.server.BaseHTTPRequestHandler):
 def test_a_request_pipelined_behind_one_in_flight_at_the_stop_gets_its_own_answer(manager, tmp_path: Path) -> None:
     upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowUpstream)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    state = ("--data-dir", str(tmp_path / "state"))
     with KongStandin(port=free_loopback_port(), other_upstreams={"/slow/": upstream.server_address[1]}) as gateway:
-        first = start(manager, gateway, tmp_path / "first.jsonl", *state)
+        first = start(manager, gateway, tmp_path / "first.jsonl")
         with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as connection:
             connection.sendall(request("GET", "/slow/1000/in-flight", BOB))  # answered a second later
             time.sleep(0.2)
@@ -205,7 +230,7 @@ def test_a_request_pipelined_behind_one_in_flight_at_the_stop_gets_its_own_answe
             connection.sendall(request("GET", "/pipelined-behind", ALICE))
             read_responses(connection, 2)
             stopping.join(30)
-            second = start(manager, gateway, tmp_path / "second.jsonl", *state)
+            second = start(manager, gateway, tmp_path / "second.jsonl")
             connection.sendall(request("GET", "/after-the-restart", ALICE, close=True))
             read_responses(connection, 1)
         entries = gateway.access_log_entries(expect=3)

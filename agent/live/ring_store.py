@@ -7,7 +7,8 @@ blocks in the ring (`capture._drain`). The next run begins at the first block no
 packet past the boundary is seen by it, and each request is billed by one run (`http/hand_over.rs`): a
 restart loses nothing that the ring could hold, and what it could not hold is the kernel's drop count, in
 the next run's summary. The answers the next run will see to the stopping run's requests are left beside
-the ring, in the data directory (`leave_answers`), so that it does not take them for its own.
+the ring, in the data directory (`leave_answers`), so that it does not take them for its own, with where
+each client's next request begins, so that it reads the client in step from there.
 
 A socket is taken over only if its name says it has the shape this run asks for (interface, link type,
 ring size, retire period, number of workers); otherwise the stored ones are closed and new ones opened.
@@ -22,6 +23,7 @@ import os
 from pathlib import Path
 
 from agent.live.service_manager import ServiceManager
+from agent.pipeline import HandedOver
 from agent.live.startup_checks import Link, socket_error
 from agent.source.packet_ring import BLOCK_BYTES, RETIRE_MS, PacketRing
 
@@ -110,12 +112,12 @@ class RingStore:
         self.inherited = {}
 
 
-def leave_answers(ring: PacketRing, owed: list[tuple[bytes, int, bytes, int, list[str]]]) -> None:
+def leave_answers(ring: PacketRing, owed: list[HandedOver]) -> None:
     """Beside the ring, for the run that takes it over: the answers it will see to this run's requests."""
     if ring.answers_path is None:
         return
-    text = json.dumps([[client.hex(), client_port, server.hex(), server_port, methods]
-                       for client, client_port, server, server_port, methods in owed])
+    text = json.dumps([[client.hex(), client_port, server.hex(), server_port, methods, resume]
+                       for client, client_port, server, server_port, methods, resume in owed])
     temporary = ring.answers_path.with_suffix(".tmp")
     try:
         temporary.write_text(text)
@@ -125,7 +127,7 @@ def leave_answers(ring: PacketRing, owed: list[tuple[bytes, int, bytes, int, lis
                     "them with its own", ring.answers_path, error.strerror or error)
 
 
-def take_answers(ring: PacketRing) -> list[tuple[bytes, int, bytes, int, list[str]]]:
+def take_answers(ring: PacketRing) -> list[HandedOver]:
     """What the previous run left beside the ring (see `leave_answers`), removed as it is read. A file that
     is not what `leave_answers` writes is said and ignored: the first answers on those connections may then
     be paired with this run's requests."""
@@ -155,9 +157,9 @@ def take_answers(ring: PacketRing) -> list[tuple[bytes, int, bytes, int, list[st
         return []
 
 
-def _owed_answers(entry: object) -> tuple[bytes, int, bytes, int, list[str]]:
+def _owed_answers(entry: object) -> HandedOver:
     """One connection of an answers file, checked (a ValueError or TypeError if it is not one)."""
-    client, client_port, server, server_port, methods = entry  # type: ignore[misc]
+    client, client_port, server, server_port, methods, resume = entry  # type: ignore[misc]
     addresses = bytes.fromhex(client), bytes.fromhex(server)
     ports = client_port, server_port
     if not all(len(address) in (4, 16) for address in addresses) or not all(
@@ -165,7 +167,9 @@ def _owed_answers(entry: object) -> tuple[bytes, int, bytes, int, list[str]]:
         raise ValueError("not a connection")
     if type(methods) is not list or not all(method in METHODS for method in methods):
         raise ValueError("not a list of methods")
-    return addresses[0], client_port, addresses[1], server_port, methods
+    if resume is not None and not (type(resume) is int and 0 <= resume <= 0xFFFF_FFFF):
+        raise ValueError("not a sequence number")
+    return addresses[0], client_port, addresses[1], server_port, methods, resume
 
 
 def open_rings(link: Link, program: list[tuple[int, int, int, int]], ring_bytes: int,

@@ -8,8 +8,7 @@ use std::collections::HashMap;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::http::exchanges::{ConnectionKey, HttpExchanges};
-use crate::http::parser::RequestMethod;
+use crate::http::exchanges::{ConnectionHandOver, HttpExchanges};
 use crate::metering::billing::{Meter, MeterConfig};
 use crate::source::capture_file::Frame;
 use crate::source::frames::{flow_hash, FrameDecoder};
@@ -153,9 +152,10 @@ impl Pipeline {
     }
 
     /// A stop's boundary in the packet capture: the next run takes the ring over from the next block on, so
-    /// the requests begun from now on are left to it, and those begun before are still finished here.
-    pub fn leave_new_requests(&mut self) {
-        self.http.leave_new_requests(from_packets);
+    /// the requests it will take are left to it, and the others are still finished here; with `resume`,
+    /// the next run gets `answers_owed`, with where the client's next request begins.
+    pub fn leave_new_requests(&mut self, resume: bool) {
+        self.http.leave_new_requests(from_packets, resume);
     }
 
     /// Requests from the packet capture this run bills that still wait for (the rest of) their exchange.
@@ -165,12 +165,12 @@ impl Pipeline {
 
     /// After `leave_new_requests`, before `finish`: the answers the next run will see to this run's
     /// requests, by connection (see `HttpExchanges::answers_owed`).
-    pub fn answers_owed(&self) -> Vec<(ConnectionKey, Vec<RequestMethod>)> {
+    pub fn answers_owed(&self) -> Vec<ConnectionHandOver> {
         self.http.answers_owed()
     }
 
     /// The previous run's `answers_owed`, before the first frame.
-    pub fn expect_answers(&mut self, owed: Vec<(ConnectionKey, Vec<RequestMethod>)>) {
+    pub fn expect_answers(&mut self, owed: Vec<ConnectionHandOver>) {
         self.http.expect_answers(owed);
     }
 

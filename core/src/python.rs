@@ -1224,6 +1224,7 @@ mod pipeline {
     use pyo3::types::{PyBytes, PyDict};
 
     use super::{PyCaptureFile, PyRing};
+    use crate::http::hand_over::ConnectionHandOver;
     use crate::http::parser::RequestMethod;
     use crate::metering::billing::MeterConfig;
     use crate::metering::key_lookup::KeyAuth;
@@ -1231,9 +1232,8 @@ mod pipeline {
     use crate::source::frames::Address;
     use crate::tcp::reassembly::ReassemblyLimits;
 
-    /// A connection whose first answers the next run sees are owed to this one's requests (see
-    /// `answers_owed`).
-    type HandedOverAnswers = (Vec<u8>, u16, Vec<u8>, u16, Vec<String>);
+    /// What a stop leaves the next run about one connection (see `answers_owed`).
+    type HandedOver = (Vec<u8>, u16, Vec<u8>, u16, Vec<String>, Option<u32>);
 
     /// The whole data plane. Each call takes a batch (a capture file's next frames, a ring's ready blocks)
     /// and returns the JSON Lines of the events it completed, as one `bytes`; the GIL is released while
@@ -1322,34 +1322,35 @@ mod pipeline {
             self.take_lines(py)
         }
 
-        fn leave_new_requests(&mut self) {
-            self.pipeline.leave_new_requests();
+        fn leave_new_requests(&mut self, resume: bool) {
+            self.pipeline.leave_new_requests(resume);
         }
 
         fn requests_in_flight(&self) -> usize {
             self.pipeline.requests_in_flight()
         }
 
-        /// `(client address, client port, server address, server port, [method])` per connection, the
-        /// methods as "HEAD", "CONNECT" or "OTHER".
-        fn answers_owed(&self) -> Vec<HandedOverAnswers> {
+        /// `(client address, client port, server address, server port, [method], client resume)` per
+        /// connection, the methods as "HEAD", "CONNECT" or "OTHER", the resume a sequence number or None.
+        fn answers_owed(&self) -> Vec<HandedOver> {
             let name = |method: &RequestMethod| match method {
                 RequestMethod::Head => "HEAD",
                 RequestMethod::Connect => "CONNECT",
                 RequestMethod::Other => "OTHER",
             };
             let owed = self.pipeline.answers_owed().into_iter();
-            owed.map(|((client, client_port, server, server_port), methods)| {
-                let methods = methods.iter().map(|method| name(method).to_string()).collect();
-                (client.bytes().to_vec(), client_port, server.bytes().to_vec(), server_port, methods)
+            owed.map(|ConnectionHandOver { key: (client, client_port, server, server_port), answers, client_resume }| {
+                let methods = answers.iter().map(|method| name(method).to_string()).collect();
+                (client.bytes().to_vec(), client_port, server.bytes().to_vec(), server_port, methods, client_resume)
             })
             .collect()
         }
 
-        fn expect_answers(&mut self, owed: Vec<HandedOverAnswers>) {
-            let owed = owed.into_iter().map(|(client, client_port, server, server_port, methods)| {
-                let methods = methods.iter().map(|method| RequestMethod::of(method.as_bytes())).collect();
-                ((Address::new(&client), client_port, Address::new(&server), server_port), methods)
+        fn expect_answers(&mut self, owed: Vec<HandedOver>) {
+            let owed = owed.into_iter().map(|(client, client_port, server, server_port, methods, client_resume)| {
+                let answers = methods.iter().map(|method| RequestMethod::of(method.as_bytes())).collect();
+                let key = (Address::new(&client), client_port, Address::new(&server), server_port);
+                ConnectionHandOver { key, answers, client_resume }
             });
             self.pipeline.expect_answers(owed.collect());
         }

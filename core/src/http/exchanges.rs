@@ -14,9 +14,9 @@ use std::mem::size_of;
 
 use crate::http::message::{Exchange, Message};
 pub use crate::http::parser::ParserCounters;
+pub use crate::http::hand_over::{ConnectionHandOver, ConnectionKey};
 use crate::http::hand_over::HandOver;
 use crate::http::parser::{begins_a_request, MessageParser, MessageSink, RequestMethod};
-use crate::source::frames::Address;
 use crate::tcp::reassembly::{ConnectionInfo, StreamEvent, StreamSink};
 
 /// Requests one connection may have waiting for an answer. Beyond it, the answers are clearly not being
@@ -113,6 +113,8 @@ struct Pairing {
     server_end: u64,
     /// past a stop's boundary (`leave_new_requests`): which requests are the next run's
     hand_over: Option<HandOver>,
+    /// from the previous run: the client's sequence number where a request begins (see `expect_answers`)
+    client_resume: Option<u32>,
 }
 
 impl Pairing {
@@ -452,6 +454,13 @@ impl HttpConnection {
             let pairing = &mut self.pairing;
             let end = position + payload.len() as u64;
             if to_server {
+                if let Some(resume) = pairing.client_resume.take() {
+                    // where the previous run said a request begins, if this data is not past it
+                    let at = self.connection.to_server_base_seq.map(|base| u64::from(resume.wrapping_sub(base)));
+                    if let Some(skip) = at.and_then(|at| at.checked_sub(position)).filter(|&skip| skip < 1 << 31) {
+                        self.requests.resume_after(skip);
+                    }
+                }
                 pairing.client_end = pairing.client_end.max(end);
                 if let Some(hand_over) = &mut pairing.hand_over {
                     hand_over.client_data(begins_a_request(payload));
@@ -563,13 +572,9 @@ pub struct HttpExchanges {
     connections_held: usize,
     /// after a stop's boundary: the connections whose new requests are the next run's
     next_run_takes: Option<fn(&ConnectionInfo) -> bool>,
-    /// from the previous run's stop, by connection: the methods of its requests whose answers this run will
-    /// see first (see `expect_answers`)
-    previous_runs_answers: HashMap<ConnectionKey, Vec<RequestMethod>>,
+    /// from the previous run's stop, by connection (see `expect_answers`)
+    previous_runs: HashMap<ConnectionKey, ConnectionHandOver>,
 }
-
-/// A connection as both runs name it: client and server, address and port.
-pub type ConnectionKey = (Address, u16, Address, u16);
 
 fn key_of(connection: &ConnectionInfo) -> ConnectionKey {
     (connection.client, connection.client_port, connection.server, connection.server_port)
@@ -591,7 +596,7 @@ impl HttpExchanges {
             finished_bytes: 0,
             connections_held: 0,
             next_run_takes: None,
-            previous_runs_answers: HashMap::new(),
+            previous_runs: HashMap::new(),
         }
     }
 
@@ -600,10 +605,19 @@ impl HttpExchanges {
     /// the requests begun before still get their answers here. Where the boundary falls inside a request,
     /// the next run sees that connection as one joined inside a request: it takes none of its requests
     /// until the server speaks, so up to then they stay this run's.
-    pub fn leave_new_requests(&mut self, of: fn(&ConnectionInfo) -> bool) {
+    /// With `resume` (the next run gets `answers_owed`), where the client's next request begins is handed
+    /// over where known, and the next run starts there in step.
+    pub fn leave_new_requests(&mut self, of: fn(&ConnectionInfo) -> bool, resume: bool) {
         self.next_run_takes = Some(of);
         for http in self.connections.values_mut().filter(|http| of(&http.connection)) {
-            http.pairing.hand_over = Some(HandOver::at(http.pairing.client_end, http.pairing.server_end));
+            let pairing = &mut http.pairing;
+            let known = if resume && http.connection.to_server_base_seq.is_some() {
+                http.requests.next_message_in()
+            } else {
+                None
+            };
+            let client_resume = known.map(|skip| pairing.client_end + skip);
+            pairing.hand_over = Some(HandOver::at(pairing.client_end, pairing.server_end, client_resume));
         }
     }
 
@@ -626,11 +640,13 @@ impl HttpExchanges {
 
     /// At the end of a stop that leaves the ring to the next run: for each connection, the methods of this
     /// run's requests whose answers the next run will see (they began past the boundary, or have not begun).
-    pub fn answers_owed(&self) -> Vec<(ConnectionKey, Vec<RequestMethod>)> {
+    pub fn answers_owed(&self) -> Vec<ConnectionHandOver> {
         let mut owed = Vec::new();
         for http in self.connections.values() {
             let pairing = &http.pairing;
             let Some(hand_over) = &pairing.hand_over else { continue };
+            let base = http.connection.to_server_base_seq;
+            let client_resume = hand_over.client_resume.zip(base).map(|(at, base)| base.wrapping_add(at as u32));
             let mut methods = hand_over.owed.clone();
             // the answer in progress was listed when it began, if it began past the boundary
             let answering = pairing.answering && is_final(pairing.response_status);
@@ -640,20 +656,21 @@ impl HttpExchanges {
                     methods.push(waiting.method);
                 }
             }
-            if !methods.is_empty() {
-                owed.push((key_of(&http.connection), methods));
+            if !methods.is_empty() || client_resume.is_some() {
+                owed.push(ConnectionHandOver { key: key_of(&http.connection), answers: methods, client_resume });
             }
         }
         // a previous run's, for connections this run never saw: still owed to that run
-        owed.extend(self.previous_runs_answers.iter().map(|(key, methods)| (*key, methods.clone())));
+        owed.extend(self.previous_runs.values().cloned());
         owed
     }
 
     /// The previous run's `answers_owed`: on each of those connections, when this run joins it, the first
-    /// answers pair with places kept for those requests, not with this run's.
-    pub fn expect_answers(&mut self, owed: Vec<(ConnectionKey, Vec<RequestMethod>)>) {
-        for (key, methods) in owed.into_iter().take(MAX_HANDED_OVER) {
-            self.previous_runs_answers.insert(key, methods);
+    /// answers pair with places kept for those requests, not with this run's, and the client's stream is
+    /// read in step from where the previous run said a request begins.
+    pub fn expect_answers(&mut self, owed: Vec<ConnectionHandOver>) {
+        for connection in owed.into_iter().take(MAX_HANDED_OVER) {
+            self.previous_runs.insert(connection.key, connection);
         }
     }
 
@@ -718,7 +735,7 @@ impl StreamSink for HttpExchanges {
             next_order,
             max_head_bytes,
             next_run_takes,
-            previous_runs_answers,
+            previous_runs,
             ..
         } = self;
         let mut output = Output { parser_counters, counters, finished, finished_bytes };
@@ -735,11 +752,13 @@ impl StreamSink for HttpExchanges {
             if next_run_takes.is_some_and(|of| of(connection)) {
                 // first seen past the boundary: the next run sees it from the same place, its SYN if this
                 // run does, and makes of a joined one's first bytes what this run does
-                let hand_over = if connection.saw_syn { HandOver::all_next_runs() } else { HandOver::at(0, 0) };
+                let hand_over = if connection.saw_syn { HandOver::all_next_runs() } else { HandOver::at(0, 0, None) };
                 http.pairing.hand_over = Some(hand_over);
             }
-            let owed = if connection.saw_syn { None } else { previous_runs_answers.remove(&key_of(connection)) };
-            for method in owed.unwrap_or_default() {
+            let handed = if connection.saw_syn { None } else { previous_runs.remove(&key_of(connection)) };
+            let (answers, client_resume) = handed.map_or((Vec::new(), None), |handed| (handed.answers, handed.client_resume));
+            http.pairing.client_resume = client_resume;
+            for method in answers {
                 http.pairing.pending.push_back(Waiting {
                     exchange: None, has_request: true, method, head_end: 0, request_done: true,
                     body_cut_short: false, response_done: false, emitted: false, previous_runs: true,
@@ -843,7 +862,7 @@ mod tests {
     /// The stopping run (from the connection's start if `from_syn`, else joined at the first step), which
     /// reads on past the boundary, and the next run, which joins at the boundary with the answers the
     /// stopping run handed over: the requests each billed, with their status.
-    fn two_runs(from_syn: bool, steps: &[Step]) -> [Vec<(String, u16)>; 2] {
+    fn two_runs(from_syn: bool, resume: bool, steps: &[Step]) -> [Vec<(String, u16)>; 2] {
         fn packets(_: &ConnectionInfo) -> bool {
             true
         }
@@ -854,9 +873,13 @@ mod tests {
         let mut first = Conversation::new(1);
         first.info.saw_syn = from_syn;
         let boundary = steps.iter().position(|step| matches!(step, Boundary)).expect("a boundary");
+        let mut client_at_boundary = 0;
         for step in steps {
             match step {
-                Boundary => stopping.leave_new_requests(packets),
+                Boundary => {
+                    stopping.leave_new_requests(packets, resume);
+                    client_at_boundary = first.sent[0];
+                }
                 Client(bytes) => first.send(&mut stopping, true, 1.0, bytes),
                 Server(bytes) => first.send(&mut stopping, false, 1.0, bytes),
             }
@@ -865,6 +888,8 @@ mod tests {
         next.expect_answers(stopping.answers_owed());
         let mut second = Conversation::new(1);
         second.info.saw_syn = false;
+        // the next run's client stream begins at the boundary: its first byte's sequence number is its base
+        second.info.to_server_base_seq = first.info.to_server_base_seq.map(|base| base + client_at_boundary as u32);
         for step in &steps[boundary + 1..] {
             match step {
                 Client(bytes) => second.send(&mut next, true, 2.0, bytes),
@@ -917,7 +942,43 @@ mod tests {
              [billed(&[("/b", 201)]), billed(&[("/c", 202)])]),
         ];
         for (case, from_syn, steps, expected) in cases {
-            assert_eq!(two_runs(from_syn, &steps), expected, "{case}");
+            assert_eq!(two_runs(from_syn, false, &steps), expected, "{case}");
+        }
+    }
+
+    /// With the hand-over of where the client's next request begins, the next run reads in step: a stray
+    /// line end or a long request line is its own request, and a body that looks like requests is a body.
+    #[test]
+    fn where_the_stopping_run_knew_the_framing_the_next_run_reads_in_step_from_the_boundary() {
+        let long = format!("/long?{}", "q".repeat(1500));
+        let forged = b"GET /forged HTTP/1.1\r\nHost: api\r\napikey: someone-else\r\n\r\n";
+        let body = [&b"0123456789"[..], forged].concat();
+        let upload = [format!("POST /upload HTTP/1.1\r\nHost: api\r\nContent-Length: {}\r\n\r\n", body.len())
+            .as_bytes(), &body[..10]].concat();
+        let cases: Vec<Case> = vec![
+            ("an upload whose body past the boundary looks like a request", true,
+             vec![Client(upload), Boundary, Client(body[10..].to_vec()), Server(answer(201)), Client(get("/real")),
+                  Server(answer(202))],
+             [billed(&[("/upload", 201)]), billed(&[("/real", 202)])]),
+            ("a stray line end before the next request", true,
+             vec![Client(get("/a")), Server(answer(200)), Boundary, Client([&b"\r\n"[..], &get("/c")].concat()),
+                  Server(answer(202))],
+             [billed(&[("/a", 200)]), billed(&[("/c", 202)])]),
+            ("a request line longer than its first segment", true,
+             vec![Client(get("/a")), Server(answer(200)), Boundary, Client(get(&long)[..1000].to_vec()),
+                  Client(get(&long)[1000..].to_vec()), Server(answer(202))],
+             [billed(&[("/a", 200)]), billed(&[(long.as_str(), 202)])]),
+            ("a request pipelined behind one in flight", true,
+             vec![Client(get("/a")), Server(answer(200)), Client(get("/b")), Boundary, Client(get("/c")),
+                  Server(answer(201)), Server(answer(202))],
+             [billed(&[("/a", 200), ("/b", 201)]), billed(&[("/c", 202)])]),
+            ("a head straddling the boundary: not known, as without the hand-over", true,
+             vec![Client(get("/b")[..20].to_vec()), Boundary, Client(get("/b")[20..].to_vec()), Server(answer(201)),
+                  Client(get("/c")), Server(answer(202))],
+             [billed(&[("/b", 201)]), billed(&[("/c", 202)])]),
+        ];
+        for (case, from_syn, steps, expected) in cases {
+            assert_eq!(two_runs(from_syn, true, &steps), expected, "{case}");
         }
     }
 
@@ -937,13 +998,13 @@ mod tests {
         let (mut first, mut one, mut two) = (run(), Conversation::new(1), Conversation::new(2));
         one.send(&mut first, true, 1.0, &get("/a"));
         two.send(&mut first, true, 1.0, &get("/b"));
-        first.leave_new_requests(packets);
+        first.leave_new_requests(packets, false);
         let mut second = run();
         second.expect_answers(first.answers_owed());
         assert_eq!(first.take().count(), 0);
         let mut one_again = joined(1);
         one_again.send(&mut second, true, 2.0, &get("/c")); // pipelined behind /a: the second run's
-        second.leave_new_requests(packets);
+        second.leave_new_requests(packets, false);
         let mut third = run();
         third.expect_answers(second.answers_owed());
         let (mut one_third, mut two_third) = (joined(1), joined(2));
@@ -970,7 +1031,7 @@ mod tests {
         let (waiting, half_sent) = (request("/waiting"), request("/half-sent"));
         kept.send(&mut http, true, 1.0, &waiting);
         split.send(&mut http, true, 1.0, &half_sent[..20]); // its head straddles the boundary
-        http.leave_new_requests(any);
+        http.leave_new_requests(any, false);
         assert_eq!(http.requests_in_flight(any), 2, "a request waiting, and a head still arriving");
         // the rest of the head, and a request pipelined behind it before the server answered: the next
         // run joins this connection inside a request and takes nothing before the answer, so it is this run's

@@ -7,8 +7,26 @@
 //! begin a request, it takes that request and those after; if they do not, it takes none until the server
 //! has spoken; if the server speaks first, it takes the requests it finds after. The stopping run makes the
 //! same decision on the same bytes, whatever its own parser's state there.
+//!
+//! Where the stopping run knows the client's framing at the boundary (between two requests, or inside a
+//! body of known length), it hands over where the next request begins (`client_resume`), and the next run
+//! starts there in step: a body whose bytes look like requests is then never searched for them.
 
 use super::parser::RequestMethod;
+use crate::source::frames::Address;
+
+/// A connection as both runs name it: client and server, address and port.
+pub type ConnectionKey = (Address, u16, Address, u16);
+
+/// What a stop leaves the next run about one connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionHandOver {
+    pub key: ConnectionKey,
+    /// the methods of requests billed before, whose answers come first, in order
+    pub answers: Vec<RequestMethod>,
+    /// the client's sequence number where a request begins, if the stopping run knew it
+    pub client_resume: Option<u32>,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Decision {
@@ -28,18 +46,22 @@ pub struct HandOver {
     /// The methods of this run's requests whose final answer begins past the boundary (a HEAD's answer has
     /// no body), in order.
     pub owed: Vec<RequestMethod>,
+    /// where the client's next request begins, handed over
+    pub client_resume: Option<u64>,
 }
 
 impl HandOver {
-    /// The boundary falls at these positions of the client's and the server's streams.
-    pub fn at(client_at: u64, server_at: u64) -> HandOver {
-        HandOver { client_at, server_at, decision: Decision::Undecided, owed: Vec::new() }
+    /// The boundary falls at these positions of the client's and the server's streams; `client_resume`:
+    /// where the next request begins, if known and handed over (the next run starts there in step).
+    pub fn at(client_at: u64, server_at: u64, client_resume: Option<u64>) -> HandOver {
+        let decision = client_resume.map_or(Decision::Undecided, Decision::NextRunFrom);
+        HandOver { client_at, server_at, decision, owed: Vec::new(), client_resume }
     }
 
     /// A connection first seen past the boundary: the next run sees it from the same place, so all of it
     /// is the next run's.
     pub fn all_next_runs() -> HandOver {
-        HandOver { client_at: 0, server_at: 0, decision: Decision::NextRunFrom(0), owed: Vec::new() }
+        HandOver { client_at: 0, server_at: 0, decision: Decision::NextRunFrom(0), owed: Vec::new(), client_resume: None }
     }
 
     /// The client's bytes, `begin_a_request` if a joined stream's parser takes them for a request's start.
@@ -82,7 +104,7 @@ mod tests {
 
     #[test]
     fn the_next_run_takes_the_requests_from_the_boundary_when_the_clients_first_bytes_begin_one() {
-        let mut hand_over = HandOver::at(100, 50);
+        let mut hand_over = HandOver::at(100, 50, None);
         hand_over.client_data(true);
         hand_over.server_data(180);
         assert!(!hand_over.next_runs(99) && hand_over.next_runs(100) && hand_over.next_runs(500));
@@ -90,7 +112,7 @@ mod tests {
 
     #[test]
     fn when_they_do_not_the_requests_before_the_servers_answer_stay_this_runs() {
-        let mut hand_over = HandOver::at(100, 50);
+        let mut hand_over = HandOver::at(100, 50, None);
         hand_over.client_data(false);
         assert!(hand_over.until_answer() && !hand_over.next_runs(150));
         hand_over.client_data(true); // a later segment that begins a request: the next run still waits
@@ -101,15 +123,23 @@ mod tests {
 
     #[test]
     fn when_the_server_speaks_first_the_next_run_takes_what_it_finds_after() {
-        let mut hand_over = HandOver::at(100, 50);
+        let mut hand_over = HandOver::at(100, 50, None);
         hand_over.server_data(100);
         hand_over.client_data(false);
         assert!(hand_over.next_runs(100) && !hand_over.until_answer());
     }
 
     #[test]
+    fn where_the_next_request_begins_is_known_the_next_run_takes_the_requests_from_there() {
+        let mut hand_over = HandOver::at(100, 50, Some(400)); // inside a body that ends at 400
+        hand_over.client_data(true); // the body's bytes look like a request: they are not one
+        assert!(!hand_over.next_runs(100) && !hand_over.next_runs(399) && hand_over.next_runs(400));
+        assert!(!hand_over.until_answer());
+    }
+
+    #[test]
     fn only_answers_beginning_past_the_boundary_are_owed() {
-        let mut hand_over = HandOver::at(100, 50);
+        let mut hand_over = HandOver::at(100, 50, None);
         hand_over.answer_begins(20, RequestMethod::Other); // began before: the next run resyncs past it
         hand_over.answer_begins(50, RequestMethod::Head);
         hand_over.answer_begins(90, RequestMethod::Other);

@@ -157,6 +157,27 @@ impl MessageParser {
         self.message.as_ref().map(|message| message.position)
     }
 
+    /// How many bytes from the current position the next message begins, when that is known: 0 between
+    /// messages, the rest of a body of known length inside one.
+    pub fn next_message_in(&self) -> Option<u64> {
+        match self.state {
+            _ if self.between_messages() => Some(0),
+            State::Body if self.message.is_some() && self.joined == Joined::Synced => Some(self.remaining),
+            _ => None,
+        }
+    }
+
+    /// A joined stream whose framing a previous run knew: a message begins `skip` bytes from here, and
+    /// what comes before it is the end of one the previous run read.
+    pub fn resume_after(&mut self, skip: u64) {
+        self.buffer.clear();
+        self.message = None;
+        self.kept_starts_line = true;
+        self.joined = Joined::Synced;
+        self.remaining = skip;
+        self.state = if skip == 0 { State::Head } else { State::Body };
+    }
+
     /// The other direction sent data: a request stream joined inside a request may be searched again.
     pub fn peer_spoke(&mut self) {
         self.joined = Joined::Synced;
