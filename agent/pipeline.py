@@ -21,7 +21,7 @@ log = logging.getLogger("agent.pipeline")
 KeyAuthSource = Callable[[], KeyAuthConfig]
 TableSource = Callable[[], "CredentialTable | None"]
 GatewaySource = Callable[[], "dict | None"]
-HandedOver = tuple[bytes, int, bytes, int, list[str], "int | None"]  # see `Pipeline.answers_owed`
+HandedOver = tuple[bytes, int, bytes, int, list[str], "int | None", int]  # see `Pipeline.answers_owed`
 
 
 class Pipeline:
@@ -72,8 +72,9 @@ class Pipeline:
 
     def answers_owed(self) -> list[HandedOver]:
         """After `leave_new_requests`: per connection (client and server address and port), the methods of
-        this run's requests whose answers the next run will see and must not take for its own, and the
-        client's sequence number where its next request begins (None if not known)."""
+        this run's requests whose answers the next run will see and must not take for its own, the client's
+        sequence number where its next request begins (None if not known), and how many restarts this was
+        carried through for a connection not seen since."""
         return self.core.answers_owed()
 
     def expect_answers(self, owed: list[HandedOver]) -> None:

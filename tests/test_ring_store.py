@@ -12,8 +12,8 @@ import pytest
 
 from agent.live.ring_store import leave_answers, take_answers
 
-OWED = [(bytes([127, 0, 0, 1]), 40000, bytes([127, 0, 0, 1]), 8000, ["OTHER", "HEAD"], None),
-        (bytes(15) + b"\x01", 40001, bytes(15) + b"\x01", 8000, [], 0xFFFF_FFFF)]
+OWED = [(bytes([127, 0, 0, 1]), 40000, bytes([127, 0, 0, 1]), 8000, ["OTHER", "HEAD"], None, 0),
+        (bytes(15) + b"\x01", 40001, bytes(15) + b"\x01", 8000, [], 0xFFFF_FFFF, 3)]
 
 
 def ring_at(path: Path) -> SimpleNamespace:
@@ -30,17 +30,19 @@ def test_what_a_stop_leaves_the_next_start_reads_back_once(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("text", [
     "not json", "null", '{"a": 1}', "Infinity", "[" * 100_000 + "]" * 100_000,
-    '[["7f000001", 70000, "7f000001", 8000, [], null]]',      # a port out of range
-    '[["7f000001", -1, "7f000001", 8000, [], null]]',
-    '[["7f000001", true, "7f000001", 8000, [], null]]',
-    '[["7f000001", 1e30, "7f000001", 8000, [], null]]',
-    '[["7f0000", 1, "7f000001", 8000, [], null]]',            # an address of 3 bytes
-    '[["zz", 1, "7f000001", 8000, [], null]]',
-    '[["7f000001", 1, "7f000001", 8000, "OTHER", null]]',  # a string is not a list of methods
-    '[["7f000001", 1, "7f000001", 8000, ["GET"], null]]',
-    '[["7f000001", 1, "7f000001", 8000, []]]',         # no resume field
-    '[["7f000001", 1, "7f000001", 8000, [], -1]]',      # not a sequence number
-    '[["7f000001", 1, "7f000001", 8000, [], 4294967296]]',
+    '[["7f000001", 70000, "7f000001", 8000, [], null, 0]]',      # a port out of range
+    '[["7f000001", -1, "7f000001", 8000, [], null, 0]]',
+    '[["7f000001", true, "7f000001", 8000, [], null, 0]]',
+    '[["7f000001", 1e30, "7f000001", 8000, [], null, 0]]',
+    '[["7f0000", 1, "7f000001", 8000, [], null, 0]]',            # an address of 3 bytes
+    '[["zz", 1, "7f000001", 8000, [], null, 0]]',
+    '[["7f000001", 1, "7f000001", 8000, "OTHER", null, 0]]',  # a string is not a list of methods
+    '[["7f000001", 1, "7f000001", 8000, ["GET"], null, 0]]',
+    '[["7f000001", 1, "7f000001", 8000, [], null]]',   # no count of restarts
+    '[["7f000001", 1, "7f000001", 8000, [], -1, 0]]',   # not a sequence number
+    '[["7f000001", 1, "7f000001", 8000, [], 4294967296, 0]]',
+    '[["7f000001", 1, "7f000001", 8000, [], null, 256]]',
+    '[["7f000001", 1, "7f000001", 8000, [' + ", ".join(['"HEAD"'] * 1025) + '], null, 0]]',  # more than can wait
 ])
 def test_a_file_that_is_not_what_a_stop_leaves_is_said_and_ignored(tmp_path: Path, text: str, caplog) -> None:
     ring = ring_at(tmp_path / "answers.json")

@@ -32,6 +32,7 @@ log = logging.getLogger("agent.live")
 PREFIX = "agent-ring"
 METHODS = frozenset({"HEAD", "CONNECT", "OTHER"})  # what `answers_owed` names a request's method
 MAX_ANSWERS_BYTES = 64 << 20  # an answers file larger than this is not one a stop left
+MAX_WAITING = 1024  # requests one connection may have waiting (the core's MAX_PENDING)
 
 
 def ring_names(link: Link, ring_bytes: int, workers: int) -> list[str]:
@@ -116,8 +117,8 @@ def leave_answers(ring: PacketRing, owed: list[HandedOver]) -> None:
     """Beside the ring, for the run that takes it over: the answers it will see to this run's requests."""
     if ring.answers_path is None:
         return
-    text = json.dumps([[client.hex(), client_port, server.hex(), server_port, methods, resume]
-                       for client, client_port, server, server_port, methods, resume in owed])
+    text = json.dumps([[client.hex(), client_port, server.hex(), server_port, methods, resume, restarts]
+                       for client, client_port, server, server_port, methods, resume, restarts in owed])
     temporary = ring.answers_path.with_suffix(".tmp")
     try:
         temporary.write_text(text)
@@ -159,17 +160,19 @@ def take_answers(ring: PacketRing) -> list[HandedOver]:
 
 def _owed_answers(entry: object) -> HandedOver:
     """One connection of an answers file, checked (a ValueError or TypeError if it is not one)."""
-    client, client_port, server, server_port, methods, resume = entry  # type: ignore[misc]
+    client, client_port, server, server_port, methods, resume, restarts = entry  # type: ignore[misc]
     addresses = bytes.fromhex(client), bytes.fromhex(server)
     ports = client_port, server_port
     if not all(len(address) in (4, 16) for address in addresses) or not all(
             type(port) is int and 0 <= port <= 0xFFFF for port in ports):
         raise ValueError("not a connection")
-    if type(methods) is not list or not all(method in METHODS for method in methods):
+    if type(methods) is not list or len(methods) > MAX_WAITING or not all(method in METHODS for method in methods):
         raise ValueError("not a list of methods")
     if resume is not None and not (type(resume) is int and 0 <= resume <= 0xFFFF_FFFF):
         raise ValueError("not a sequence number")
-    return addresses[0], client_port, addresses[1], server_port, methods, resume
+    if not (type(restarts) is int and 0 <= restarts <= 0xFF):
+        raise ValueError("not a count of restarts")
+    return addresses[0], client_port, addresses[1], server_port, methods, resume, restarts
 
 
 def open_rings(link: Link, program: list[tuple[int, int, int, int]], ring_bytes: int,

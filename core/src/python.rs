@@ -1233,7 +1233,7 @@ mod pipeline {
     use crate::tcp::reassembly::ReassemblyLimits;
 
     /// What a stop leaves the next run about one connection (see `answers_owed`).
-    type HandedOver = (Vec<u8>, u16, Vec<u8>, u16, Vec<String>, Option<u32>);
+    type HandedOver = (Vec<u8>, u16, Vec<u8>, u16, Vec<String>, Option<u32>, u8);
 
     /// The whole data plane. Each call takes a batch (a capture file's next frames, a ring's ready blocks)
     /// and returns the JSON Lines of the events it completed, as one `bytes`; the GIL is released while
@@ -1330,8 +1330,8 @@ mod pipeline {
             self.pipeline.requests_in_flight()
         }
 
-        /// `(client address, client port, server address, server port, [method], client resume)` per
-        /// connection, the methods as "HEAD", "CONNECT" or "OTHER", the resume a sequence number or None.
+        /// `(client address, client port, server address, server port, [method], client resume, restarts)`
+        /// per connection, the methods as "HEAD", "CONNECT" or "OTHER", the resume a sequence number or None.
         fn answers_owed(&self) -> Vec<HandedOver> {
             let name = |method: &RequestMethod| match method {
                 RequestMethod::Head => "HEAD",
@@ -1339,18 +1339,18 @@ mod pipeline {
                 RequestMethod::Other => "OTHER",
             };
             let owed = self.pipeline.answers_owed().into_iter();
-            owed.map(|ConnectionHandOver { key: (client, client_port, server, server_port), answers, client_resume }| {
+            owed.map(|ConnectionHandOver { key: (client, client_port, server, server_port), answers, client_resume, restarts }| {
                 let methods = answers.iter().map(|method| name(method).to_string()).collect();
-                (client.bytes().to_vec(), client_port, server.bytes().to_vec(), server_port, methods, client_resume)
+                (client.bytes().to_vec(), client_port, server.bytes().to_vec(), server_port, methods, client_resume, restarts)
             })
             .collect()
         }
 
         fn expect_answers(&mut self, owed: Vec<HandedOver>) {
-            let owed = owed.into_iter().map(|(client, client_port, server, server_port, methods, client_resume)| {
+            let owed = owed.into_iter().map(|(client, client_port, server, server_port, methods, client_resume, restarts)| {
                 let answers = methods.iter().map(|method| RequestMethod::of(method.as_bytes())).collect();
                 let key = (Address::new(&client), client_port, Address::new(&server), server_port);
-                ConnectionHandOver { key, answers, client_resume }
+                ConnectionHandOver { key, answers, client_resume, restarts }
             });
             self.pipeline.expect_answers(owed.collect());
         }

@@ -459,6 +459,9 @@ impl HttpConnection {
                     let at = self.connection.to_server_base_seq.map(|base| u64::from(resume.wrapping_sub(base)));
                     if let Some(skip) = at.and_then(|at| at.checked_sub(position)).filter(|&skip| skip < 1 << 31) {
                         self.requests.resume_after(skip);
+                        if let Some(hand_over) = &mut pairing.hand_over {
+                            hand_over.resume_at(position + skip); // past this run's own boundary: handed on
+                        }
                     }
                 }
                 pairing.client_end = pairing.client_end.max(end);
@@ -582,6 +585,8 @@ fn key_of(connection: &ConnectionInfo) -> ConnectionKey {
 
 /// Connections the previous run may name (`expect_answers`); more are not kept.
 const MAX_HANDED_OVER: usize = 1 << 18;
+/// Restarts through which what a run handed over is carried for a connection not seen since.
+const MAX_RESTARTS_CARRIED: u8 = 3;
 
 impl HttpExchanges {
     pub fn new(response_timeout: f64, max_head_bytes: usize) -> HttpExchanges {
@@ -616,7 +621,8 @@ impl HttpExchanges {
             } else {
                 None
             };
-            let client_resume = known.map(|skip| pairing.client_end + skip);
+            // (a body of 2 GiB or more is left to the joined rule: sequence numbers wrap at 4 GiB)
+            let client_resume = known.filter(|&skip| skip < 1 << 31).map(|skip| pairing.client_end + skip);
             pairing.hand_over = Some(HandOver::at(pairing.client_end, pairing.server_end, client_resume));
         }
     }
@@ -646,7 +652,8 @@ impl HttpExchanges {
             let pairing = &http.pairing;
             let Some(hand_over) = &pairing.hand_over else { continue };
             let base = http.connection.to_server_base_seq;
-            let client_resume = hand_over.client_resume.zip(base).map(|(at, base)| base.wrapping_add(at as u32));
+            let handed_on = hand_over.client_resume.zip(base).map(|(at, base)| base.wrapping_add(at as u32));
+            let client_resume = handed_on.or(pairing.client_resume); // one from the previous run not reached yet
             let mut methods = hand_over.owed.clone();
             // the answer in progress was listed when it began, if it began past the boundary
             let answering = pairing.answering && is_final(pairing.response_status);
@@ -657,11 +664,17 @@ impl HttpExchanges {
                 }
             }
             if !methods.is_empty() || client_resume.is_some() {
-                owed.push(ConnectionHandOver { key: key_of(&http.connection), answers: methods, client_resume });
+                let key = key_of(&http.connection);
+                owed.push(ConnectionHandOver { key, answers: methods, client_resume, restarts: 0 });
             }
         }
-        // a previous run's, for connections this run never saw: still owed to that run
-        owed.extend(self.previous_runs.values().cloned());
+        // a previous run's, for connections this run never saw: still owed to that run, for a few restarts
+        // (a connection whose later packets carry no data is never seen again)
+        let seen: std::collections::HashSet<ConnectionKey> = owed.iter().map(|connection| connection.key).collect();
+        let carried = self.previous_runs.values().filter(|connection| !seen.contains(&connection.key));
+        owed.extend(carried.filter(|connection| connection.restarts < MAX_RESTARTS_CARRIED).map(|connection| {
+            ConnectionHandOver { restarts: connection.restarts + 1, ..connection.clone() }
+        }));
         owed
     }
 
@@ -669,8 +682,9 @@ impl HttpExchanges {
     /// answers pair with places kept for those requests, not with this run's, and the client's stream is
     /// read in step from where the previous run said a request begins.
     pub fn expect_answers(&mut self, owed: Vec<ConnectionHandOver>) {
-        for connection in owed.into_iter().take(MAX_HANDED_OVER) {
-            self.previous_runs.insert(connection.key, connection);
+        for mut connection in owed.into_iter().take(MAX_HANDED_OVER) {
+            connection.answers.truncate(MAX_PENDING); // more cannot have been waiting
+            self.previous_runs.entry(connection.key).or_insert(connection); // the first of a key: its newest
         }
     }
 
@@ -755,7 +769,8 @@ impl StreamSink for HttpExchanges {
                 let hand_over = if connection.saw_syn { HandOver::all_next_runs() } else { HandOver::at(0, 0, None) };
                 http.pairing.hand_over = Some(hand_over);
             }
-            let handed = if connection.saw_syn { None } else { previous_runs.remove(&key_of(connection)) };
+            // (a new incarnation of the 4-tuple, seen from its SYN, owes nothing: the entry goes all the same)
+            let handed = previous_runs.remove(&key_of(connection)).filter(|_| !connection.saw_syn);
             let (answers, client_resume) = handed.map_or((Vec::new(), None), |handed| (handed.answers, handed.client_resume));
             http.pairing.client_resume = client_resume;
             for method in answers {
@@ -1016,6 +1031,101 @@ mod tests {
         let billed: Vec<(Vec<u8>, u16)> = third.take().map(|exchange| (exchange.request.target, exchange.status)).collect();
         assert_eq!(billed, [(b"/d".to_vec(), 203)], "the answers to /a, /b and /c are owed to the runs before");
         assert_eq!(third.counters.unmatched_responses, 0);
+    }
+
+    /// A run that joins connection 1 as the next run does, from `base` (the client's sequence number of its
+    /// first byte), with what the previous run handed over.
+    fn next_run(previous: &HttpExchanges, base: u32) -> (HttpExchanges, Conversation) {
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        http.expect_answers(previous.answers_owed());
+        let mut conversation = Conversation::new(1);
+        conversation.info.saw_syn = false;
+        conversation.info.to_server_base_seq = Some(base);
+        (http, conversation)
+    }
+
+    fn targets(http: &mut HttpExchanges) -> Vec<(String, u16)> {
+        http.take().map(|e| (String::from_utf8(e.request.target).unwrap(), e.status)).collect()
+    }
+
+    fn forged_upload() -> (Vec<u8>, Vec<u8>) {
+        let rest = b"\r\nGET /forged HTTP/1.1\r\nHost: api\r\napikey: someone-else\r\n\r\n".to_vec();
+        let head = format!("POST /upload HTTP/1.1\r\nHost: api\r\nContent-Length: {}\r\n\r\n0123456789", rest.len() + 30);
+        (head.into_bytes(), [&[b'x'; 20][..], &rest].concat())
+    }
+
+    fn packets(_: &ConnectionInfo) -> bool {
+        true
+    }
+
+    #[test]
+    fn where_the_next_request_begins_is_handed_on_by_a_run_that_did_not_reach_it() {
+        let (head, rest) = forged_upload();
+        let mut first = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut one = Conversation::new(1);
+        one.send(&mut first, true, 1.0, &head);
+        first.leave_new_requests(packets, true);
+        let boundary = 1001 + one.sent[0] as u32;
+        let (mut second, _) = next_run(&first, boundary);
+        second.leave_new_requests(packets, true); // it stopped before any of connection 1's packets came
+        let (mut third, mut conversation) = next_run(&second, boundary);
+        conversation.send(&mut third, true, 3.0, &rest);
+        conversation.send(&mut third, false, 3.0, &answer(201));
+        conversation.send(&mut third, true, 3.0, &get("/real"));
+        conversation.send(&mut third, false, 3.0, &answer(202));
+        conversation.close(&mut third, 3.5);
+        assert_eq!(targets(&mut third), [("/real".to_string(), 202)]);
+    }
+
+    #[test]
+    fn a_gap_inside_the_end_of_a_body_read_in_step_is_skipped_not_searched() {
+        let (head, rest) = forged_upload();
+        let mut first = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut one = Conversation::new(1);
+        one.send(&mut first, true, 1.0, &head);
+        first.leave_new_requests(packets, true);
+        let (mut next, mut conversation) = next_run(&first, 1001 + one.sent[0] as u32);
+        conversation.send(&mut next, true, 2.0, &rest[..5]);
+        next.event(&conversation.info, true, 2.0, StreamEvent::Gap { lost: 10, position: 5 });
+        conversation.sent[0] += 10;
+        conversation.send(&mut next, true, 2.0, &rest[15..]);
+        conversation.send(&mut next, false, 2.0, &answer(201));
+        conversation.close(&mut next, 2.5);
+        assert_eq!(targets(&mut next), []);
+    }
+
+    #[test]
+    fn a_tunnel_opened_before_the_next_runs_first_client_bytes_stays_a_tunnel() {
+        let mut first = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut one = Conversation::new(1);
+        one.send(&mut first, true, 1.0, b"CONNECT api:443 HTTP/1.1\r\nHost: api:443\r\napikey: k1\r\n\r\n");
+        first.leave_new_requests(packets, true);
+        let (mut next, mut conversation) = next_run(&first, 1001 + one.sent[0] as u32);
+        conversation.send(&mut next, false, 2.0, b"HTTP/1.1 200 Connection Established\r\n\r\n");
+        conversation.send(&mut next, true, 2.0, &get("/inside-the-tunnel"));
+        conversation.close(&mut next, 2.5);
+        assert_eq!(targets(&mut next), []);
+    }
+
+    #[test]
+    fn what_was_handed_over_for_a_4_tuple_is_not_applied_to_its_next_incarnation() {
+        let (head, _) = forged_upload();
+        let mut first = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut one = Conversation::new(1);
+        one.send(&mut first, true, 1.0, &head);
+        first.leave_new_requests(packets, true);
+        let (mut second, _) = next_run(&first, 1001 + one.sent[0] as u32);
+        let mut reborn = Conversation::new(1); // the same 4-tuple, opened again: seen from its SYN
+        reborn.info.id = 2;
+        reborn.send(&mut second, true, 2.0, &get("/b"));
+        second.leave_new_requests(packets, true);
+        assert!(second.answers_owed().iter().all(|connection| connection.answers.len() == 1));
+        let (mut third, mut conversation) = next_run(&second, 1001 + reborn.sent[0] as u32);
+        conversation.send(&mut third, false, 3.0, &answer(201)); // /b's: owed to the second run
+        conversation.send(&mut third, true, 3.0, &get("/c"));
+        conversation.send(&mut third, false, 3.0, &answer(203));
+        conversation.close(&mut third, 3.5);
+        assert_eq!(targets(&mut third), [("/c".to_string(), 203)]);
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct ConnectionHandOver {
     pub answers: Vec<RequestMethod>,
     /// the client's sequence number where a request begins, if the stopping run knew it
     pub client_resume: Option<u32>,
+    /// restarts this was carried through for a connection no run saw since
+    pub restarts: u8,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +80,15 @@ impl HandOver {
             Decision::UntilAnswer => Decision::NextRunFrom(client_end),
             decided => decided,
         };
+    }
+
+    /// A connection first seen past this run's boundary was read in step from `position`, as the previous
+    /// run said (so will the next run be): the requests from there are the next run's, and that is handed on.
+    pub fn resume_at(&mut self, position: u64) {
+        if self.decision == Decision::Undecided {
+            self.decision = Decision::NextRunFrom(position);
+            self.client_resume = Some(position);
+        }
     }
 
     /// Whether the request whose first byte is at `position` is the next run's.

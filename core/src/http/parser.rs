@@ -170,6 +170,9 @@ impl MessageParser {
     /// A joined stream whose framing a previous run knew: a message begins `skip` bytes from here, and
     /// what comes before it is the end of one the previous run read.
     pub fn resume_after(&mut self, skip: u64) {
+        if self.state == State::Tunnel {
+            return; // an answer that opened a tunnel came first: what follows is not HTTP
+        }
         self.buffer.clear();
         self.message = None;
         self.kept_starts_line = true;
@@ -228,7 +231,8 @@ impl MessageParser {
         if state == State::Tunnel {
             return;
         }
-        if self.message.is_some() && state != State::Head {
+        // (a body with no message: the end of one a previous run read, after `resume_after`)
+        if (self.message.is_some() || state == State::Body) && state != State::Head {
             if state == State::UntilClose {
                 self.grow(size);
                 return;
