@@ -23,8 +23,8 @@ import os
 from pathlib import Path
 
 from agent.live.service_manager import ServiceManager
-from agent.pipeline import HandedOver
 from agent.live.startup_checks import Link, socket_error
+from agent.pipeline import HandedOver
 from agent.source.packet_ring import BLOCK_BYTES, RETIRE_MS, PacketRing
 
 log = logging.getLogger("agent.live")
@@ -69,7 +69,7 @@ class RingStore:
                 if self.directory is not None:
                     ring.answers_path = self.directory / f"{name}.answers.json"
                     if not ring.taken_over:
-                        ring.answers_path.unlink(missing_ok=True)  # a previous ring's: not this one's
+                        _remove_stale(ring.answers_path)
         return rings
 
     def _take_over(self, link: Link, program: list[tuple[int, int, int, int]], ring_bytes: int,
@@ -111,6 +111,14 @@ class RingStore:
             if name.startswith(PREFIX) and self.manager is not None:
                 self.manager.remove(name)
         self.inherited = {}
+
+
+def _remove_stale(path: Path) -> None:
+    """A previous ring's answers, which are not this one's."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as error:
+        log.warning("cannot remove %s (%s): a later take-over could apply it", path, error.strerror or error)
 
 
 def leave_answers(ring: PacketRing, owed: list[HandedOver]) -> None:
