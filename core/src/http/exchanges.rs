@@ -1075,6 +1075,16 @@ mod tests {
         conversation.send(&mut third, false, 3.0, &answer(202));
         conversation.close(&mut third, 3.5);
         assert_eq!(targets(&mut third), [("/real".to_string(), 202)]);
+        // the run between saw the gateway speak first past its own boundary, then the body's end
+        let (mut second, mut seen) = next_run(&first, boundary);
+        second.leave_new_requests(packets, true);
+        seen.send(&mut second, false, 2.0, b"HTTP/1.1 100 Continue\r\n\r\n");
+        seen.send(&mut second, true, 2.0, &rest[..22]); // up to the line that looks like a request
+        let (mut third, mut conversation) = next_run(&second, boundary + 22);
+        conversation.send(&mut third, true, 3.0, &rest[22..]);
+        conversation.send(&mut third, false, 3.0, &answer(201));
+        conversation.close(&mut third, 3.5);
+        assert_eq!(targets(&mut third), []);
     }
 
     #[test]

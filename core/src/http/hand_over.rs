@@ -84,8 +84,11 @@ impl HandOver {
 
     /// A connection first seen past this run's boundary was read in step from `position`, as the previous
     /// run said (so will the next run be): the requests from there are the next run's, and that is handed on.
+    /// (If the server spoke first, what came before `position` is the end of a body: no request either.)
     pub fn resume_at(&mut self, position: u64) {
-        if self.decision == Decision::Undecided {
+        if matches!(self.decision, Decision::Undecided)
+            || matches!(self.decision, Decision::NextRunFrom(from) if from <= position)
+        {
             self.decision = Decision::NextRunFrom(position);
             self.client_resume = Some(position);
         }
