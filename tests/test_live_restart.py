@@ -19,15 +19,9 @@ import pytest
 from kong_standin import KongStandin, billed_rows, free_loopback_port, metered_rows
 
 from tests.doubles.service_manager import ServiceManagerDouble
-from tests.test_live_e2e import ALICE, BOB, STOP_LIMIT, UNKNOWN, LiveAgent, curl, request
+from tests.test_live_e2e import ALICE, BOB, STOP_LIMIT, UNKNOWN, LiveAgent, curl, gateway, request  # noqa: F401
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: packet sockets")]
-
-
-@pytest.fixture
-def gateway():
-    with KongStandin(port=free_loopback_port()) as standin:
-        yield standin
 
 
 @pytest.fixture
@@ -123,16 +117,11 @@ def test_a_request_in_flight_at_the_stop_is_billed_with_its_answer_and_those_aft
     body = b"x" * 1000
     upload = request("POST", "/uploads/in-flight", ALICE, body=body)
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as connection:
-        connection.sendall(upload[:-600])  # the upload is in flight when the stop comes
-        time.sleep(0.2)
-        stopping = threading.Thread(target=stop, args=(manager, first))
-        stopping.start()
-        time.sleep(0.5)
-        # the rest of its body, and a request pipelined behind it before its answer: the stopping run knows
-        # where the body ends and hands that over, so the next run reads on in step from there
-        connection.sendall(upload[-600:] + request("GET", "/behind-the-upload", BOB))
-        read_responses(connection, 2)
-        stopping.join(30)
+        # the upload is in flight when the stop comes; then the rest of its body, and a request pipelined
+        # behind it before its answer: the stopping run knows where the body ends and hands that over, so the
+        # next run reads on in step from there
+        behind = request("GET", "/behind-the-upload", BOB)
+        across_the_stop(manager, first, connection, upload[:-600], upload[-600:] + behind, answers=2)
         connection.sendall(request("GET", "/after-the-answers", BOB))  # the next run's
         read_responses(connection, 1)
         second = start(manager, gateway, tmp_path / "second.jsonl")
@@ -154,14 +143,9 @@ def test_an_upload_whose_body_past_the_stop_looks_like_requests_bills_none_of_th
     forged = b"".join(request("GET", f"/forged/{number}", ALICE) for number in range(20))  # alice's key
     upload = request("POST", "/uploads/timed", BOB, body=b"0123456789" + forged)
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as connection:
-        connection.sendall(upload[:-len(forged)])  # the head and 10 bytes of body before the stop
-        time.sleep(0.2)
-        stopping = threading.Thread(target=stop, args=(manager, first))
-        stopping.start()
-        time.sleep(0.5)
-        connection.sendall(forged)  # past the boundary: the body's rest, beginning with a request line
-        read_responses(connection, 1)
-        stopping.join(30)
+        # the head and 10 bytes of body before the stop; past the boundary, the body's rest, beginning with a
+        # request line
+        across_the_stop(manager, first, connection, upload[:-len(forged)], forged, answers=1)
         second = start(manager, gateway, tmp_path / "second.jsonl")
         connection.sendall(request("GET", "/after-the-upload", BOB, close=True))
         read_responses(connection, 1)
@@ -178,14 +162,8 @@ def test_a_request_whose_head_straddles_the_stop_is_billed_once_with_its_answer(
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as connection:
         connection.sendall(request("GET", "/before-the-stop", BOB))
         read_responses(connection, 1)
-        connection.sendall(head[:25])  # the head's first segment comes before the stop, its rest after
-        time.sleep(0.2)
-        stopping = threading.Thread(target=stop, args=(manager, first))
-        stopping.start()
-        time.sleep(0.5)
-        connection.sendall(head[25:])
-        read_responses(connection, 1)
-        stopping.join(30)
+        # the head's first segment comes before the stop, its rest after
+        across_the_stop(manager, first, connection, head[:25], head[25:], answers=1)
         second = start(manager, gateway, tmp_path / "second.jsonl")
         connection.sendall(request("GET", "/after-the-restart", ALICE, close=True))
         read_responses(connection, 1)
@@ -221,15 +199,10 @@ def test_a_request_pipelined_behind_one_in_flight_at_the_stop_gets_its_own_answe
     with KongStandin(port=free_loopback_port(), other_upstreams={"/slow/": upstream.server_address[1]}) as gateway:
         first = start(manager, gateway, tmp_path / "first.jsonl")
         with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as connection:
-            connection.sendall(request("GET", "/slow/1000/in-flight", BOB))  # answered a second later
-            time.sleep(0.2)
-            stopping = threading.Thread(target=stop, args=(manager, first))
-            stopping.start()
-            time.sleep(0.4)
-            # past the boundary, before the slow answer: the next run's, which sees the slow answer first
-            connection.sendall(request("GET", "/pipelined-behind", ALICE))
-            read_responses(connection, 2)
-            stopping.join(30)
+            # a request answered a second later; past the boundary, before its answer, one pipelined behind it:
+            # the next run's, which sees the slow answer first
+            slow, behind = request("GET", "/slow/1000/in-flight", BOB), request("GET", "/pipelined-behind", ALICE)
+            across_the_stop(manager, first, connection, slow, behind, answers=2)
             second = start(manager, gateway, tmp_path / "second.jsonl")
             connection.sendall(request("GET", "/after-the-restart", ALICE, close=True))
             read_responses(connection, 1)
@@ -240,6 +213,20 @@ def test_a_request_pipelined_behind_one_in_flight_at_the_stop_gets_its_own_answe
     by_run = [[event["data"]["request_uri"] for event in run.events()] for run in (first, second)]
     assert by_run == [["/slow/1000/in-flight"], ["/pipelined-behind", "/after-the-restart"]]
     assert first.summary()["after_stop"] == 1 and second.summary()["unmatched_responses"] == 0
+
+
+def across_the_stop(manager: ServiceManagerDouble, agent: LiveAgent, connection: socket.socket, before: bytes,
+                    after: bytes, answers: int) -> None:
+    """`before` is sent while the agent runs; then the stop comes, and `after` is sent while the stopping
+    agent finishes what is in flight (well within its 2 s); the `answers` are read and the stop awaited."""
+    connection.sendall(before)
+    time.sleep(0.2)
+    stopping = threading.Thread(target=stop, args=(manager, agent))
+    stopping.start()
+    time.sleep(0.5)
+    connection.sendall(after)
+    read_responses(connection, answers)
+    stopping.join(30)
 
 
 def read_responses(connection: socket.socket, count: int) -> None:

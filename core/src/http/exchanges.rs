@@ -878,12 +878,6 @@ mod tests {
     /// reads on past the boundary, and the next run, which joins at the boundary with the answers the
     /// stopping run handed over: the requests each billed, with their status.
     fn two_runs(from_syn: bool, resume: bool, steps: &[Step]) -> [Vec<(String, u16)>; 2] {
-        fn packets(_: &ConnectionInfo) -> bool {
-            true
-        }
-        let billed = |http: &mut HttpExchanges| -> Vec<(String, u16)> {
-            http.take().map(|e| (String::from_utf8(e.request.target).unwrap(), e.status)).collect()
-        };
         let mut stopping = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
         let mut first = Conversation::new(1);
         first.info.saw_syn = from_syn;
@@ -914,7 +908,7 @@ mod tests {
         }
         first.close(&mut stopping, 3.0);
         second.close(&mut next, 3.0);
-        [billed(&mut stopping), billed(&mut next)]
+        [targets(&mut stopping), targets(&mut next)]
     }
 
     /// A case: its name, whether the stopping run saw the connection's start, its steps, what each run bills.
@@ -999,9 +993,6 @@ mod tests {
 
     #[test]
     fn answers_owed_to_a_run_before_the_last_are_handed_on_through_the_restarts_between() {
-        fn packets(_: &ConnectionInfo) -> bool {
-            true
-        }
         let run = || HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
         let joined = |id| {
             let mut conversation = Conversation::new(id);
@@ -1058,14 +1049,20 @@ mod tests {
         true
     }
 
+    /// A run that saw `client` on connection 1 from its SYN, then stopped, handing over what it knew: the
+    /// run, and the sequence number of the next run's first client byte.
+    fn stopped_after(client: &[u8]) -> (HttpExchanges, u32) {
+        let mut run = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send(&mut run, true, 1.0, client);
+        run.leave_new_requests(packets, true);
+        (run, 1001 + conversation.sent[0] as u32)
+    }
+
     #[test]
     fn where_the_next_request_begins_is_handed_on_by_a_run_that_did_not_reach_it() {
         let (head, rest) = forged_upload();
-        let mut first = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
-        let mut one = Conversation::new(1);
-        one.send(&mut first, true, 1.0, &head);
-        first.leave_new_requests(packets, true);
-        let boundary = 1001 + one.sent[0] as u32;
+        let (first, boundary) = stopped_after(&head);
         let (mut second, _) = next_run(&first, boundary);
         second.leave_new_requests(packets, true); // it stopped before any of connection 1's packets came
         let (mut third, mut conversation) = next_run(&second, boundary);
@@ -1090,11 +1087,8 @@ mod tests {
     #[test]
     fn a_gap_inside_the_end_of_a_body_read_in_step_is_skipped_not_searched() {
         let (head, rest) = forged_upload();
-        let mut first = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
-        let mut one = Conversation::new(1);
-        one.send(&mut first, true, 1.0, &head);
-        first.leave_new_requests(packets, true);
-        let (mut next, mut conversation) = next_run(&first, 1001 + one.sent[0] as u32);
+        let (first, boundary) = stopped_after(&head);
+        let (mut next, mut conversation) = next_run(&first, boundary);
         conversation.send(&mut next, true, 2.0, &rest[..5]);
         next.event(&conversation.info, true, 2.0, StreamEvent::Gap { lost: 10, position: 5 });
         conversation.sent[0] += 10;
@@ -1106,11 +1100,8 @@ mod tests {
 
     #[test]
     fn a_tunnel_opened_before_the_next_runs_first_client_bytes_stays_a_tunnel() {
-        let mut first = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
-        let mut one = Conversation::new(1);
-        one.send(&mut first, true, 1.0, b"CONNECT api:443 HTTP/1.1\r\nHost: api:443\r\napikey: k1\r\n\r\n");
-        first.leave_new_requests(packets, true);
-        let (mut next, mut conversation) = next_run(&first, 1001 + one.sent[0] as u32);
+        let (first, boundary) = stopped_after(b"CONNECT api:443 HTTP/1.1\r\nHost: api:443\r\napikey: k1\r\n\r\n");
+        let (mut next, mut conversation) = next_run(&first, boundary);
         conversation.send(&mut next, false, 2.0, b"HTTP/1.1 200 Connection Established\r\n\r\n");
         conversation.send(&mut next, true, 2.0, &get("/inside-the-tunnel"));
         conversation.close(&mut next, 2.5);
@@ -1120,11 +1111,8 @@ mod tests {
     #[test]
     fn what_was_handed_over_for_a_4_tuple_is_not_applied_to_its_next_incarnation() {
         let (head, _) = forged_upload();
-        let mut first = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
-        let mut one = Conversation::new(1);
-        one.send(&mut first, true, 1.0, &head);
-        first.leave_new_requests(packets, true);
-        let (mut second, _) = next_run(&first, 1001 + one.sent[0] as u32);
+        let (first, boundary) = stopped_after(&head);
+        let (mut second, _) = next_run(&first, boundary);
         let mut reborn = Conversation::new(1); // the same 4-tuple, opened again: seen from its SYN
         reborn.info.id = 2;
         reborn.send(&mut second, true, 2.0, &get("/b"));
@@ -1140,9 +1128,6 @@ mod tests {
 
     #[test]
     fn after_a_stops_boundary_requests_begun_before_are_finished_and_new_ones_left_to_the_next_run() {
-        fn any(_: &ConnectionInfo) -> bool {
-            true
-        }
         fn request(target: &str) -> Vec<u8> {
             format!("POST {target} HTTP/1.1\r\nHost: api\r\napikey: k1\r\nContent-Length: 4\r\n\r\nbody").into_bytes()
         }
@@ -1151,15 +1136,15 @@ mod tests {
         let (waiting, half_sent) = (request("/waiting"), request("/half-sent"));
         kept.send(&mut http, true, 1.0, &waiting);
         split.send(&mut http, true, 1.0, &half_sent[..20]); // its head straddles the boundary
-        http.leave_new_requests(any, false);
-        assert_eq!(http.requests_in_flight(any), 2, "a request waiting, and a head still arriving");
+        http.leave_new_requests(packets, false);
+        assert_eq!(http.requests_in_flight(packets), 2, "a request waiting, and a head still arriving");
         // the rest of the head, and a request pipelined behind it before the server answered: the next
         // run joins this connection inside a request and takes nothing before the answer, so it is this run's
         split.send(&mut http, true, 1.1, &[&half_sent[20..], &request("/behind-the-split")[..]].concat());
         kept.send(&mut http, true, 1.1, &request("/after-the-boundary")); // pipelined behind the first
         let mut opened_after = Conversation::new(3);
         opened_after.send(&mut http, true, 1.1, &request("/on-a-new-connection"));
-        assert_eq!(http.requests_in_flight(any), 3);
+        assert_eq!(http.requests_in_flight(packets), 3);
         for conversation in [&mut kept, &mut split, &mut opened_after] {
             conversation.send(&mut http, false, 1.2, RESPONSE);
         }
@@ -1167,7 +1152,7 @@ mod tests {
         split.send(&mut http, true, 1.25, &request("/after-the-answer")); // the next run takes it
         split.send(&mut http, false, 1.3, RESPONSE);
         kept.send(&mut http, false, 1.3, RESPONSE); // the answer to the request after the boundary
-        assert_eq!(http.requests_in_flight(any), 0);
+        assert_eq!(http.requests_in_flight(packets), 0);
         let billed: Vec<(Vec<u8>, u16)> = http.take().map(|exchange| (exchange.request.target, exchange.status)).collect();
         let behind = (b"/behind-the-split".to_vec(), 200);
         assert_eq!(billed, [(b"/waiting".to_vec(), 200), (b"/half-sent".to_vec(), 200), behind]);
