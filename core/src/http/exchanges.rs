@@ -3,7 +3,8 @@
 //! HTTP/1.x answers requests in the order they were sent, pipelined or not, so each connection keeps a
 //! queue. A response is matched to the oldest unanswered request, but only if the server had received
 //! that request when it began answering (its ACK says so); otherwise the response belongs to a request
-//! we never saw (a capture that began mid-connection) and is set aside.
+//! we never saw (a capture that began mid-connection) and is set aside. After server bytes went unseen
+//! (a gap), the client's ACKs say whose answers they held (see `Side::skip_answers_lost_unseen`).
 //!
 //! Each exchange leaves the stage by value: one handed on early (response timeout) leaves a marker in
 //! its queue, so a late answer still pairs with its place, and cannot alter what was handed on (the
@@ -50,6 +51,8 @@ struct Waiting {
     has_request: bool,
     method: RequestMethod,
     head_end: u64,
+    /// the server's bytes the client had when it sent the request (its ACK; -1 when unknown)
+    peer_acked: i64,
     request_done: bool,
     /// the client's side ended inside the request's body: nginx logs such a request 400, not 499
     body_cut_short: bool,
@@ -115,6 +118,11 @@ struct Pairing {
     hand_over: Option<HandOver>,
     /// from the previous run: the client's sequence number where a request begins (see `expect_answers`)
     client_resume: Option<u32>,
+    /// server bytes went unseen (a gap) since the last response head
+    server_gap: bool,
+    /// where the response being read began, and where the last one read ended, in the server's stream
+    response_position: u64,
+    responses_end: u64,
 }
 
 impl Pairing {
@@ -203,12 +211,12 @@ impl Side<'_, '_> {
 
     fn request_head(&mut self, message: Message) {
         self.output.counters.requests += 1;
-        let (method, head_end) = (RequestMethod::of(&message.method), message.head_end);
+        let (method, head_end, peer_acked) = (RequestMethod::of(&message.method), message.head_end, message.peer_acked);
         if self.pairing.hand_over.as_ref().is_some_and(|hand_over| hand_over.next_runs(message.position)) {
             // its place is kept, so that its answer pairs with it and is not taken for another's
             self.output.counters.after_stop += 1;
             let request_done = false;
-            let waiting = Waiting { exchange: None, has_request: true, method, head_end, request_done,
+            let waiting = Waiting { exchange: None, has_request: true, method, head_end, peer_acked, request_done,
                                     body_cut_short: false, response_done: false, emitted: false,
                                     previous_runs: false };
             return self.enqueue(waiting);
@@ -227,6 +235,7 @@ impl Side<'_, '_> {
             has_request: true,
             method,
             head_end,
+            peer_acked,
             request_done: false,
             body_cut_short: false,
             response_done: false,
@@ -258,6 +267,7 @@ impl Side<'_, '_> {
             has_request: false,
             method: RequestMethod::Other,
             head_end: 0,
+            peer_acked: -1,
             request_done: true,
             body_cut_short: false,
             response_done: false,
@@ -267,6 +277,12 @@ impl Side<'_, '_> {
     }
 
     fn response_head(&mut self, message: Message) {
+        let unseen_before = std::mem::take(&mut self.pairing.server_gap);
+        self.pairing.response_position = message.position;
+        let acked = u64::try_from(message.peer_acked).ok();
+        if unseen_before && self.pairing.late_answers == 0 {
+            self.skip_answers_lost_unseen(message.position, acked);
+        }
         let pairing = &mut *self.pairing;
         pairing.response_status = message.status;
         if pairing.late_answers > 0 {
@@ -280,7 +296,6 @@ impl Side<'_, '_> {
         pairing.answering_late = false;
         let mut answered = pairing.first_unanswered();
         if let Some(waiting) = answered.and_then(|index| pairing.pending.get(index)) {
-            let acked = u64::try_from(message.peer_acked).ok();
             if waiting.has_request && acked.is_some_and(|acked| acked < waiting.head_end) {
                 answered = None; // the server began this answer before it had that request: not its answer
             }
@@ -305,6 +320,7 @@ impl Side<'_, '_> {
 
     fn response_complete(&mut self, size: u64, end_time: f64) {
         let pairing = &mut *self.pairing;
+        pairing.responses_end = pairing.response_position.saturating_add(size);
         let answering = std::mem::take(&mut pairing.answering);
         let status = pairing.response_status;
         if std::mem::take(&mut pairing.answering_late) {
@@ -352,6 +368,12 @@ impl Side<'_, '_> {
             self.output.counters.late_responses += 1;
             return;
         }
+        self.lose_first_answer();
+    }
+
+    /// The first unanswered request's answer is lost: so is that exchange (its place goes).
+    fn lose_first_answer(&mut self) {
+        let pairing = &mut *self.pairing;
         let Some(index) = pairing.first_unanswered() else { return };
         let Some(waiting) = pairing.pending.get_mut(index) else { return };
         if waiting.has_request && !waiting.emitted {
@@ -362,6 +384,32 @@ impl Side<'_, '_> {
         waiting.exchange = None;
         pairing.held += waiting_bytes(waiting);
         self.flush();
+    }
+
+    /// A response head at `position` after server bytes went unseen: the answers of the first unanswered
+    /// requests may have been among them, and then it answers a later one. The client's ACKs tell. A request
+    /// sent once the client had server bytes from past the last response read (and past what it had when it
+    /// sent the request before) up to this head was sent after an answer we never saw; answers come in
+    /// order, so that was the earlier request's, which is lost. Without this, each request after a loss in
+    /// both directions was billed with its neighbour's answer, to the connection's end. Pipelined requests,
+    /// sent before any of those answers, carry no such ACK: they are paired in order, as before.
+    fn skip_answers_lost_unseen(&mut self, position: u64, acked: Option<u64>) {
+        loop {
+            let pairing = &*self.pairing;
+            let Some(first) = pairing.first_unanswered() else { return };
+            let (Some(earlier), Some(later)) = (pairing.pending.get(first), pairing.pending.get(first + 1)) else {
+                return;
+            };
+            let Ok(later_had) = u64::try_from(later.peer_acked) else { return };
+            let earlier_had = u64::try_from(earlier.peer_acked).unwrap_or(0).max(pairing.responses_end);
+            let later_sent_after_unseen_bytes = earlier_had < later_had && later_had <= position;
+            // (a response the server began before it had the later request cannot be the later one's)
+            let server_had_later = acked.is_none_or(|acked| acked >= later.head_end);
+            if !(later.has_request && later_sent_after_unseen_bytes && server_had_later) {
+                return;
+            }
+            self.lose_first_answer();
+        }
     }
 }
 
@@ -482,7 +530,10 @@ impl HttpConnection {
             StreamEvent::Data { payload, position, peer_acked } => {
                 parser.feed(payload, time, position, peer_acked, &mut side)
             }
-            StreamEvent::Gap { lost, .. } => parser.gap(lost, time, &mut side),
+            StreamEvent::Gap { lost, .. } => {
+                side.pairing.server_gap |= !to_server;
+                parser.gap(lost, time, &mut side)
+            }
             StreamEvent::End { .. } => {
                 let pairing = &mut side.pairing;
                 if to_server {
@@ -775,7 +826,7 @@ impl StreamSink for HttpExchanges {
             http.pairing.client_resume = client_resume;
             for method in answers {
                 http.pairing.pending.push_back(Waiting {
-                    exchange: None, has_request: true, method, head_end: 0, request_done: true,
+                    exchange: None, has_request: true, method, head_end: 0, peer_acked: -1, request_done: true,
                     body_cut_short: false, response_done: false, emitted: false, previous_runs: true,
                 });
             }
@@ -1165,6 +1216,63 @@ mod tests {
 
     /// The client leaves (FIN), then the server: nginx's 499 for a whole request, 400 for one whose body
     /// was cut short.
+    impl Conversation {
+        /// Bytes the client sends having received the server's up to `had` (its ACK).
+        fn send_having(&mut self, http: &mut HttpExchanges, payload: &[u8], had: u64) {
+            let position = self.sent[0];
+            self.sent[0] += payload.len() as u64;
+            http.event(&self.info, true, 1.0, StreamEvent::Data { payload, position, peer_acked: had as i64 });
+        }
+
+        /// `lost` bytes of one direction that the capture never saw.
+        fn lose(&mut self, http: &mut HttpExchanges, to_server: bool, lost: usize) {
+            let index = usize::from(!to_server);
+            let position = self.sent[index];
+            self.sent[index] += lost as u64;
+            http.event(&self.info, to_server, 1.0, StreamEvent::Gap { lost: lost as u64, position });
+        }
+    }
+
+    #[test]
+    fn after_a_loss_in_both_directions_each_request_billed_has_its_own_answer() {
+        // in the order the reassembler gives it: the server's bytes lost are known at the next request's
+        // ACK, the client's once the server acknowledges past them; the request held back until then
+        // keeps its own ACK
+        for lost_exchanges in 1..4 {
+            let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+            let mut conversation = Conversation::new(1);
+            conversation.send(&mut http, true, 1.0, &get("/1"));
+            conversation.send(&mut http, false, 1.0, &answer(201));
+            let (requests, answers) = (get("/lost").len() * lost_exchanges, answer(500).len() * lost_exchanges);
+            conversation.lose(&mut http, false, answers);
+            conversation.lose(&mut http, true, requests);
+            for (target, status) in [("/2", 202), ("/3", 203), ("/4", 204)] {
+                let had = conversation.sent[1];
+                conversation.send_having(&mut http, &get(target), had);
+                conversation.send(&mut http, false, 1.0, &answer(status));
+            }
+            assert_eq!(targets(&mut http), billed(&[("/1", 201), ("/2", 202), ("/3", 203), ("/4", 204)]));
+            assert_eq!((http.counters.lost_exchanges, http.counters.unmatched_responses), (1, 0));
+        }
+    }
+
+    #[test]
+    fn pipelined_requests_after_a_lost_answer_are_answered_in_order() {
+        // sent before any answer, their ACKs say nothing of which answers were lost: the gap's own lost
+        // head is the one loss
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        for target in ["/1", "/2", "/3", "/4"] {
+            conversation.send_having(&mut http, &get(target), 0);
+        }
+        conversation.send(&mut http, false, 1.0, &answer(201));
+        conversation.lose(&mut http, false, answer(202).len());
+        conversation.send(&mut http, false, 1.0, &answer(203));
+        conversation.send(&mut http, false, 1.0, &answer(204));
+        assert_eq!(targets(&mut http), billed(&[("/1", 201), ("/3", 203), ("/4", 204)]));
+        assert_eq!(http.counters.lost_exchanges, 1);
+    }
+
     #[test]
     fn a_request_its_client_left_is_499_or_400_when_its_body_was_cut_short() {
         let whole = b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc".as_slice();

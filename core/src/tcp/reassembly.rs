@@ -113,7 +113,14 @@ const NIL: u32 = u32::MAX;
 
 /// What one held-back segment costs beyond its payload: its key and box in the B-tree (whose nodes are
 /// half empty at worst, hence twice) and the allocator's header of the payload's box.
-const HELD_SEGMENT_OVERHEAD: usize = 2 * size_of::<(i64, Box<[u8]>)>() + 16;
+const HELD_SEGMENT_OVERHEAD: usize = 2 * size_of::<(i64, Held)>() + 16;
+
+/// A segment held back until the bytes before it arrive, with what its ACK said of the peer's stream (which
+/// pairing needs: see `HttpExchanges`' answers lost unseen).
+struct Held {
+    payload: Box<[u8]>,
+    peer_acked: i64,
+}
 /// What one tracked connection costs: its slab slot, and its index entry at hashbrown's 7/8 load with
 /// one control byte.
 const CONNECTION_BYTES: usize = size_of::<Option<Connection>>() + (size_of::<(FourTuple, u32)>() + 1) * 8 / 7;
@@ -134,7 +141,7 @@ struct HalfStream {
     /// Bytes delivered (data or gap) so far.
     position: i64,
     /// Out-of-order payloads by position, drained in order (never a search for the lowest).
-    pending: BTreeMap<i64, Box<[u8]>>,
+    pending: BTreeMap<i64, Held>,
     pending_bytes: usize,
     fin_position: Option<i64>,
     ended: bool,
@@ -261,16 +268,16 @@ impl Connection {
         if position > stream.position {
             match stream.pending.entry(position) {
                 Entry::Vacant(vacant) => {
-                    vacant.insert(payload.into());
+                    vacant.insert(Held { payload: payload.into(), peer_acked });
                     stream.pending_bytes += payload.len();
                 }
                 Entry::Occupied(mut held) => {
-                    if held.get().len() >= payload.len() {
+                    if held.get().payload.len() >= payload.len() {
                         counters.duplicate_segments += 1;
                         return;
                     }
-                    stream.pending_bytes += payload.len() - held.get().len();
-                    *held.get_mut() = payload.into();
+                    stream.pending_bytes += payload.len() - held.get().payload.len();
+                    *held.get_mut() = Held { payload: payload.into(), peer_acked };
                 }
             }
             if stream.pending_bytes > limits.max_pending_bytes_per_stream {
@@ -307,7 +314,7 @@ impl Connection {
             if *first.key() > stream.position {
                 return;
             }
-            let (position, payload) = first.remove_entry();
+            let (position, Held { payload, peer_acked }) = first.remove_entry();
             stream.pending_bytes -= payload.len();
             let overlap = usize::try_from(stream.position - position).unwrap_or(usize::MAX);
             if let Some(fresh) = payload.get(overlap..).filter(|fresh| !fresh.is_empty()) {
@@ -317,7 +324,7 @@ impl Connection {
                     sink,
                     to_server,
                     time,
-                    StreamEvent::Data { payload: fresh, position: delivered(start), peer_acked: -1 },
+                    StreamEvent::Data { payload: fresh, position: delivered(start), peer_acked },
                 );
             }
         }
@@ -370,7 +377,7 @@ impl Connection {
                 .stream(to_server)
                 .pending
                 .iter()
-                .map(|(&position, payload)| position.saturating_add(payload.len() as i64))
+                .map(|(&position, held)| position.saturating_add(held.payload.len() as i64))
                 .max();
             if let Some(held_end) = held_end {
                 self.advance(to_server, held_end, time, counters, sink);
@@ -1045,6 +1052,18 @@ mod tests {
     }
 
     #[test]
+    fn a_held_back_segment_is_delivered_with_what_its_own_ack_said() {
+        let (mut h, c) = new();
+        c.handshake(&mut h, 0.0);
+        c.server_sends(&mut h, c.server_at(0), data(b"hello"));
+        c.client_sends(&mut h, c.client_at(4), data(b"bbbb").ack(c.server_at(5)));
+        let delivered = c.client_sends(&mut h, c.client_at(0), data(b"aaaa").ack(c.server_at(0)));
+        let kinds: Vec<Kind> = delivered.iter().map(|event| event.kind.clone()).collect();
+        // pairing reads in the ACKs which answers the client had when it sent each request
+        assert_eq!(kinds, [Kind::Data(b"aaaa".to_vec(), 0), Kind::Data(b"bbbb".to_vec(), 5)]);
+    }
+
+    #[test]
     fn exact_duplicates_and_retransmissions_are_dropped_and_counted() {
         let (mut h, c) = new();
         c.handshake(&mut h, 0.0);
@@ -1237,9 +1256,9 @@ mod tests {
         c.client_sends(&mut h, c.client_at(6), data(b"ghi")); // 3..5 never captured
         let reset = c.server_sends(&mut h, c.server_at(0), flagged(TCP_RST).ack(0));
         let kinds: Vec<(bool, Kind)> = reset.iter().map(|event| (event.to_server, event.kind.clone())).collect();
-        // the reset ends both streams, the resetting server's first
+        // the reset ends both streams, the resetting server's first; the held segment keeps its own ACK
         let expected =
-            [(true, Kind::Gap(3)), (true, Kind::Data(b"ghi".to_vec(), -1)), (false, End), (true, End), (true, Closed)];
+            [(true, Kind::Gap(3)), (true, Kind::Data(b"ghi".to_vec(), 0)), (false, End), (true, End), (true, Closed)];
         assert_eq!(kinds, expected);
         assert_eq!(h.reassembler.len(), 0);
     }
