@@ -118,10 +118,13 @@ struct Pairing {
     hand_over: Option<HandOver>,
     /// from the previous run: the client's sequence number where a request begins (see `expect_answers`)
     client_resume: Option<u32>,
-    /// server bytes went unseen (a gap) since the last response head
+    /// server bytes went unseen (a gap) since the last response head, from this position on
     server_gap: bool,
+    server_gap_at: u64,
     /// where the response being read began, and where the last one read ended, in the server's stream
+    /// (for one whose end was in a gap, where the gap began)
     response_position: u64,
+    response_end_unseen: bool,
     responses_end: u64,
 }
 
@@ -320,7 +323,10 @@ impl Side<'_, '_> {
 
     fn response_complete(&mut self, size: u64, end_time: f64) {
         let pairing = &mut *self.pairing;
-        pairing.responses_end = pairing.response_position.saturating_add(size);
+        pairing.responses_end = match std::mem::take(&mut pairing.response_end_unseen) {
+            true => pairing.server_gap_at,
+            false => pairing.response_position.saturating_add(size),
+        };
         let answering = std::mem::take(&mut pairing.answering);
         let status = pairing.response_status;
         if std::mem::take(&mut pairing.answering_late) {
@@ -448,6 +454,10 @@ impl MessageSink for Side<'_, '_> {
         }
     }
 
+    fn end_unseen(&mut self) {
+        self.pairing.response_end_unseen |= !self.to_server;
+    }
+
     fn cut_short(&mut self) {
         if !self.to_server {
             return;
@@ -530,8 +540,11 @@ impl HttpConnection {
             StreamEvent::Data { payload, position, peer_acked } => {
                 parser.feed(payload, time, position, peer_acked, &mut side)
             }
-            StreamEvent::Gap { lost, .. } => {
-                side.pairing.server_gap |= !to_server;
+            StreamEvent::Gap { lost, position } => {
+                let pairing = &mut side.pairing;
+                if !to_server && !pairing.server_gap {
+                    (pairing.server_gap, pairing.server_gap_at) = (true, position);
+                }
                 parser.gap(lost, time, &mut side)
             }
             StreamEvent::End { .. } => {
@@ -1254,6 +1267,23 @@ mod tests {
             assert_eq!(targets(&mut http), billed(&[("/1", 201), ("/2", 202), ("/3", 203), ("/4", 204)]));
             assert_eq!((http.counters.lost_exchanges, http.counters.unmatched_responses), (1, 0));
         }
+    }
+
+    #[test]
+    fn a_chunked_answer_whose_end_was_lost_with_the_exchanges_after_it_hides_no_answer() {
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send(&mut http, true, 1.0, &get("/1"));
+        conversation.send(&mut http, false, 1.0, b"HTTP/1.1 201 Fine\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nsome\r\n");
+        // the chunked body's end, then /lost and its answer
+        conversation.lose(&mut http, false, b"0\r\n\r\n".len() + answer(500).len());
+        conversation.lose(&mut http, true, get("/lost").len());
+        for (target, status) in [("/2", 202), ("/3", 203)] {
+            let had = conversation.sent[1];
+            conversation.send_having(&mut http, &get(target), had);
+            conversation.send(&mut http, false, 1.0, &answer(status));
+        }
+        assert_eq!(targets(&mut http), billed(&[("/1", 201), ("/2", 202), ("/3", 203)]));
     }
 
     #[test]

@@ -75,6 +75,9 @@ pub trait MessageSink {
     /// The direction ended inside the body of the message whose head was reported last (a body with a
     /// length or chunks, not one delimited by the close); `complete` follows.
     fn cut_short(&mut self) {}
+    /// The end of the message whose head was reported last was lost to a gap (a chunked body): its
+    /// `complete` comes where the next message starts, and its size reaches that far.
+    fn end_unseen(&mut self) {}
 }
 
 /// The message in progress: in `Head` one whose head is still arriving, in the other states one whose
@@ -263,6 +266,7 @@ impl MessageParser {
                 state = State::Head;
             } else {
                 self.grow(size); // a chunked body whose end is now unknown: it ends where the next message starts
+                sink.end_unseen();
             }
         }
         if state == State::Head {
