@@ -317,4 +317,24 @@ def test_a_restart_the_ring_did_not_outlive_says_how_long_nothing_was_captured(g
     assert len(said) == 1 and 1.0 <= float(said[0].split("nothing was captured for ")[1].split()[0]) < 10
     assert "took over 1 ring(s)" in kept.stderr and "nothing was captured" not in kept.stderr
     assert f"the previous run (pid {kept.process.pid}) did not record its stop" in after_a_kill.stderr
-    assert "nothing was captured" not in after_a_kill.stderr
+    assert "nothing was captured for" not in after_a_kill.stderr
+
+
+def test_a_restart_that_kept_the_ring_says_how_long_no_https_was_captured(manager, tmp_path: Path) -> None:
+    """The ring holds plain HTTP only; the TLS probes are attached anew at each start, so the HTTPS the
+    gateway served meanwhile is not billed: said, with how long, never silent."""
+    with KongStandin(port=free_loopback_port(), tls_port=free_loopback_port()) as tls_gateway:
+        options = ("--data-dir", str(tmp_path / "state"), "--tls-port", str(tls_gateway.tls_port))
+        agents = []
+        for _ in range(2):
+            agents.append(LiveAgent(None, tls_gateway.port, *options, launch=manager.start))
+            agents[-1].wait_for("metering HTTPS on port")
+            manager.wait_for("READY")
+            stop(manager, agents[-1])
+            time.sleep(1.0)
+    second = agents[1]
+    assert "took over 1 ring(s) from the previous run" in second.stderr
+    said = [line for line in second.lines if "no HTTPS (--tls-port) was captured for" in line]
+    assert len(said) == 1, second.stderr
+    assert 1.0 <= float(said[0].split("was captured for ")[1].split()[0]) < 10
+    assert "nothing was captured" not in second.stderr

@@ -105,7 +105,7 @@ def _capture_until_stopped(args: argparse.Namespace, link: Link, ports: set[int]
 
     def capturing() -> None:
         log.info("%s", where)
-        record.started(took_over_the_ring=any(ring.taken_over for ring in rings))
+        record.started(took_over_the_ring=any(ring.taken_over for ring in rings), metering_tls=tls is not None)
         if manager is not None:
             manager.ready()  # Type=notify: a start (or restart) is done once capture has begun
 
