@@ -326,6 +326,24 @@ def test_exchanges_in_flight_at_the_stop_are_closed_out(gateway, start_agent) ->
     assert agent.summary()["unanswered"] == 1
 
 
+def test_an_answer_still_arriving_at_the_stop_is_billed_with_the_bytes_seen_and_counted(gateway, start_agent) -> None:
+    (gateway.prefix / "html/static/big.bin").write_bytes(os.urandom(32 << 20))
+    agent = start_agent(gateway.port)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # a slow reader holds nginx back
+        client.sendall(request("GET", "/static/big.bin", ALICE, close=True))
+        assert client.recv(65536).startswith(b"HTTP/1.1 200")
+        code, _ = agent.stop(signal.SIGTERM)
+        while client.recv(1 << 20):
+            pass
+    assert code == 0, agent.stderr
+    [entry] = gateway.access_log_entries(expect=1)
+    [event] = agent.events()
+    assert event["data"]["response_http_status"] == 200
+    assert 0 < event["data"]["response_size_bytes"] < entry["bytes_sent"]
+    assert agent.summary()["cut_at_end"] == 1
+
+
 def test_two_workers_share_the_traffic_and_match_the_log_one_for_one(gateway, start_agent, tmp_path: Path) -> None:
     agent = start_agent(gateway.port, "--workers", "2")
     children = psutil.Process(agent.process.pid).children()

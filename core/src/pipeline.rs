@@ -182,6 +182,7 @@ impl Pipeline {
 
     /// The capture is over: every connection is closed, so requests still in flight are emitted too.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
+        self.http.capture_ends();
         self.reassembler.close_all(self.last_time, &mut self.http);
         self.tls.close_all(self.last_time.max(self.tls.last_time), &mut self.http);
         self.end_batch(out);
@@ -277,6 +278,7 @@ impl Pipeline {
             ("unanswered", http.unanswered),
             ("client_closed", http.client_closed),
             ("after_stop", http.after_stop),
+            ("cut_at_end", http.cut_at_end),
             ("gaps", tcp.gaps),
             ("gap_bytes", tcp.gap_bytes),
             ("lost_exchanges", http.lost_exchanges),

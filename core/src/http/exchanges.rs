@@ -41,6 +41,8 @@ pub struct ExchangeCounters {
     pub unpaired_overflows: u64,
     /// begun after a stop's boundary (`leave_new_requests`): the next run's to bill, from its ring
     pub after_stop: u64,
+    /// answers still arriving when the capture ended (a stop, a file's end): billed with the bytes seen
+    pub cut_at_end: u64,
 }
 
 /// One place in a connection's queue.
@@ -590,6 +592,13 @@ impl HttpConnection {
         }
     }
 
+    /// The answer to a request this run bills is arriving (its head was read, its body has not ended).
+    fn answer_arriving(&self) -> bool {
+        let pairing = &self.pairing;
+        let answered = pairing.first_unanswered().and_then(|index| pairing.pending.get(index));
+        pairing.answering && self.responses.in_body() && answered.is_some_and(|waiting| waiting.exchange.is_some())
+    }
+
     /// Hand on, unanswered, complete requests still waiting for a response since before `cutoff`.
     fn expire(&mut self, cutoff: f64, output: &mut Output<'_>) {
         let pairing = &mut self.pairing;
@@ -641,6 +650,7 @@ pub struct HttpExchanges {
     next_run_takes: Option<fn(&ConnectionInfo) -> bool>,
     /// from the previous run's stop, by connection (see `expect_answers`)
     previous_runs: HashMap<ConnectionKey, ConnectionHandOver>,
+    capture_ended: bool,
 }
 
 fn key_of(connection: &ConnectionInfo) -> ConnectionKey {
@@ -666,6 +676,7 @@ impl HttpExchanges {
             connections_held: 0,
             next_run_takes: None,
             previous_runs: HashMap::new(),
+            capture_ended: false,
         }
     }
 
@@ -706,6 +717,12 @@ impl HttpExchanges {
                 waiting + usize::from(arriving)
             })
             .sum()
+    }
+
+    /// The capture ends, and every connection is closed next: an answer still arriving then to a request
+    /// this run bills is billed with the bytes seen by then (counted `cut_at_end`).
+    pub fn capture_ends(&mut self) {
+        self.capture_ended = true;
     }
 
     /// At the end of a stop that leaves the ring to the next run: for each connection, the methods of this
@@ -814,12 +831,14 @@ impl StreamSink for HttpExchanges {
             max_head_bytes,
             next_run_takes,
             previous_runs,
+            capture_ended,
             ..
         } = self;
         let mut output = Output { parser_counters, counters, finished, finished_bytes };
         if event == StreamEvent::Closed {
             if let Some(http) = connections.remove(&connection.id) {
                 *connections_held -= http.held_bytes();
+                output.counters.cut_at_end += u64::from(*capture_ended && http.answer_arriving());
                 http.close(time, &mut output);
             }
             return;
@@ -1284,6 +1303,29 @@ mod tests {
             conversation.send(&mut http, false, 1.0, &answer(status));
         }
         assert_eq!(targets(&mut http), billed(&[("/1", 201), ("/2", 202), ("/3", 203)]));
+    }
+
+    #[test]
+    fn an_answer_still_arriving_when_the_capture_ends_is_billed_as_far_as_seen_and_counted() {
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let (mut arriving, mut answered, mut closed) = (Conversation::new(1), Conversation::new(2), Conversation::new(3));
+        for conversation in [&mut arriving, &mut answered, &mut closed] {
+            conversation.send(&mut http, true, 1.0, &get("/download"));
+        }
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npart";
+        arriving.send(&mut http, false, 1.0, head);
+        answered.send(&mut http, false, 1.0, &answer(200));
+        // the server's end inside the body: the gateway sent no more (nginx logs what it sent)
+        closed.send(&mut http, false, 1.0, head);
+        http.event(&closed.info, false, 1.0, StreamEvent::End { position: head.len() as u64 });
+        closed.close(&mut http, 1.0);
+        http.capture_ends();
+        for conversation in [&arriving, &answered] {
+            conversation.close(&mut http, 2.0);
+        }
+        let sizes: Vec<(u16, u64)> = http.take().map(|exchange| (exchange.status, exchange.response_size)).collect();
+        assert_eq!(sizes, [(200, answer(200).len() as u64), (200, head.len() as u64), (200, head.len() as u64)]);
+        assert_eq!(http.counters.cut_at_end, 1);
     }
 
     #[test]

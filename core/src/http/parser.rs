@@ -155,6 +155,11 @@ impl MessageParser {
         self.state == State::Head && self.buffer.is_empty() && self.joined == Joined::Synced
     }
 
+    /// Inside the body of the message whose head was reported last (it has not ended yet).
+    pub fn in_body(&self) -> bool {
+        self.message.is_some() && !matches!(self.state, State::Head | State::Tunnel)
+    }
+
     /// Where the message in progress (its head still arriving, or its body) began.
     pub fn message_start(&self) -> Option<u64> {
         self.message.as_ref().map(|message| message.position)
