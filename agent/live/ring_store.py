@@ -54,6 +54,10 @@ class RingStore:
         self.inherited = inherited
         self.directory = directory
 
+    def can_take_over(self, names: list[str]) -> bool:
+        """The manager kept one ring under each of `names` (a take-over is all of them or none)."""
+        return all(len(self.inherited.get(name, ())) == 1 for name in names)
+
     def open(self, link: Link, program: list[tuple[int, int, int, int]], ring_bytes: int,
              workers: int) -> list[PacketRing]:
         """The rings of this run: taken over if the manager kept them with this shape, else new."""
@@ -74,7 +78,7 @@ class RingStore:
 
     def _take_over(self, link: Link, program: list[tuple[int, int, int, int]], ring_bytes: int,
                    names: list[str]) -> list[PacketRing] | None:
-        if not all(len(self.inherited.get(name, ())) == 1 for name in names):
+        if not self.can_take_over(names):
             if any(name.startswith(PREFIX) for name in self.inherited):
                 log.warning("the rings kept from the previous run have another shape (interface, --ring-mb or "
                             "--workers changed); opening new ones: what they captured since is not read")

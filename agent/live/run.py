@@ -27,7 +27,7 @@ from agent.live.cpu_share import (CATCH_UP_NICE, allow_return_after_privilege_dr
                                   catch_up_priority)
 from agent.live.fanout import run_workers
 from agent.live.privileges import drop_privileges, user_entry
-from agent.live.ring_store import RingStore
+from agent.live.ring_store import RingStore, ring_names
 from agent.live.service_manager import ServiceManager, inherited_fds
 from agent.live.tls import TlsCapture, TlsUnavailable
 from agent.live.startup_checks import Link, LiveCaptureError, check_ring_memory, interface_link, report_listeners
@@ -50,13 +50,14 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, open_
         raise LiveCaptureError(f"at most {MAX_PORTS} --port values can be captured")
     link = interface_link(args.iface)
     pipeline = pipeline_from_args(args, credentials)  # bad metering flags fail before anything is opened
-    check_ring_memory(args.ring_mb << 20, args.workers)
     if args.user:
         user_entry(args.user)
     manager = ServiceManager.from_environment()
+    store = RingStore(manager, inherited_fds(), hand_over_directory(args) if manager is not None else None)
+    kept = store.can_take_over(ring_names(link, args.ring_mb << 20, args.workers))
+    check_ring_memory(args.ring_mb << 20, args.workers, kept)
     # the rings first: without permission to capture, that is the one line a start says
     program = capture_filter(ports, link.header_length, drop_outgoing=link.loopback)
-    store = RingStore(manager, inherited_fds(), hand_over_directory(args) if manager is not None else None)
     rings = store.open(link, program, args.ring_mb << 20, args.workers)
     monitor = None
     try:
