@@ -10,6 +10,8 @@ import http.server
 import os
 import signal
 import socket
+import stat
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ import httpx
 import pytest
 from kong_standin import KongStandin, billed_rows, free_loopback_port, metered_rows
 
+from agent.live.ring_store import ANSWERS
 from tests.doubles.service_manager import ServiceManagerDouble
 from tests.test_live_e2e import ALICE, BOB, STOP_LIMIT, UNKNOWN, LiveAgent, curl, gateway, request  # noqa: F401
 
@@ -60,6 +63,14 @@ class Load:
         return len(self.answered)
 
 
+def rings_in(manager: ServiceManagerDouble) -> list[tuple[str, int]]:
+    """The packet sockets the manager keeps, by name; beside each, its answers (a memory file)."""
+    rings = [(name, fd) for name, fd in manager.store if not name.endswith(ANSWERS)]
+    assert sorted(name for name, _ in manager.store) == sorted([name for name, _ in rings]
+                                                               + [name + ANSWERS for name, _ in rings])
+    return rings
+
+
 def start(manager: ServiceManagerDouble, gateway: KongStandin, output: Path, *extra: str) -> LiveAgent:
     """The agent as the unit runs it, with a data directory (where a stop leaves the answers owed)."""
     state = ("--data-dir", str(output.parent / "state"))
@@ -81,7 +92,7 @@ def stop(manager: ServiceManagerDouble, agent: LiveAgent) -> None:
 def test_a_restart_under_the_service_manager_bills_every_request_once(gateway, manager, tmp_path: Path,
                                                                       workers: int) -> None:
     first = start(manager, gateway, tmp_path / "first.jsonl", "--workers", str(workers))
-    assert [name.split("-of-")[0] for name, _ in manager.store] == [f"agent-ring-{n}" for n in range(1, workers + 1)]
+    assert [name.split("-of-")[0] for name, _ in rings_in(manager)] == [f"agent-ring-{n}" for n in range(1, workers + 1)]
     load = Load(gateway.base_url)
     time.sleep(1.0)
     stop(manager, first)
@@ -193,7 +204,22 @@ class SlowUpstream(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_request_pipelined_behind_one_in_flight_at_the_stop_gets_its_own_answer(manager, tmp_path: Path) -> None:
+@pytest.mark.parametrize("data_dir", ["writable", "read-only"])
+def test_a_request_pipelined_behind_one_in_flight_at_the_stop_gets_its_own_answer(manager, tmp_path: Path,
+                                                                                  data_dir: str) -> None:
+    """The answers owed are kept by the service manager, in memory: a data directory that cannot be written
+    (a full or read-only disk) does not lose them."""
+    if data_dir == "read-only":
+        (tmp_path / "state").mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(tmp_path / "state")], check=True)
+    try:
+        pipelined_behind_a_slow_one(manager, tmp_path)
+    finally:
+        if data_dir == "read-only":
+            subprocess.run(["umount", str(tmp_path / "state")], check=True)
+
+
+def pipelined_behind_a_slow_one(manager: ServiceManagerDouble, tmp_path: Path) -> None:
     upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowUpstream)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     with KongStandin(port=free_loopback_port(), other_upstreams={"/slow/": upstream.server_address[1]}) as gateway:
@@ -264,7 +290,7 @@ def test_a_ring_too_small_for_the_restart_counts_what_the_kernel_dropped(gateway
 
 def test_rings_of_another_shape_are_not_taken_over_and_leave_the_store(gateway, manager, tmp_path: Path) -> None:
     first = start(manager, gateway, tmp_path / "first.jsonl", "--ring-mb", "8")
-    [(old_name, _)] = manager.store
+    [(old_name, _)] = rings_in(manager)
     stop(manager, first)
     second = start(manager, gateway, tmp_path / "second.jsonl", "--ring-mb", "16")
     curl("-H", f"apikey: {BOB}", f"{gateway.base_url}/after-the-change")
@@ -272,7 +298,8 @@ def test_rings_of_another_shape_are_not_taken_over_and_leave_the_store(gateway, 
     stop(manager, second)
     assert "have another shape" in second.stderr and "took over" not in second.stderr
     assert {"FDSTOREREMOVE": "1", "FDNAME": old_name} in manager.messages
-    assert [name for name, _ in manager.store] != [old_name] and len(manager.store) == 1
+    assert {"FDSTOREREMOVE": "1", "FDNAME": old_name + ANSWERS} in manager.messages
+    assert [name for name, _ in rings_in(manager)] != [old_name] and len(rings_in(manager)) == 1
     assert metered_rows(second.events()) == billed_rows(entries)
 
 
@@ -281,18 +308,40 @@ def test_a_kept_descriptor_that_is_not_a_ring_is_said_replaced_and_capture_goes_
                                                                                     tmp_path: Path) -> None:
     first = start(manager, gateway, tmp_path / "first.jsonl")
     stop(manager, first)
-    [(name, ring)] = manager.store
+    [(name, ring)] = rings_in(manager)
     os.close(ring)
-    manager.store = [(name, socket.socket(socket.AF_INET, socket.SOCK_DGRAM).detach())]  # under the ring's name
+    not_a_ring = socket.socket(socket.AF_INET, socket.SOCK_DGRAM).detach()
+    manager.store = [(name, not_a_ring) if stored == name else (stored, fd) for stored, fd in manager.store]
     second = start(manager, gateway, tmp_path / "second.jsonl")
     curl("-H", f"apikey: {BOB}", f"{gateway.base_url}/after-a-bad-descriptor")
     entries = gateway.access_log_entries(expect=1)
     stop(manager, second)
     assert "cannot take over the rings kept from the previous run (not a packet socket" in second.stderr
     assert {"FDSTOREREMOVE": "1", "FDNAME": name} in manager.messages
-    [(stored_name, stored)] = manager.store
+    [(stored_name, stored)] = rings_in(manager)
     with socket.socket(fileno=os.dup(stored)) as kept:
         assert (stored_name, kept.family) == (name, socket.AF_PACKET)
+    assert metered_rows(second.events()) == billed_rows(entries)
+
+
+def test_kept_answers_that_are_not_a_file_are_said_and_replaced(gateway, manager, tmp_path: Path) -> None:
+    first = start(manager, gateway, tmp_path / "first.jsonl")
+    stop(manager, first)
+    [(name, _)] = rings_in(manager)
+    not_a_file = socket.socket(socket.AF_INET, socket.SOCK_DGRAM).detach()
+    for index, (stored, fd) in enumerate(manager.store):
+        if stored == name + ANSWERS:
+            os.close(fd)
+            manager.store[index] = (stored, not_a_file)
+    second = start(manager, gateway, tmp_path / "second.jsonl")
+    curl("-H", f"apikey: {BOB}", f"{gateway.base_url}/after-bad-answers")
+    entries = gateway.access_log_entries(expect=1)
+    stop(manager, second)
+    assert "took over 1 ring(s)" in second.stderr
+    assert "the answers kept beside the previous run's ring are not a file; ignored" in second.stderr
+    assert {"FDSTOREREMOVE": "1", "FDNAME": name + ANSWERS} in manager.messages
+    [answers] = [fd for stored, fd in manager.store if stored == name + ANSWERS]
+    assert stat.S_ISREG(os.fstat(answers).st_mode)
     assert metered_rows(second.events()) == billed_rows(entries)
 
 

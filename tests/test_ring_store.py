@@ -1,30 +1,34 @@
 """The answers a stop leaves beside a kept ring for the next run (`ring_store.leave_answers` and
-`take_answers`): what one run writes the next reads back, once; anything else is said and ignored, never
-a crash (a file that crashed every start would make a restart loop of the service)."""
+`take_answers`, in a memory file the service manager keeps): what one run writes the next reads back, once;
+anything else is said and ignored, never a crash (a file that crashed every start would make a restart loop
+of the service)."""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import os
 from types import SimpleNamespace
 
 import pytest
 
-from agent.live.ring_store import leave_answers, take_answers
+from agent.live.ring_store import MAX_ANSWERS_BYTES, leave_answers, take_answers
 
 OWED = [(bytes([127, 0, 0, 1]), 40000, bytes([127, 0, 0, 1]), 8000, ["OTHER", "HEAD"], None, 0),
         (bytes(15) + b"\x01", 40001, bytes(15) + b"\x01", 8000, [], 0xFFFF_FFFF, 3)]
 
 
-def ring_at(path: Path) -> SimpleNamespace:
-    return SimpleNamespace(answers_path=path)
+@pytest.fixture
+def ring():
+    answers = os.memfd_create("agent-ring-1-of-1-x-answers", os.MFD_CLOEXEC)
+    yield SimpleNamespace(answers_fd=answers)
+    os.close(answers)
 
 
-def test_what_a_stop_leaves_the_next_start_reads_back_once(tmp_path: Path) -> None:
-    ring = ring_at(tmp_path / "agent-ring-1-of-1-x.answers.json")
-    leave_answers(ring, OWED)
+def test_what_a_stop_leaves_the_next_start_reads_back_once(ring) -> None:
+    leave_answers(ring, OWED[:1])
+    leave_answers(ring, OWED)  # a later stop's answers replace an earlier one's
     assert take_answers(ring) == OWED
-    assert not ring.answers_path.exists()
+    assert os.fstat(ring.answers_fd).st_size == 0
     assert take_answers(ring) == []
 
 
@@ -44,17 +48,26 @@ def test_what_a_stop_leaves_the_next_start_reads_back_once(tmp_path: Path) -> No
     '[["7f000001", 1, "7f000001", 8000, [], null, 256]]',
     '[["7f000001", 1, "7f000001", 8000, [' + ", ".join(['"HEAD"'] * 1025) + '], null, 0]]',  # more than can wait
 ])
-def test_a_file_that_is_not_what_a_stop_leaves_is_said_and_ignored(tmp_path: Path, text: str, caplog) -> None:
-    ring = ring_at(tmp_path / "answers.json")
-    ring.answers_path.write_text(text)
+def test_a_file_that_is_not_what_a_stop_leaves_is_said_and_ignored(ring, text: str, caplog) -> None:
+    os.write(ring.answers_fd, text.encode())
     with caplog.at_level(logging.WARNING, logger="agent.live"):
         assert take_answers(ring) == []
-    assert "which is not what a stop leaves" in caplog.text
-    assert not ring.answers_path.exists()  # so the next start does not meet it again
+    assert "which are not what a stop leaves" in caplog.text
+    assert os.fstat(ring.answers_fd).st_size == 0  # so the next start does not meet it again
 
 
-def test_answers_that_cannot_be_left_are_said(tmp_path: Path, caplog) -> None:
-    ring = ring_at(tmp_path / "missing-directory" / "answers.json")
+def test_a_file_larger_than_any_stop_leaves_is_read_no_further(ring, caplog) -> None:
+    os.ftruncate(ring.answers_fd, MAX_ANSWERS_BYTES + (1 << 20))
     with caplog.at_level(logging.WARNING, logger="agent.live"):
-        leave_answers(ring, OWED)
+        assert take_answers(ring) == []
+    assert "(ValueError)" in caplog.text and os.fstat(ring.answers_fd).st_size == 0
+
+
+def test_answers_that_cannot_be_left_are_said(caplog) -> None:
+    read_only = os.open("/dev/null", os.O_RDONLY)
+    try:
+        with caplog.at_level(logging.WARNING, logger="agent.live"):
+            leave_answers(SimpleNamespace(answers_fd=read_only), OWED)
+    finally:
+        os.close(read_only)
     assert "cannot leave the answers owed" in caplog.text

@@ -153,7 +153,7 @@ def _finish_in_flight(ring: PacketRing, pipeline: Pipeline, emit: Emit, deadline
     So each request is billed once, with its answer when it came in time; the answers the next run will
     see to this run's requests are left with the ring (`leave_answers`). At most half the ring is read this
     way, so that the kernel keeps room to capture."""
-    pipeline.leave_new_requests(resume=ring.kept_by_service_manager and ring.answers_path is not None)
+    pipeline.leave_new_requests(resume=ring.kept_by_service_manager and ring.answers_fd is not None)
     ring.leave_read_blocks()
     until = min(deadline, time.monotonic() + IN_FLIGHT_SECONDS)
     room = ring.block_count // 2

@@ -6,9 +6,11 @@ those blocks back; past that boundary it reads on only to answer the requests in
 blocks in the ring (`capture._drain`). The next run begins at the first block not handed back, so every
 packet past the boundary is seen by it, and each request is billed by one run (`http/hand_over.rs`): a
 restart loses nothing that the ring could hold, and what it could not hold is the kernel's drop count, in
-the next run's summary. The answers the next run will see to the stopping run's requests are left beside
-the ring, in the data directory (`leave_answers`), so that it does not take them for its own, with where
-each client's next request begins, so that it reads the client in step from there.
+the next run's summary. The answers the next run will see to the stopping run's requests are left with
+the manager too, in a memory file stored beside the ring (`leave_answers`), so that it does not take them
+for its own, with where each client's next request begins, so that it reads the client in step from
+there. Kept in memory by the manager, they need no disk: a full or read-only data directory cannot lose
+them, and a ring not kept has none to leave.
 
 A socket is taken over only if its name says it has the shape this run asks for (interface, link type,
 ring size, retire period, number of workers); otherwise the stored ones are closed and new ones opened.
@@ -20,7 +22,7 @@ import hashlib
 import json
 import logging
 import os
-from pathlib import Path
+import stat
 
 from agent.live.service_manager import ServiceManager
 from agent.live.startup_checks import Link, socket_error
@@ -30,6 +32,7 @@ from agent.source.packet_ring import BLOCK_BYTES, RETIRE_MS, PacketRing
 log = logging.getLogger("agent.live")
 
 PREFIX = "agent-ring"
+ANSWERS = "-answers"  # the name of a ring's answers file, after the ring's
 METHODS = frozenset({"HEAD", "CONNECT", "OTHER"})  # what `answers_owed` names a request's method
 MAX_ANSWERS_BYTES = 64 << 20  # an answers file larger than this is not one a stop left
 MAX_WAITING = 1024  # requests one connection may have waiting (the core's MAX_PENDING)
@@ -47,12 +50,9 @@ class RingStore:
     """The rings' way through a restart: the descriptors the manager passed at this start, and the manager
     to leave this run's with (None when not run by one: rings are then opened anew and closed at the end)."""
 
-    def __init__(self, manager: ServiceManager | None, inherited: dict[str, list[int]],
-                 directory: Path | None = None) -> None:
-        """`directory`: where the answers owed are left beside the rings (the data directory)."""
+    def __init__(self, manager: ServiceManager | None, inherited: dict[str, list[int]]) -> None:
         self.manager = manager
         self.inherited = inherited
-        self.directory = directory
 
     def can_take_over(self, names: list[str]) -> bool:
         """The manager kept one ring under each of `names` (a take-over is all of them or none)."""
@@ -63,18 +63,39 @@ class RingStore:
         """The rings of this run: taken over if the manager kept them with this shape, else new."""
         names = ring_names(link, ring_bytes, workers)
         rings = self._take_over(link, program, ring_bytes, names)
+        answers = [self._kept_answers(name + ANSWERS) if rings is not None else None for name in names]
         self._release_the_rest()
         if rings is None:
             rings = open_rings(link, program, ring_bytes, workers)
         if self.manager is not None:
-            for name, ring in zip(names, rings):
+            for name, ring, kept in zip(names, rings, answers):
                 # one taken over is in the store already (storing it again would only count against its limit)
                 ring.kept_by_service_manager = ring.taken_over or self.manager.store(name, ring.fileno())
-                if self.directory is not None:
-                    ring.answers_path = self.directory / f"{name}.answers.json"
-                    if not ring.taken_over:
-                        _remove_stale(ring.answers_path)
+                if ring.kept_by_service_manager:
+                    ring.answers_fd = kept if kept is not None else self._new_answers(name + ANSWERS)
         return rings
+
+    def _kept_answers(self, name: str) -> int | None:
+        """The answers file the previous run kept beside a ring taken over, if it is one (a memory file)."""
+        fds = self.inherited.pop(name, [])
+        if len(fds) == 1 and stat.S_ISREG(os.fstat(fds[0]).st_mode):
+            return fds[0]
+        for fd in fds:
+            os.close(fd)
+        if fds and self.manager is not None:
+            log.warning("the answers kept beside the previous run's ring are not a file; ignored: the first answers "
+                        "on its connections may be paired with this run's requests")
+            self.manager.remove(name)
+        return None
+
+    def _new_answers(self, name: str) -> int | None:
+        """A memory file for this ring's answers, left with the manager now: a stop only writes into it."""
+        assert self.manager is not None
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        if self.manager.store(name, fd):
+            return fd
+        os.close(fd)
+        return None
 
     def _take_over(self, link: Link, program: list[tuple[int, int, int, int]], ring_bytes: int,
                    names: list[str]) -> list[PacketRing] | None:
@@ -117,56 +138,49 @@ class RingStore:
         self.inherited = {}
 
 
-def _remove_stale(path: Path) -> None:
-    """A previous ring's answers, which are not this one's."""
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as error:
-        log.warning("cannot remove %s (%s): a later take-over could apply it", path, error.strerror or error)
-
-
 def leave_answers(ring: PacketRing, owed: list[HandedOver]) -> None:
     """Beside the ring, for the run that takes it over: the answers it will see to this run's requests."""
-    if ring.answers_path is None:
+    if ring.answers_fd is None:
         return
     text = json.dumps([[client.hex(), client_port, server.hex(), server_port, methods, resume, restarts]
-                       for client, client_port, server, server_port, methods, resume, restarts in owed])
-    temporary = ring.answers_path.with_suffix(".tmp")
+                       for client, client_port, server, server_port, methods, resume, restarts in owed]).encode()
     try:
-        temporary.write_text(text)
-        os.replace(temporary, ring.answers_path)
-    except OSError as error:
-        log.warning("cannot leave the answers owed to this run's requests in %s (%s): the next run may pair "
-                    "them with its own", ring.answers_path, error.strerror or error)
+        os.ftruncate(ring.answers_fd, 0)
+        written = 0
+        while written < len(text):
+            written += os.pwrite(ring.answers_fd, text[written:], written)
+    except OSError as error:  # (memory the host could not give)
+        log.warning("cannot leave the answers owed to this run's requests (%s): the next run may pair them with "
+                    "its own", error.strerror or error)
 
 
 def take_answers(ring: PacketRing) -> list[HandedOver]:
-    """What the previous run left beside the ring (see `leave_answers`), removed as it is read. A file that
-    is not what `leave_answers` writes is said and ignored: the first answers on those connections may then
-    be paired with this run's requests."""
-    if ring.answers_path is None:
+    """What the previous run left beside the ring (see `leave_answers`), emptied before it is parsed, so
+    that no start meets it twice. What is not what `leave_answers` writes is said and ignored: the first
+    answers on those connections may then be paired with this run's requests."""
+    if ring.answers_fd is None:
         return []
     try:
-        with ring.answers_path.open("rb") as file:
-            text = file.read(MAX_ANSWERS_BYTES + 1)
-    except FileNotFoundError:
-        return []
+        text = b""
+        while len(text) <= MAX_ANSWERS_BYTES:
+            piece = os.pread(ring.answers_fd, MAX_ANSWERS_BYTES + 1 - len(text), len(text))
+            if not piece:
+                break
+            text += piece
+        os.ftruncate(ring.answers_fd, 0)
     except OSError as error:
-        log.warning("cannot read %s (%s): the first answers on the previous run's connections may be paired "
-                    "with this run's requests", ring.answers_path, error.strerror or error)
+        log.warning("cannot read the answers the previous run left (%s): the first answers on its connections may "
+                    "be paired with this run's requests", error.strerror or error)
         return []
-    try:
-        ring.answers_path.unlink()
-    except OSError as error:  # read anyway; the next stop writes it anew
-        log.warning("cannot remove %s (%s)", ring.answers_path, error.strerror or error)
+    if not text:
+        return []
     try:
         if len(text) > MAX_ANSWERS_BYTES:
             raise ValueError(f"larger than {MAX_ANSWERS_BYTES >> 20} MiB")
         return [_owed_answers(entry) for entry in json.loads(text)]
     except (ValueError, TypeError, RecursionError) as error:
-        log.warning("ignoring %s, which is not what a stop leaves (%s): the first answers on the previous run's "
-                    "connections may be paired with this run's requests", ring.answers_path,
-                    type(error).__name__)
+        log.warning("ignoring the answers the previous run left, which are not what a stop leaves (%s): the first "
+                    "answers on its connections may be paired with this run's requests", type(error).__name__)
         return []
 
 

@@ -17,7 +17,6 @@ from collections.abc import Callable
 import logging
 import os
 import signal
-from pathlib import Path
 
 from agent import logs
 from agent.credentials.sync import CredentialSync
@@ -35,7 +34,7 @@ from agent.observe.server import Monitor
 from agent.options import pipeline_from_args
 from agent.pipeline import Pipeline
 from agent.sink import Sink
-from agent.sink.datadir import default_data_dir, ensure_private_dir, hand_over
+from agent.sink.datadir import hand_over
 from agent.sink.options import state_dirs
 from agent.source.kernel_filter import MAX_PORTS, capture_filter
 from agent.source.packet_ring import PacketRing
@@ -53,7 +52,7 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, open_
     if args.user:
         user_entry(args.user)
     manager = ServiceManager.from_environment()
-    store = RingStore(manager, inherited_fds(), hand_over_directory(args) if manager is not None else None)
+    store = RingStore(manager, inherited_fds())
     kept = store.can_take_over(ring_names(link, args.ring_mb << 20, args.workers))
     check_ring_memory(args.ring_mb << 20, args.workers, kept)
     # the rings first: without permission to capture, that is the one line a start says
@@ -155,11 +154,3 @@ def _switch_user(args: argparse.Namespace) -> None:
                                    f"({error.strerror or error})") from None
     drop_privileges(args.user)
 
-
-def hand_over_directory(args: argparse.Namespace) -> Path | None:
-    """The data directory, where a stop leaves what the next run needs beside the kept rings."""
-    try:
-        return ensure_private_dir(args.data_dir or default_data_dir())
-    except OSError as error:
-        log.warning("cannot use the data directory for a restart's hand-over (%s)", error.strerror or error)
-        return None

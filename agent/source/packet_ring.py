@@ -16,7 +16,6 @@ import select
 import socket
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 from agent import _core
 from agent.source import kernel_filter
@@ -72,7 +71,7 @@ class PacketRing:
         self.ignores_outgoing = False  # whether the kernel skips outgoing copies before even cloning them
         self.kept_by_service_manager = False  # a stop then leaves what is unread to the next start
         self.taken_over = inherited is not None  # from the previous run, with what it captured meanwhile
-        self.answers_path: Path | None = None  # where the answers owed are left beside it (`ring_store.py`)
+        self.answers_fd: int | None = None  # where the answers owed are left beside it (`ring_store.py`)
         self.core_ring: _core.Ring | None = None
         # Protocol 0: nothing arrives until bind(), so no unfiltered packet ever lands in the ring.
         self._socket = (socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) if inherited is None
