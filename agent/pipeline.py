@@ -21,7 +21,7 @@ log = logging.getLogger("agent.pipeline")
 KeyAuthSource = Callable[[], KeyAuthConfig]
 TableSource = Callable[[], "CredentialTable | None"]
 GatewaySource = Callable[[], "dict | None"]
-HandedOver = tuple[bytes, int, bytes, int, list[str], "int | None", int]  # see `Pipeline.answers_owed`
+HandedOver = tuple[bytes, int, bytes, int, list[str], "tuple[int, str] | None", int]  # see `Pipeline.answers_owed`
 
 
 class Pipeline:

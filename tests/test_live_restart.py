@@ -146,17 +146,25 @@ def test_a_request_in_flight_at_the_stop_is_billed_with_its_answer_and_those_aft
     assert first.summary()["unanswered"] == 0
 
 
-def test_an_upload_whose_body_past_the_stop_looks_like_requests_bills_none_of_them(gateway, manager,
-                                                                                   tmp_path: Path) -> None:
-    """The stopping run knows where the upload's body ends and hands it over: the next run, which joins the
-    connection inside the body, reads the client in step from there instead of searching the body."""
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_an_upload_whose_body_past_the_stop_looks_like_requests_bills_none_of_them(gateway, manager, tmp_path: Path,
+                                                                                   framing: str) -> None:
+    """The stopping run knows where the upload's body goes on (its length, or where its chunk's data ends)
+    and hands it over: the next run, which joins the connection inside the body, reads the client in step
+    from there instead of searching the body."""
     first = start(manager, gateway, tmp_path / "first.jsonl")
     forged = b"".join(request("GET", f"/forged/{number}", ALICE) for number in range(20))  # alice's key
-    upload = request("POST", "/uploads/timed", BOB, body=b"0123456789" + forged)
+    if framing == "chunked":
+        head = request("POST", "/uploads/timed", BOB).replace(b"\r\n\r\n", b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+        data = b"0123456789" + forged
+        before, after = head + b"%x\r\n" % len(data) + data[:10], forged + b"\r\n0\r\n\r\n"
+    else:
+        upload = request("POST", "/uploads/timed", BOB, body=b"0123456789" + forged)
+        before, after = upload[:-len(forged)], forged
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as connection:
         # the head and 10 bytes of body before the stop; past the boundary, the body's rest, beginning with a
         # request line
-        across_the_stop(manager, first, connection, upload[:-len(forged)], forged, answers=1)
+        across_the_stop(manager, first, connection, before, after, answers=1)
         second = start(manager, gateway, tmp_path / "second.jsonl")
         connection.sendall(request("GET", "/after-the-upload", BOB, close=True))
         read_responses(connection, 1)

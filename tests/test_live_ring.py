@@ -13,6 +13,9 @@ from collections import defaultdict
 import pytest
 
 from agent._core import DLT_EN10MB, FrameDecoder
+from agent.live import startup_checks
+from agent.live.ring_store import RingStore, ring_names
+from agent.live.startup_checks import Link, LiveCaptureError
 from agent.source.kernel_filter import capture_filter
 from agent.source.packet_ring import BLOCK_BYTES, PacketRing
 
@@ -193,3 +196,24 @@ def test_a_full_ring_is_seen_as_full_and_its_drops_are_counted() -> None:
         server.close()
     assert dropped > 0
     assert ring.statistics.packets == len(frames) + ring.statistics.drops
+
+
+def test_a_ring_taken_over_is_not_counted_again_against_the_memory_available(monkeypatch) -> None:
+    """A ring is kernel memory from its first start on. Taken over at a restart, it is not allocated again:
+    counted against what is left, it would refuse the restart of a run the check let start (a restart loop
+    under Restart=on-failure); a new one is still checked."""
+    link, ring_bytes = Link("lo", DLT_EN10MB, 14, True), 8 * BLOCK_BYTES
+    [name] = ring_names(link, ring_bytes, 1)
+    left_after_the_first_start = ring_bytes * 3 // 2  # room for the ring the first start made, not for two
+    monkeypatch.setattr(startup_checks.psutil, "virtual_memory",
+                        lambda: type("Memory", (), {"available": left_after_the_first_start}))
+    program = capture_filter([80], 14, drop_outgoing=True)
+    kept = open_ring(80, ring_bytes)
+    try:
+        [taken] = RingStore(None, {name: [os.dup(kept.fileno())]}).open(link, program, ring_bytes, 1)
+        assert taken.taken_over
+        taken.close()
+        with pytest.raises(LiveCaptureError, match="more than half the memory available"):
+            RingStore(None, {}).open(link, program, ring_bytes, 1)
+    finally:
+        kept.close()

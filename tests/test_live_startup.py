@@ -11,9 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from agent.live import startup_checks
-from agent.live.ring_store import RingStore, ring_names
-from agent.live.startup_checks import Link, LiveCaptureError, check_ring_memory
 from conftest import CAPTURES, REPO
 
 PR_CAPBSET_DROP, CAP_NET_RAW = 24, 13
@@ -60,19 +57,3 @@ def test_bad_flags_are_one_line_before_anything_is_opened(tmp_path: Path, args: 
     errors = [line for line in result.stderr.splitlines() if line.startswith("agent: ")]  # argparse adds usage
     assert len(errors) == 1 and errors[0].startswith(message), result.stderr
 
-
-def test_rings_a_restart_takes_over_are_not_counted_again_as_memory(monkeypatch) -> None:
-    """A ring is kernel memory from its first start on: a restart under a service manager that kept it takes it
-    over, and counting it again against what is left would refuse the restart of a run the check let start
-    (a restart loop under Restart=on-failure)."""
-    ring = 1 << 30
-    left_after_the_first_start = ring * 3 // 2
-    monkeypatch.setattr(startup_checks.psutil, "virtual_memory",
-                        lambda: type("Memory", (), {"available": left_after_the_first_start}))
-    names = ring_names(Link("lo", 1, 14, True), ring, 1)
-    assert RingStore(None, {names[0]: [7]}).can_take_over(names)
-    check_ring_memory(ring, 1, kept=True)
-    for inherited in ({}, {names[0]: [7, 8]}, {"agent-ring-1-of-1-other": [7]}):
-        assert not RingStore(None, inherited).can_take_over(names)
-    with pytest.raises(LiveCaptureError, match="more than half the memory available"):
-        check_ring_memory(ring, 1, kept=False)

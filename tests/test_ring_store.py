@@ -14,7 +14,7 @@ import pytest
 from agent.live.ring_store import MAX_ANSWERS_BYTES, leave_answers, take_answers
 
 OWED = [(bytes([127, 0, 0, 1]), 40000, bytes([127, 0, 0, 1]), 8000, ["OTHER", "HEAD"], None, 0),
-        (bytes(15) + b"\x01", 40001, bytes(15) + b"\x01", 8000, [], 0xFFFF_FFFF, 3)]
+        (bytes(15) + b"\x01", 40001, bytes(15) + b"\x01", 8000, [], (0xFFFF_FFFF, "chunk-end"), 3)]
 
 
 @pytest.fixture
@@ -43,8 +43,12 @@ def test_what_a_stop_leaves_the_next_start_reads_back_once(ring) -> None:
     '[["7f000001", 1, "7f000001", 8000, "OTHER", null, 0]]',  # a string is not a list of methods
     '[["7f000001", 1, "7f000001", 8000, ["GET"], null, 0]]',
     '[["7f000001", 1, "7f000001", 8000, [], null]]',   # no count of restarts
-    '[["7f000001", 1, "7f000001", 8000, [], -1, 0]]',   # not a sequence number
-    '[["7f000001", 1, "7f000001", 8000, [], 4294967296, 0]]',
+    '[["7f000001", 1, "7f000001", 8000, [], 7, 0]]',   # a sequence number alone: not where, into what
+    '[["7f000001", 1, "7f000001", 8000, [], [-1, "message"], 0]]',   # not a sequence number
+    '[["7f000001", 1, "7f000001", 8000, [], [4294967296, "message"], 0]]',
+    '[["7f000001", 1, "7f000001", 8000, [], [7, "body"], 0]]',   # nothing a client is picked up in
+    '[["7f000001", 1, "7f000001", 8000, [], [7, ["message"]], 0]]',
+    '[["7f000001", 1, "7f000001", 8000, [], [7], 0]]',
     '[["7f000001", 1, "7f000001", 8000, [], null, 256]]',
     '[["7f000001", 1, "7f000001", 8000, [' + ", ".join(['"HEAD"'] * 1025) + '], null, 0]]',  # more than can wait
 ])

@@ -25,7 +25,7 @@ import os
 import stat
 
 from agent.live.service_manager import ServiceManager
-from agent.live.startup_checks import Link, socket_error
+from agent.live.startup_checks import Link, check_ring_memory, socket_error
 from agent.pipeline import HandedOver
 from agent.source.packet_ring import BLOCK_BYTES, RETIRE_MS, PacketRing
 
@@ -34,6 +34,7 @@ log = logging.getLogger("agent.live")
 PREFIX = "agent-ring"
 ANSWERS = "-answers"  # the name of a ring's answers file, after the ring's
 METHODS = frozenset({"HEAD", "CONNECT", "OTHER"})  # what `answers_owed` names a request's method
+RESUMES = frozenset({"message", "chunk-end", "chunk-size", "trailers"})  # and what a client is picked up in
 MAX_ANSWERS_BYTES = 64 << 20  # an answers file larger than this is not one a stop left
 MAX_WAITING = 1024  # requests one connection may have waiting (the core's MAX_PENDING)
 
@@ -54,25 +55,28 @@ class RingStore:
         self.manager = manager
         self.inherited = inherited
 
-    def can_take_over(self, names: list[str]) -> bool:
-        """The manager kept one ring under each of `names` (a take-over is all of them or none)."""
-        return all(len(self.inherited.get(name, ())) == 1 for name in names)
-
     def open(self, link: Link, program: list[tuple[int, int, int, int]], ring_bytes: int,
              workers: int) -> list[PacketRing]:
-        """The rings of this run: taken over if the manager kept them with this shape, else new."""
+        """The rings of this run: taken over if the manager kept them with this shape, else new. Only new
+        ones are checked against the memory available: a ring taken over is in use already, and counting it
+        again would refuse the restart of a run the check let start (a restart loop)."""
         names = ring_names(link, ring_bytes, workers)
         rings = self._take_over(link, program, ring_bytes, names)
-        answers = [self._kept_answers(name + ANSWERS) if rings is not None else None for name in names]
+        kept = rings is not None and self.manager is not None
+        answers = [self._kept_answers(name + ANSWERS) if kept else None for name in names]
         self._release_the_rest()
         if rings is None:
+            check_ring_memory(ring_bytes, workers)
             rings = open_rings(link, program, ring_bytes, workers)
         if self.manager is not None:
-            for name, ring, kept in zip(names, rings, answers):
+            for name, ring in zip(names, rings):
                 # one taken over is in the store already (storing it again would only count against its limit)
                 ring.kept_by_service_manager = ring.taken_over or self.manager.store(name, ring.fileno())
+            # the answers after every ring: a store too small for both (a unit from before they were kept
+            # there) then loses answers, not rings
+            for name, ring, kept_answers in zip(names, rings, answers):
                 if ring.kept_by_service_manager:
-                    ring.answers_fd = kept if kept is not None else self._new_answers(name + ANSWERS)
+                    ring.answers_fd = kept_answers if kept_answers is not None else self._new_answers(name + ANSWERS)
         return rings
 
     def _kept_answers(self, name: str) -> int | None:
@@ -99,7 +103,7 @@ class RingStore:
 
     def _take_over(self, link: Link, program: list[tuple[int, int, int, int]], ring_bytes: int,
                    names: list[str]) -> list[PacketRing] | None:
-        if not self.can_take_over(names):
+        if not all(len(self.inherited.get(name, ())) == 1 for name in names):
             if any(name.startswith(PREFIX) for name in self.inherited):
                 log.warning("the rings kept from the previous run have another shape (interface, --ring-mb or "
                             "--workers changed); opening new ones: what they captured since is not read")
@@ -194,8 +198,11 @@ def _owed_answers(entry: object) -> HandedOver:
         raise ValueError("not a connection")
     if type(methods) is not list or len(methods) > MAX_WAITING or not all(method in METHODS for method in methods):
         raise ValueError("not a list of methods")
-    if resume is not None and not (type(resume) is int and 0 <= resume <= 0xFFFF_FFFF):
-        raise ValueError("not a sequence number")
+    if resume is not None:
+        seq, into = resume
+        if not (type(seq) is int and 0 <= seq <= 0xFFFF_FFFF) or into not in RESUMES:
+            raise ValueError("not a sequence number and what begins there")
+        resume = seq, into
     if not (type(restarts) is int and 0 <= restarts <= 0xFF):
         raise ValueError("not a count of restarts")
     return addresses[0], client_port, addresses[1], server_port, methods, resume, restarts

@@ -26,10 +26,10 @@ from agent.live.cpu_share import (CATCH_UP_NICE, allow_return_after_privilege_dr
                                   catch_up_priority)
 from agent.live.fanout import run_workers
 from agent.live.privileges import drop_privileges, user_entry
-from agent.live.ring_store import RingStore, ring_names
+from agent.live.ring_store import RingStore
 from agent.live.service_manager import ServiceManager, inherited_fds
 from agent.live.tls import TlsCapture, TlsUnavailable
-from agent.live.startup_checks import Link, LiveCaptureError, check_ring_memory, interface_link, report_listeners
+from agent.live.startup_checks import Link, LiveCaptureError, interface_link, report_listeners
 from agent.observe.server import Monitor
 from agent.options import pipeline_from_args
 from agent.pipeline import Pipeline
@@ -52,9 +52,7 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, open_
     if args.user:
         user_entry(args.user)
     manager = ServiceManager.from_environment()
-    store = RingStore(manager, inherited_fds())
-    kept = store.can_take_over(ring_names(link, args.ring_mb << 20, args.workers))
-    check_ring_memory(args.ring_mb << 20, args.workers, kept)
+    store = RingStore(manager, inherited_fds())  # new rings are checked against the memory available there
     # the rings first: without permission to capture, that is the one line a start says
     program = capture_filter(ports, link.header_length, drop_outgoing=link.loopback)
     rings = store.open(link, program, args.ring_mb << 20, args.workers)

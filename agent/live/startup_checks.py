@@ -57,12 +57,8 @@ def interface_link(name: str) -> Link:
     raise LiveCaptureError(f"{name}: link type {arphrd} is not supported (Ethernet, loopback or raw IP are)")
 
 
-def check_ring_memory(ring_bytes: int, workers: int, kept: bool = False) -> None:
-    """The rings are kernel memory that cannot be swapped out: refuse what would starve the host. Rings
-    `kept` from the previous run (a service manager's store) are taken over, not allocated: their memory is
-    in use already, and counting it again would refuse the restart of a run the check let start."""
-    if kept:
-        return
+def check_ring_memory(ring_bytes: int, workers: int) -> None:
+    """The rings are kernel memory that cannot be swapped out: refuse what would starve the host."""
     total = ring_bytes * workers
     available = psutil.virtual_memory().available
     if total > available // 2:

@@ -568,7 +568,7 @@ mod http {
             &mut self.counters
         }
 
-        fn answered_method(&mut self) -> RequestMethod {
+        fn answered_method(&mut self, _: u64, _: i64) -> RequestMethod {
             let Some(method_of_response) = &self.parser.method_of_response else { return RequestMethod::Other };
             match method_of_response.call0(self.py).and_then(|method| method.extract::<String>(self.py)) {
                 Ok(method) => RequestMethod::of(method.as_bytes()),
@@ -1225,7 +1225,7 @@ mod pipeline {
 
     use super::{PyCaptureFile, PyRing};
     use crate::http::hand_over::ConnectionHandOver;
-    use crate::http::parser::RequestMethod;
+    use crate::http::parser::{RequestMethod, ResumeIn};
     use crate::metering::billing::MeterConfig;
     use crate::metering::key_lookup::KeyAuth;
     use crate::pipeline::{Pipeline, PipelineConfig};
@@ -1233,7 +1233,15 @@ mod pipeline {
     use crate::tcp::reassembly::ReassemblyLimits;
 
     /// What a stop leaves the next run about one connection (see `answers_owed`).
-    type HandedOver = (Vec<u8>, u16, Vec<u8>, u16, Vec<String>, Option<u32>, u8);
+    type HandedOver = (Vec<u8>, u16, Vec<u8>, u16, Vec<String>, Option<(u32, String)>, u8);
+
+    /// How a resume's `ResumeIn` is named across the boundary (and in the file a stop leaves).
+    const RESUMES: [(ResumeIn, &str); 4] = [
+        (ResumeIn::Message, "message"),
+        (ResumeIn::ChunkEnd, "chunk-end"),
+        (ResumeIn::ChunkSize, "chunk-size"),
+        (ResumeIn::Trailers, "trailers"),
+    ];
 
     /// The whole data plane. Each call takes a batch (a capture file's next frames, a ring's ready blocks)
     /// and returns the JSON Lines of the events it completed, as one `bytes`; the GIL is released while
@@ -1331,7 +1339,8 @@ mod pipeline {
         }
 
         /// `(client address, client port, server address, server port, [method], client resume, restarts)`
-        /// per connection, the methods as "HEAD", "CONNECT" or "OTHER", the resume a sequence number or None.
+        /// per connection, the methods as "HEAD", "CONNECT" or "OTHER", the resume None or (a sequence number,
+        /// what begins there: "message", "chunk-end", "chunk-size" or "trailers").
         fn answers_owed(&self) -> Vec<HandedOver> {
             let name = |method: &RequestMethod| match method {
                 RequestMethod::Head => "HEAD",
@@ -1341,15 +1350,22 @@ mod pipeline {
             let owed = self.pipeline.answers_owed().into_iter();
             owed.map(|ConnectionHandOver { key: (client, client_port, server, server_port), answers, client_resume, restarts }| {
                 let methods = answers.iter().map(|method| name(method).to_string()).collect();
-                (client.bytes().to_vec(), client_port, server.bytes().to_vec(), server_port, methods, client_resume, restarts)
+                let resume = client_resume.and_then(|(seq, into)| {
+                    RESUMES.iter().find(|(known, _)| *known == into).map(|(_, named)| (seq, named.to_string()))
+                });
+                (client.bytes().to_vec(), client_port, server.bytes().to_vec(), server_port, methods, resume, restarts)
             })
             .collect()
         }
 
         fn expect_answers(&mut self, owed: Vec<HandedOver>) {
-            let owed = owed.into_iter().map(|(client, client_port, server, server_port, methods, client_resume, restarts)| {
+            let owed = owed.into_iter().map(|(client, client_port, server, server_port, methods, resume, restarts)| {
                 let answers = methods.iter().map(|method| RequestMethod::of(method.as_bytes())).collect();
                 let key = (Address::new(&client), client_port, Address::new(&server), server_port);
+                // (an unknown name is no resume: the control plane checks them first)
+                let client_resume = resume.and_then(|(seq, named)| {
+                    RESUMES.iter().find(|(_, known)| *known == named).map(|(into, _)| (seq, *into))
+                });
                 ConnectionHandOver { key, answers, client_resume, restarts }
             });
             self.pipeline.expect_answers(owed.collect());

@@ -21,7 +21,7 @@ import subprocess
 import time
 from pathlib import Path
 
-MAX_FDS = 64  # FileDescriptorStoreMax= in the agent's unit
+MAX_FDS = 128  # FileDescriptorStoreMax= in the agent's unit (how many one message may carry, at most)
 
 
 class ServiceManagerDouble:

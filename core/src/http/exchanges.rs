@@ -17,7 +17,7 @@ use crate::http::message::{Exchange, Message};
 pub use crate::http::parser::ParserCounters;
 pub use crate::http::hand_over::{ConnectionHandOver, ConnectionKey};
 use crate::http::hand_over::HandOver;
-use crate::http::parser::{begins_a_request, MessageParser, MessageSink, RequestMethod};
+use crate::http::parser::{begins_a_request, MessageParser, MessageSink, RequestMethod, ResumeIn};
 use crate::tcp::reassembly::{ConnectionInfo, StreamEvent, StreamSink};
 
 /// Requests one connection may have waiting for an answer. Beyond it, the answers are clearly not being
@@ -118,22 +118,37 @@ struct Pairing {
     server_end: u64,
     /// past a stop's boundary (`leave_new_requests`): which requests are the next run's
     hand_over: Option<HandOver>,
-    /// from the previous run: the client's sequence number where a request begins (see `expect_answers`)
-    client_resume: Option<u32>,
-    /// server bytes went unseen (a gap) since the last response head, from this position on
+    /// from the previous run: the client's sequence number where it is picked up in step (`expect_answers`)
+    client_resume: Option<(u32, ResumeIn)>,
+    /// server bytes went unseen (a gap) since the last response head, from this position on, and where
+    /// the answers the parser found lost among them began (each the first unanswered request's, dropped)
     server_gap: bool,
     server_gap_at: u64,
+    answers_lost_at: Vec<u64>,
     /// where the response being read began, and where the last one read ended, in the server's stream
-    /// (for one whose end was in a gap, where the gap began)
+    /// (for one whose end was in a gap, where the gap began: `tail_unseen`)
     response_position: u64,
     response_end_unseen: bool,
     responses_end: u64,
+    tail_unseen: bool,
+    /// a request was sent before the answer to one before it began (its ACK says so)
+    client_pipelines: bool,
 }
 
 impl Pairing {
     /// Unanswered requests are a suffix of the queue (responses are done in order), so this is near the front.
     fn first_unanswered(&self) -> Option<usize> {
         self.pending.iter().position(|waiting| !waiting.response_done)
+    }
+
+    /// For an answer whose end went into a gap (its size runs on to the next head, over whatever else the
+    /// gap held): where it had ended at the latest. The next request, sent once the client had bytes from
+    /// past the gap's start, was sent after this answer's end (a client sends its next request once it has
+    /// the answer); one sent before, pipelined, says nothing.
+    fn seen_whole_by(&self) -> u64 {
+        let next = self.first_unanswered().and_then(|index| self.pending.get(index + 1));
+        let had = next.filter(|next| next.has_request).and_then(|next| u64::try_from(next.peer_acked).ok());
+        had.filter(|&had| had > self.server_gap_at).unwrap_or(u64::MAX)
     }
 }
 
@@ -216,6 +231,14 @@ impl Side<'_, '_> {
 
     fn request_head(&mut self, message: Message) {
         self.output.counters.requests += 1;
+        let pairing = &mut *self.pairing;
+        // sent before the answer to a request before it began (one being read began past what it had)
+        let had = u64::try_from(message.peer_acked).ok();
+        let answering = pairing.first_unanswered().filter(|_| pairing.answering);
+        pairing.client_pipelines |= had.is_some_and(|had| {
+            let mut earlier = pairing.pending.iter().enumerate().filter(|(_, waiting)| waiting.has_request && !waiting.response_done);
+            earlier.any(|(index, _)| Some(index) != answering || had <= pairing.response_position)
+        });
         let (method, head_end, peer_acked) = (RequestMethod::of(&message.method), message.head_end, message.peer_acked);
         if self.pairing.hand_over.as_ref().is_some_and(|hand_over| hand_over.next_runs(message.position)) {
             // its place is kept, so that its answer pairs with it and is not taken for another's
@@ -282,12 +305,9 @@ impl Side<'_, '_> {
     }
 
     fn response_head(&mut self, message: Message) {
-        let unseen_before = std::mem::take(&mut self.pairing.server_gap);
+        self.after_unseen_bytes(message.position, message.peer_acked);
         self.pairing.response_position = message.position;
         let acked = u64::try_from(message.peer_acked).ok();
-        if unseen_before && self.pairing.late_answers == 0 {
-            self.skip_answers_lost_unseen(message.position, acked);
-        }
         let pairing = &mut *self.pairing;
         pairing.response_status = message.status;
         if pairing.late_answers > 0 {
@@ -323,9 +343,13 @@ impl Side<'_, '_> {
         }
     }
 
-    fn response_complete(&mut self, size: u64, end_time: f64) {
+    fn response_complete(&mut self, mut size: u64, end_time: f64) {
         let pairing = &mut *self.pairing;
-        pairing.responses_end = match std::mem::take(&mut pairing.response_end_unseen) {
+        pairing.tail_unseen = std::mem::take(&mut pairing.response_end_unseen);
+        if pairing.tail_unseen {
+            size = size.min(pairing.seen_whole_by().saturating_sub(pairing.response_position));
+        }
+        pairing.responses_end = match pairing.tail_unseen {
             true => pairing.server_gap_at,
             false => pairing.response_position.saturating_add(size),
         };
@@ -376,6 +400,10 @@ impl Side<'_, '_> {
             self.output.counters.late_responses += 1;
             return;
         }
+        if pairing.server_gap && pairing.first_unanswered().is_some() {
+            // (a lost head begins where the last answer read ended: after it, or where its body ended)
+            pairing.answers_lost_at.push(pairing.responses_end);
+        }
         self.lose_first_answer();
     }
 
@@ -384,9 +412,8 @@ impl Side<'_, '_> {
         let pairing = &mut *self.pairing;
         let Some(index) = pairing.first_unanswered() else { return };
         let Some(waiting) = pairing.pending.get_mut(index) else { return };
-        if waiting.has_request && !waiting.emitted {
-            self.output.counters.lost_exchanges += 1;
-        }
+        // (one handed on already, a previous run's or the next run's is no loss of this run's)
+        self.output.counters.lost_exchanges += u64::from(waiting.exchange.is_some());
         pairing.held -= waiting_bytes(waiting);
         (waiting.response_done, waiting.has_request, waiting.request_done) = (true, false, true);
         waiting.exchange = None;
@@ -394,28 +421,51 @@ impl Side<'_, '_> {
         self.flush();
     }
 
-    /// A response head at `position` after server bytes went unseen: the answers of the first unanswered
-    /// requests may have been among them, and then it answers a later one. The client's ACKs tell. A request
-    /// sent once the client had server bytes from past the last response read (and past what it had when it
-    /// sent the request before) up to this head was sent after an answer we never saw; answers come in
-    /// order, so that was the earlier request's, which is lost. Without this, each request after a loss in
-    /// both directions was billed with its neighbour's answer, to the connection's end. Pipelined requests,
-    /// sent before any of those answers, carry no such ACK: they are paired in order, as before.
+    /// A response head at `position` (its ACK `peer_acked`), once: where server bytes went unseen since the
+    /// last head, the answers lost among them are skipped first. Called before the head's framing is read,
+    /// which depends on the method of the request it answers.
+    fn after_unseen_bytes(&mut self, position: u64, peer_acked: i64) {
+        if std::mem::take(&mut self.pairing.server_gap) && self.pairing.late_answers == 0 {
+            self.skip_answers_lost_unseen(position, u64::try_from(peer_acked).ok());
+        }
+        self.pairing.answers_lost_at.clear();
+        self.pairing.tail_unseen = false;
+    }
+
+    /// After server bytes went unseen, a response head at `position` may answer a later request than the
+    /// first unanswered: the answers of those before it may have been among them. The client's ACKs tell. A
+    /// request sent once the client had server bytes from past the last response read (and past what it had
+    /// when it sent the request before) up to this head was sent after an answer we never saw: in order, the
+    /// answer of a request before it. Each such request shows one answer lost, from the first; those the
+    /// parser found lost already (a head in the gap) were dropped then, and count among them where they
+    /// began past what the client had when it sent the first (it was sent before they came). Without
+    /// this, each request after a loss in both directions was billed with its neighbour's answer, to the
+    /// connection's end. Requests pipelined together, sent before any of those answers, carry no such ACK:
+    /// they are paired in order, as before. Where the last answer's own end was unseen (a chunked body), a
+    /// request queued before that gap may have been sent before the answer ended, and its successor's ACK
+    /// then shows that answer's tail: one answer less is taken as lost (the old pairing, when in doubt).
     fn skip_answers_lost_unseen(&mut self, position: u64, acked: Option<u64>) {
-        loop {
-            let pairing = &*self.pairing;
-            let Some(first) = pairing.first_unanswered() else { return };
-            let (Some(earlier), Some(later)) = (pairing.pending.get(first), pairing.pending.get(first + 1)) else {
-                return;
-            };
-            let Ok(later_had) = u64::try_from(later.peer_acked) else { return };
+        let pairing = &*self.pairing;
+        let Some(first) = pairing.first_unanswered() else { return };
+        // what the client had when it sent the first: a request lost to a client-side gap has no ACK, and is
+        // taken as sent after the answers before it, unless this client sends requests before their
+        // predecessors' answers came
+        let first_had = pairing.pending.get(first).and_then(|waiting| u64::try_from(waiting.peer_acked).ok());
+        let first_had = first_had.or(pairing.client_pipelines.then_some(0));
+        let shown_from = first_had.map(|had| had.max(pairing.responses_end));
+        let dropped = pairing.answers_lost_at.iter().filter(|&&began| shown_from.is_some_and(|from| began >= from)).count();
+        let sent_before_the_gap = first_had.is_some_and(|had| had < pairing.server_gap_at);
+        let accounted = dropped + usize::from(pairing.tail_unseen && sent_before_the_gap);
+        let queued = || pairing.pending.range(first..);
+        let shown = queued().zip(queued().skip(1)).take_while(|(earlier, later)| {
+            let Ok(later_had) = u64::try_from(later.peer_acked) else { return false };
             let earlier_had = u64::try_from(earlier.peer_acked).unwrap_or(0).max(pairing.responses_end);
             let later_sent_after_unseen_bytes = earlier_had < later_had && later_had <= position;
             // (a response the server began before it had the later request cannot be the later one's)
             let server_had_later = acked.is_none_or(|acked| acked >= later.head_end);
-            if !(later.has_request && later_sent_after_unseen_bytes && server_had_later) {
-                return;
-            }
+            later.has_request && later_sent_after_unseen_bytes && server_had_later
+        });
+        for _ in accounted..shown.count() {
             self.lose_first_answer();
         }
     }
@@ -426,7 +476,10 @@ impl MessageSink for Side<'_, '_> {
         self.output.parser_counters
     }
 
-    fn answered_method(&mut self) -> RequestMethod {
+    fn answered_method(&mut self, position: u64, peer_acked: i64) -> RequestMethod {
+        if !self.to_server {
+            self.after_unseen_bytes(position, peer_acked);
+        }
         let pairing = &self.pairing;
         let waiting = pairing.first_unanswered().and_then(|index| pairing.pending.get(index));
         waiting.filter(|waiting| waiting.has_request).map_or(RequestMethod::Other, |waiting| waiting.method)
@@ -514,13 +567,13 @@ impl HttpConnection {
             let pairing = &mut self.pairing;
             let end = position + payload.len() as u64;
             if to_server {
-                if let Some(resume) = pairing.client_resume.take() {
-                    // where the previous run said a request begins, if this data is not past it
+                if let Some((resume, into)) = pairing.client_resume.take() {
+                    // where the previous run said the client is picked up in step, if this data is not past it
                     let at = self.connection.to_server_base_seq.map(|base| u64::from(resume.wrapping_sub(base)));
-                    if let Some(skip) = at.and_then(|at| at.checked_sub(position)).filter(|&skip| skip < 1 << 31) {
-                        self.requests.resume_after(skip);
+                    let skip = at.and_then(|at| at.checked_sub(position)).filter(|&skip| skip < 1 << 31);
+                    if let Some(skip) = skip.filter(|&skip| self.requests.resume_after(skip, into)) {
                         if let Some(hand_over) = &mut pairing.hand_over {
-                            hand_over.resume_at(position + skip); // past this run's own boundary: handed on
+                            hand_over.resume_at(position + skip, into); // past this run's own boundary: handed on
                         }
                     }
                 }
@@ -692,12 +745,12 @@ impl HttpExchanges {
         for http in self.connections.values_mut().filter(|http| of(&http.connection)) {
             let pairing = &mut http.pairing;
             let known = if resume && http.connection.to_server_base_seq.is_some() {
-                http.requests.next_message_in()
+                http.requests.next_resume()
             } else {
                 None
             };
             // (a body of 2 GiB or more is left to the joined rule: sequence numbers wrap at 4 GiB)
-            let client_resume = known.filter(|&skip| skip < 1 << 31).map(|skip| pairing.client_end + skip);
+            let client_resume = known.filter(|&(skip, _)| skip < 1 << 31).map(|(skip, into)| (pairing.client_end + skip, into));
             pairing.hand_over = Some(HandOver::at(pairing.client_end, pairing.server_end, client_resume));
         }
     }
@@ -733,7 +786,7 @@ impl HttpExchanges {
             let pairing = &http.pairing;
             let Some(hand_over) = &pairing.hand_over else { continue };
             let base = http.connection.to_server_base_seq;
-            let handed_on = hand_over.client_resume.zip(base).map(|(at, base)| base.wrapping_add(at as u32));
+            let handed_on = hand_over.client_resume.zip(base).map(|((at, into), base)| (base.wrapping_add(at as u32), into));
             let client_resume = handed_on.or(pairing.client_resume); // one from the previous run not reached yet
             let mut methods = hand_over.owed.clone();
             // the answer in progress was listed when it began, if it began past the boundary
@@ -918,6 +971,21 @@ mod tests {
         fn close(&self, http: &mut HttpExchanges, time: f64) {
             http.event(&self.info, true, time, StreamEvent::Closed);
         }
+
+        /// Bytes the client sends having received the server's up to `had` (its ACK).
+        fn send_having(&mut self, http: &mut HttpExchanges, payload: &[u8], had: u64) {
+            let position = self.sent[0];
+            self.sent[0] += payload.len() as u64;
+            http.event(&self.info, true, 1.0, StreamEvent::Data { payload, position, peer_acked: had as i64 });
+        }
+
+        /// `lost` bytes of one direction that the capture never saw.
+        fn lose(&mut self, http: &mut HttpExchanges, to_server: bool, lost: usize) {
+            let index = usize::from(!to_server);
+            let position = self.sent[index];
+            self.sent[index] += lost as u64;
+            http.event(&self.info, to_server, 1.0, StreamEvent::Gap { lost: lost as u64, position });
+        }
     }
 
     const REQUEST: &[u8] = b"GET /orders?page=2 HTTP/1.1\r\nHost: api.example.com\r\napikey: k1\r\n\r\n";
@@ -1047,10 +1115,24 @@ mod tests {
         let body = [&b"0123456789"[..], forged].concat();
         let upload = [format!("POST /upload HTTP/1.1\r\nHost: api\r\nContent-Length: {}\r\n\r\n", body.len())
             .as_bytes(), &body[..10]].concat();
+        let chunked = |size_line: &str| {
+            [format!("POST /upload HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n{size_line}").as_bytes(),
+             &body[..10]].concat()
+        };
+        let chunk = format!("{:x}\r\n", body.len());
         let cases: Vec<Case> = vec![
             ("an upload whose body past the boundary looks like a request", true,
              vec![Client(upload), Boundary, Client(body[10..].to_vec()), Server(answer(201)), Client(get("/real")),
                   Server(answer(202))],
+             [billed(&[("/upload", 201)]), billed(&[("/real", 202)])]),
+            ("inside a chunk's data, whose rest looks like a request", true,
+             vec![Client(chunked(&chunk)), Boundary, Client([&body[10..], b"\r\n0\r\n\r\n"].concat()),
+                  Server(answer(201)), Client(get("/real")), Server(answer(202))],
+             [billed(&[("/upload", 201)]), billed(&[("/real", 202)])]),
+            ("at a chunk's size line, whose chunk looks like a request", true,
+             vec![Client([chunked(&chunk), body[10..].to_vec(), b"\r\n".to_vec()].concat()), Boundary,
+                  Client([format!("{:x}\r\n", forged.len()).as_bytes(), forged, b"\r\n0\r\n\r\n"].concat()),
+                  Server(answer(201)), Client(get("/real")), Server(answer(202))],
              [billed(&[("/upload", 201)]), billed(&[("/real", 202)])]),
             ("a stray line end before the next request", true,
              vec![Client(get("/a")), Server(answer(200)), Boundary, Client([&b"\r\n"[..], &get("/c")].concat()),
@@ -1246,24 +1328,6 @@ mod tests {
         assert_eq!((http.take().count(), http.counters.unanswered), (0, 0));
     }
 
-    /// The client leaves (FIN), then the server: nginx's 499 for a whole request, 400 for one whose body
-    /// was cut short.
-    impl Conversation {
-        /// Bytes the client sends having received the server's up to `had` (its ACK).
-        fn send_having(&mut self, http: &mut HttpExchanges, payload: &[u8], had: u64) {
-            let position = self.sent[0];
-            self.sent[0] += payload.len() as u64;
-            http.event(&self.info, true, 1.0, StreamEvent::Data { payload, position, peer_acked: had as i64 });
-        }
-
-        /// `lost` bytes of one direction that the capture never saw.
-        fn lose(&mut self, http: &mut HttpExchanges, to_server: bool, lost: usize) {
-            let index = usize::from(!to_server);
-            let position = self.sent[index];
-            self.sent[index] += lost as u64;
-            http.event(&self.info, to_server, 1.0, StreamEvent::Gap { lost: lost as u64, position });
-        }
-    }
 
     #[test]
     fn after_a_loss_in_both_directions_each_request_billed_has_its_own_answer() {
@@ -1329,6 +1393,118 @@ mod tests {
     }
 
     #[test]
+    fn a_loss_from_a_seen_requests_answer_to_past_a_lost_request_leaves_the_next_its_own_answer() {
+        // /1's answer, /lost and its answer are lost: the parser finds /1's answer lost (its gap began between
+        // answers), and /2's ACK shows /lost's too, whose own ACK was lost with it
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send(&mut http, true, 1.0, &get("/1"));
+        conversation.lose(&mut http, false, answer(501).len() + answer(502).len());
+        conversation.lose(&mut http, true, get("/lost").len());
+        let had = conversation.sent[1];
+        conversation.send_having(&mut http, &get("/2"), had);
+        conversation.send(&mut http, false, 1.0, &answer(202));
+        assert_eq!(targets(&mut http), billed(&[("/2", 202)]));
+        assert_eq!(http.counters.unmatched_responses, 0);
+    }
+
+    #[test]
+    fn with_two_requests_in_flight_one_answer_lost_costs_one_request() {
+        // /2 goes out behind /1; /1's answer is lost, and /3 goes out once the client has it: the answer the
+        // ACKs show unseen is the one the parser found lost already, not another
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send_having(&mut http, &get("/1"), 0);
+        conversation.send_having(&mut http, &get("/2"), 0);
+        conversation.lose(&mut http, false, answer(201).len());
+        let had = conversation.sent[1];
+        conversation.send_having(&mut http, &get("/3"), had);
+        conversation.send(&mut http, false, 1.0, &answer(202));
+        conversation.send(&mut http, false, 1.0, &answer(203));
+        assert_eq!(targets(&mut http), billed(&[("/2", 202), ("/3", 203)]));
+        assert_eq!((http.counters.lost_exchanges, http.counters.unmatched_responses), (1, 0));
+    }
+
+    #[test]
+    fn after_answers_lost_one_after_another_the_next_seen_is_its_own_requests() {
+        // a client sending each request once it has the answer before: /2's, /3's and /4's answers are lost,
+        // the first one found lost by the parser (its gap began between answers), the others only shown
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send(&mut http, true, 1.0, &get("/1"));
+        conversation.send(&mut http, false, 1.0, &answer(201));
+        for target in ["/2", "/3", "/4", "/5"] {
+            if target != "/2" {
+                conversation.lose(&mut http, false, answer(500).len());
+            }
+            let had = conversation.sent[1];
+            conversation.send_having(&mut http, &get(target), had);
+        }
+        conversation.send(&mut http, false, 1.0, &answer(205));
+        assert_eq!(targets(&mut http), billed(&[("/1", 201), ("/5", 205)]));
+        assert_eq!((http.counters.lost_exchanges, http.counters.unmatched_responses), (3, 0));
+    }
+
+    #[test]
+    fn the_first_answer_after_lost_ones_is_framed_as_an_answer_to_its_own_request() {
+        // a HEAD's answer says how long its body would be, and has none: read as the lost GET's, it would
+        // take the next answer for its body
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send(&mut http, true, 1.0, &get("/1"));
+        conversation.send(&mut http, false, 1.0, &answer(201));
+        conversation.lose(&mut http, false, answer(500).len());
+        conversation.lose(&mut http, true, get("/lost").len());
+        let had = conversation.sent[1];
+        conversation.send_having(&mut http, b"HEAD /2 HTTP/1.1\r\nHost: api\r\napikey: k1\r\n\r\n", had);
+        conversation.send(&mut http, false, 1.0, b"HTTP/1.1 202 Fine\r\nContent-Length: 55\r\n\r\n");
+        let had = conversation.sent[1];
+        conversation.send_having(&mut http, &get("/3"), had);
+        conversation.send(&mut http, false, 1.0, &answer(203));
+        assert_eq!(targets(&mut http), billed(&[("/1", 201), ("/2", 202), ("/3", 203)]));
+    }
+
+    #[test]
+    fn a_chunked_answer_whose_end_was_lost_is_billed_as_far_as_the_next_request_shows_it_went() {
+        // its size would otherwise run on to the next head, over the answers lost with its end
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send(&mut http, true, 1.0, &get("/1"));
+        let seen = b"HTTP/1.1 201 Fine\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nsome\r\n";
+        conversation.send(&mut http, false, 1.0, seen);
+        let end = b"0\r\n\r\n";
+        conversation.lose(&mut http, false, end.len());
+        let had = conversation.sent[1];
+        conversation.send_having(&mut http, &get("/2"), had);
+        conversation.lose(&mut http, false, answer(500).len());
+        let had = conversation.sent[1];
+        conversation.send_having(&mut http, &get("/3"), had);
+        conversation.send(&mut http, false, 1.0, &answer(203));
+        let sizes: Vec<(String, u16, u64)> = http.take()
+            .map(|exchange| (String::from_utf8(exchange.request.target).unwrap(), exchange.status, exchange.response_size))
+            .collect();
+        let whole = (seen.len() + end.len()) as u64;
+        assert_eq!(sizes, [("/1".into(), 201, whole), ("/3".into(), 203, answer(203).len() as u64)]);
+    }
+
+    #[test]
+    fn a_request_pipelined_behind_a_chunked_answer_whose_end_was_lost_keeps_its_own_answer() {
+        // /3 goes out once the client has all of /1's answer, whose last chunk the capture lost: that
+        // unseen tail is /1's, not a lost answer of /2's
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send_having(&mut http, &get("/1"), 0);
+        conversation.send_having(&mut http, &get("/2"), 0);
+        conversation.send(&mut http, false, 1.0, b"HTTP/1.1 201 Fine\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nsome\r\n");
+        conversation.lose(&mut http, false, b"0\r\n\r\n".len());
+        let had = conversation.sent[1];
+        conversation.send_having(&mut http, &get("/3"), had);
+        conversation.send(&mut http, false, 1.0, &answer(202));
+        conversation.send(&mut http, false, 1.0, &answer(203));
+        assert_eq!(targets(&mut http), billed(&[("/1", 201), ("/2", 202), ("/3", 203)]));
+    }
+
+    #[test]
     fn pipelined_requests_after_a_lost_answer_are_answered_in_order() {
         // sent before any answer, their ACKs say nothing of which answers were lost: the gap's own lost
         // head is the one loss
@@ -1345,6 +1521,8 @@ mod tests {
         assert_eq!(http.counters.lost_exchanges, 1);
     }
 
+    /// The client leaves (FIN), then the server: nginx's 499 for a whole request, 400 for one whose body
+    /// was cut short.
     #[test]
     fn a_request_its_client_left_is_499_or_400_when_its_body_was_cut_short() {
         let whole = b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc".as_slice();

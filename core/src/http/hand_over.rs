@@ -8,11 +8,13 @@
 //! has spoken; if the server speaks first, it takes the requests it finds after. The stopping run makes the
 //! same decision on the same bytes, whatever its own parser's state there.
 //!
-//! Where the stopping run knows the client's framing at the boundary (between two requests, or inside a
-//! body of known length), it hands over where the next request begins (`client_resume`), and the next run
-//! starts there in step: a body whose bytes look like requests is then never searched for them.
+//! Where the stopping run knows the client's framing at the boundary (between two requests, inside a body
+//! of known length, or inside a chunked body at a chunk's data or the start of one of its lines), it hands
+//! over where the next run can pick the client up in step (`client_resume`), and the next run starts there:
+//! a body whose bytes look like requests is then never searched for them. No request begins between the
+//! boundary and that place, nor before the body's end after it, so the requests from there are the next run's.
 
-use super::parser::RequestMethod;
+use super::parser::{RequestMethod, ResumeIn};
 use crate::source::frames::Address;
 
 /// A connection as both runs name it: client and server, address and port.
@@ -24,8 +26,9 @@ pub struct ConnectionHandOver {
     pub key: ConnectionKey,
     /// the methods of requests billed before, whose answers come first, in order
     pub answers: Vec<RequestMethod>,
-    /// the client's sequence number where a request begins, if the stopping run knew it
-    pub client_resume: Option<u32>,
+    /// the client's sequence number where its stream can be picked up in step, and into what, if the
+    /// stopping run knew it
+    pub client_resume: Option<(u32, ResumeIn)>,
     /// restarts this was carried through for a connection no run saw since
     pub restarts: u8,
 }
@@ -48,15 +51,15 @@ pub struct HandOver {
     /// The methods of this run's requests whose final answer begins past the boundary (a HEAD's answer has
     /// no body), in order.
     pub owed: Vec<RequestMethod>,
-    /// where the client's next request begins, handed over
-    pub client_resume: Option<u64>,
+    /// where the client's stream can be picked up in step, handed over
+    pub client_resume: Option<(u64, ResumeIn)>,
 }
 
 impl HandOver {
     /// The boundary falls at these positions of the client's and the server's streams; `client_resume`:
-    /// where the next request begins, if known and handed over (the next run starts there in step).
-    pub fn at(client_at: u64, server_at: u64, client_resume: Option<u64>) -> HandOver {
-        let decision = client_resume.map_or(Decision::Undecided, Decision::NextRunFrom);
+    /// where the client can be picked up in step, if known and handed over (the next run starts there).
+    pub fn at(client_at: u64, server_at: u64, client_resume: Option<(u64, ResumeIn)>) -> HandOver {
+        let decision = client_resume.map_or(Decision::Undecided, |(at, _)| Decision::NextRunFrom(at));
         HandOver { client_at, server_at, decision, owed: Vec::new(), client_resume }
     }
 
@@ -85,12 +88,12 @@ impl HandOver {
     /// A connection first seen past this run's boundary was read in step from `position`, as the previous
     /// run said (so will the next run be): the requests from there are the next run's, and that is handed on.
     /// (If the server spoke first, what came before `position` is the end of a body: no request either.)
-    pub fn resume_at(&mut self, position: u64) {
+    pub fn resume_at(&mut self, position: u64, into: ResumeIn) {
         if matches!(self.decision, Decision::Undecided)
             || matches!(self.decision, Decision::NextRunFrom(from) if from <= position)
         {
             self.decision = Decision::NextRunFrom(position);
-            self.client_resume = Some(position);
+            self.client_resume = Some((position, into));
         }
     }
 
@@ -145,7 +148,7 @@ mod tests {
 
     #[test]
     fn where_the_next_request_begins_is_known_the_next_run_takes_the_requests_from_there() {
-        let mut hand_over = HandOver::at(100, 50, Some(400)); // inside a body that ends at 400
+        let mut hand_over = HandOver::at(100, 50, Some((400, ResumeIn::Message))); // inside a body that ends at 400
         hand_over.client_data(true); // the body's bytes look like a request: they are not one
         assert!(!hand_over.next_runs(100) && !hand_over.next_runs(399) && hand_over.next_runs(400));
         assert!(!hand_over.until_answer());

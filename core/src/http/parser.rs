@@ -42,6 +42,16 @@ enum State {
     Resync,
 }
 
+/// What a stream picked up in step begins with (`MessageParser::next_resume`): a message, or, inside a
+/// chunked body, the line end after a chunk's data, a chunk's size line, or the trailers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResumeIn {
+    Message,
+    ChunkEnd,
+    ChunkSize,
+    Trailers,
+}
+
 /// What a response's framing needs to know of the request it answers: the answer to HEAD has no body,
 /// a 2xx answer to CONNECT opens a tunnel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,8 +77,9 @@ impl RequestMethod {
 /// to a gap or could not be parsed).
 pub trait MessageSink {
     fn counters(&mut self) -> &mut ParserCounters;
-    /// Responses: how the request being answered was sent.
-    fn answered_method(&mut self) -> RequestMethod;
+    /// Responses: how the request being answered was sent; the head begins at `position`, and its first
+    /// segment acknowledged `peer_acked` of the peer's stream (-1 when unknown).
+    fn answered_method(&mut self, position: u64, peer_acked: i64) -> RequestMethod;
     fn head(&mut self, message: Message);
     fn complete(&mut self, size: u64, end_time: f64);
     fn lost(&mut self);
@@ -165,28 +176,49 @@ impl MessageParser {
         self.message.as_ref().map(|message| message.position)
     }
 
-    /// How many bytes from the current position the next message begins, when that is known: 0 between
-    /// messages, the rest of a body of known length inside one.
-    pub fn next_message_in(&self) -> Option<u64> {
+    /// Where this stream could be picked up in step, when that is known: how many bytes from the current
+    /// position, and into what. 0 into a message between messages; the rest of a body of known length;
+    /// inside a chunked body, the rest of a chunk's data, or 0 at the start of one of its lines.
+    pub fn next_resume(&self) -> Option<(u64, ResumeIn)> {
+        if self.between_messages() {
+            return Some((0, ResumeIn::Message));
+        }
+        if self.message.is_none() || self.joined != Joined::Synced {
+            return None;
+        }
         match self.state {
-            _ if self.between_messages() => Some(0),
-            State::Body if self.message.is_some() && self.joined == Joined::Synced => Some(self.remaining),
+            State::Body => Some((self.remaining, ResumeIn::Message)),
+            State::ChunkData => Some((self.remaining, ResumeIn::ChunkEnd)),
+            State::ChunkEnd if self.buffer.is_empty() => Some((0, ResumeIn::ChunkEnd)),
+            State::ChunkSize if self.buffer.is_empty() => Some((0, ResumeIn::ChunkSize)),
+            State::Trailers if self.buffer.is_empty() => Some((0, ResumeIn::Trailers)),
             _ => None,
         }
     }
 
-    /// A joined stream whose framing a previous run knew: a message begins `skip` bytes from here, and
-    /// what comes before it is the end of one the previous run read.
-    pub fn resume_after(&mut self, skip: u64) {
+    /// A joined stream whose framing a previous run knew (`next_resume`): `into` begins `skip` bytes from
+    /// here, and what comes before is the end of a body the previous run read. False where that cannot be
+    /// followed (a chunk's line is never skipped into): the stream is then joined as any other.
+    pub fn resume_after(&mut self, skip: u64, into: ResumeIn) -> bool {
         if self.state == State::Tunnel {
-            return; // an answer that opened a tunnel came first: what follows is not HTTP
+            return true; // an answer that opened a tunnel came first: what follows is not HTTP
         }
+        let state = match (into, skip) {
+            (ResumeIn::Message, 0) => State::Head,
+            (ResumeIn::Message, _) => State::Body,
+            (ResumeIn::ChunkEnd, 0) => State::ChunkEnd,
+            (ResumeIn::ChunkEnd, _) => State::ChunkData,
+            (ResumeIn::ChunkSize, 0) => State::ChunkSize,
+            (ResumeIn::Trailers, 0) => State::Trailers,
+            (ResumeIn::ChunkSize | ResumeIn::Trailers, _) => return false,
+        };
         self.buffer.clear();
         self.message = None;
         self.kept_starts_line = true;
         self.joined = Joined::Synced;
         self.remaining = skip;
-        self.state = if skip == 0 { State::Head } else { State::Body };
+        self.state = state;
+        true
     }
 
     /// The other direction sent data: a request stream joined inside a request may be searched again.
@@ -240,7 +272,8 @@ impl MessageParser {
             return;
         }
         // (a body with no message: the end of one a previous run read, after `resume_after`)
-        if (self.message.is_some() || state == State::Body) && state != State::Head {
+        let resumed_body = matches!(state, State::Body | State::ChunkData | State::ChunkSize | State::ChunkEnd | State::Trailers);
+        if (self.message.is_some() || resumed_body) && state != State::Head {
             if state == State::UntilClose {
                 self.grow(size);
                 return;
@@ -488,7 +521,9 @@ impl MessageParser {
             parsed.status = status_line(head)?;
             let lines = HeaderLines::read(head, false);
             (parsed.proxied_by_kong, parsed.answered_by_kong) = (lines.proxied_by_kong, lines.answered_by_kong);
-            (parsed.state, parsed.remaining) = match response_framing(&lines, parsed.status, sink.answered_method()) {
+            let (position, peer_acked) = self.message.as_ref().map_or((0, -1), |head| (head.position, head.peer_acked));
+            let method = sink.answered_method(position, peer_acked);
+            (parsed.state, parsed.remaining) = match response_framing(&lines, parsed.status, method) {
                 Some(framing) => framing,
                 None => {
                     sink.counters().parse_errors += 1;
@@ -1058,7 +1093,7 @@ mod tests {
         fn counters(&mut self) -> &mut ParserCounters {
             &mut self.counters
         }
-        fn answered_method(&mut self) -> RequestMethod {
+        fn answered_method(&mut self, _: u64, _: i64) -> RequestMethod {
             self.method.unwrap_or(RequestMethod::Other)
         }
         fn head(&mut self, message: Message) {
