@@ -454,7 +454,7 @@ impl Side<'_, '_> {
         let first_had = first_had.or(pairing.client_pipelines.then_some(0));
         let shown_from = first_had.map(|had| had.max(pairing.responses_end));
         let dropped = pairing.answers_lost_at.iter().filter(|&&began| shown_from.is_some_and(|from| began >= from)).count();
-        let sent_before_the_gap = first_had.is_some_and(|had| had < pairing.server_gap_at);
+        let sent_before_the_gap = first_had.is_some_and(|had| had <= pairing.server_gap_at);
         let accounted = dropped + usize::from(pairing.tail_unseen && sent_before_the_gap);
         let queued = || pairing.pending.range(first..);
         let shown = queued().zip(queued().skip(1)).take_while(|(earlier, later)| {
@@ -1497,6 +1497,24 @@ mod tests {
         conversation.send_having(&mut http, &get("/2"), 0);
         conversation.send(&mut http, false, 1.0, b"HTTP/1.1 201 Fine\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nsome\r\n");
         conversation.lose(&mut http, false, b"0\r\n\r\n".len());
+        let had = conversation.sent[1];
+        conversation.send_having(&mut http, &get("/3"), had);
+        conversation.send(&mut http, false, 1.0, &answer(202));
+        conversation.send(&mut http, false, 1.0, &answer(203));
+        assert_eq!(targets(&mut http), billed(&[("/1", 201), ("/2", 202), ("/3", 203)]));
+    }
+
+    #[test]
+    fn a_request_sent_just_before_a_chunked_answers_unseen_tail_keeps_its_own_answer() {
+        // /2 goes out while /1's chunked answer arrives, having all of it the capture saw: then its tail is
+        // lost, and /3 goes out once the client has the whole of it
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send_having(&mut http, &get("/1"), 0);
+        conversation.send(&mut http, false, 1.0, b"HTTP/1.1 201 Fine\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nsome\r\n");
+        let had = conversation.sent[1];
+        conversation.send_having(&mut http, &get("/2"), had);
+        conversation.lose(&mut http, false, b"5\r\nmore!\r\n0\r\n\r\n".len());
         let had = conversation.sent[1];
         conversation.send_having(&mut http, &get("/3"), had);
         conversation.send(&mut http, false, 1.0, &answer(202));
