@@ -7,6 +7,7 @@ clients, real kernel capture; nginx's access log is the truth. Needs root (packe
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import signal
 import socket
@@ -72,7 +73,7 @@ def rings_in(manager: ServiceManagerDouble) -> list[tuple[str, int]]:
 
 
 def start(manager: ServiceManagerDouble, gateway: KongStandin, output: Path, *extra: str) -> LiveAgent:
-    """The agent as the unit runs it, with a data directory (where a stop leaves the answers owed)."""
+    """The agent as the unit runs it, with a data directory."""
     state = ("--data-dir", str(output.parent / "state"))
     agent = LiveAgent(output, gateway.port, *state, *extra, launch=manager.start)
     agent.wait_for("capturing on lo")
@@ -122,8 +123,10 @@ def test_a_restart_under_the_service_manager_bills_every_request_once(gateway, m
     assert manager.ignored == 0  # only the main process speaks to the manager, never a worker
 
 
+@pytest.mark.parametrize("left_by", ["this version", "an earlier version"])
 def test_a_request_in_flight_at_the_stop_is_billed_with_its_answer_and_those_after_it_by_the_next_run(
-        gateway, manager, tmp_path: Path) -> None:
+        gateway, manager, tmp_path: Path, left_by: str) -> None:
+    """An earlier version left the answers owed in the data directory: an upgrade pairs as a restart does."""
     first = start(manager, gateway, tmp_path / "first.jsonl")
     body = b"x" * 1000
     upload = request("POST", "/uploads/in-flight", ALICE, body=body)
@@ -133,17 +136,36 @@ def test_a_request_in_flight_at_the_stop_is_billed_with_its_answer_and_those_aft
         # next run reads on in step from there
         behind = request("GET", "/behind-the-upload", BOB)
         across_the_stop(manager, first, connection, upload[:-600], upload[-600:] + behind, answers=2)
+        if left_by == "an earlier version":
+            earlier_file = as_an_earlier_version_left_them(manager, tmp_path / "state")
         connection.sendall(request("GET", "/after-the-answers", BOB))  # the next run's
         read_responses(connection, 1)
-        second = start(manager, gateway, tmp_path / "second.jsonl")
-        connection.sendall(request("GET", "/after-the-restart", ALICE, close=True))
-        read_responses(connection, 1)
+        second = restart_and_send_the_last(manager, gateway, connection, tmp_path)
     entries = gateway.access_log_entries(expect=4)
     stop(manager, second)
     assert metered_rows(first.events() + second.events()) == billed_rows(entries)
     by_run = [[event["data"]["request_uri"] for event in run.events()] for run in (first, second)]
     assert by_run == [["/uploads/in-flight"], ["/behind-the-upload", "/after-the-answers", "/after-the-restart"]]
     assert first.summary()["unanswered"] == 0
+    if left_by == "an earlier version":
+        assert not earlier_file.exists()
+
+
+def as_an_earlier_version_left_them(manager: ServiceManagerDouble, data_dir: Path) -> Path:
+    """The answers a stop left with the manager, moved where a version before that left them: a file in
+    the data directory, where a client picked up in step was a bare sequence number."""
+    [(name, _)] = rings_in(manager)
+    [(index, fd)] = [(index, fd) for index, (stored, fd) in enumerate(manager.store) if stored == name + ANSWERS]
+    owed = json.loads(os.pread(fd, 1 << 20, 0))
+    assert [entry[5][1] for entry in owed] == ["message"]
+    for entry in owed:
+        entry[5] = entry[5][0]
+    os.close(fd)
+    del manager.store[index]
+    data_dir.mkdir(exist_ok=True)
+    path = data_dir / f"{name}.answers.json"
+    path.write_text(json.dumps(owed))
+    return path
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
@@ -165,9 +187,7 @@ def test_an_upload_whose_body_past_the_stop_looks_like_requests_bills_none_of_th
         # the head and 10 bytes of body before the stop; past the boundary, the body's rest, beginning with a
         # request line
         across_the_stop(manager, first, connection, before, after, answers=1)
-        second = start(manager, gateway, tmp_path / "second.jsonl")
-        connection.sendall(request("GET", "/after-the-upload", BOB, close=True))
-        read_responses(connection, 1)
+        second = restart_and_send_the_last(manager, gateway, connection, tmp_path, "/after-the-upload", BOB)
     entries = gateway.access_log_entries(expect=2)
     stop(manager, second)
     assert metered_rows(first.events() + second.events()) == billed_rows(entries)
@@ -183,9 +203,7 @@ def test_a_request_whose_head_straddles_the_stop_is_billed_once_with_its_answer(
         read_responses(connection, 1)
         # the head's first segment comes before the stop, its rest after
         across_the_stop(manager, first, connection, head[:25], head[25:], answers=1)
-        second = start(manager, gateway, tmp_path / "second.jsonl")
-        connection.sendall(request("GET", "/after-the-restart", ALICE, close=True))
-        read_responses(connection, 1)
+        second = restart_and_send_the_last(manager, gateway, connection, tmp_path)
     entries = gateway.access_log_entries(expect=3)
     stop(manager, second)
     assert metered_rows(first.events() + second.events()) == billed_rows(entries)
@@ -237,9 +255,7 @@ def pipelined_behind_a_slow_one(manager: ServiceManagerDouble, tmp_path: Path) -
             # the next run's, which sees the slow answer first
             slow, behind = request("GET", "/slow/1000/in-flight", BOB), request("GET", "/pipelined-behind", ALICE)
             across_the_stop(manager, first, connection, slow, behind, answers=2)
-            second = start(manager, gateway, tmp_path / "second.jsonl")
-            connection.sendall(request("GET", "/after-the-restart", ALICE, close=True))
-            read_responses(connection, 1)
+            second = restart_and_send_the_last(manager, gateway, connection, tmp_path)
         entries = gateway.access_log_entries(expect=3)
         stop(manager, second)
     upstream.shutdown()
@@ -261,6 +277,15 @@ def across_the_stop(manager: ServiceManagerDouble, agent: LiveAgent, connection:
     connection.sendall(after)
     read_responses(connection, answers)
     stopping.join(30)
+
+
+def restart_and_send_the_last(manager: ServiceManagerDouble, gateway: KongStandin, connection: socket.socket,
+                              tmp_path: Path, target: str = "/after-the-restart", key: str = ALICE) -> LiveAgent:
+    """The next run starts; the connection's last request (it asks to close) is sent and answered."""
+    second = start(manager, gateway, tmp_path / "second.jsonl")
+    connection.sendall(request("GET", target, key, close=True))
+    read_responses(connection, 1)
+    return second
 
 
 def read_responses(connection: socket.socket, count: int) -> None:

@@ -43,7 +43,8 @@ def test_what_a_stop_leaves_the_next_start_reads_back_once(ring) -> None:
     '[["7f000001", 1, "7f000001", 8000, "OTHER", null, 0]]',  # a string is not a list of methods
     '[["7f000001", 1, "7f000001", 8000, ["GET"], null, 0]]',
     '[["7f000001", 1, "7f000001", 8000, [], null]]',   # no count of restarts
-    '[["7f000001", 1, "7f000001", 8000, [], 7, 0]]',   # a sequence number alone: not where, into what
+    '[["7f000001", 1, "7f000001", 8000, [], 4294967296, 0]]',   # an earlier version's, out of range
+    '[["7f000001", 1, "7f000001", 8000, [], true, 0]]',
     '[["7f000001", 1, "7f000001", 8000, [], [-1, "message"], 0]]',   # not a sequence number
     '[["7f000001", 1, "7f000001", 8000, [], [4294967296, "message"], 0]]',
     '[["7f000001", 1, "7f000001", 8000, [], [7, "body"], 0]]',   # nothing a client is picked up in
@@ -58,6 +59,12 @@ def test_a_file_that_is_not_what_a_stop_leaves_is_said_and_ignored(ring, text: s
         assert take_answers(ring) == []
     assert "which are not what a stop leaves" in caplog.text
     assert os.fstat(ring.answers_fd).st_size == 0  # so the next start does not meet it again
+
+
+def test_an_earlier_versions_sequence_number_alone_is_where_a_message_begins(ring) -> None:
+    """Versions before chunked uploads were handed over picked a client up in step at a message only."""
+    os.write(ring.answers_fd, b'[["7f000001", 1, "7f000001", 8000, ["HEAD"], 7, 0]]')
+    assert take_answers(ring) == [(bytes([127, 0, 0, 1]), 1, bytes([127, 0, 0, 1]), 8000, ["HEAD"], (7, "message"), 0)]
 
 
 def test_a_file_larger_than_any_stop_leaves_is_read_no_further(ring, caplog) -> None:

@@ -10,7 +10,9 @@ the next run's summary. The answers the next run will see to the stopping run's 
 the manager too, in a memory file stored beside the ring (`leave_answers`), so that it does not take them
 for its own, with where each client's next request begins, so that it reads the client in step from
 there. Kept in memory by the manager, they need no disk: a full or read-only data directory cannot lose
-them, and a ring not kept has none to leave.
+them, and a ring not kept has none to leave. (Versions before kept them in the data directory, as
+`<ring>.answers.json`: a run that takes over such a version's rings moves that file into the memory file
+once, so an upgrade under traffic pairs as a restart does.)
 
 A socket is taken over only if its name says it has the shape this run asks for (interface, link type,
 ring size, retire period, number of workers); otherwise the stored ones are closed and new ones opened.
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import stat
+from pathlib import Path
 
 from agent.live.service_manager import ServiceManager
 from agent.live.startup_checks import Link, check_ring_memory, socket_error
@@ -51,9 +54,12 @@ class RingStore:
     """The rings' way through a restart: the descriptors the manager passed at this start, and the manager
     to leave this run's with (None when not run by one: rings are then opened anew and closed at the end)."""
 
-    def __init__(self, manager: ServiceManager | None, inherited: dict[str, list[int]]) -> None:
+    def __init__(self, manager: ServiceManager | None, inherited: dict[str, list[int]],
+                 data_dir: Path | None = None) -> None:
+        """`data_dir`: where an earlier version left the answers owed (see the module's docstring)."""
         self.manager = manager
         self.inherited = inherited
+        self.data_dir = data_dir
 
     def open(self, link: Link, program: list[tuple[int, int, int, int]], ring_bytes: int,
              workers: int) -> list[PacketRing]:
@@ -77,6 +83,9 @@ class RingStore:
             for name, ring, kept_answers in zip(names, rings, answers):
                 if ring.kept_by_service_manager:
                     ring.answers_fd = kept_answers if kept_answers is not None else self._new_answers(name + ANSWERS)
+                if self.data_dir is not None:
+                    _move_earlier_answers(self.data_dir / f"{name}.answers.json",
+                                          ring.answers_fd if ring.taken_over and kept_answers is None else None)
         return rings
 
     def _kept_answers(self, name: str) -> int | None:
@@ -158,6 +167,21 @@ def leave_answers(ring: PacketRing, owed: list[HandedOver]) -> None:
                     "its own", error.strerror or error)
 
 
+def _move_earlier_answers(path: Path, answers_fd: int | None) -> None:
+    """An earlier version's answers file: into `answers_fd` (a ring it left, taken over), else stale; removed."""
+    try:
+        if answers_fd is not None:
+            with path.open("rb") as file:
+                text = file.read(MAX_ANSWERS_BYTES + 1)
+            os.pwrite(answers_fd, text, 0)  # (a memory file just made: empty)
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        log.warning("cannot move the answers an earlier version left in %s (%s): the first answers on its "
+                    "connections may be paired with this run's requests", path, error.strerror or error)
+
+
 def take_answers(ring: PacketRing) -> list[HandedOver]:
     """What the previous run left beside the ring (see `leave_answers`), emptied before it is parsed, so
     that no start meets it twice. What is not what `leave_answers` writes is said and ignored: the first
@@ -198,6 +222,8 @@ def _owed_answers(entry: object) -> HandedOver:
         raise ValueError("not a connection")
     if type(methods) is not list or len(methods) > MAX_WAITING or not all(method in METHODS for method in methods):
         raise ValueError("not a list of methods")
+    if type(resume) is int:
+        resume = resume, "message"  # (an earlier version's: a client was picked up in step at a message only)
     if resume is not None:
         seq, into = resume
         if not (type(seq) is int and 0 <= seq <= 0xFFFF_FFFF) or into not in RESUMES:

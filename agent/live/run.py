@@ -34,7 +34,7 @@ from agent.observe.server import Monitor
 from agent.options import pipeline_from_args
 from agent.pipeline import Pipeline
 from agent.sink import Sink
-from agent.sink.datadir import hand_over
+from agent.sink.datadir import default_data_dir, hand_over
 from agent.sink.options import state_dirs
 from agent.source.kernel_filter import MAX_PORTS, capture_filter
 from agent.source.packet_ring import PacketRing
@@ -52,7 +52,7 @@ def run_live(args: argparse.Namespace, credentials: CredentialSync | None, open_
     if args.user:
         user_entry(args.user)
     manager = ServiceManager.from_environment()
-    store = RingStore(manager, inherited_fds())  # new rings are checked against the memory available there
+    store = RingStore(manager, inherited_fds(), args.data_dir or default_data_dir())
     # the rings first: without permission to capture, that is the one line a start says
     program = capture_filter(ports, link.header_length, drop_outgoing=link.loopback)
     rings = store.open(link, program, args.ring_mb << 20, args.workers)

@@ -120,13 +120,15 @@ struct Pairing {
     hand_over: Option<HandOver>,
     /// from the previous run: the client's sequence number where it is picked up in step (`expect_answers`)
     client_resume: Option<(u32, ResumeIn)>,
-    /// server bytes went unseen (a gap) since the last response head, from this position on, and where
-    /// the answers the parser found lost among them began (each the first unanswered request's, dropped)
+    /// server bytes went unseen (a gap) since the last response head, and where the answers the parser
+    /// found lost among them began (each the first unanswered request's, dropped)
     server_gap: bool,
-    server_gap_at: u64,
     answers_lost_at: Vec<u64>,
+    /// where the server's latest gap began, and the gap a chunked answer's end went into (`end_unseen`)
+    latest_server_gap_at: u64,
+    tail_gap_at: u64,
     /// where the response being read began, and where the last one read ended, in the server's stream
-    /// (for one whose end was in a gap, where the gap began: `tail_unseen`)
+    /// (for one whose end was in a gap, where that gap began: `tail_unseen`)
     response_position: u64,
     response_end_unseen: bool,
     responses_end: u64,
@@ -143,12 +145,12 @@ impl Pairing {
 
     /// For an answer whose end went into a gap (its size runs on to the next head, over whatever else the
     /// gap held): where it had ended at the latest. The next request, sent once the client had bytes from
-    /// past the gap's start, was sent after this answer's end (a client sends its next request once it has
-    /// the answer); one sent before, pipelined, says nothing.
+    /// past that gap's start, was sent after this answer's end (a client sends its next request once it has
+    /// the answer); one sent before, pipelined, says nothing. Never before the gap: those bytes were seen.
     fn seen_whole_by(&self) -> u64 {
         let next = self.first_unanswered().and_then(|index| self.pending.get(index + 1));
         let had = next.filter(|next| next.has_request).and_then(|next| u64::try_from(next.peer_acked).ok());
-        had.filter(|&had| had > self.server_gap_at).unwrap_or(u64::MAX)
+        had.filter(|&had| had > self.tail_gap_at).unwrap_or(u64::MAX)
     }
 }
 
@@ -305,7 +307,7 @@ impl Side<'_, '_> {
     }
 
     fn response_head(&mut self, message: Message) {
-        self.after_unseen_bytes(message.position, message.peer_acked);
+        // (the answers lost unseen before it were skipped when its framing was read: `answered_method`)
         self.pairing.response_position = message.position;
         let acked = u64::try_from(message.peer_acked).ok();
         let pairing = &mut *self.pairing;
@@ -350,7 +352,7 @@ impl Side<'_, '_> {
             size = size.min(pairing.seen_whole_by().saturating_sub(pairing.response_position));
         }
         pairing.responses_end = match pairing.tail_unseen {
-            true => pairing.server_gap_at,
+            true => pairing.tail_gap_at,
             false => pairing.response_position.saturating_add(size),
         };
         let answering = std::mem::take(&mut pairing.answering);
@@ -454,7 +456,7 @@ impl Side<'_, '_> {
         let first_had = first_had.or(pairing.client_pipelines.then_some(0));
         let shown_from = first_had.map(|had| had.max(pairing.responses_end));
         let dropped = pairing.answers_lost_at.iter().filter(|&&began| shown_from.is_some_and(|from| began >= from)).count();
-        let sent_before_the_gap = first_had.is_some_and(|had| had <= pairing.server_gap_at);
+        let sent_before_the_gap = first_had.is_some_and(|had| had <= pairing.tail_gap_at);
         let accounted = dropped + usize::from(pairing.tail_unseen && sent_before_the_gap);
         let queued = || pairing.pending.range(first..);
         let shown = queued().zip(queued().skip(1)).take_while(|(earlier, later)| {
@@ -510,7 +512,11 @@ impl MessageSink for Side<'_, '_> {
     }
 
     fn end_unseen(&mut self) {
-        self.pairing.response_end_unseen |= !self.to_server;
+        // (the gap that took the framing: later ones, before the next head, only lengthen the tail)
+        if !self.to_server && !self.pairing.response_end_unseen {
+            let pairing = &mut *self.pairing;
+            (pairing.response_end_unseen, pairing.tail_gap_at) = (true, pairing.latest_server_gap_at);
+        }
     }
 
     fn cut_short(&mut self) {
@@ -597,8 +603,8 @@ impl HttpConnection {
             }
             StreamEvent::Gap { lost, position } => {
                 let pairing = &mut side.pairing;
-                if !to_server && !pairing.server_gap {
-                    (pairing.server_gap, pairing.server_gap_at) = (true, position);
+                if !to_server {
+                    (pairing.server_gap, pairing.latest_server_gap_at) = (true, position);
                 }
                 parser.gap(lost, time, &mut side)
             }
@@ -979,6 +985,11 @@ mod tests {
             http.event(&self.info, true, 1.0, StreamEvent::Data { payload, position, peer_acked: had as i64 });
         }
 
+        /// Bytes the client sends having received everything the server sent so far.
+        fn send_having_all(&mut self, http: &mut HttpExchanges, payload: &[u8]) {
+            self.send_having(http, payload, self.sent[1]);
+        }
+
         /// `lost` bytes of one direction that the capture never saw.
         fn lose(&mut self, http: &mut HttpExchanges, to_server: bool, lost: usize) {
             let index = usize::from(!to_server);
@@ -1343,8 +1354,7 @@ mod tests {
             conversation.lose(&mut http, false, answers);
             conversation.lose(&mut http, true, requests);
             for (target, status) in [("/2", 202), ("/3", 203), ("/4", 204)] {
-                let had = conversation.sent[1];
-                conversation.send_having(&mut http, &get(target), had);
+                conversation.send_having_all(&mut http, &get(target));
                 conversation.send(&mut http, false, 1.0, &answer(status));
             }
             assert_eq!(targets(&mut http), billed(&[("/1", 201), ("/2", 202), ("/3", 203), ("/4", 204)]));
@@ -1362,8 +1372,7 @@ mod tests {
         conversation.lose(&mut http, false, b"0\r\n\r\n".len() + answer(500).len());
         conversation.lose(&mut http, true, get("/lost").len());
         for (target, status) in [("/2", 202), ("/3", 203)] {
-            let had = conversation.sent[1];
-            conversation.send_having(&mut http, &get(target), had);
+            conversation.send_having_all(&mut http, &get(target));
             conversation.send(&mut http, false, 1.0, &answer(status));
         }
         assert_eq!(targets(&mut http), billed(&[("/1", 201), ("/2", 202), ("/3", 203)]));
@@ -1401,8 +1410,7 @@ mod tests {
         conversation.send(&mut http, true, 1.0, &get("/1"));
         conversation.lose(&mut http, false, answer(501).len() + answer(502).len());
         conversation.lose(&mut http, true, get("/lost").len());
-        let had = conversation.sent[1];
-        conversation.send_having(&mut http, &get("/2"), had);
+        conversation.send_having_all(&mut http, &get("/2"));
         conversation.send(&mut http, false, 1.0, &answer(202));
         assert_eq!(targets(&mut http), billed(&[("/2", 202)]));
         assert_eq!(http.counters.unmatched_responses, 0);
@@ -1417,8 +1425,7 @@ mod tests {
         conversation.send_having(&mut http, &get("/1"), 0);
         conversation.send_having(&mut http, &get("/2"), 0);
         conversation.lose(&mut http, false, answer(201).len());
-        let had = conversation.sent[1];
-        conversation.send_having(&mut http, &get("/3"), had);
+        conversation.send_having_all(&mut http, &get("/3"));
         conversation.send(&mut http, false, 1.0, &answer(202));
         conversation.send(&mut http, false, 1.0, &answer(203));
         assert_eq!(targets(&mut http), billed(&[("/2", 202), ("/3", 203)]));
@@ -1437,8 +1444,7 @@ mod tests {
             if target != "/2" {
                 conversation.lose(&mut http, false, answer(500).len());
             }
-            let had = conversation.sent[1];
-            conversation.send_having(&mut http, &get(target), had);
+            conversation.send_having_all(&mut http, &get(target));
         }
         conversation.send(&mut http, false, 1.0, &answer(205));
         assert_eq!(targets(&mut http), billed(&[("/1", 201), ("/5", 205)]));
@@ -1455,11 +1461,9 @@ mod tests {
         conversation.send(&mut http, false, 1.0, &answer(201));
         conversation.lose(&mut http, false, answer(500).len());
         conversation.lose(&mut http, true, get("/lost").len());
-        let had = conversation.sent[1];
-        conversation.send_having(&mut http, b"HEAD /2 HTTP/1.1\r\nHost: api\r\napikey: k1\r\n\r\n", had);
+        conversation.send_having_all(&mut http, b"HEAD /2 HTTP/1.1\r\nHost: api\r\napikey: k1\r\n\r\n");
         conversation.send(&mut http, false, 1.0, b"HTTP/1.1 202 Fine\r\nContent-Length: 55\r\n\r\n");
-        let had = conversation.sent[1];
-        conversation.send_having(&mut http, &get("/3"), had);
+        conversation.send_having_all(&mut http, &get("/3"));
         conversation.send(&mut http, false, 1.0, &answer(203));
         assert_eq!(targets(&mut http), billed(&[("/1", 201), ("/2", 202), ("/3", 203)]));
     }
@@ -1474,11 +1478,9 @@ mod tests {
         conversation.send(&mut http, false, 1.0, seen);
         let end = b"0\r\n\r\n";
         conversation.lose(&mut http, false, end.len());
-        let had = conversation.sent[1];
-        conversation.send_having(&mut http, &get("/2"), had);
+        conversation.send_having_all(&mut http, &get("/2"));
         conversation.lose(&mut http, false, answer(500).len());
-        let had = conversation.sent[1];
-        conversation.send_having(&mut http, &get("/3"), had);
+        conversation.send_having_all(&mut http, &get("/3"));
         conversation.send(&mut http, false, 1.0, &answer(203));
         let sizes: Vec<(String, u16, u64)> = http.take()
             .map(|exchange| (String::from_utf8(exchange.request.target).unwrap(), exchange.status, exchange.response_size))
@@ -1497,8 +1499,7 @@ mod tests {
         conversation.send_having(&mut http, &get("/2"), 0);
         conversation.send(&mut http, false, 1.0, b"HTTP/1.1 201 Fine\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nsome\r\n");
         conversation.lose(&mut http, false, b"0\r\n\r\n".len());
-        let had = conversation.sent[1];
-        conversation.send_having(&mut http, &get("/3"), had);
+        conversation.send_having_all(&mut http, &get("/3"));
         conversation.send(&mut http, false, 1.0, &answer(202));
         conversation.send(&mut http, false, 1.0, &answer(203));
         assert_eq!(targets(&mut http), billed(&[("/1", 201), ("/2", 202), ("/3", 203)]));
@@ -1512,14 +1513,37 @@ mod tests {
         let mut conversation = Conversation::new(1);
         conversation.send_having(&mut http, &get("/1"), 0);
         conversation.send(&mut http, false, 1.0, b"HTTP/1.1 201 Fine\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nsome\r\n");
-        let had = conversation.sent[1];
-        conversation.send_having(&mut http, &get("/2"), had);
+        conversation.send_having_all(&mut http, &get("/2"));
         conversation.lose(&mut http, false, b"5\r\nmore!\r\n0\r\n\r\n".len());
-        let had = conversation.sent[1];
-        conversation.send_having(&mut http, &get("/3"), had);
+        conversation.send_having_all(&mut http, &get("/3"));
         conversation.send(&mut http, false, 1.0, &answer(202));
         conversation.send(&mut http, false, 1.0, &answer(203));
         assert_eq!(targets(&mut http), billed(&[("/1", 201), ("/2", 202), ("/3", 203)]));
+    }
+
+    #[test]
+    fn a_chunked_answer_whose_end_is_unseen_is_billed_at_least_the_bytes_seen() {
+        // an earlier gap inside the chunk data, /2 pipelined while /1's answer comes, then only the last
+        // chunk unseen: /1 is billed past the later gap's start, not cut at the first gap
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send_having(&mut http, &get("/1"), 0);
+        conversation.send(&mut http, false, 1.0, b"HTTP/1.1 201 Fine\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n");
+        conversation.send(&mut http, false, 1.0, &[b'a'; 50]);
+        conversation.lose(&mut http, false, 50);
+        conversation.send(&mut http, false, 1.0, b"\r\n3e8\r\n");
+        conversation.send(&mut http, false, 1.0, &[b'b'; 400]);
+        conversation.send_having_all(&mut http, &get("/2"));
+        conversation.send(&mut http, false, 1.0, &[b'b'; 600]);
+        conversation.send(&mut http, false, 1.0, b"\r\n");
+        let seen_up_to = conversation.sent[1];
+        conversation.lose(&mut http, false, b"0\r\n\r\n".len());
+        conversation.send(&mut http, false, 1.0, &answer(202));
+        let billed: Vec<(Vec<u8>, u64)> = http.take().map(|e| (e.request.target, e.response_size)).collect();
+        assert_eq!(billed.len(), 2);
+        assert_eq!(billed[0].0, b"/1");
+        assert!(billed[0].1 >= seen_up_to, "/1 billed {} bytes, {} of its answer were seen", billed[0].1, seen_up_to);
+        assert_eq!(billed[1], (b"/2".to_vec(), answer(202).len() as u64));
     }
 
     #[test]
