@@ -124,6 +124,9 @@ struct Pairing {
     /// found lost among them began (each the first unanswered request's, dropped)
     server_gap: bool,
     answers_lost_at: Vec<u64>,
+    /// the last of those was lost in the server's latest gap: what was seen after it, to the next head, is
+    /// its body (the next head is where it ended)
+    last_lost_runs_on: bool,
     /// where the server's latest gap began, and the gap a chunked answer's end went into (`end_unseen`)
     latest_server_gap_at: u64,
     tail_gap_at: u64,
@@ -405,6 +408,7 @@ impl Side<'_, '_> {
         if pairing.server_gap && pairing.first_unanswered().is_some() {
             // (a lost head begins where the last answer read ended: after it, or where its body ended)
             pairing.answers_lost_at.push(pairing.responses_end);
+            pairing.last_lost_runs_on = true;
         }
         self.lose_first_answer();
     }
@@ -456,6 +460,11 @@ impl Side<'_, '_> {
         let first_had = first_had.or(pairing.client_pipelines.then_some(0));
         let shown_from = first_had.map(|had| had.max(pairing.responses_end));
         let dropped = pairing.answers_lost_at.iter().filter(|&&began| shown_from.is_some_and(|from| began >= from)).count();
+        // one that began before the first was sent, and ended at this head after it was (a request pipelined
+        // while that answer came), shows in the ACKs too
+        let last_began = pairing.answers_lost_at.last().filter(|_| pairing.last_lost_runs_on);
+        let ended_here = last_began.is_some_and(|&began| shown_from.is_some_and(|from| began < from && from < position));
+        let dropped = dropped + usize::from(ended_here);
         let sent_before_the_gap = first_had.is_some_and(|had| had <= pairing.tail_gap_at);
         let accounted = dropped + usize::from(pairing.tail_unseen && sent_before_the_gap);
         let queued = || pairing.pending.range(first..);
@@ -605,6 +614,7 @@ impl HttpConnection {
                 let pairing = &mut side.pairing;
                 if !to_server {
                     (pairing.server_gap, pairing.latest_server_gap_at) = (true, position);
+                    pairing.last_lost_runs_on = false;
                 }
                 parser.gap(lost, time, &mut side)
             }
@@ -1544,6 +1554,26 @@ mod tests {
         assert_eq!(billed[0].0, b"/1");
         assert!(billed[0].1 >= seen_up_to, "/1 billed {} bytes, {} of its answer were seen", billed[0].1, seen_up_to);
         assert_eq!(billed[1], (b"/2".to_vec(), answer(202).len() as u64));
+    }
+
+    #[test]
+    fn a_request_pipelined_while_a_lost_answers_body_arrives_keeps_its_own_answer() {
+        // the head of /lost's answer is lost with /lost itself; /2 goes out while the rest of that answer's
+        // body arrives, /3 once it is in: the answer that ended between them is the lost one, not /2's
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send(&mut http, true, 1.0, &get("/1"));
+        conversation.send(&mut http, false, 1.0, &answer(201));
+        conversation.lose(&mut http, true, get("/lost").len());
+        conversation.lose(&mut http, false, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n".len() + 200);
+        conversation.send(&mut http, false, 1.0, &[b'x'; 400]);
+        conversation.send_having_all(&mut http, &get("/2"));
+        conversation.send(&mut http, false, 1.0, &[b'x'; 400]);
+        conversation.send_having_all(&mut http, &get("/3"));
+        conversation.send(&mut http, false, 1.0, &answer(202));
+        conversation.send(&mut http, false, 1.0, &answer(203));
+        assert_eq!(targets(&mut http), billed(&[("/1", 201), ("/2", 202), ("/3", 203)]));
+        assert_eq!(http.counters.lost_exchanges, 1);
     }
 
     #[test]
