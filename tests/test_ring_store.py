@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent.live.ring_store import MAX_ANSWERS_BYTES, leave_answers, take_answers
+from agent.live.ring_store import MAX_ANSWERS_BYTES, _move_earlier_answers, leave_answers, take_answers
 
 OWED = [(bytes([127, 0, 0, 1]), 40000, bytes([127, 0, 0, 1]), 8000, ["OTHER", "HEAD"], None, 0),
         (bytes(15) + b"\x01", 40001, bytes(15) + b"\x01", 8000, [], (0xFFFF_FFFF, "chunk-end"), 3)]
@@ -82,3 +82,42 @@ def test_answers_that_cannot_be_left_are_said(caplog) -> None:
     finally:
         os.close(read_only)
     assert "cannot leave the answers owed" in caplog.text
+
+
+EARLIER = '[["7f000001", 1, "7f000001", 8000, [], 7, 0]]'  # what a version that kept them on disk left
+
+
+def test_an_earlier_versions_answers_file_is_moved_into_the_memory_file_and_removed(ring, tmp_path) -> None:
+    path = tmp_path / "agent-ring-1-of-1-x.answers.json"
+    path.write_text(EARLIER)
+    _move_earlier_answers(path, ring.answers_fd)
+    assert not path.exists()
+    assert take_answers(ring) == [(bytes([127, 0, 0, 1]), 1, bytes([127, 0, 0, 1]), 8000, [], (7, "message"), 0)]
+
+
+def test_an_earlier_versions_answers_beside_a_ring_not_taken_over_are_only_removed(tmp_path) -> None:
+    path = tmp_path / "agent-ring-1-of-1-x.answers.json"
+    path.write_text(EARLIER)
+    _move_earlier_answers(path, None)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("planted", ["a link to a root-only file", "a FIFO", "a directory"])
+def test_what_is_not_an_earlier_versions_answers_file_is_not_read(ring, tmp_path, planted: str, caplog) -> None:
+    """The data directory belongs to `--user`'s account, and the start runs as root: a link is not followed
+    (the target would reach the unprivileged run), a FIFO does not block the start."""
+    path = tmp_path / "agent-ring-1-of-1-x.answers.json"
+    if planted == "a link to a root-only file":
+        secret = tmp_path / "secret"
+        secret.write_text(EARLIER)
+        secret.chmod(0o600)
+        path.symlink_to(secret)
+    elif planted == "a FIFO":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    with caplog.at_level(logging.WARNING, logger="agent.live"):
+        _move_earlier_answers(path, ring.answers_fd)
+    assert os.fstat(ring.answers_fd).st_size == 0
+    assert "ignoring the answers an earlier version left" in caplog.text
+    assert path.is_dir() or not os.path.lexists(path)

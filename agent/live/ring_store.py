@@ -168,18 +168,27 @@ def leave_answers(ring: PacketRing, owed: list[HandedOver]) -> None:
 
 
 def _move_earlier_answers(path: Path, answers_fd: int | None) -> None:
-    """An earlier version's answers file: into `answers_fd` (a ring it left, taken over), else stale; removed."""
+    """An earlier version's answers file: into `answers_fd` (a ring it left, taken over), else stale; removed.
+    Opened as root in a directory `--user` hands over: a link is not followed, nor anything but a file read
+    (a FIFO would block the start)."""
     try:
         if answers_fd is not None:
-            with path.open("rb") as file:
-                text = file.read(MAX_ANSWERS_BYTES + 1)
-            os.pwrite(answers_fd, text, 0)  # (a memory file just made: empty)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as file:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError("not a file")
+                os.pwrite(answers_fd, file.read(MAX_ANSWERS_BYTES + 1), 0)  # (a memory file just made: empty)
+    except FileNotFoundError:
+        return
+    except OSError as error:  # (ELOOP: a link)
+        log.warning("ignoring the answers an earlier version left in %s (%s): the first answers on its "
+                    "connections may be paired with this run's requests", path, error.strerror or error)
+    try:
         path.unlink()
     except FileNotFoundError:
         pass
     except OSError as error:
-        log.warning("cannot move the answers an earlier version left in %s (%s): the first answers on its "
-                    "connections may be paired with this run's requests", path, error.strerror or error)
+        log.warning("cannot remove %s, the answers an earlier version left (%s)", path, error.strerror or error)
 
 
 def take_answers(ring: PacketRing) -> list[HandedOver]:

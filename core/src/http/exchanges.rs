@@ -127,9 +127,13 @@ struct Pairing {
     /// the last of those was lost in the server's latest gap: what was seen after it, to the next head, is
     /// its body (the next head is where it ended)
     last_lost_runs_on: bool,
-    /// where the server's latest gap began, and the gap a chunked answer's end went into (`end_unseen`)
+    /// where the server's latest gap began and ended; the gap a chunked answer's end went into
+    /// (`end_unseen`), and whether server bytes went unseen after it too
     latest_server_gap_at: u64,
+    latest_server_gap_end: u64,
     tail_gap_at: u64,
+    tail_gap_end: u64,
+    gap_after_tail: bool,
     /// where the response being read began, and where the last one read ended, in the server's stream
     /// (for one whose end was in a gap, where that gap began: `tail_unseen`)
     response_position: u64,
@@ -150,10 +154,14 @@ impl Pairing {
     /// gap held): where it had ended at the latest. The next request, sent once the client had bytes from
     /// past that gap's start, was sent after this answer's end (a client sends its next request once it has
     /// the answer); one sent before, pipelined, says nothing. Never before the gap: those bytes were seen.
+    /// One sent once the client had the whole gap, with nothing unseen since, bounds nothing: the gap came
+    /// before the server had that request, so it held none of its answer, and what was seen since, with no
+    /// head in it, is this answer's.
     fn seen_whole_by(&self) -> u64 {
         let next = self.first_unanswered().and_then(|index| self.pending.get(index + 1));
         let had = next.filter(|next| next.has_request).and_then(|next| u64::try_from(next.peer_acked).ok());
-        had.filter(|&had| had > self.tail_gap_at).unwrap_or(u64::MAX)
+        let after_the_only_gap = !self.gap_after_tail && had.is_some_and(|had| had >= self.tail_gap_end);
+        had.filter(|&had| had > self.tail_gap_at && !after_the_only_gap).unwrap_or(u64::MAX)
     }
 }
 
@@ -524,7 +532,8 @@ impl MessageSink for Side<'_, '_> {
         // (the gap that took the framing: later ones, before the next head, only lengthen the tail)
         if !self.to_server && !self.pairing.response_end_unseen {
             let pairing = &mut *self.pairing;
-            (pairing.response_end_unseen, pairing.tail_gap_at) = (true, pairing.latest_server_gap_at);
+            (pairing.response_end_unseen, pairing.gap_after_tail) = (true, false);
+            (pairing.tail_gap_at, pairing.tail_gap_end) = (pairing.latest_server_gap_at, pairing.latest_server_gap_end);
         }
     }
 
@@ -614,6 +623,8 @@ impl HttpConnection {
                 let pairing = &mut side.pairing;
                 if !to_server {
                     (pairing.server_gap, pairing.latest_server_gap_at) = (true, position);
+                    pairing.latest_server_gap_end = position.saturating_add(lost);
+                    pairing.gap_after_tail |= pairing.response_end_unseen;
                     pairing.last_lost_runs_on = false;
                 }
                 parser.gap(lost, time, &mut side)
@@ -653,10 +664,17 @@ impl HttpConnection {
     fn close(mut self, time: f64, output: &mut Output<'_>) {
         self.requests.end(time, &mut Self::side(true, &mut self.pairing, &self.connection, output));
         self.responses.end(time, &mut Self::side(false, &mut self.pairing, &self.connection, output));
-        let client_left = self.pairing.client_left_first && self.pairing.server_ended;
-        for waiting in self.pairing.pending.drain(..) {
+        let pairing = &mut self.pairing;
+        let client_left = pairing.client_left_first && pairing.server_ended;
+        // server bytes went unseen since the last answer read: one sent before the client had them may be in
+        // them (nginx answered it), and is not taken for one its client left
+        let unseen_up_to = pairing.server_gap.then_some(pairing.latest_server_gap_end);
+        for waiting in pairing.pending.drain(..) {
+            let had = u64::try_from(waiting.peer_acked).ok();
+            let answer_maybe_unseen = unseen_up_to.is_some_and(|end| had.is_none_or(|had| had < end));
             if let Some(exchange) = waiting.exchange {
-                output.emit(client_gone(exchange, client_left, waiting.body_cut_short), &self.connection);
+                let left = client_left && !answer_maybe_unseen;
+                output.emit(client_gone(exchange, left, waiting.body_cut_short), &self.connection);
             }
         }
     }
@@ -1576,6 +1594,51 @@ mod tests {
         assert_eq!(http.counters.lost_exchanges, 1);
     }
 
+    /// A chunk-size line lost, /2 pipelined after that gap while /1's answer still comes: what was seen
+    /// after the gap is /1's, whole.
+    #[test]
+    fn a_chunked_answer_whose_framing_went_into_the_only_gap_is_billed_every_byte_seen_after_it() {
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send_having(&mut http, &get("/1"), 0);
+        conversation.send(&mut http, false, 1.0, b"HTTP/1.1 201 Fine\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n");
+        conversation.send(&mut http, false, 1.0, &[b'a'; 100]);
+        conversation.send(&mut http, false, 1.0, b"\r\n");
+        conversation.lose(&mut http, false, b"3e8\r\n".len()); // the chunk-size line: framing lost here
+        conversation.send(&mut http, false, 1.0, &[b'b'; 400]);
+        conversation.send_having_all(&mut http, &get("/2")); // pipelined while /1's answer still comes
+        conversation.send(&mut http, false, 1.0, &[b'b'; 600]);
+        conversation.send(&mut http, false, 1.0, b"\r\n0\r\n\r\n");
+        let seen_up_to = conversation.sent[1];
+        conversation.send(&mut http, false, 1.0, &answer(202));
+        let billed: Vec<(Vec<u8>, u64)> = http.take().map(|e| (e.request.target, e.response_size)).collect();
+        assert_eq!(billed.len(), 2);
+        assert_eq!(billed[0].0, b"/1");
+        assert!(billed[0].1 >= seen_up_to - 5, "/1 billed {} bytes, {} of its answer were seen", billed[0].1, seen_up_to - 5);
+        assert_eq!(billed[1], (b"/2".to_vec(), answer(202).len() as u64));
+    }
+
+    /// Framing lost in a first gap, /1's end and /2's whole answer in a later gap, /2 and
+    /// /3 each sent after the answer before: /3 is still billed with its own answer.
+    #[test]
+    fn a_gap_after_the_one_that_took_the_framing_may_hold_the_next_answer() {
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send_having(&mut http, &get("/1"), 0);
+        conversation.send(&mut http, false, 1.0, b"HTTP/1.1 201 Fine\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n");
+        conversation.send(&mut http, false, 1.0, &[b'a'; 100]);
+        conversation.send(&mut http, false, 1.0, b"\r\n");
+        conversation.lose(&mut http, false, b"3e8\r\n".len());
+        conversation.send(&mut http, false, 1.0, &[b'b'; 1000]);
+        conversation.lose(&mut http, false, b"\r\n0\r\n\r\n".len() + 10);
+        conversation.send_having_all(&mut http, &get("/2"));
+        conversation.lose(&mut http, false, answer(202).len() - 10);
+        conversation.send_having_all(&mut http, &get("/3"));
+        conversation.send(&mut http, false, 1.0, &answer(203));
+        let billed = targets(&mut http);
+        assert_eq!(billed.last(), Some(&("/3".to_string(), 203)), "{billed:?}");
+    }
+
     #[test]
     fn pipelined_requests_after_a_lost_answer_are_answered_in_order() {
         // sent before any answer, their ACKs say nothing of which answers were lost: the gap's own lost
@@ -1611,6 +1674,34 @@ mod tests {
             let [exchange] = &exchanges[..] else { panic!("{exchanges:?}") };
             assert_eq!((exchange.status, exchange.response_size), (status, 0));
             assert_eq!((http.counters.client_closed, http.counters.unanswered), (1, 0));
+        }
+    }
+
+    /// Answers went unseen (one gap: the parser loses one head, /2's), then the client left, then the
+    /// server: nginx answered /3, so it is unanswered here, not 499; a request sent once the client had what
+    /// went unseen is 499 still.
+    #[test]
+    fn a_request_whose_answer_went_unseen_before_both_sides_closed_is_not_taken_for_one_its_client_left() {
+        for sent_after_the_gap in [false, true] {
+            let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+            let mut conversation = Conversation::new(1);
+            conversation.send_having_all(&mut http, &get("/1"));
+            conversation.send(&mut http, false, 1.0, &answer(201));
+            conversation.send_having_all(&mut http, &get("/2"));
+            conversation.send_having(&mut http, &get("/3"), conversation.sent[1] + answer(202).len() as u64);
+            conversation.lose(&mut http, false, answer(202).len() + answer(203).len());
+            if sent_after_the_gap {
+                conversation.send_having_all(&mut http, &get("/4"));
+            }
+            let (client, server) = (conversation.sent[0], conversation.sent[1]);
+            http.event(&conversation.info, true, 2.0, StreamEvent::End { position: client });
+            http.event(&conversation.info, false, 2.001, StreamEvent::End { position: server });
+            conversation.close(&mut http, 2.002);
+            let mut expected = billed(&[("/1", 201), ("/3", 0)]);
+            if sent_after_the_gap {
+                expected.push(("/4".to_string(), CLIENT_CLOSED_REQUEST));
+            }
+            assert_eq!(targets(&mut http), expected);
         }
     }
 
