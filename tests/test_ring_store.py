@@ -102,16 +102,18 @@ def test_an_earlier_versions_answers_beside_a_ring_not_taken_over_are_only_remov
     assert not path.exists()
 
 
-@pytest.mark.parametrize("planted", ["a link to a root-only file", "a FIFO", "a directory"])
+@pytest.mark.parametrize("planted", ["a link to a root-only file", "a hard link to one", "a FIFO", "a directory"])
 def test_what_is_not_an_earlier_versions_answers_file_is_not_read(ring, tmp_path, planted: str, caplog) -> None:
     """The data directory belongs to `--user`'s account, and the start runs as root: a link is not followed
-    (the target would reach the unprivileged run), a FIFO does not block the start."""
+    nor a hard link read (the target would reach the unprivileged run), a FIFO does not block the start."""
     path = tmp_path / "agent-ring-1-of-1-x.answers.json"
+    secret = tmp_path / "secret"
+    secret.write_text(EARLIER)
+    secret.chmod(0o600)
     if planted == "a link to a root-only file":
-        secret = tmp_path / "secret"
-        secret.write_text(EARLIER)
-        secret.chmod(0o600)
         path.symlink_to(secret)
+    elif planted == "a hard link to one":
+        os.link(secret, path)
     elif planted == "a FIFO":
         os.mkfifo(path)
     else:

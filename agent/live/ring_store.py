@@ -169,14 +169,15 @@ def leave_answers(ring: PacketRing, owed: list[HandedOver]) -> None:
 
 def _move_earlier_answers(path: Path, answers_fd: int | None) -> None:
     """An earlier version's answers file: into `answers_fd` (a ring it left, taken over), else stale; removed.
-    Opened as root in a directory `--user` hands over: a link is not followed, nor anything but a file read
-    (a FIFO would block the start)."""
+    Opened as root in a directory `--user` hands over: a link is not followed, nor anything but a file of
+    its own read (a FIFO would block the start)."""
     try:
         if answers_fd is not None:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             with os.fdopen(fd, "rb") as file:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise OSError("not a file")
+                status = os.fstat(fd)
+                if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:  # (a hard link: another's file)
+                    raise OSError("not a file of its own")
                 os.pwrite(answers_fd, file.read(MAX_ANSWERS_BYTES + 1), 0)  # (a memory file just made: empty)
     except FileNotFoundError:
         return

@@ -271,6 +271,11 @@ impl MessageParser {
         if state == State::Tunnel {
             return;
         }
+        if state == State::Resync {
+            // the bytes kept to find a head across segments were seen: billed before they go
+            let kept = std::mem::take(&mut self.buffer).len() as u64;
+            self.skip(kept, sink);
+        }
         // (a body with no message: the end of one a previous run read, after `resume_after`)
         let resumed_body = matches!(state, State::Body | State::ChunkData | State::ChunkSize | State::ChunkEnd | State::Trailers);
         if (self.message.is_some() || resumed_body) && state != State::Head {
