@@ -105,6 +105,7 @@ def test_every_request_billed_after_a_loss_in_both_directions_has_its_own_answer
                        "--output", str(output), check=False)
     counters = summary(result.stderr)
     assert counters["gaps"] > 0, "the loss is counted"
+    assert counters["paired_in_doubt"] == 0, "a client that waits for each answer is paired by its ACKs"
     events = read_events(output)
 
     billed = {}

@@ -282,6 +282,7 @@ impl Pipeline {
             ("gaps", tcp.gaps),
             ("gap_bytes", tcp.gap_bytes),
             ("lost_exchanges", http.lost_exchanges),
+            ("paired_in_doubt", http.paired_in_doubt),
             ("parse_errors", parser.parse_errors),
             ("corrupt_packets", decoder.corrupt),
             // frames lost; not_tcp is filtered, not lost

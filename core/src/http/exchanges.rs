@@ -43,6 +43,10 @@ pub struct ExchangeCounters {
     pub after_stop: u64,
     /// answers still arriving when the capture ended (a stop, a file's end): billed with the bytes seen
     pub cut_at_end: u64,
+    /// answers paired, on a connection that lost packets, with the requests of a client that pipelines:
+    /// after such a loss its ACKs cannot always tell whose answer is whose (see `skip_answers_lost_unseen`),
+    /// so each may carry a neighbour's status and size
+    pub paired_in_doubt: u64,
 }
 
 /// One place in a connection's queue.
@@ -144,6 +148,8 @@ struct Pairing {
     tail_unseen: bool,
     /// a request was sent before the answer to one before it began (its ACK says so)
     client_pipelines: bool,
+    /// bytes of either direction went unseen on this connection
+    lost_packets: bool,
 }
 
 impl Pairing {
@@ -387,6 +393,7 @@ impl Side<'_, '_> {
             return;
         }
         waiting.response_done = true;
+        let in_doubt = pairing.lost_packets && pairing.client_pipelines;
         match &mut waiting.exchange {
             // handed on unanswered already: it stays as it was billed
             None if waiting.emitted => self.output.counters.late_responses += 1,
@@ -395,6 +402,7 @@ impl Side<'_, '_> {
                 exchange.response_size = exchange.response_size.saturating_add(size);
                 exchange.status = status;
                 exchange.response_end = end_time;
+                self.output.counters.paired_in_doubt += u64::from(in_doubt);
             }
         }
         if status == 101 || (waiting.has_request && waiting.method == RequestMethod::Connect && status < 300) {
@@ -629,6 +637,7 @@ impl HttpConnection {
             }
             StreamEvent::Gap { lost, position } => {
                 let pairing = &mut side.pairing;
+                pairing.lost_packets = true;
                 if !to_server {
                     (pairing.server_gap, pairing.latest_server_gap_at) = (true, position);
                     pairing.latest_server_gap_end = position.saturating_add(lost);
@@ -1625,6 +1634,34 @@ mod tests {
         assert_eq!(billed[0].0, b"/1");
         assert!(billed[0].1 >= seen_up_to - 5, "/1 billed {} bytes, {} of its answer were seen", billed[0].1, seen_up_to - 5);
         assert_eq!(billed[1], (b"/2".to_vec(), answer(202).len() as u64));
+    }
+
+    /// After a loss, the answers a pipelining client's requests get are counted in doubt; a client that
+    /// sends each request once it has the answer before is paired by its ACKs, and is not.
+    #[test]
+    fn answers_paired_after_a_loss_with_a_pipelining_clients_requests_are_counted_in_doubt() {
+        for pipelines in [false, true] {
+            let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+            let mut conversation = Conversation::new(1);
+            conversation.send_having_all(&mut http, &get("/1"));
+            if pipelines {
+                conversation.send_having_all(&mut http, &get("/2"));
+            }
+            conversation.send(&mut http, false, 1.0, &answer(201));
+            if !pipelines {
+                conversation.send_having_all(&mut http, &get("/2"));
+            }
+            conversation.send(&mut http, false, 1.0, &answer(202));
+            assert_eq!(http.counters.paired_in_doubt, 0, "no loss yet");
+            conversation.send_having_all(&mut http, &get("/3"));
+            conversation.lose(&mut http, false, answer(203).len());
+            for target in ["/4", "/5"] {
+                conversation.send_having_all(&mut http, &get(target));
+                conversation.send(&mut http, false, 1.0, &answer(200));
+            }
+            assert_eq!(targets(&mut http), billed(&[("/1", 201), ("/2", 202), ("/4", 200), ("/5", 200)]));
+            assert_eq!(http.counters.paired_in_doubt, if pipelines { 2 } else { 0 });
+        }
     }
 
     #[test]
