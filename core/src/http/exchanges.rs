@@ -43,9 +43,10 @@ pub struct ExchangeCounters {
     pub after_stop: u64,
     /// answers still arriving when the capture ended (a stop, a file's end): billed with the bytes seen
     pub cut_at_end: u64,
-    /// answers paired with the requests of a client that pipelines, on a connection that lost its bytes,
-    /// or the server's with two or more requests waiting: after such a loss the ACKs cannot always tell
-    /// whose answer is whose (see `skip_answers_lost_unseen`), so each may carry a neighbour's status and size
+    /// answers paired with the requests of a client that pipelines, on a connection that lost the client's
+    /// bytes, or the server's with two or more requests waiting: after such a loss the ACKs cannot always
+    /// tell whose answer is whose (see `skip_answers_lost_unseen`), so each may carry a neighbour's status
+    /// and size
     pub paired_in_doubt: u64,
 }
 
@@ -487,7 +488,8 @@ impl Side<'_, '_> {
         // no head in it, is that lost answer's
         let last_began = pairing.answers_lost_at.last().filter(|_| pairing.last_lost_runs_on);
         let after_the_gap = first_had.is_some_and(|had| had >= pairing.latest_server_gap_end);
-        let ended_here = after_the_gap && last_began.is_some_and(|&began| shown_from.is_some_and(|from| began < from && from < position));
+        let ended_here = after_the_gap
+            && last_began.is_some_and(|&began| shown_from.is_some_and(|from| began < from && from < position));
         let dropped = dropped + usize::from(ended_here);
         let sent_before_the_gap = first_had.is_some_and(|had| had <= pairing.tail_gap_at);
         let accounted = dropped + usize::from(pairing.tail_unseen && sent_before_the_gap);
