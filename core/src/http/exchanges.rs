@@ -631,7 +631,6 @@ impl HttpConnection {
                 }
             }
         }
-        let responses_in_body = self.responses.in_body();
         let parser = if to_server { &mut self.requests } else { &mut self.responses };
         let mut side = Self::side(to_server, &mut self.pairing, &self.connection, output);
         match event {
@@ -640,14 +639,14 @@ impl HttpConnection {
             }
             StreamEvent::Gap { lost, position } => {
                 let pairing = &mut side.pairing;
-                let waiting = pairing.pending.iter().filter(|waiting| !waiting.response_done).count();
-                pairing.lost_in_flight |= to_server || waiting >= 2;
+                let two_waiting = || pairing.pending.iter().filter(|waiting| !waiting.response_done).nth(1).is_some();
+                pairing.lost_in_flight |= to_server || two_waiting();
                 if !to_server {
                     (pairing.server_gap, pairing.latest_server_gap_at) = (true, position);
                     pairing.latest_server_gap_end = position.saturating_add(lost);
                     pairing.gap_after_tail |= pairing.response_end_unseen;
                     pairing.last_lost_runs_on = false;
-                    pairing.unseen_may_hold_answer |= !responses_in_body;
+                    pairing.unseen_may_hold_answer |= !parser.in_body(); // (the responses' parser)
                 }
                 parser.gap(lost, time, &mut side)
             }
@@ -1026,6 +1025,13 @@ mod tests {
 
         fn close(&self, http: &mut HttpExchanges, time: f64) {
             http.event(&self.info, true, time, StreamEvent::Closed);
+        }
+
+        /// The client leaves (FIN), then the server, and the connection is closed.
+        fn client_then_server_leave(&self, http: &mut HttpExchanges) {
+            http.event(&self.info, true, 2.0, StreamEvent::End { position: self.sent[0] });
+            http.event(&self.info, false, 2.001, StreamEvent::End { position: self.sent[1] });
+            self.close(http, 2.002);
         }
 
         /// Bytes the client sends having received the server's up to `had` (its ACK).
@@ -1704,10 +1710,7 @@ mod tests {
             let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
             let mut conversation = Conversation::new(1);
             conversation.send(&mut http, true, 1.0, request);
-            let position = request.len() as u64;
-            http.event(&conversation.info, true, 2.0, StreamEvent::End { position });
-            http.event(&conversation.info, false, 2.001, StreamEvent::End { position: 0 });
-            conversation.close(&mut http, 2.002);
+            conversation.client_then_server_leave(&mut http);
             let exchanges: Vec<Exchange> = http.take().collect();
             let [exchange] = &exchanges[..] else { panic!("{exchanges:?}") };
             assert_eq!((exchange.status, exchange.response_size), (status, 0));
@@ -1731,10 +1734,7 @@ mod tests {
             if sent_after_the_gap {
                 conversation.send_having_all(&mut http, &get("/4"));
             }
-            let (client, server) = (conversation.sent[0], conversation.sent[1]);
-            http.event(&conversation.info, true, 2.0, StreamEvent::End { position: client });
-            http.event(&conversation.info, false, 2.001, StreamEvent::End { position: server });
-            conversation.close(&mut http, 2.002);
+            conversation.client_then_server_leave(&mut http);
             let mut expected = billed(&[("/1", 201), ("/3", 0)]);
             if sent_after_the_gap {
                 expected.push(("/4".to_string(), CLIENT_CLOSED_REQUEST));
@@ -1977,10 +1977,7 @@ mod tests {
         c.lose(&mut http, false, 500);
         c.send_having(&mut http, &get("/2"), c.sent[1] - 100); // pipelined, inside the gap
         c.send(&mut http, false, 1.0, &[b'x'; 400]); // /1's answer completes
-        let (client, server) = (c.sent[0], c.sent[1]);
-        http.event(&c.info, true, 2.0, StreamEvent::End { position: client });
-        http.event(&c.info, false, 2.001, StreamEvent::End { position: server });
-        c.close(&mut http, 2.002);
+        c.client_then_server_leave(&mut http);
         assert_eq!(targets(&mut http), billed(&[("/1", 201), ("/2", CLIENT_CLOSED_REQUEST)]));
     }
 
@@ -1996,10 +1993,7 @@ mod tests {
         c.lose(&mut http, false, 500);
         c.send(&mut http, false, 1.0, &[b'x'; 400]);
         c.send(&mut http, true, 1.5, &get("/2")); // peer_acked -1, as tls.rs sends every request
-        let (client, server) = (c.sent[0], c.sent[1]);
-        http.event(&c.info, true, 2.0, StreamEvent::End { position: client });
-        http.event(&c.info, false, 2.001, StreamEvent::End { position: server });
-        c.close(&mut http, 2.002);
+        c.client_then_server_leave(&mut http);
         assert_eq!(targets(&mut http), billed(&[("/1", 201), ("/2", CLIENT_CLOSED_REQUEST)]));
     }
 
