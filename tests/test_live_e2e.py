@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -274,12 +275,14 @@ def test_live_and_replay_of_the_same_packets_give_the_same_events(gateway, start
               "--output", str(replayed))
 
     def comparable(events: list[dict]) -> list[tuple]:
-        """The time, and so the latency, comes from two clocks' roundings (the ring's ns, pcap's µs)."""
+        """The time, and so the latency, is each capture's own reading of the clock (below)."""
         return sorted((e["id"], e["subject"], json.dumps({**e["data"], "latency_ms": None}, sort_keys=True))
                       for e in events)
 
-    def latencies(events: list[dict]) -> list[int]:
-        return [e["data"]["latency_ms"] for e in sorted(events, key=lambda e: e["id"])]
+    def clock(events: list[dict]) -> dict[str, tuple[float, int | None]]:
+        """Each event's request time (µs) and latency (ms), by id."""
+        return {e["id"]: (datetime.fromisoformat(e["time"].replace("Z", "+00:00")).timestamp(),
+                          e["data"]["latency_ms"]) for e in events}
 
     live, replay = comparable(agent.events()), comparable(read_events(replayed))
     differing = [(one, other) for one, other in zip(live, replay) if one != other][:2]
@@ -290,8 +293,16 @@ def test_live_and_replay_of_the_same_packets_give_the_same_events(gateway, start
         fields.append({"id": (one_id, other_id), "subject": (one_subject, other_subject),
                        **{key: (value, other.get(key)) for key, value in one.items() if other.get(key) != value}})
     assert live == replay, (len(live), len(replay), fields, agent.summary())
-    assert all(abs(live - replay) <= 1 for live, replay in zip(latencies(agent.events()),
-                                                               latencies(read_events(replayed))))
+    # Two packet sockets each read the clock as the kernel hands them a packet (on loopback TCP leaves the
+    # packet no receive time to share), a few µs apart; a stall of the host between the two hand-overs of
+    # one packet parts them by as long (CI once saw a latency more than 1 ms apart). So a few may differ;
+    # a misread ring time (seconds, nanoseconds) would part them all.
+    live_clock, replay_clock = clock(agent.events()), clock(read_events(replayed))
+    apart = {key: (live_clock[key], replay_clock[key]) for key in live_clock
+             if abs(live_clock[key][0] - replay_clock[key][0]) > 0.001
+             or (live_clock[key][1] is None) != (replay_clock[key][1] is None)
+             or abs((live_clock[key][1] or 0) - (replay_clock[key][1] or 0)) > 1}
+    assert len(apart) <= len(live_clock) // 10, apart
     assert len(agent.events()) == sum(1 for e in entries if e["consumer"] and e["status"] != 401)
 
 
