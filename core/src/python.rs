@@ -1345,7 +1345,7 @@ mod pipeline {
             let name = |method: &RequestMethod| match method {
                 RequestMethod::Head => "HEAD",
                 RequestMethod::Connect => "CONNECT",
-                RequestMethod::Other => "OTHER",
+                RequestMethod::Other | RequestMethod::Unknown => "OTHER",
             };
             let owed = self.pipeline.answers_owed().into_iter();
             owed.map(|ConnectionHandOver { key: (client, client_port, server, server_port), answers, client_resume, restarts }| {

@@ -519,7 +519,7 @@ impl MessageSink for Side<'_, '_> {
         }
         let pairing = &self.pairing;
         let waiting = pairing.first_unanswered().and_then(|index| pairing.pending.get(index));
-        waiting.filter(|waiting| waiting.has_request).map_or(RequestMethod::Other, |waiting| waiting.method)
+        waiting.filter(|waiting| waiting.has_request).map_or(RequestMethod::Unknown, |waiting| waiting.method)
     }
 
     fn head(&mut self, message: Message) {

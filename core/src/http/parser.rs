@@ -59,6 +59,9 @@ pub enum RequestMethod {
     Head,
     Connect,
     Other,
+    /// The request was lost to a gap (or never seen): an answer whose head says a body follows may be a
+    /// HEAD's, which has none, so the parser looks at what follows the head before taking it for the body.
+    Unknown,
 }
 
 impl RequestMethod {
@@ -111,6 +114,8 @@ pub struct MessageParser {
     /// the start of a line whatever preceded it, found start lines there that had been searched already,
     /// and could then read bytes a second time.
     kept_starts_line: bool,
+    /// A response to an unknown request whose head says a body follows: its first bytes decide (`feed`).
+    body_may_be_absent: bool,
     message: Option<Progress>,
     remaining: u64,
     joined: Joined,
@@ -142,6 +147,8 @@ struct Parsed {
     status: u16,
     state: State,
     remaining: u64,
+    /// A response to a request the capture lost (`RequestMethod::Unknown`).
+    unknown_request: bool,
     proxied_by_kong: bool,
     answered_by_kong: bool,
 }
@@ -155,6 +162,7 @@ impl MessageParser {
             max_head_bytes,
             buffer: Vec::new(),
             kept_starts_line: true,
+            body_may_be_absent: false,
             message: None,
             remaining: 0,
             joined: if is_request && !synced { Joined::FirstBytes } else { Joined::Synced },
@@ -239,6 +247,12 @@ impl MessageParser {
     pub fn feed(&mut self, data: &[u8], time: f64, position: u64, peer_acked: i64, sink: &mut impl MessageSink) {
         let mut offset = 0;
         while offset < data.len() {
+            if std::mem::take(&mut self.body_may_be_absent) && self.answer_starts_at(&data[offset..]) {
+                // a status line where the body would begin: the answer to a lost HEAD (nginx's have the
+                // length a GET's would), not a body that is a response
+                self.remaining = 0;
+                self.complete(time, sink);
+            }
             offset = match self.state {
                 State::Head => self.head(data, offset, time, position, peer_acked, sink),
                 State::Body | State::ChunkData => {
@@ -265,8 +279,15 @@ impl MessageParser {
         }
     }
 
+    /// A response's start line at the start of `data` (all of it there: a shorter segment is taken for a
+    /// body, as before).
+    fn answer_starts_at(&self, data: &[u8]) -> bool {
+        matches!(self.state, State::Body | State::ChunkSize) && Window { kept: &[], data }.response_start_at(0)
+    }
+
     /// `size` bytes of this stream were not captured.
     pub fn gap(&mut self, mut size: u64, time: f64, sink: &mut impl MessageSink) {
+        self.body_may_be_absent = false;
         let mut state = self.state;
         if state == State::Tunnel {
             return;
@@ -490,6 +511,7 @@ impl MessageParser {
             self.complete(time, sink); // no body
         }
         self.state = parsed.state;
+        self.body_may_be_absent = parsed.unknown_request && matches!(self.state, State::Body | State::ChunkSize);
     }
 
     /// The start line and framing of a head; `None` when it is lost (a request nginx would refuse, or a
@@ -503,6 +525,7 @@ impl MessageParser {
             state: State::Head,
             remaining: 0,
             proxied_by_kong: false,
+            unknown_request: false,
             answered_by_kong: false,
         };
         if self.is_request {
@@ -528,6 +551,7 @@ impl MessageParser {
             (parsed.proxied_by_kong, parsed.answered_by_kong) = (lines.proxied_by_kong, lines.answered_by_kong);
             let (position, peer_acked) = self.message.as_ref().map_or((0, -1), |head| (head.position, head.peer_acked));
             let method = sink.answered_method(position, peer_acked);
+            parsed.unknown_request = method == RequestMethod::Unknown;
             (parsed.state, parsed.remaining) = match response_framing(&lines, parsed.status, method) {
                 Some(framing) => framing,
                 None => {
@@ -614,8 +638,13 @@ impl MessageParser {
             }
             self.joined = Joined::Synced;
         }
-        if self.starts_here(rest) {
-            // messages usually begin where a segment does
+        let kept_before = self.buffer.len();
+        let window = Window { kept: &self.buffer, data: rest };
+        let found = window.find_start(self.is_request, self.kept_starts_line || kept_before == 0);
+        // messages usually begin where a segment does, unless the kept bytes end with a start line's first
+        // bytes that this segment goes on with ("G", then "ET /x HTTP/1.1": a request "ET" at the wrong
+        // position, with the "G" skipped)
+        if found.is_none_or(|start| start >= kept_before) && self.starts_here(rest) {
             self.skip(self.buffer.len() as u64, sink);
             if self.message.is_some() {
                 self.complete(time, sink);
@@ -624,9 +653,6 @@ impl MessageParser {
             self.state = State::Head;
             return self.head(data, offset, time, position, peer_acked, sink);
         }
-        let kept_before = self.buffer.len();
-        let window = Window { kept: &self.buffer, data: rest };
-        let found = window.find_start(self.is_request, self.kept_starts_line || kept_before == 0);
         let Some(start) = found else {
             let total = kept_before + rest.len();
             let keep = total.min(RESYNC_KEEP);
@@ -1231,6 +1257,21 @@ mod tests {
         assert_eq!((&recorder.heads[0].target[..], recorder.heads[0].position), (&b"/inside"[..], junk.len() as u64));
     }
 
+    #[test]
+    fn a_start_line_begun_in_the_kept_bytes_wins_over_one_at_the_segment_start() {
+        // after a gap, a request's first byte came in a segment of its own: the rest, "ET /x HTTP/1.1", is
+        // itself a start line at its segment's start, but the request is "GET", one byte earlier
+        let mut parser = MessageParser::new(true, true, MAX_HEAD_BYTES);
+        let mut recorder = Recorder::default();
+        parser.gap(61, 0.0, &mut recorder);
+        parser.feed(b"ey: lost-with-its-request\r\n\r\n", 0.0, 61, -1, &mut recorder);
+        parser.feed(b"G", 0.0, 90, -1, &mut recorder);
+        parser.feed(b"ET /static HTTP/1.1\r\nHost: a\r\n\r\n", 0.0, 91, -1, &mut recorder);
+        assert_eq!(recorder.calls, ["lost", "head", "complete"]);
+        let head = &recorder.heads[0];
+        assert_eq!((&head.method[..], &head.target[..], head.position), (&b"GET"[..], &b"/static"[..], 90));
+    }
+
     /// Joined inside an upload whose body holds request lines: none is taken for a request until the server
     /// has spoken; joined between two requests, the first bytes are the next request.
     #[test]
@@ -1293,6 +1334,33 @@ mod tests {
         let head_only = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n";
         parser.feed(head_only, 1.0, 0, -1, &mut recorder);
         assert_eq!(recorder.completed, [(head_only.len() as u64, 1.0)]);
+    }
+
+    /// The request of an answer was lost: a status line where its body would begin makes it a HEAD's
+    /// (in the head's segment or the next one); a body that begins otherwise is its body, and the answer to
+    /// a request seen to be a GET keeps a body that looks like a response.
+    #[test]
+    fn an_answer_to_a_lost_request_followed_by_a_status_line_has_no_body() {
+        let head_only = b"HTTP/1.1 200 OK\r\nContent-Length: 90000\r\n\r\n";
+        let next = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+        for piece in [1 << 16, head_only.len()] {
+            let mut parser = MessageParser::new(false, true, MAX_HEAD_BYTES);
+            let mut recorder = Recorder { method: Some(RequestMethod::Unknown), ..Recorder::default() };
+            for (index, chunk) in [&head_only[..], next].concat().chunks(piece).enumerate() {
+                parser.feed(chunk, index as f64, (index * piece) as u64, -1, &mut recorder);
+            }
+            let sizes: Vec<u64> = recorder.completed.iter().map(|&(size, _)| size).collect();
+            assert_eq!(sizes, [head_only.len() as u64, next.len() as u64], "in pieces of {piece}");
+        }
+        for method in [RequestMethod::Unknown, RequestMethod::Other] {
+            let mut parser = MessageParser::new(false, true, MAX_HEAD_BYTES);
+            let mut recorder = Recorder { method: Some(method), ..Recorder::default() };
+            let with_body = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n";
+            parser.feed(with_body, 0.0, 0, -1, &mut recorder);
+            let body: &[u8] = if method == RequestMethod::Unknown { b"{\"a\"}" } else { b"HTTP/1.1 200 " };
+            parser.feed(body, 0.0, with_body.len() as u64, -1, &mut recorder);
+            assert_eq!(recorder.completed, [((with_body.len() + 5) as u64, 0.0)], "{method:?}");
+        }
     }
 
     #[test]
