@@ -122,6 +122,21 @@ def test_429_waits_as_long_as_retry_after_says(double: IngestDouble, tmp_path: P
     assert retried.at - refused.at >= 0.95  # the computed backoff alone would be ~0.02 s
 
 
+@pytest.mark.parametrize("retry_after", ["0", "Wed, 01 May 2024 09:00:00 GMT"])
+def test_429_whose_retry_after_asks_for_no_wait_still_backs_off(
+        double: IngestDouble, tmp_path: Path, retry_after: str) -> None:
+    """A rate-limiting server saying "now" (0, or a date already past) must not be hammered."""
+    double.inject(Fault("status", 429, retry_after=retry_after, times=4))
+    sent = kong_events(0, 50)
+    sink = make_sink(double.url, tmp_path, backoff=Backoff(0.1, 0.1))
+    sink.write(json_lines(sent))
+    sink.close()
+    assert_all_delivered(double, sent)
+    assert double.statuses()[:5] == [429] * 4 + [204]
+    gaps = [later.at - earlier.at for earlier, later in zip(double.received, double.received[1:5])]
+    assert min(gaps) >= 0.045  # the backoff's least wait (half of 0.1 s), not an immediate retry
+
+
 def test_connection_resets_are_retried(double: IngestDouble, tmp_path: Path) -> None:
     double.inject(Fault("reset", times=4))
     sent = kong_events(0, 400)

@@ -14,9 +14,9 @@ NOW = datetime(2024, 5, 1, 10, 0, 0, tzinfo=timezone.utc)
 
 @pytest.mark.parametrize("header, seconds", [
     ("120", 120.0),
-    ("0", 0.0),
+    ("0", None),  # no positive wait: the backoff applies, not an immediate retry
     ("Wed, 01 May 2024 10:00:30 GMT", 30.0),
-    ("Wed, 01 May 2024 09:00:00 GMT", 0.0),  # a date in the past: retry now
+    ("Wed, 01 May 2024 09:00:00 GMT", None),  # a date in the past: likewise
     ("86400", MAX_RETRY_AFTER_SECONDS),  # a server asking for a day is asked again sooner
     (None, None), ("", None), ("soon", None), ("-5", None),
 ])

@@ -9,7 +9,7 @@ Kong's plugin keeps its queue in memory and drops events after 60 s of retries o
   (default 1.0), sent as `application/cloudevents-batch+json`. Any 2xx is an acknowledgement
   (OpenMeter's `/api/v1/events` answers 204, Konnect's `/v3/openmeter/events` 202).
 - Connection errors, timeouts, 408, 429 and 5xx are retried with exponential backoff and jitter (or after
-  the server's `Retry-After`) for as long as it takes: the spool holds the events meanwhile.
+  the server's `Retry-After` when it asks for a positive wait) for as long as it takes: the spool holds the events meanwhile.
 - 401/403 (and any other 4xx or redirect, which a retry cannot fix either): one clear error line, the
   events stay, and the batch is retried every `auth_retry_interval` seconds, re-reading the token.
 - 400/413: the batch is split in halves until the refused event is alone; it goes to the dead-letter file

@@ -1,5 +1,6 @@
-"""A server's `Retry-After`: it wins over the computed backoff (agent/backoff.py), because the server
-knows when it will have room."""
+"""A server's `Retry-After`: a positive one wins over the computed backoff (agent/backoff.py), because the
+server knows when it will have room. One that asks for no wait (`0`, a date already past) is not followed:
+retrying at once would hammer a server that is refusing for load."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ MAX_RETRY_AFTER_SECONDS = 600.0
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds a `Retry-After` header asks for (delta-seconds or HTTP-date), capped; None when absent/invalid."""
+    """Seconds a `Retry-After` header asks for (delta-seconds or HTTP-date), capped; None when absent, invalid
+    or not positive, so that the backoff applies."""
     if not value:
         return None
     value = value.strip()
@@ -24,4 +26,4 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
         if when.tzinfo is None:
             when = when.replace(tzinfo=timezone.utc)
         seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
+    return min(seconds, MAX_RETRY_AFTER_SECONDS) if seconds > 0 else None
