@@ -24,12 +24,40 @@ from agent.credentials.table import Consumer
 MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_NESTING = 1000  # a decK file is a handful of levels deep
 _DERIVED_ID_NAMESPACE = uuid.UUID("5b0c6f0e-3d5a-4f5e-9a63-6b1e2c7d8f90")
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _BRACKETS = re.compile(r"[\[\]{}]")
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class DeckShape(Exception):
     """Where the document departs from decK's shape (a path like `consumers[3].username`)."""
+
+
+class _RepeatedKey(yaml.YAMLError):
+    """A mapping gives one key twice; the lines (1-based) of both."""
+
+    def __init__(self, first_line: int, line: int, column: int) -> None:
+        super().__init__()
+        self.first_line, self.line, self.column = first_line, line, column
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """Safe loading that refuses a key repeated in one mapping, as decK (Go's yaml.v3) does, instead of
+    keeping the last one: `username: alice` then `username: mallory` must not quietly bill mallory."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_lines: dict[object, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:  # `<<: *base`: keys given beside it override the merged ones
+                continue
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first_lines:
+                    raise _RepeatedKey(first_lines[key], line, key_node.start_mark.column + 1)
+                first_lines[key] = line
+            except TypeError:  # an unhashable key: the constructor below refuses it
+                pass
+        return super().construct_mapping(node, deep)
 
 
 def read_document(path: Path) -> dict:
@@ -76,7 +104,10 @@ def _decode(text: str, name: str, is_json: bool) -> object:
         except RecursionError:
             raise CredentialError(f"{name}: nested too deeply; not a decK state file") from None
     try:
-        return yaml.load(text, Loader=_YAML_LOADER)
+        return yaml.load(text, Loader=_Loader)
+    except _RepeatedKey as exc:  # the key is not quoted: a file may hold secrets anywhere
+        raise CredentialError(f"{name}: a key is repeated in one mapping at line {exc.line}, column "
+                              f"{exc.column} (first at line {exc.first_line}); decK refuses such a file") from None
     except yaml.MarkedYAMLError as exc:
         # Only the problem and its position: the exception's own text quotes the offending line.
         mark = exc.problem_mark

@@ -99,6 +99,23 @@ def test_syntax_error_message_does_not_quote_the_line(tmp_path):
     assert "secret-key" not in message and "\n" not in message
 
 
+def test_a_key_repeated_in_one_mapping_is_refused_as_deck_refuses_it(tmp_path):
+    """PyYAML alone keeps the last `username`, so mallory would be billed for alice's key."""
+    path = tmp_path / "kong.yaml"
+    path.write_text('_format_version: "3.0"\nconsumers:\n- username: alice\n  keyauth_credentials:\n'
+                    '  - key: alice-secret-key\n  username: mallory\n')
+    with pytest.raises(CredentialError) as caught:
+        load_deck_file(path)
+    assert str(caught.value) == (f"{path}: a key is repeated in one mapping at line 6, column 3 "
+                                 "(first at line 3); decK refuses such a file")
+
+
+def test_keys_given_beside_a_yaml_merge_override_the_merged_ones():
+    text = ('_format_version: "3.0"\nbase: &base {username: shared, custom_id: c-1}\nconsumers:\n'
+            '- <<: *base\n  username: hana\n  keyauth_credentials: [{key: hana-key}]\n')
+    assert parse_deck(text, "kong.yaml").table.lookup("hana-key").username == "hana"
+
+
 def test_json_syntax_error(tmp_path):
     path = tmp_path / "kong.json"
     path.write_text('{"_format_version": "3.0", "consumers": [{"keyauth_credentials": [{"key": "json-secret"')
