@@ -77,6 +77,16 @@ def test_credential_without_key_is_skipped_and_counted():
     ('_format_version: "3.0"\nconsumers:\n- username: a\n  keyauth_credentials: [{key: same-key-9}]\n'
      '- username: b\n  keyauth_credentials: [{key: same-key-9}]\n',
      "kong.yaml: one key is given to two consumers (a and b)"),
+    ('_format_version: "3.0"\nconsumers:\n- username: alice\n  keyauth_credentials: [{key: key-1}]\n'
+     '- username: alice\n  keyauth_credentials: [{key: key-2}]\n',
+     "kong.yaml: one username (alice) is given to two consumers (consumers[0] and consumers[1])"),
+    ('_format_version: "3.0"\nconsumers:\n- {username: a, custom_id: c-7}\n- {username: b}\n'
+     '- {username: c, custom_id: c-7}\n',
+     "kong.yaml: one custom_id (c-7) is given to two consumers (consumers[0] and consumers[2])"),
+    ('_format_version: "3.0"\nconsumers:\n- {username: a, id: 8d8a7f1e-2f6b-4c0a-9a51-0f3c1d2e4a01}\n'
+     '- {username: b, id: 8d8a7f1e-2f6b-4c0a-9a51-0f3c1d2e4a01}\n',
+     "kong.yaml: one id (8d8a7f1e-2f6b-4c0a-9a51-0f3c1d2e4a01) is given to two consumers"
+     " (consumers[0] and consumers[1])"),
 ])
 def test_wrong_shape_gives_one_clear_line(content, expected):
     with pytest.raises(CredentialError) as caught:

@@ -4,9 +4,9 @@ the gateway's services, routes and plugins (`agent/gateway/deck.py`).
 A decK consumer usually has a `username` and often an `id`. One without an `id` gets an id derived
 from its username (or custom_id) with UUID-5 (`agent/deck_file.py`): stable across reloads and machines,
 shaped like Kong's ids, but not the id the gateway generated; when that matters, put `id` in the file
-(`deck gateway dump` writes it). A key-auth credential without a `key` (the gateway then generates one)
-cannot be mapped and is skipped and counted; a credential's `ttl` is ignored, since a file cannot say when
-the key was made.
+(`deck gateway dump` writes it). Two consumers with one username, custom_id or id are refused, as decK
+refuses them. A key-auth credential without a `key` (the gateway then generates one) cannot be mapped and
+is skipped and counted; a credential's `ttl` is ignored, since a file cannot say when the key was made.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from agent.credentials.errors import CredentialError
 from agent.credentials.key_auth import merge
 from agent.credentials.source import Snapshot
-from agent.credentials.table import TableBuilder
+from agent.credentials.table import Consumer, TableBuilder
 from agent.deck_file import DeckShape, consumer, entries, parse_document, read_document
 from agent.gateway.deck import gateway_from_deck
 
@@ -46,8 +46,10 @@ def _snapshot(document: dict, name: str) -> Snapshot:
 
 def _read_consumers(document: dict, builder: TableBuilder) -> int:
     skipped = 0
+    claimed: dict[tuple[str, str], str] = {}  # (field, value) -> path of the consumer that has it
     for c_path, entry in entries(document, "consumers", "consumers"):
         owner = consumer(entry, c_path)
+        _claim(claimed, owner, c_path)
         for k_path, credential in entries(entry, "keyauth_credentials", f"{c_path}.keyauth_credentials"):
             key = credential.get("key")
             if key is None:
@@ -57,6 +59,18 @@ def _read_consumers(document: dict, builder: TableBuilder) -> int:
                 raise DeckShape(f"{k_path}.key is not a non-empty string")
             builder.add(key, owner)
     return skipped
+
+
+def _claim(claimed: dict[tuple[str, str], str], owner: Consumer, path: str) -> None:
+    """Refuses a username, custom_id or id given to two consumers: decK and the gateway refuse it too,
+    and merging the two would bill one for the other's keys."""
+    for field in ("username", "custom_id", "id"):
+        value = getattr(owner, field)
+        if value is None:
+            continue
+        first = claimed.setdefault((field, value), path)
+        if first != path:
+            raise DeckShape(f"one {field} ({value}) is given to two consumers ({first} and {path})")
 
 
 class DeckFileSource:
