@@ -136,6 +136,16 @@ def test_ttl_key_stops_mapping_when_it_expires():
     assert snapshot.table.lookup("lasting-key").username == "temp"
 
 
+@pytest.mark.parametrize("ttl", ["abc", -5, True, 1.5])
+def test_a_ttl_that_is_not_whole_seconds_fails_the_read(kong, ttl):
+    """Kong lists `ttl` as the whole seconds left; anything else must not become a key that never expires."""
+    kong.add_consumer(username="temp")
+    kong.add_key("temp", "temp-key")["ttl"] = ttl  # as a server off the contract would list it
+    with pytest.raises(CredentialError, match=r"malformed page from GET /key-auths page 1: "
+                                              r"data\[0\]\.ttl is not a non-negative integer$"):
+        AdminApiSource(kong.url).load()
+
+
 def test_key_of_a_consumer_made_between_the_two_lists_waits_for_the_next_read(kong):
     kong.add_consumer(username="alice")
     kong.add_key("alice", "alice-key")

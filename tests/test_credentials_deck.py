@@ -94,6 +94,21 @@ def test_wrong_shape_gives_one_clear_line(content, expected):
     assert str(caught.value) == expected
 
 
+TTL_DECK = '_format_version: "3.0"\nconsumers:\n- username: ines\n  keyauth_credentials: [{{key: k-9, ttl: {ttl}}}]\n'
+
+
+@pytest.mark.parametrize("ttl", ['"abc"', "-5", "true", "1.5"])
+def test_a_ttl_that_is_not_whole_seconds_is_refused_as_deck_refuses_it(ttl):
+    with pytest.raises(CredentialError) as caught:
+        parse_deck(TTL_DECK.format(ttl=ttl), "kong.yaml")
+    assert str(caught.value) == "kong.yaml: consumers[0].keyauth_credentials[0].ttl is not a non-negative integer"
+
+
+@pytest.mark.parametrize("ttl", ["0", "3600", "null"])
+def test_a_ttl_of_whole_seconds_is_accepted(ttl):
+    assert parse_deck(TTL_DECK.format(ttl=ttl), "kong.yaml").table.lookup("k-9").username == "ines"
+
+
 def test_syntax_error_message_does_not_quote_the_line(tmp_path):
     path = tmp_path / "kong.yaml"
     text = '_format_version: "3.0"\nconsumers:\n- username: g\n  keyauth_credentials:\n  - key: secret-key: x\n'

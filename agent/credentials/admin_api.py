@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from agent.credentials.errors import CredentialError
-from agent.credentials.key_auth import merge
+from agent.credentials.key_auth import is_ttl, merge
 from agent.credentials.source import Snapshot
 from agent.credentials.table import Clock, Consumer, TableBuilder
 from agent.gateway import admin_api as gateway
@@ -241,11 +241,12 @@ def _key_auths(pages: Pager, consumers: dict[str, Consumer], builder: TableBuild
         owner_id = owner.get("id") if isinstance(owner, dict) else None
         if key is not None and not isinstance(key, str):
             raise pages.malformed(where, f"data[{index}].key is not a string")
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))):
-            raise pages.malformed(where, f"data[{index}].ttl is not a number")
+        if ttl is not None and not is_ttl(ttl):
+            raise pages.malformed(where, f"data[{index}].ttl is not a non-negative integer")
         consumer = consumers.get(owner_id) if isinstance(owner_id, str) else None
-        if not key or consumer is None or (ttl is not None and ttl <= 0):
-            # No key, or a consumer made or deleted while the lists were read: the next load settles it.
+        if not key or consumer is None or ttl == 0:
+            # No key, a consumer made or deleted while the lists were read, or under a second left (Kong
+            # shows whole seconds): the next load settles it.
             skipped += 1
             continue
         try:

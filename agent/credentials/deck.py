@@ -6,7 +6,8 @@ from its username (or custom_id) with UUID-5 (`agent/deck_file.py`): stable acro
 shaped like Kong's ids, but not the id the gateway generated; when that matters, put `id` in the file
 (`deck gateway dump` writes it). Two consumers with one username, custom_id or id are refused, as decK
 refuses them. A key-auth credential without a `key` (the gateway then generates one) cannot be mapped and
-is skipped and counted; a credential's `ttl` is ignored, since a file cannot say when the key was made.
+is skipped and counted; a credential's `ttl` must be whole seconds, as decK requires, but is otherwise
+ignored, since a file cannot say when the key was made.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Hashable
 from pathlib import Path
 
 from agent.credentials.errors import CredentialError
-from agent.credentials.key_auth import merge
+from agent.credentials.key_auth import is_ttl, merge
 from agent.credentials.source import Snapshot
 from agent.credentials.table import Consumer, TableBuilder
 from agent.deck_file import DeckShape, consumer, entries, parse_document, read_document
@@ -51,6 +52,8 @@ def _read_consumers(document: dict, builder: TableBuilder) -> int:
         owner = consumer(entry, c_path)
         _claim(claimed, owner, c_path)
         for k_path, credential in entries(entry, "keyauth_credentials", f"{c_path}.keyauth_credentials"):
+            if credential.get("ttl") is not None and not is_ttl(credential["ttl"]):
+                raise DeckShape(f"{k_path}.ttl is not a non-negative integer")
             key = credential.get("key")
             if key is None:
                 skipped += 1

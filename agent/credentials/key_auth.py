@@ -43,6 +43,12 @@ def bad_key_name(names: Iterable[str]) -> str | None:
     return None
 
 
+def is_ttl(value: object) -> bool:
+    """Whether a key-auth credential's `ttl` is what Kong and decK take: whole seconds, not negative (a bool
+    is not a number here, though Python counts it as one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def from_plugin_config(config: object, where: str) -> KeyAuthConfig:
     """One plugin entry's `config` (Admin API or decK), checked field by field."""
     if config is None:
