@@ -28,6 +28,7 @@ PREFIX = "agent_"
 NOT_LOSSES = frozenset({
     "packets", "connections", "requests", "events", "kernel_packets",  # what was seen and metered
     "client_closed",                                                   # billed, with status 499
+    "never_read",                                                      # the gateway logs none: not billed
     "duplicate_segments", "expired_connections",                       # handled as TCP says, nothing lost
     "gap_bytes",                                                       # the size of the `gaps`, in bytes
     "delivered", "retried", "stored", "duplicates",                    # what the sinks did

@@ -277,6 +277,7 @@ impl Pipeline {
             ("status_filtered", meter.status_filtered),
             ("unanswered", http.unanswered),
             ("client_closed", http.client_closed),
+            ("never_read", http.never_read),
             ("after_stop", http.after_stop),
             ("cut_at_end", http.cut_at_end),
             ("gaps", tcp.gaps),

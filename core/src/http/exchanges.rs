@@ -48,6 +48,10 @@ pub struct ExchangeCounters {
     /// tell whose answer is whose (see `skip_answers_lost_unseen`), so each may carry a neighbour's status
     /// and size
     pub paired_in_doubt: u64,
+    /// requests the gateway never read, so never logs and is not billed: those still unanswered when it
+    /// closed the connection first (a keep-alive limit reached, a `Connection: close` answered before them,
+    /// a refused request), and those pipelined behind the one a leaving client gave up on
+    pub never_read: u64,
 }
 
 /// One place in a connection's queue.
@@ -118,6 +122,8 @@ struct Pairing {
     /// client's side alone never shows the server's end, and its requests stay unanswered)
     client_left_first: bool,
     server_ended: bool,
+    /// the latest final answer said `Connection: close`: the gateway reads no request after it
+    answer_closes: bool,
     /// the ends of the client's and the server's bytes delivered so far (their streams' positions)
     client_end: u64,
     server_end: u64,
@@ -186,12 +192,7 @@ struct Output<'a> {
 impl Output<'_> {
     fn emit(&mut self, mut exchange: Exchange, connection: &ConnectionInfo) {
         exchange.connection = *connection;
-        let left_first = matches!(exchange.status, CLIENT_CLOSED_REQUEST | CLIENT_LEFT_MID_BODY);
-        if exchange.status == 0 {
-            self.counters.unanswered += 1;
-        } else if left_first && exchange.response_size == 0 {
-            self.counters.client_closed += 1;
-        }
+        self.counters.unanswered += u64::from(exchange.status == 0);
         *self.finished_bytes += exchange_bytes(&exchange);
         self.finished.push(exchange);
     }
@@ -342,6 +343,9 @@ impl Side<'_, '_> {
             return;
         }
         pairing.answering_late = false;
+        if is_final(message.status) {
+            pairing.answer_closes = message.closes;
+        }
         let mut answered = pairing.first_unanswered();
         if let Some(waiting) = answered.and_then(|index| pairing.pending.get(index)) {
             if waiting.has_request && acked.is_some_and(|acked| acked < waiting.head_end) {
@@ -687,15 +691,35 @@ impl HttpConnection {
         self.responses.end(time, &mut Self::side(false, &mut self.pairing, &self.connection, output));
         let pairing = &mut self.pairing;
         let client_left = pairing.client_left_first && pairing.server_ended;
+        let server_left = pairing.server_ended && !pairing.client_left_first;
+        let closed_after_answer = server_left && pairing.answer_closes;
         // server bytes went unseen since the last answer read: one sent before the client had them may be in
         // them (nginx answered it), and is not taken for one its client left
         let unseen_up_to = (pairing.server_gap && pairing.unseen_may_hold_answer).then_some(pairing.latest_server_gap_end);
+        // nginx reads a connection's requests one at a time: the first waiting is the one it was at (unless
+        // it may have been answered unseen: then the next may be)
+        let mut first = true;
         for waiting in pairing.pending.drain(..) {
             let had = u64::try_from(waiting.peer_acked).ok();
             let answer_maybe_unseen = unseen_up_to.is_some_and(|end| had.is_none_or(|had| had < end));
-            if let Some(exchange) = waiting.exchange {
-                let left = client_left && !answer_maybe_unseen;
-                output.emit(client_gone(exchange, left, waiting.body_cut_short), &self.connection);
+            let at_it = !waiting.response_done && (answer_maybe_unseen || std::mem::take(&mut first));
+            if let Some(mut exchange) = waiting.exchange {
+                // the gateway closed after an answer that said so, or while it was at an earlier request
+                // (the first waiting it may have read: a crash, nginx's 444), or the client left while it
+                // was at an earlier one: it never read this one (a request still arriving when the gateway
+                // closed may have timed out, 408, and stays unanswered)
+                let whole = !waiting.body_cut_short;
+                let gateway_never_read = server_left && whole && (closed_after_answer || !at_it);
+                if !answer_maybe_unseen && (gateway_never_read || (client_left && !at_it)) {
+                    output.counters.never_read += 1;
+                    continue;
+                }
+                if client_left && !answer_maybe_unseen && exchange.status == 0 {
+                    // given up on before any final answer (nginx's 100 Continue, which it counts, may be out)
+                    exchange.status = if waiting.body_cut_short { CLIENT_LEFT_MID_BODY } else { CLIENT_CLOSED_REQUEST };
+                    output.counters.client_closed += 1;
+                }
+                output.emit(exchange, &self.connection);
             }
         }
     }
@@ -726,19 +750,10 @@ impl HttpConnection {
     }
 }
 
-/// A request the client gave up on before any response is logged by nginx (and Kong) with status 499, or
-/// with 400 when the client left before all of its body was in (nginx: "client prematurely closed
-/// connection" while reading it).
-fn client_gone(mut exchange: Exchange, client_left: bool, body_cut_short: bool) -> Exchange {
-    if client_left && exchange.status == 0 && exchange.response_size == 0 {
-        exchange.status = if body_cut_short { CLIENT_LEFT_MID_BODY } else { CLIENT_CLOSED_REQUEST };
-    }
-    exchange
-}
-
-/// nginx's status for a request whose client closed the connection first.
+/// nginx's (and Kong's) status for a request whose client closed the connection before its final answer.
 pub const CLIENT_CLOSED_REQUEST: u16 = 499;
-/// nginx's status for a request whose client closed the connection before sending all of its body.
+/// nginx's status for a request whose client closed the connection before sending all of its body ("client
+/// prematurely closed connection" while reading it).
 pub const CLIENT_LEFT_MID_BODY: u16 = 400;
 
 /// Stream events in, completed exchanges out, for every connection the reassembler reports.
@@ -1741,6 +1756,60 @@ mod tests {
             }
             assert_eq!(targets(&mut http), expected);
         }
+    }
+
+    /// nginx reads a connection's requests one at a time and logs none it never read: the requests still
+    /// waiting when it closes first after an answer that said so (its keep-alive limit, say), those after
+    /// the one it was at when it closed otherwise (a crash: that one stays unanswered), and those behind
+    /// the one a leaving client gave up on (that one 499) are not billed; a request still arriving when
+    /// the gateway closed is (it may have timed out, 408), with status 0.
+    #[test]
+    fn the_requests_the_gateway_never_read_are_counted_not_billed() {
+        let closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n".to_vec();
+        let cases: [(Option<Vec<u8>>, &[(&str, u16)], u64); 3] = [
+            (Some(closing), &[("/1", 200)], 2),
+            (Some(answer(200)), &[("/1", 200), ("/2", 0)], 1),
+            (None, &[("/1", CLIENT_CLOSED_REQUEST)], 2),
+        ];
+        for (gateway_closes_after, expected, never_read) in cases {
+            let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+            let mut conversation = Conversation::new(1);
+            conversation.send_having_all(&mut http, &[get("/1"), get("/2"), get("/3")].concat());
+            if let Some(first_answer) = &gateway_closes_after {
+                conversation.send(&mut http, false, 1.0, first_answer);
+                http.event(&conversation.info, false, 2.0, StreamEvent::End { position: conversation.sent[1] });
+                http.event(&conversation.info, true, 2.001, StreamEvent::End { position: conversation.sent[0] });
+                conversation.close(&mut http, 2.002);
+            } else {
+                conversation.client_then_server_leave(&mut http);
+            }
+            assert_eq!(targets(&mut http), billed(expected));
+            assert_eq!(http.counters.never_read, never_read, "{expected:?}");
+        }
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send_having_all(&mut http, b"POST /slow HTTP/1.1\r\nContent-Length: 10\r\n\r\n12345");
+        http.event(&conversation.info, false, 2.0, StreamEvent::End { position: 0 });
+        conversation.close(&mut http, 2.001);
+        assert_eq!(targets(&mut http), billed(&[("/slow", 0)]));
+        assert_eq!(http.counters.never_read, 0);
+    }
+
+    /// `Expect: 100-continue`, the interim answer, then the client leaves without the body: nginx logs 400
+    /// with the interim answer's 25 bytes (it had been unanswered, status 0).
+    #[test]
+    fn a_client_that_leaves_after_the_interim_answer_is_billed_400_with_its_bytes() {
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        let head = b"POST /upload HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 9\r\n\r\n";
+        conversation.send_having_all(&mut http, head);
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+        conversation.send(&mut http, false, 1.5, interim);
+        conversation.client_then_server_leave(&mut http);
+        let exchanges: Vec<Exchange> = http.take().collect();
+        let sizes: Vec<(u16, u64)> = exchanges.iter().map(|e| (e.status, e.response_size)).collect();
+        assert_eq!(sizes, [(CLIENT_LEFT_MID_BODY, interim.len() as u64)]);
+        assert_eq!((http.counters.client_closed, http.counters.unanswered), (1, 0));
     }
 
     /// `MAX_PENDING + extra` pipelined requests, each for a distinct path; the queue overflows once.

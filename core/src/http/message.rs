@@ -28,6 +28,8 @@ pub struct Message {
     pub proxied_by_kong: bool,
     /// responses: Kong answered it itself (`X-Kong-Response-Latency`)
     pub answered_by_kong: bool,
+    /// responses: `Connection: close`, after which the gateway reads no more of the connection's requests
+    pub closes: bool,
 }
 
 impl Message {
@@ -54,6 +56,7 @@ impl std::fmt::Debug for Message {
             .field("status", &self.status)
             .field("proxied_by_kong", &self.proxied_by_kong)
             .field("answered_by_kong", &self.answered_by_kong)
+            .field("closes", &self.closes)
             .finish_non_exhaustive()
     }
 }

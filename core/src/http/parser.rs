@@ -149,6 +149,7 @@ struct Parsed {
     remaining: u64,
     /// A response to a request the capture lost (`RequestMethod::Unknown`).
     unknown_request: bool,
+    closes: bool,
     proxied_by_kong: bool,
     answered_by_kong: bool,
 }
@@ -504,6 +505,7 @@ impl MessageParser {
         } else {
             message.proxied_by_kong = parsed.proxied_by_kong;
             message.answered_by_kong = parsed.answered_by_kong;
+            message.closes = parsed.closes;
         }
         sink.head(message);
         self.remaining = parsed.remaining;
@@ -525,14 +527,15 @@ impl MessageParser {
             state: State::Head,
             remaining: 0,
             proxied_by_kong: false,
+            closes: false,
             unknown_request: false,
             answered_by_kong: false,
         };
         if self.is_request {
             let line = request_line(head)?;
             let lines = HeaderLines::read(head, true);
-            if lines.bad {
-                return None;
+            if lines.bad || memchr::memchr(0, head).is_some() {
+                return None; // (nginx: "client sent invalid header line", or request)
             }
             parsed.method = (0, line.method_end);
             parsed.target = line.target;
@@ -549,6 +552,7 @@ impl MessageParser {
             parsed.status = status_line(head)?;
             let lines = HeaderLines::read(head, false);
             (parsed.proxied_by_kong, parsed.answered_by_kong) = (lines.proxied_by_kong, lines.answered_by_kong);
+            parsed.closes = lines.closes;
             let (position, peer_acked) = self.message.as_ref().map_or((0, -1), |head| (head.position, head.peer_acked));
             let method = sink.answered_method(position, peer_acked);
             parsed.unknown_request = method == RequestMethod::Unknown;
@@ -802,6 +806,9 @@ fn request_line(head: &[u8]) -> Option<RequestLine> {
         return None;
     }
     let target_end = target_start + head.get(target_start..)?.iter().position(|&b| is_space(b)).unwrap_or(0);
+    if head.get(target_start..target_end)?.iter().any(|&b| b < 0x20 || b == 0x7f) {
+        return None; // nginx's 400 since 1.21.1
+    }
     let line_end = |i: usize| {
         let i = spaces(i);
         matches!((at(i), at(i + 1)), (Some(b'\n'), _) | (Some(b'\r'), Some(b'\n')))
@@ -856,6 +863,8 @@ struct HeaderLines<'h> {
     lengths_differ: bool,
     proxied_by_kong: bool,
     answered_by_kong: bool,
+    /// responses: `Connection: close`, the gateway closes after this answer
+    closes: bool,
 }
 
 impl<'h> HeaderLines<'h> {
@@ -880,6 +889,8 @@ impl<'h> HeaderLines<'h> {
                     if let Some(framing) = framing_header(line) {
                         lines.add_framing(framing);
                     }
+                    lines.closes |= names(line, b"connection")
+                        && header_after_name(line, 10).is_some_and(|value| has_token(value, b"close"));
                 }
                 Some(b'x') => {
                     lines.proxied_by_kong |= names_header(line, b"x-kong-upstream-latency");
@@ -973,6 +984,13 @@ fn header_after_name(line: &[u8], length: usize) -> Option<&[u8]> {
     let rest = line.get(length..)?;
     let rest = rest.get(rest.iter().take_while(blank).count()..)?.strip_prefix(b":")?;
     rest.get(rest.iter().take_while(blank).count()..)
+}
+
+/// `token` among the comma-separated tokens of a header value (which runs to its line's end),
+/// case-insensitively.
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    let value = value.split(|&b| b == b'\r' || b == b'\n').next().unwrap_or_default();
+    value.split(|&b| b == b',').any(|part| trim_ascii_whitespace(part).eq_ignore_ascii_case(token))
 }
 
 /// A body of `length` bytes (none at 0).
@@ -1194,6 +1212,20 @@ mod tests {
             parse(true, true, &[&b"POST /x HTTP/1.1\r\napikey : k\r\n\r\n"[..], GOOD].concat(), 1 << 16);
         assert_eq!(recorder.calls, ["lost", "head", "complete"]);
         assert_eq!(recorder.counters.parse_errors, 1);
+    }
+
+    /// nginx answers 400 before Kong runs to a NUL anywhere in a request's head, and (since 1.21.1) to any
+    /// control character in its target.
+    #[test]
+    fn a_nul_in_a_request_head_or_a_control_character_in_its_target_loses_the_request() {
+        for head in [&b"GET /nul\0 HTTP/1.1\r\n\r\n"[..], b"GET /a\x01b HTTP/1.1\r\n\r\n",
+                     b"GET /a\x7f HTTP/1.1\r\n\r\n", b"GET /a HTTP/1.1\r\napikey: k\0\r\n\r\n"] {
+            let (_, recorder) = parse(true, true, &[head, GOOD].concat(), 1 << 16);
+            assert_eq!(recorder.calls, ["lost", "head", "complete"], "{head:?}");
+            assert_eq!(recorder.counters.parse_errors, 1);
+        }
+        let (_, response) = parse(false, true, b"HTTP/1.1 200 OK\r\nX: a\0b\r\nContent-Length: 0\r\n\r\n", 1 << 16);
+        assert_eq!(response.calls, ["head", "complete"]);
     }
 
     #[test]
