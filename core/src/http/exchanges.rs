@@ -1766,7 +1766,9 @@ mod tests {
     #[test]
     fn the_requests_the_gateway_never_read_are_counted_not_billed() {
         let closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n".to_vec();
-        let cases: [(Option<Vec<u8>>, &[(&str, u16)], u64); 3] = [
+        // (the gateway's answer before it closes, or the client leaves first; billed; never read)
+        type Case<'a> = (Option<Vec<u8>>, &'a [(&'a str, u16)], u64);
+        let cases: [Case; 3] = [
             (Some(closing), &[("/1", 200)], 2),
             (Some(answer(200)), &[("/1", 200), ("/2", 0)], 1),
             (None, &[("/1", CLIENT_CLOSED_REQUEST)], 2),
