@@ -40,7 +40,8 @@ exit status of a replay (--read):
        endpoint is down or refuses them; --give-up-after passed) or dead-lettered; the next start
        sends what the spool holds
   2    a usage error: a bad flag, an --output that cannot be written
-  3    the capture is damaged (cut short, corrupt): every event that could be read was written
+  3    the capture is damaged (cut short, corrupt, or packets cut by a small snap length or that
+       cannot be decoded): every event that could be read was written; a warning names each loss
   130  stopped by SIGINT (Ctrl-C); 143: stopped by SIGTERM. Either way the summary line and the spool
        line are printed and nothing spooled is lost
 live capture (--iface) runs until SIGINT or SIGTERM and then exits 0 (1 if a worker failed)."""

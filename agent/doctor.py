@@ -33,6 +33,7 @@ from agent.live.startup_checks import (check_ring_memory, describe_listener, int
                                        socket_error)
 from agent.metering.subject import SubjectError
 from agent.options import pipeline_from_args
+from agent.replay_end import WHOLE_FRAMES
 from agent.sink.ingest import BATCH_CONTENT_TYPE, api_token_source
 from agent.sink.options import state_dirs, tls_verification
 from agent.sink.spool import LOCK_FILE
@@ -45,6 +46,10 @@ class Failed(Exception):
     """A check did not pass; the message says why, in one line."""
 
 
+class Warned(Exception):
+    """A check passed with a caveat a start would meet (its line says `warn`, the exit status stays 0)."""
+
+
 Check = tuple[str, Callable[[], str]]  # (what is checked, the check: returns what it found or raises Failed)
 
 
@@ -55,14 +60,17 @@ def doctor(parser: FlagParser, argv: list[str]) -> int:
     logs.configure("error", args.log_format)  # the checks' lines say it all; a check's own log stays quiet
     passed = True
     for name, check in checks(args):
+        warned = False
         try:
             found, ok = check(), True
+        except Warned as warning:
+            found, ok, warned = str(warning), True, True
         except Failed as failure:
             found, ok = str(failure), False
         except (CaptureError, CredentialError, SubjectError, TokenError, OSError, psutil.Error) as error:
             found, ok = " ".join(str(error).split()) or type(error).__name__, False
         passed &= ok
-        print(f"{'ok' if ok else 'FAIL':4}  {name}: {found}", flush=True)
+        print(f"{'warn' if warned else 'ok' if ok else 'FAIL':4}  {name}: {found}", flush=True)
     return 0 if passed else 1
 
 
@@ -91,7 +99,13 @@ def checks(args: argparse.Namespace) -> Iterator[Check]:
 
 
 def _capture_file(path: str) -> str:
-    CaptureFile(path).close()
+    capture = CaptureFile(path)
+    snap_length = capture.snap_length
+    capture.close()
+    if snap_length is not None and snap_length < WHOLE_FRAMES:
+        raise Warned(f"readable, but its snap length is {snap_length} bytes: packets longer than that were cut"
+                     " short when captured and their bytes are lost (a replay counts them in cut_short_packets"
+                     " and exits 3); capture whole frames (tcpdump -s 0)")
     return "readable"
 
 

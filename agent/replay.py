@@ -32,7 +32,9 @@ BATCH_FRAMES = 8192
 def replay(args: argparse.Namespace, credentials: CredentialSync | None, open_sink: Callable[[], Sink]) -> int:
     """Every event is handed to the sink (and, for an ingest endpoint, acknowledged) before this returns;
     the summary line goes to stderr; the exit status is `replay_end.finish`'s."""
-    CaptureFile(args.read).close()  # a file that is not a capture fails here, with one line
+    capture = CaptureFile(args.read)  # a file that is not a capture fails here, with one line
+    snap_length = capture.snap_length
+    capture.close()
     if credentials is not None:
         credentials.load_once()
     pipeline_from_args(args, credentials)  # so do bad metering options, before any output is opened
@@ -51,11 +53,13 @@ def replay(args: argparse.Namespace, credentials: CredentialSync | None, open_si
             return finish(args.read, ended.counters or counters, sink.counters(),
                           exit_when_spooled=args.exit_when_spooled,
                           stop=ended if isinstance(ended, Interrupted) else None,
-                          gave_up=str(ended) if isinstance(ended, DeliveryStalled) else None)
+                          gave_up=str(ended) if isinstance(ended, DeliveryStalled) else None,
+                          snap_length=snap_length)
         except BaseException:
             sink.close()
             raise
-        return finish(args.read, counters, sink.counters(), exit_when_spooled=args.exit_when_spooled)
+        return finish(args.read, counters, sink.counters(), exit_when_spooled=args.exit_when_spooled,
+                      snap_length=snap_length)
 
 
 def replay_share(args: argparse.Namespace, credentials: CredentialSync | None, emit: Callable[[bytes], None],

@@ -421,6 +421,7 @@ class Capture:
         self.records: list[tuple[int, bytes, int]] = []  # (time in µs, frame bytes, wire length)
         self.exchanges: list[Exchange] = []
         self.pinned: dict[str, int] = {}
+        self.exit_status = 0  # a replay's; 3: the capture lost packets (README, exit statuses)
         self._isns: set[int] = set()
         self._endpoints: set[tuple[str, int]] = set()
 
@@ -507,8 +508,11 @@ class Capture:
         for name, value in self.pinned.items():
             assert counters.get(name, value) == value, f"pinned {name}={value} contradicts the exchanges"
             counters[name] = value
-        return {"capture": capture_name, "made_by": MADE_BY, "description": description,
-                "ports": [GATEWAY_PORT], "args": [], "events": events, "counters": counters}
+        truth = {"capture": capture_name, "made_by": MADE_BY, "description": description,
+                 "ports": [GATEWAY_PORT], "args": [], "events": events, "counters": counters}
+        if self.exit_status:
+            truth["exit_status"] = self.exit_status
+        return truth
 
     def pcap_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -1063,14 +1067,15 @@ for name, link, container, what in LINK_FIXTURES:
 
 
 @fixture("corrupt", """
-    Corrupt and foreign packets around a good connection (alice GET, bob GET, both billed). Corrupt, 5:
-    a frame cut inside the Ethernet header (10 of 74 bytes captured), one cut inside the IPv4 header,
-    one cut inside the TCP header, an IPv4 header with IHL 3, a TCP header with data offset 3 (the last
-    two are to port 8000 and carry a request with alice's key that must not be billed). Not corrupt,
-    ignored: a UDP DNS query, an ARP request, and a full HTTP exchange on port 9000 (gateway to
-    upstream, with alice's key). Every gateway-to-client packet on the good connection has a wrong TCP
-    checksum, as captures of locally sent packets show under checksum offload: they must be accepted.
-    Expected: 2 events, corrupt_packets 5.""")
+    Corrupt and foreign packets around a good connection (alice GET, bob GET, both billed). Cut short
+    when captured, 3 (each record holds less than the frame on the wire): a frame cut inside the
+    Ethernet header (10 of 74 bytes captured), one cut inside the IPv4 header, one cut inside the TCP
+    header. Corrupt, 2: an IPv4 header with IHL 3, a TCP header with data offset 3 (both to port 8000,
+    carrying a request with alice's key that must not be billed). Not corrupt, ignored: a UDP DNS
+    query, an ARP request, and a full HTTP exchange on port 9000 (gateway to upstream, with alice's
+    key). Every gateway-to-client packet on the good connection has a wrong TCP checksum, as captures
+    of locally sent packets show under checksum offload: they must be accepted. Expected: 2 events,
+    cut_short_packets 3, corrupt_packets 2, each named in a warning, exit status 3 (packets were lost).""")
 def corrupt(cap: Capture) -> None:
     h = cap.http
     c = cap.conn(client_ip(cap))
@@ -1109,7 +1114,8 @@ def corrupt(cap: Capture) -> None:
     cap.emit_bytes(cut_tcp[:14 + 20 + 10], wirelen=len(cut_tcp))
     cap.emit(bad_checksums(c.roundtrip(request("GET", "/orders/2", BOB), h.ok(items=4))[1]))
     cap.emit(bad_checksums(c.close()), upstream.close())
-    cap.pin(corrupt_packets=5)
+    cap.pin(corrupt_packets=2, cut_short_packets=3)
+    cap.exit_status = 3
 
 
 @fixture("timeout", """

@@ -358,3 +358,111 @@ def test_the_last_representable_second_is_still_a_packet(tmp_path):
     frames, lost = read_all(capture)
     assert (len(frames), lost) == (204, 0)
 
+
+
+# 4. packets cut short when captured (a small snap length), and frames that cannot be decoded
+
+
+def basic_as_pcap(path: Path, snap_length: int = 262144, rewrite=None) -> Path:
+    """nginx-basic.pcap rewritten record by record: `rewrite(index, frame)` gives (the bytes kept, the length
+    on the wire); by default each frame is cut at `snap_length`, as `tcpdump -s` writes it."""
+    header = bytearray(BASIC.read_bytes()[:24])
+    header[16:20] = struct.pack("<I", snap_length)
+    records = [bytes(header)]
+    for index, (timestamp, frame) in enumerate(basic_packets()):
+        kept, wire = rewrite(index, frame) if rewrite else (frame[:snap_length], len(frame))
+        ticks = microseconds(timestamp)
+        records.append(struct.pack("<IIII", ticks // 1_000_000, ticks % 1_000_000, len(kept), wire) + kept)
+    path.write_bytes(b"".join(records))
+    return path
+
+
+def payload_length(frame: bytes) -> int:
+    return len(dpkt.ethernet.Ethernet(frame).data.data.data)
+
+
+def damage_run(path: Path, *extra: str) -> tuple[int, dict[str, int], list[str]]:
+    """The exit status, the summary's counters and the warning lines of a replay of `path`."""
+    result = run_agent("--read", str(path), "--credentials", KONG, "--output", "/dev/null", *extra, check=False)
+    assert "Traceback" not in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("agent: WARNING: ")]
+    return result.returncode, summary(result.stderr), warnings
+
+
+def doctor_line(path: Path) -> str:
+    result = run_agent("doctor", "--read", str(path), "--credentials", KONG, "--output", "/dev/null", check=False)
+    return next(line for line in result.stdout.splitlines() if "capture file:" in line)
+
+
+def test_a_capture_cut_by_a_small_snap_length_says_so_counts_the_packets_and_exits_3(tmp_path):
+    """`tcpdump -s 60`: every packet with a payload lost its bytes; the ACKs, cut in their TCP options only,
+    are still read. The loss is named in one line with its cause and its count, not left to corrupt_packets."""
+    capture = basic_as_pcap(tmp_path / "snap60.pcap", 60)
+    carrying = sum(payload_length(frame) > 0 for _, frame in basic_packets())
+    assert 0 < carrying < len(basic_packets())
+    status, counters, warnings = damage_run(capture)
+    assert status == DAMAGED
+    assert counters["cut_short_packets"] == carrying
+    assert counters["corrupt_packets"] == counters["events"] == 0
+    assert counters["connections"] > 0  # the handshakes, cut in their options, were read
+    assert warnings == [f"agent: WARNING: {capture}: {carrying} packets were cut short by the capture's snap length"
+                        " (60 bytes): their bytes are lost; capture whole frames (tcpdump -s 0)"]
+    status, in_workers, _ = damage_run(capture, "--workers", "2")
+    assert (status, in_workers) == (DAMAGED, counters)
+    assert doctor_line(capture).startswith("warn  capture file: readable, but its snap length is 60 bytes: ")
+    assert doctor_line(BASIC) == "ok    capture file: readable"
+
+
+def test_a_pcapng_whose_interface_has_a_small_snap_length_is_the_same(tmp_path):
+    blocks = [section_header(), block(BLOCK_IDB, struct.pack("<HHI", LINKTYPE_ETHERNET, 0, 96))]
+    for timestamp, frame in basic_packets():
+        ticks = microseconds(timestamp)
+        kept = frame[:96]
+        blocks.append(block(BLOCK_EPB, struct.pack("<IIIII", 0, ticks >> 32, ticks & 0xFFFFFFFF, len(kept),
+                                                   len(frame)) + kept))
+    capture = tmp_path / "snap96.pcapng"
+    capture.write_bytes(b"".join(blocks))
+    lost = sum(66 + payload_length(frame) > 96 for _, frame in basic_packets())
+    status, counters, warnings = damage_run(capture)
+    assert (status, counters["cut_short_packets"], counters["corrupt_packets"]) == (DAMAGED, lost, 0)
+    assert warnings == [f"agent: WARNING: {capture}: {lost} packets were cut short by the capture's snap length"
+                        " (96 bytes): their bytes are lost; capture whole frames (tcpdump -s 0)"]
+    assert doctor_line(capture).startswith("warn  capture file: readable, but its snap length is 96 bytes: ")
+
+
+def test_a_frame_cut_short_that_still_holds_its_whole_packet_is_used(tmp_path):
+    """Records shorter than the frame on the wire by a trailer the capture did not keep (an FCS), or pure
+    ACKs cut in their TCP options: nothing they carry is lost, so every event is there and the exit is 0."""
+    trailer = basic_as_pcap(tmp_path / "no-fcs.pcap", rewrite=lambda _, frame: (frame, len(frame) + 4))
+    acks = basic_as_pcap(tmp_path / "acks-cut.pcap", rewrite=lambda _, frame: (
+        (frame[:60], len(frame)) if payload_length(frame) == 0 else (frame, len(frame))))
+    for capture in (trailer, acks):
+        status, counters, warnings = damage_run(capture)
+        assert (status, counters["events"], counters["cut_short_packets"], counters["corrupt_packets"], warnings) == (
+            0, BASIC_EVENTS, 0, 0, []), capture.name
+
+
+def test_empty_records_and_frames_shorter_than_their_ip_length_are_named_and_exit_3(tmp_path):
+    """incl_len 0 (with the wire length: cut short; without: nothing there), and a frame recorded whole whose
+    IP length says more than it holds (corrupt): counted apart, each cause in one warning line."""
+    carrying = [index for index, (_, frame) in enumerate(basic_packets()) if payload_length(frame) > 0]
+
+    def rewrite(index: int, frame: bytes) -> tuple[bytes, int]:
+        if index == carrying[0]:
+            return b"", len(frame)
+        if index == carrying[1]:
+            return b"", 0
+        if index in carrying[2:4]:
+            return frame[:-5], len(frame) - 5
+        return frame, len(frame)
+
+    capture = basic_as_pcap(tmp_path / "damaged-frames.pcap", rewrite=rewrite)
+    status, counters, warnings = damage_run(capture)
+    assert status == DAMAGED
+    assert (counters["cut_short_packets"], counters["corrupt_packets"]) == (1, 3)
+    assert 0 < counters["events"] < BASIC_EVENTS
+    assert warnings == [
+        f"agent: WARNING: {capture}: 1 packet was cut short when captured (the file holds less of each than was"
+        " on the wire): their bytes are lost; capture whole frames (tcpdump -s 0)",
+        f"agent: WARNING: {capture}: 3 packets could not be decoded (link, IP or TCP headers cut or inconsistent)"
+        " and were skipped: what they carried is lost"]

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::http::exchanges::{ConnectionHandOver, HttpExchanges};
 use crate::metering::billing::{Meter, MeterConfig};
 use crate::source::capture_file::Frame;
-use crate::source::frames::{flow_hash, FrameDecoder};
+use crate::source::frames::{flow_hash_captured, FrameDecoder};
 use crate::source::tls::{self, monotonic_to_wall, TlsStreams};
 use crate::tcp::reassembly::{ConnectionInfo, ReassemblyLimits, TcpReassembler};
 
@@ -96,7 +96,7 @@ impl Pipeline {
     /// One frame through decoding, reassembly and HTTP framing, if its connection is this share's; its
     /// exchanges are metered by `end_batch`.
     pub fn feed_frame(&mut self, frame: &Frame<'_>) {
-        if self.dealer.owner(frame.linktype, frame.data) != self.share {
+        if self.dealer.owner(frame.linktype, frame.data, frame.wire_length) != self.share {
             return;
         }
         self.packets += 1;
@@ -106,7 +106,7 @@ impl Pipeline {
     }
 
     fn process(&mut self, frame: &Frame<'_>) {
-        let Some(segment) = self.decoder.decode(frame.linktype, frame.data) else {
+        let Some(segment) = self.decoder.decode_captured(frame.linktype, frame.data, frame.wire_length) else {
             return;
         };
         let time = frame.time;
@@ -286,6 +286,7 @@ impl Pipeline {
             ("paired_in_doubt", http.paired_in_doubt),
             ("parse_errors", parser.parse_errors),
             ("corrupt_packets", decoder.corrupt),
+            ("cut_short_packets", decoder.cut_short), // by the capture's snap length
             // frames lost; not_tcp is filtered, not lost
             ("unsupported_link", decoder.unsupported_link),
             ("unmatched_responses", http.unmatched_responses),
@@ -337,11 +338,12 @@ impl ConnectionDealer {
         ConnectionDealer { shares: shares.max(1), owners: HashMap::new(), dealt: 0 }
     }
 
-    pub fn owner(&mut self, linktype: u32, frame: &[u8]) -> u32 {
+    /// `wire_length`: the frame's length on the wire (see `FrameDecoder::decode_captured`).
+    pub fn owner(&mut self, linktype: u32, frame: &[u8], wire_length: usize) -> u32 {
         if self.shares == 1 {
             return 0;
         }
-        let Some(flow) = flow_hash(linktype, frame) else {
+        let Some(flow) = flow_hash_captured(linktype, frame, wire_length) else {
             return 0;
         };
         if let Some(&owner) = self.owners.get(&flow) {
@@ -420,7 +422,7 @@ mod tests {
     }
 
     fn feed(pipeline: &mut Pipeline, time: f64, data: &[u8]) {
-        pipeline.feed_frame(&Frame { time, linktype: DLT_IPV4, data });
+        pipeline.feed_frame(&Frame { time, linktype: DLT_IPV4, data, wire_length: data.len() });
     }
 
     /// A whole keep-alive connection: handshake, one request, its response, both FINs.
@@ -583,10 +585,10 @@ mod tests {
         let first = frame(true, 30000, 1, 0, TCP_SYN, b"");
         let second = frame(true, 30001, 1, 0, TCP_SYN, b"");
         let third = frame(true, 30002, 1, 0, TCP_SYN, b"");
-        let owners: Vec<u32> = [&first, &second, &third].iter().map(|f| dealer.owner(DLT_IPV4, f)).collect();
+        let owners: Vec<u32> = [&first, &second, &third].iter().map(|f| dealer.owner(DLT_IPV4, f, f.len())).collect();
         assert_eq!(owners, vec![0, 1, 0]);
         let reply = frame(false, 30001, 9, 2, TCP_SYN | TCP_ACK, b"");
-        assert_eq!(dealer.owner(DLT_IPV4, &reply), 1, "both directions go to the same share");
-        assert_eq!(dealer.owner(DLT_IPV4, b"\x45junk"), 0, "frames no connection claims are share 0's");
+        assert_eq!(dealer.owner(DLT_IPV4, &reply, reply.len()), 1, "both directions go to the same share");
+        assert_eq!(dealer.owner(DLT_IPV4, b"\x45junk", 5), 0, "frames no connection claims are share 0's");
     }
 }

@@ -49,6 +49,12 @@ impl PyCaptureFile {
         self.file.losses()
     }
 
+    /// The smallest snap length the file declares (None: it declares none); frames longer were cut.
+    #[getter]
+    fn snap_length(&self) -> Option<u32> {
+        self.file.snap_length()
+    }
+
     fn close(&mut self) {
         self.file.close();
     }
@@ -120,6 +126,7 @@ impl PyFrameDecoder {
         let counters = &self.decoder.counters;
         let dict = PyDict::new(py);
         dict.set_item("corrupt", counters.corrupt)?;
+        dict.set_item("cut_short", counters.cut_short)?;
         dict.set_item("fragments", counters.fragments)?;
         dict.set_item("not_tcp", counters.not_tcp)?;
         dict.set_item("unsupported_link", counters.unsupported_link)?;
@@ -1437,7 +1444,7 @@ impl PyConnectionDealer {
     }
 
     fn __call__(&mut self, linktype: u32, frame: &[u8]) -> u32 {
-        self.0.owner(linktype, frame)
+        self.0.owner(linktype, frame, frame.len())
     }
 }
 

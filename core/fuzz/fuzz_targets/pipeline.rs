@@ -105,7 +105,8 @@ fuzz_target!(|data: &[u8]| {
         let (ours, theirs) = if to_server { (0, 1) } else { (1, 0) };
         let stream = &mut sequences[usize::from(client)];
         let (seq, ack) = (stream[ours].wrapping_add(jump & 0xFF00_0000), stream[theirs]);
-        pipeline.feed_frame(&Frame { time, linktype: DLT_IPV4, data: &frame(to_server, client, seq, ack, flags, payload) });
+        let data = frame(to_server, client, seq, ack, flags, payload);
+        pipeline.feed_frame(&Frame { time, linktype: DLT_IPV4, data: &data, wire_length: data.len() });
         stream[ours] = seq.wrapping_add(payload.len() as u32);
         if control & 0x80 != 0 {
             pipeline.end_batch(&mut out);

@@ -50,11 +50,13 @@ impl fmt::Display for CaptureError {
     }
 }
 
-/// One record: capture time in seconds since the epoch, the link type of its interface, the frame.
+/// One record: capture time in seconds since the epoch, the link type of its interface, the frame, and
+/// the frame's length on the wire (more than `data` holds when the capture cut it short: its snap length).
 pub struct Frame<'a> {
     pub time: f64,
     pub linktype: u32,
     pub data: &'a [u8],
+    pub wire_length: usize,
 }
 
 /// How one pcapng interface's packets count time: `seconds_added + ticks / ticks_per_second`.
@@ -73,7 +75,7 @@ enum Format {
 /// What the buffer's next record gave.
 enum Parsed {
     /// A frame at `start..end` of the buffer, in the record that begins at `record`.
-    Frame { time: f64, linktype: u32, start: usize, end: usize, record: usize },
+    Frame { time: f64, linktype: u32, start: usize, end: usize, wire_length: usize, record: usize },
     /// A block that carries no packet.
     Skipped,
     /// A record that cannot be used, for this reason; the next one follows it.
@@ -94,6 +96,8 @@ pub struct CaptureFile {
     format: Format,
     truncated_records: u64,
     losses: Vec<(String, u64)>,
+    /// The smallest snap length the file declares (pcap header, pcapng interfaces), 0 for none.
+    snap_length: u32,
 }
 
 fn u16_at(buffer: &[u8], offset: usize, big_endian: bool) -> u16 {
@@ -142,6 +146,7 @@ impl CaptureFile {
             format: Format::Pcap { big_endian: false, divisor: 1e6, linktype: 0 },
             truncated_records: 0,
             losses: Vec::new(),
+            snap_length: 0,
         };
         while capture.buffer.len() < PCAP_HEADER {
             match capture.bytes.read_chunk(&mut capture.buffer) {
@@ -160,6 +165,7 @@ impl CaptureFile {
             let big_endian = magic == PCAP_MICROSECONDS_BIG || magic == PCAP_NANOSECONDS_BIG;
             let nanoseconds = magic == PCAP_NANOSECONDS_LITTLE || magic == PCAP_NANOSECONDS_BIG;
             let linktype = u32_at(buffer, 20, big_endian) & 0xFFFF; // the bits above: the FCS length
+            capture.snap_length = u32_at(buffer, 16, big_endian);
             capture.format =
                 Format::Pcap { big_endian, divisor: if nanoseconds { 1e9 } else { 1e6 }, linktype };
             capture.offset = PCAP_HEADER;
@@ -211,8 +217,8 @@ impl CaptureFile {
     pub fn next_frame(&mut self) -> Option<Frame<'_>> {
         loop {
             match self.next_record() {
-                Parsed::Frame { time, linktype, start, end, .. } => {
-                    return Some(Frame { time, linktype, data: &self.buffer[start..end] });
+                Parsed::Frame { time, linktype, start, end, wire_length, .. } => {
+                    return Some(Frame { time, linktype, data: &self.buffer[start..end], wire_length });
                 }
                 _ => {
                     if !self.read_more() {
@@ -248,6 +254,12 @@ impl CaptureFile {
         self.truncated_records
     }
 
+    /// The smallest snap length the file declares (the pcap header's, or the smallest of the pcapng
+    /// interfaces read so far), None if it declares none: frames longer than it were cut when captured.
+    pub fn snap_length(&self) -> Option<u32> {
+        (self.snap_length != 0).then_some(self.snap_length)
+    }
+
     /// (reason, count) for every kind of loss, in the order first seen, for the caller to log.
     pub fn losses(&self) -> Vec<(String, u64)> {
         self.losses.clone()
@@ -269,6 +281,7 @@ impl CaptureFile {
         let seconds = u32_at(buffer, offset, big_endian);
         let fraction = u32_at(buffer, offset + 4, big_endian);
         let length = u32_at(buffer, offset + 8, big_endian);
+        let wire_length = u32_at(buffer, offset + 12, big_endian) as usize;
         if length > MAX_RECORD {
             return Parsed::GiveUp(format!("a record claims {length} bytes"));
         }
@@ -278,12 +291,12 @@ impl CaptureFile {
         }
         self.offset = end;
         let time = f64::from(seconds) + f64::from(fraction) / divisor;
-        Parsed::Frame { time, linktype, start, end, record: offset }
+        Parsed::Frame { time, linktype, start, end, wire_length, record: offset }
     }
 
     /// The buffer's next pcapng block.
     fn parse_pcapng(&mut self) -> Parsed {
-        let CaptureFile { buffer, offset: next, format, .. } = self;
+        let CaptureFile { buffer, offset: next, format, snap_length, .. } = self;
         let Format::Pcapng { big_endian: order, interfaces } = format else { return Parsed::NeedMore };
         let offset = *next;
         if offset + 12 > buffer.len() {
@@ -323,6 +336,7 @@ impl CaptureFile {
                 let high = u64::from(u32_at(buffer, body + 4, *order));
                 let low = u64::from(u32_at(buffer, body + 8, *order));
                 let captured = u32_at(buffer, body + 12, *order) as usize;
+                let wire_length = u32_at(buffer, body + 16, *order) as usize;
                 let Some(interface) = interfaces.get(interface) else {
                     return Parsed::Lost("packets of an interface the file never described");
                 };
@@ -335,11 +349,15 @@ impl CaptureFile {
                     return Parsed::Lost("packet times before 1970 or after 9999");
                 }
                 let start = body + 20;
-                Parsed::Frame { time, linktype: interface.linktype, start, end: start + captured, record: offset }
+                Parsed::Frame { time, linktype: interface.linktype, start, end: start + captured, wire_length, record: offset }
             }
             BLOCK_IDB => {
                 if stop - body < 8 {
                     return Parsed::GiveUp("an interface description too short for its header".into());
+                }
+                let interface_snap_length = u32_at(buffer, body + 4, *order);
+                if interface_snap_length != 0 && (*snap_length == 0 || interface_snap_length < *snap_length) {
+                    *snap_length = interface_snap_length;
                 }
                 interfaces.push(describe_interface(&buffer[..stop], body, *order));
                 Parsed::Skipped
@@ -501,6 +519,42 @@ mod tests {
                 .collect();
             assert_eq!(frames, expected);
         }
+    }
+
+    #[test]
+    fn the_wire_length_and_snap_length_are_read_from_pcap_and_pcapng() {
+        let mut file = pcap(false, false, 1, &records(2));
+        file[16..20].copy_from_slice(&60u32.to_le_bytes());
+        let second = PCAP_HEADER + PCAP_RECORD + records(1)[0].2.len();
+        file[second + 12..second + 16].copy_from_slice(&1514u32.to_le_bytes()); // orig_len
+        let mut capture = CaptureFile::from_bytes("test.pcap", file).expect("a capture");
+        assert_eq!(capture.snap_length(), Some(60));
+        let lengths: Vec<(usize, usize)> =
+            std::iter::from_fn(|| capture.next_frame().map(|frame| (frame.data.len(), frame.wire_length))).collect();
+        assert_eq!(lengths, [(40, 40), (41, 1514)]);
+        let unlimited = CaptureFile::from_bytes("test.pcap", {
+            let mut file = pcap(false, false, 1, &records(1));
+            file[16..20].copy_from_slice(&0u32.to_le_bytes());
+            file
+        });
+        assert_eq!(unlimited.expect("a capture").snap_length(), None);
+
+        let snapped = |snap: u32| {
+            let mut body = 1u16.to_le_bytes().to_vec();
+            body.extend_from_slice(&[0, 0]);
+            body.extend_from_slice(&snap.to_le_bytes());
+            block(false, BLOCK_IDB, &body)
+        };
+        let mut body = Vec::new();
+        for value in [0u32, 0, 1, 40, 1514] {
+            body.extend_from_slice(&value.to_le_bytes());
+        }
+        body.extend_from_slice(&frame(0));
+        let file = [section_header(false), snapped(0), snapped(96), snapped(65535), block(false, BLOCK_EPB, &body)].concat();
+        let mut capture = CaptureFile::from_bytes("test.pcapng", file).expect("a capture");
+        assert_eq!(capture.snap_length(), Some(96));
+        assert_eq!(capture.next_frame().map(|frame| (frame.data.len(), frame.wire_length)), Some((40, 1514)));
+        assert_eq!(CaptureFile::from_bytes("test.pcapng", pcapng(1, |_| None)).expect("a capture").snap_length(), None);
     }
 
     #[test]

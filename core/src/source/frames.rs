@@ -100,8 +100,11 @@ const IPV6_DESTINATION_OPTIONS: u8 = 60;
 
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
 pub struct DecodeCounters {
-    /// Truncated or inconsistent headers.
+    /// Truncated or inconsistent headers, in a frame the capture recorded whole.
     pub corrupt: u64,
+    /// Frames the capture recorded only in part (its record shorter than the frame on the wire, as a
+    /// small snap length leaves them) and that cannot be decoded from what it kept: their bytes are lost.
+    pub cut_short: u64,
     /// IP fragments: not reassembled (a gateway's loopback traffic has none).
     pub fragments: u64,
     /// Other protocols (and ethertypes) we do not meter.
@@ -125,11 +128,22 @@ enum Skip {
 }
 
 impl FrameDecoder {
+    /// A frame recorded whole.
     pub fn decode<'a>(&mut self, linktype: u32, frame: &'a [u8]) -> Option<Segment<'a>> {
-        match decode(linktype, frame) {
+        self.decode_captured(linktype, frame, frame.len())
+    }
+
+    /// A frame as a capture recorded it: `wire_length` is its length on the wire, more than `frame` holds
+    /// when the capture cut it short (its snap length). Such a frame is still used when what was kept holds
+    /// all the segment has (its TCP header's fixed part and its whole payload: only options, padding or a
+    /// trailer were cut); otherwise it is counted in `cut_short`, apart from `corrupt`.
+    pub fn decode_captured<'a>(&mut self, linktype: u32, frame: &'a [u8], wire_length: usize) -> Option<Segment<'a>> {
+        let cut = wire_length > frame.len();
+        match decode(linktype, frame, cut) {
             Ok(segment) => Some(segment),
             Err(skip) => {
                 let counter = match skip {
+                    Skip::Corrupt if cut => &mut self.counters.cut_short,
                     Skip::Corrupt => &mut self.counters.corrupt,
                     Skip::Fragment => &mut self.counters.fragments,
                     Skip::NotTcp => &mut self.counters.not_tcp,
@@ -146,7 +160,13 @@ impl FrameDecoder {
 /// that workers can share the traffic by connection: both endpoints are hashed alone and then combined
 /// by addition, which does not care which one is the source.
 pub fn flow_hash(linktype: u32, frame: &[u8]) -> Option<u32> {
-    let segment = decode(linktype, frame).ok()?;
+    flow_hash_captured(linktype, frame, frame.len())
+}
+
+/// `flow_hash` of a frame as a capture recorded it (see `FrameDecoder::decode_captured`): the frames the
+/// decoder uses are the frames hashed, so that a connection's cut frames stay with its worker.
+pub fn flow_hash_captured(linktype: u32, frame: &[u8], wire_length: usize) -> Option<u32> {
+    let segment = decode(linktype, frame, wire_length > frame.len()).ok()?;
     let ends = endpoint_hash(&segment.src, segment.sport).wrapping_add(endpoint_hash(&segment.dst, segment.dport));
     Some((mix64(ends) >> 32) as u32)
 }
@@ -171,11 +191,13 @@ fn mix64(mut value: u64) -> u64 {
     value ^ value >> 33
 }
 
-fn decode(linktype: u32, frame: &[u8]) -> Result<Segment<'_>, Skip> {
+/// `cut`: the capture kept less of the frame than was on the wire, so the IP length may run past the
+/// frame's end; what lies past it must then be no more than the TCP header's options.
+fn decode(linktype: u32, frame: &[u8], cut: bool) -> Result<Segment<'_>, Skip> {
     let (ethertype, offset) = network_layer(linktype, frame)?;
     match ethertype {
-        ETH_IPV4 => ipv4(frame, offset),
-        ETH_IPV6 => ipv6(frame, offset),
+        ETH_IPV4 => ipv4(frame, offset, cut),
+        ETH_IPV6 => ipv6(frame, offset, cut),
         _ => Err(Skip::NotTcp),
     }
 }
@@ -231,7 +253,7 @@ fn network_layer(linktype: u32, frame: &[u8]) -> Result<(u16, usize), Skip> {
     }
 }
 
-fn ipv4(frame: &[u8], offset: usize) -> Result<Segment<'_>, Skip> {
+fn ipv4(frame: &[u8], offset: usize, cut: bool) -> Result<Segment<'_>, Skip> {
     let header = frame.get(offset..offset + 10).ok_or(Skip::Corrupt)?;
     let version_ihl = header[0];
     let total_length = usize::from(u16::from_be_bytes([header[2], header[3]]));
@@ -249,17 +271,17 @@ fn ipv4(frame: &[u8], offset: usize) -> Result<Segment<'_>, Skip> {
     }
     // A zero total length is what segmentation offload leaves in a super-frame: trust the frame then.
     let end = if total_length == 0 { frame.len() } else { offset + total_length };
-    if end > frame.len() || total_length != 0 && total_length < header_length {
+    if end > frame.len() && !cut || total_length != 0 && total_length < header_length {
         return Err(Skip::Corrupt);
     }
-    // `tcp` needs 20 bytes past a header of at least 20 within `end`, so both addresses are whole if it
-    // succeeds; until then they may be cut, and are taken as far as the frame goes.
+    // `tcp` needs 20 bytes past a header of at least 20 within `end` and the frame, so both addresses are
+    // whole if it succeeds; until then they may be cut, and are taken as far as the frame goes.
     let src = frame.get(offset + 12..offset + 16).unwrap_or_default();
     let dst = frame.get(offset + 16..offset + 20).unwrap_or_default();
     tcp(frame, offset + header_length, end, src, dst)
 }
 
-fn ipv6(frame: &[u8], offset: usize) -> Result<Segment<'_>, Skip> {
+fn ipv6(frame: &[u8], offset: usize, cut: bool) -> Result<Segment<'_>, Skip> {
     let header = frame.get(offset..offset + 7).ok_or(Skip::Corrupt)?;
     let payload_length = usize::from(u16::from_be_bytes([header[4], header[5]]));
     let mut next_header = header[6];
@@ -267,15 +289,13 @@ fn ipv6(frame: &[u8], offset: usize) -> Result<Segment<'_>, Skip> {
         return Err(Skip::Corrupt);
     }
     let end = if payload_length == 0 { frame.len() } else { offset + 40 + payload_length }; // 0: jumbogram / offload
-    if end > frame.len() {
+    if end > frame.len() && !cut {
         return Err(Skip::Corrupt);
     }
     let mut position = offset + 40;
     while matches!(next_header, IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DESTINATION_OPTIONS | IPV6_AUTHENTICATION) {
-        if position + 2 > end {
-            return Err(Skip::Corrupt);
-        }
-        let (kind, length) = (frame[position], usize::from(frame[position + 1]));
+        let extension = frame.get(position..position + 2).filter(|_| position + 2 <= end).ok_or(Skip::Corrupt)?;
+        let (kind, length) = (extension[0], usize::from(extension[1]));
         let length = if next_header == IPV6_AUTHENTICATION { (length + 2) * 4 } else { (length + 1) * 8 };
         next_header = kind;
         position += length;
@@ -297,6 +317,8 @@ fn ipv6(frame: &[u8], offset: usize) -> Result<Segment<'_>, Skip> {
     tcp(frame, position, end, src, dst)
 }
 
+/// The segment at `offset`, its IP packet ending at `end`: past the frame's end only for a frame the
+/// capture cut short (`decode`), and then only within the header's options (no payload was lost).
 fn tcp<'a>(frame: &'a [u8], offset: usize, end: usize, src: &[u8], dst: &[u8]) -> Result<Segment<'a>, Skip> {
     if offset + 20 > end {
         return Err(Skip::Corrupt);
@@ -315,7 +337,7 @@ fn tcp<'a>(frame: &'a [u8], offset: usize, end: usize, src: &[u8], dst: &[u8]) -
         seq: u32::from_be_bytes([header[4], header[5], header[6], header[7]]),
         ack: u32::from_be_bytes([header[8], header[9], header[10], header[11]]),
         flags: (offset_flags & 0x3F) as u8,
-        payload: frame.get(offset + header_length..end).ok_or(Skip::Corrupt)?,
+        payload: if offset + header_length == end { &[] } else { frame.get(offset + header_length..end).ok_or(Skip::Corrupt)? },
     })
 }
 
@@ -565,6 +587,56 @@ mod tests {
             total += frame.len() as u64;
         }
         assert_eq!(decoder.counters, DecodeCounters { corrupt: total, ..DecodeCounters::default() });
+    }
+
+    #[test]
+    fn frames_the_capture_cut_short_are_counted_apart_or_used_if_nothing_they_carry_was_cut() {
+        let counted = |decoder: &FrameDecoder| (decoder.counters.corrupt, decoder.counters.cut_short);
+        // a request cut inside its payload, its TCP header, its IP header, its link header: its bytes are lost
+        let request = ether(&[], ETH_IPV4, &ipv4(PAYLOAD));
+        let request6 = ipv6(PAYLOAD);
+        let mut decoder = FrameDecoder::default();
+        for length in [60, 54, 40, 20, 10, 0] {
+            assert!(decoder.decode_captured(DLT_EN10MB, &request[..length], request.len()).is_none(), "{length}");
+        }
+        for length in [70, 60, 40, 0] {
+            assert!(decoder.decode_captured(101, &request6[..length], request6.len()).is_none(), "{length}");
+        }
+        assert_eq!(counted(&decoder), (0, 10));
+        assert_eq!(flow_hash_captured(DLT_EN10MB, &request[..60], request.len()), None);
+        // the same cut in a frame recorded whole (the record says it is all there was) is corrupt
+        assert!(decoder.decode(DLT_EN10MB, &request[..60]).is_none());
+        assert_eq!(counted(&decoder), (1, 10));
+
+        // an ACK cut inside its TCP options (tcpdump -s 60 on loopback): no payload was lost, it is used
+        let mut with_options = tcp_header(40000, 8000, TCP_ACK, 8);
+        with_options.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
+        let ack = ether(&[], ETH_IPV4, &ipv4_with(IPPROTO_TCP, 0, &[], None, &with_options));
+        assert_eq!(ack.len(), 66);
+        let segment = decoder.decode_captured(DLT_EN10MB, &ack[..60], ack.len()).expect("a segment");
+        assert_eq!((segment.sport, segment.dport, segment.seq, segment.ack, segment.flags), (40000, 8000, 1000, 2000, TCP_ACK));
+        assert!(segment.payload.is_empty());
+        assert_eq!(flow_hash_captured(DLT_EN10MB, &ack[..60], ack.len()), flow_hash(DLT_EN10MB, &ack));
+        let ack6 = ipv6_with(&[], IPPROTO_TCP, &with_options);
+        assert!(decoder.decode_captured(101, &ack6[..64], ack6.len()).is_some_and(|segment| segment.payload.is_empty()));
+        // but not cut before the TCP header's fixed part, nor as a frame recorded whole
+        assert!(decoder.decode_captured(DLT_EN10MB, &ack[..50], ack.len()).is_none());
+        assert!(decoder.decode(DLT_EN10MB, &ack[..60]).is_none());
+        assert_eq!(counted(&decoder), (2, 11));
+
+        // a frame whose IP packet is whole, only its padding or trailer (FCS) cut: used, not counted
+        let mut padded = ether(&[], ETH_IPV4, &ipv4(b"hi"));
+        let ip_end = padded.len();
+        padded.resize(64, 0xAA);
+        assert_eq!(decoder.decode_captured(DLT_EN10MB, &padded[..ip_end], 64).map(|segment| segment.payload),
+                   Some(&b"hi"[..]));
+        assert_eq!(decoder.decode_captured(DLT_EN10MB, &request, request.len() + 4).map(|segment| segment.payload),
+                   Some(PAYLOAD));
+        assert_eq!(counted(&decoder), (2, 11));
+        // a cut frame that is not TCP stays not TCP
+        let udp = ether(&[], ETH_IPV4, &ipv4_with(17, 0, &[], None, &[0, 53, 0, 53, 0, 8, 0, 0]));
+        assert!(decoder.decode_captured(DLT_EN10MB, &udp[..36], udp.len()).is_none());
+        assert_eq!((decoder.counters.not_tcp, counted(&decoder)), (1, (2, 11)));
     }
 
     #[test]

@@ -157,7 +157,8 @@ impl Ring {
                 self.truncated += (count - handed) as u64; // headers pointing outside the block
                 break;
             };
-            on_frame(Frame { time, linktype: self.linktype, data });
+            // a frame the kernel cut is counted in `truncated` (above the decoder's counters), as before
+            on_frame(Frame { time, linktype: self.linktype, data, wire_length: data.len() });
             self.truncated += u64::from(cut);
             handed += 1;
             if handed < count && next_offset < PACKET_HEADER {
