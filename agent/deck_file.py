@@ -44,9 +44,20 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
     """Safe loading that refuses a key repeated in one mapping, as decK (Go's yaml.v3) does, instead of
     keeping the last one: `username: alice` then `username: mallory` must not quietly bill mallory."""
 
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        # each mapping's own pairs, kept before a merge (`<<`) adds its base's to them: a base merged into a
+        # shallower mapping first is flattened in place, so its own turn would see the merged keys again
+        self._own_pairs: dict[int, tuple[yaml.MappingNode, list]] = {}
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        self._own_pairs.setdefault(id(node), (node, list(node.value)))
+        super().flatten_mapping(node)
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         first_lines: dict[object, int] = {}
-        for key_node, _ in node.value:
+        _, own_pairs = self._own_pairs.get(id(node), (node, node.value))
+        for key_node, _ in own_pairs:
             if key_node.tag == _MERGE_TAG:  # `<<: *base`: keys given beside it override the merged ones
                 continue
             key = self.construct_object(key_node)

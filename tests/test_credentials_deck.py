@@ -141,6 +141,13 @@ def test_keys_given_beside_a_yaml_merge_override_the_merged_ones():
     assert parse_deck(text, "kong.yaml").table.lookup("hana-key").username == "hana"
 
 
+def test_a_base_merged_into_a_mapping_before_its_own_turn_is_no_repeated_key():
+    """`b` is flattened in place when `a` merges it first; its own `x` then overrides `c`'s, as YAML says."""
+    text = ('_format_version: "3.0"\nc0: &c {x: 0}\nnested: {deeper: {base: &b {<<: *c, x: 1}}}\n'
+            'a: {<<: *b, x: 2}\nconsumers:\n- username: hana\n  keyauth_credentials: [{key: hana-key}]\n')
+    assert parse_deck(text, "kong.yaml").table.lookup("hana-key").username == "hana"
+
+
 def test_json_syntax_error(tmp_path):
     path = tmp_path / "kong.json"
     path.write_text('{"_format_version": "3.0", "consumers": [{"keyauth_credentials": [{"key": "json-secret"')

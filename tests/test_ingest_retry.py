@@ -18,7 +18,7 @@ NOW = datetime(2024, 5, 1, 10, 0, 0, tzinfo=timezone.utc)
     ("Wed, 01 May 2024 10:00:30 GMT", 30.0),
     ("Wed, 01 May 2024 09:00:00 GMT", None),  # a date in the past: likewise
     ("86400", MAX_RETRY_AFTER_SECONDS),  # a server asking for a day is asked again sooner
-    (None, None), ("", None), ("soon", None), ("-5", None),
+    (None, None), ("", None), ("soon", None), ("-5", None), ("²", None),  # (a digit to str.isdigit)
 ])
 def test_retry_after_is_read_as_seconds_or_a_date(header: str | None, seconds: float | None) -> None:
     assert parse_retry_after(header, now=NOW) == seconds

@@ -16,7 +16,7 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # ("²" is a digit to str.isdigit, and not to float)
         seconds = float(value)
     else:
         try:

@@ -124,6 +124,8 @@ struct Pairing {
     server_ended: bool,
     /// the latest final answer said `Connection: close`: the gateway reads no request after it
     answer_closes: bool,
+    /// bytes of either side went uncaptured (sticky: `server_gap` is reset by the next answer)
+    lost_bytes: bool,
     /// the ends of the client's and the server's bytes delivered so far (their streams' positions)
     client_end: u64,
     server_end: u64,
@@ -643,6 +645,7 @@ impl HttpConnection {
             }
             StreamEvent::Gap { lost, position } => {
                 let pairing = &mut side.pairing;
+                pairing.lost_bytes = true;
                 let two_waiting = || pairing.pending.iter().filter(|waiting| !waiting.response_done).nth(1).is_some();
                 pairing.lost_in_flight |= to_server || two_waiting();
                 if !to_server {
@@ -692,7 +695,12 @@ impl HttpConnection {
         let pairing = &mut self.pairing;
         let client_left = pairing.client_left_first && pairing.server_ended;
         let server_left = pairing.server_ended && !pairing.client_left_first;
-        let closed_after_answer = server_left && pairing.answer_closes;
+        // which requests nginx never read is told only where every byte was seen: after a loss, an answer
+        // seen may have been paired with another request, and its own request taken for one not read
+        let seen_whole = !pairing.lost_bytes;
+        // the gateway said it closes after its latest answer: it reads none of the requests still waiting,
+        // whoever is seen to close first (a TLS stream shows no end when the gateway closes first)
+        let closed_after_answer = pairing.answer_closes;
         // server bytes went unseen since the last answer read: one sent before the client had them may be in
         // them (nginx answered it), and is not taken for one its client left
         let unseen_up_to = (pairing.server_gap && pairing.unseen_may_hold_answer).then_some(pairing.latest_server_gap_end);
@@ -707,10 +715,11 @@ impl HttpConnection {
                 // the gateway closed after an answer that said so, or while it was at an earlier request
                 // (the first waiting it may have read: a crash, nginx's 444), or the client left while it
                 // was at an earlier one: it never read this one (a request still arriving when the gateway
-                // closed may have timed out, 408, and stays unanswered)
+                // closed may have timed out, 408, and stays unanswered; one answered, a 101's, was read)
                 let whole = !waiting.body_cut_short;
-                let gateway_never_read = server_left && whole && (closed_after_answer || !at_it);
-                if !answer_maybe_unseen && (gateway_never_read || (client_left && !at_it)) {
+                let earlier_at = !waiting.response_done && !at_it;
+                let never_read = closed_after_answer || (server_left && whole && earlier_at) || (client_left && earlier_at);
+                if seen_whole && !waiting.response_done && never_read {
                     output.counters.never_read += 1;
                     continue;
                 }
@@ -1769,7 +1778,7 @@ mod tests {
         // (the gateway's answer before it closes, or the client leaves first; billed; never read)
         type Case<'a> = (Option<Vec<u8>>, &'a [(&'a str, u16)], u64);
         let cases: [Case; 3] = [
-            (Some(closing), &[("/1", 200)], 2),
+            (Some(closing.clone()), &[("/1", 200)], 2),
             (Some(answer(200)), &[("/1", 200), ("/2", 0)], 1),
             (None, &[("/1", CLIENT_CLOSED_REQUEST)], 2),
         ];
@@ -1788,6 +1797,31 @@ mod tests {
             assert_eq!(targets(&mut http), billed(expected));
             assert_eq!(http.counters.never_read, never_read, "{expected:?}");
         }
+        // after an answer that said Connection: close, a client that leaves first leaves nothing nginx read
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send_having_all(&mut http, &[get("/1"), get("/2")].concat());
+        conversation.send(&mut http, false, 1.0, &closing);
+        conversation.client_then_server_leave(&mut http);
+        assert_eq!(targets(&mut http), billed(&[("/1", 200)]));
+        assert_eq!(http.counters.never_read, 1);
+        // an upgrade answered while its request's body was still arriving was read: it stays billed
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send_having_all(&mut http, b"POST /ws HTTP/1.1\r\nUpgrade: websocket\r\nContent-Length: 10\r\n\r\n12345");
+        conversation.send(&mut http, false, 1.0, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n");
+        conversation.client_then_server_leave(&mut http);
+        assert_eq!(targets(&mut http), billed(&[("/ws", 101)]));
+        assert_eq!(http.counters.never_read, 0);
+        // after a loss an answer seen may have gone to another request: nothing is taken for never read
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send_having_all(&mut http, &[get("/1"), get("/2"), get("/3")].concat());
+        conversation.lose(&mut http, false, answer(200).len());
+        conversation.send(&mut http, false, 1.0, &closing);
+        conversation.client_then_server_leave(&mut http);
+        assert_eq!(targets(&mut http), billed(&[("/2", 200), ("/3", CLIENT_CLOSED_REQUEST)]));
+        assert_eq!((http.counters.lost_exchanges, http.counters.never_read), (1, 0));
         let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
         let mut conversation = Conversation::new(1);
         conversation.send_having_all(&mut http, b"POST /slow HTTP/1.1\r\nContent-Length: 10\r\n\r\n12345");

@@ -496,7 +496,7 @@ impl MessageParser {
         };
         if self.is_request {
             message.method = slice(parsed.method);
-            message.target = slice(parsed.target);
+            message.target = request_uri(slice(parsed.target));
             message.version = parsed.version.map(slice).unwrap_or_default();
             message.head = match head {
                 Some(head) => head.to_vec(),
@@ -642,13 +642,8 @@ impl MessageParser {
             }
             self.joined = Joined::Synced;
         }
-        let kept_before = self.buffer.len();
-        let window = Window { kept: &self.buffer, data: rest };
-        let found = window.find_start(self.is_request, self.kept_starts_line || kept_before == 0);
-        // messages usually begin where a segment does, unless the kept bytes end with a start line's first
-        // bytes that this segment goes on with ("G", then "ET /x HTTP/1.1": a request "ET" at the wrong
-        // position, with the "G" skipped)
-        if found.is_none_or(|start| start >= kept_before) && self.starts_here(rest) {
+        if self.starts_here(rest) {
+            // messages usually begin where a segment does
             self.skip(self.buffer.len() as u64, sink);
             if self.message.is_some() {
                 self.complete(time, sink);
@@ -657,6 +652,9 @@ impl MessageParser {
             self.state = State::Head;
             return self.head(data, offset, time, position, peer_acked, sink);
         }
+        let kept_before = self.buffer.len();
+        let window = Window { kept: &self.buffer, data: rest };
+        let found = window.find_start(self.is_request, self.kept_starts_line || kept_before == 0);
         let Some(start) = found else {
             let total = kept_before + rest.len();
             let keep = total.min(RESYNC_KEEP);
@@ -986,6 +984,21 @@ fn header_after_name(line: &[u8], length: usize) -> Option<&[u8]> {
     rest.get(rest.iter().take_while(blank).count()..)
 }
 
+/// nginx's `$request_uri` of a target, which Kong routes on and logs: an absolute-form one (`http://h/a?q`,
+/// as a forward proxy's client sends it, and nginx accepts) from its path on, `/` when it has neither path
+/// nor query.
+fn request_uri(target: Vec<u8>) -> Vec<u8> {
+    let scheme = target.iter().position(|b| !b.is_ascii_alphabetic()).unwrap_or(0);
+    if scheme == 0 || !target[scheme..].starts_with(b"://") {
+        return target;
+    }
+    let authority = scheme + 3;
+    match target[authority..].iter().position(|&b| b == b'/' || b == b'?') {
+        Some(at) => target[authority + at..].to_vec(),
+        None => b"/".to_vec(),
+    }
+}
+
 /// `token` among the comma-separated tokens of a header value (which runs to its line's end),
 /// case-insensitively.
 fn has_token(value: &[u8], token: &[u8]) -> bool {
@@ -1055,6 +1068,12 @@ fn response_framing(lines: &HeaderLines<'_>, status: u16, method: RequestMethod)
     }
 }
 
+/// The methods nginx's request-line parser knows by name (it takes others too, where no loss came first).
+const KNOWN_METHODS: [&[u8]; 16] = [
+    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT", b"MKCOL", b"COPY",
+    b"MOVE", b"PROPFIND", b"PROPPATCH", b"LOCK", b"UNLOCK",
+];
+
 /// The bytes kept while resynchronising followed by the new ones, searched without joining them.
 struct Window<'a> {
     kept: &'a [u8],
@@ -1073,19 +1092,20 @@ impl Window<'_> {
         literal.iter().enumerate().all(|(k, &b)| self.at(i + k) == Some(b))
     }
 
-    /// REQUEST_START (`^[A-Z][A-Za-z_-]{0,19} \S+ HTTP/1\.[019]\r?$`, multi-line) at `i`, or with
-    /// `newline`, REQUEST_START_HERE (the same ending in `\r?\n`).
+    /// REQUEST_START (`^METHOD \S+ HTTP/1\.[019]\r?$`, multi-line, METHOD one nginx knows) at `i`, or with
+    /// `newline`, REQUEST_START_HERE (the same ending in `\r?\n`). Only a method nginx knows is taken where a
+    /// request is looked for (after a loss, in a stream joined mid-way): a loss that took a request's
+    /// first letter leaves `ET /x HTTP/1.1`, and a request "ET" there would take the next one's answer.
     fn request_start_at(&self, mut i: usize, newline: bool) -> bool {
-        if !self.at(i).is_some_and(|b| b.is_ascii_uppercase()) {
-            return false;
+        let mut method = [0u8; 9];
+        let mut length = 0;
+        while let Some(b) = self.at(i).filter(|b| b.is_ascii_uppercase()) {
+            if length == method.len() {
+                return false;
+            }
+            (method[length], length, i) = (b, length + 1, i + 1);
         }
-        i += 1;
-        let mut letters = 0;
-        while letters < 19 && self.at(i).is_some_and(|b| b.is_ascii_alphabetic() || b == b'_' || b == b'-') {
-            i += 1;
-            letters += 1;
-        }
-        if self.at(i) != Some(b' ') {
+        if self.at(i) != Some(b' ') || !KNOWN_METHODS.contains(&&method[..length]) {
             return false;
         }
         i += 1;
@@ -1228,6 +1248,18 @@ mod tests {
         assert_eq!(response.calls, ["head", "complete"]);
     }
 
+    /// As nginx's `$request_uri` (checked against nginx 1.22's access log): what Kong routes and logs.
+    #[test]
+    fn an_absolute_form_target_is_read_from_its_path() {
+        for (target, expected) in [("http://h.example/a?apikey=k", "/a?apikey=k"), ("HTTP://h.example", "/"),
+                                   ("http://h.example?x=1", "?x=1"), ("/plain?x=http://h/", "/plain?x=http://h/"),
+                                   ("*", "*")] {
+            let wire = format!("GET {target} HTTP/1.1\r\nHost: other\r\n\r\n");
+            let (_, recorder) = parse(true, true, wire.as_bytes(), 1 << 16);
+            assert_eq!(String::from_utf8_lossy(&recorder.heads[0].target), expected);
+        }
+    }
+
     #[test]
     fn a_repeated_content_length_loses_a_request_but_not_a_response() {
         let (_, request) =
@@ -1290,9 +1322,9 @@ mod tests {
     }
 
     #[test]
-    fn a_start_line_begun_in_the_kept_bytes_wins_over_one_at_the_segment_start() {
+    fn a_start_line_begun_in_the_kept_bytes_is_found_though_its_rest_looks_like_one() {
         // after a gap, a request's first byte came in a segment of its own: the rest, "ET /x HTTP/1.1", is
-        // itself a start line at its segment's start, but the request is "GET", one byte earlier
+        // no start line (no method nginx knows), and the request is "GET", one byte earlier
         let mut parser = MessageParser::new(true, true, MAX_HEAD_BYTES);
         let mut recorder = Recorder::default();
         parser.gap(61, 0.0, &mut recorder);
@@ -1302,6 +1334,13 @@ mod tests {
         assert_eq!(recorder.calls, ["lost", "head", "complete"]);
         let head = &recorder.heads[0];
         assert_eq!((&head.method[..], &head.target[..], head.position), (&b"GET"[..], &b"/static"[..], 90));
+        // the "G" lost with the gap: "ET" is no method nginx knows, and is not taken for a request
+        let mut parser = MessageParser::new(true, true, MAX_HEAD_BYTES);
+        let mut recorder = Recorder::default();
+        parser.feed(GOOD, 0.0, 0, -1, &mut recorder);
+        parser.gap(1, 0.0, &mut recorder);
+        parser.feed(b"ET /static HTTP/1.1\r\nHost: a\r\n\r\n", 0.0, GOOD.len() as u64 + 1, -1, &mut recorder);
+        assert_eq!(recorder.calls, ["head", "complete", "lost"]);
     }
 
     /// Joined inside an upload whose body holds request lines: none is taken for a request until the server
