@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from agent.flags import FlagError, FlagParser, RefusedToken, shown_name
+from agent.unique_keys import RepeatedKey, StrictLoader
 
 ENV_PREFIX = "AGENT_"
 CONFIG_FLAG = "config"
@@ -117,11 +118,14 @@ def _env_layer(parser: FlagParser, flags: dict[str, argparse.Action],
 def _file_layer(parser: FlagParser, flags: dict[str, argparse.Action], path: str) -> dict[str, list[str]]:
     """The file's keys, in its order, as command-line tokens."""
     try:
-        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        document = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=StrictLoader)
     except OSError as error:
         parser.error(f"--config {path}: cannot read it ({error.strerror or error})")
     except UnicodeDecodeError:
         parser.error(f"--config {path}: not UTF-8 text")
+    except RepeatedKey as repeated:
+        parser.error(f"--config {path}: a key is repeated at line {repeated.line} (first at line "
+                     f"{repeated.first_line}); give each flag once (a list for one given many times)")
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

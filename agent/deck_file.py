@@ -20,55 +20,16 @@ import yaml
 
 from agent.credentials.errors import CredentialError
 from agent.credentials.table import Consumer
+from agent.unique_keys import RepeatedKey, StrictLoader, pairs_once
 
 MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_NESTING = 1000  # a decK file is a handful of levels deep
 _DERIVED_ID_NAMESPACE = uuid.UUID("5b0c6f0e-3d5a-4f5e-9a63-6b1e2c7d8f90")
 _BRACKETS = re.compile(r"[\[\]{}]")
-_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class DeckShape(Exception):
     """Where the document departs from decK's shape (a path like `consumers[3].username`)."""
-
-
-class _RepeatedKey(yaml.YAMLError):
-    """A mapping gives one key twice; the lines (1-based) of both."""
-
-    def __init__(self, first_line: int, line: int, column: int) -> None:
-        super().__init__()
-        self.first_line, self.line, self.column = first_line, line, column
-
-
-class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
-    """Safe loading that refuses a key repeated in one mapping, as decK (Go's yaml.v3) does, instead of
-    keeping the last one: `username: alice` then `username: mallory` must not quietly bill mallory."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        # each mapping's own pairs, kept before a merge (`<<`) adds its base's to them: a base merged into a
-        # shallower mapping first is flattened in place, so its own turn would see the merged keys again
-        self._own_pairs: dict[int, tuple[yaml.MappingNode, list]] = {}
-
-    def flatten_mapping(self, node: yaml.MappingNode) -> None:
-        self._own_pairs.setdefault(id(node), (node, list(node.value)))
-        super().flatten_mapping(node)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        first_lines: dict[object, int] = {}
-        _, own_pairs = self._own_pairs.get(id(node), (node, node.value))
-        for key_node, _ in own_pairs:
-            if key_node.tag == _MERGE_TAG:  # `<<: *base`: keys given beside it override the merged ones
-                continue
-            key = self.construct_object(key_node)
-            line = key_node.start_mark.line + 1
-            try:
-                if key in first_lines:
-                    raise _RepeatedKey(first_lines[key], line, key_node.start_mark.column + 1)
-                first_lines[key] = line
-            except TypeError:  # an unhashable key: the constructor below refuses it
-                pass
-        return super().construct_mapping(node, deep)
 
 
 def read_document(path: Path) -> dict:
@@ -107,7 +68,9 @@ def _decode(text: str, name: str, is_json: bool) -> object:
         raise CredentialError(f"{name}: nested deeper than {MAX_NESTING} levels; not a decK state file")
     if is_json:
         try:
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=pairs_once)
+        except RepeatedKey:  # (JSON's reader gives no position for it)
+            raise CredentialError(f"{name}: a key is repeated in one object; decK refuses such a file") from None
         except json.JSONDecodeError as exc:
             raise CredentialError(
                 f"{name}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
@@ -115,8 +78,8 @@ def _decode(text: str, name: str, is_json: bool) -> object:
         except RecursionError:
             raise CredentialError(f"{name}: nested too deeply; not a decK state file") from None
     try:
-        return yaml.load(text, Loader=_Loader)
-    except _RepeatedKey as exc:  # the key is not quoted: a file may hold secrets anywhere
+        return yaml.load(text, Loader=StrictLoader)
+    except RepeatedKey as exc:  # the key is not quoted: a file may hold secrets anywhere
         raise CredentialError(f"{name}: a key is repeated in one mapping at line {exc.line}, column "
                               f"{exc.column} (first at line {exc.first_line}); decK refuses such a file") from None
     except yaml.MarkedYAMLError as exc:

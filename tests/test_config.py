@@ -81,6 +81,8 @@ def test_on_off_flags_and_lists_from_the_file_and_the_environment(tmp_path: Path
     ("iface: lo\nworkers: [1, 2]\n", {}, "--config {config}: workers: takes one value, not a list"),
     ("iface: {name: lo}\n", {}, "--config {config}: iface: takes one value, not a mapping"),
     ("iface: lo\nport: [80\n", {}, "--config {config}: not valid YAML at line 3"),
+    # the last would win, and one of the two ports go unmetered
+    ("iface: lo\nport: 8000\nport: 8443\n", {}, "--config {config}: a key is repeated at line 3 (first at line 2)"),
     ("- iface\n", {}, "--config {config}: must be a mapping of flag names to values"),
     ("iface: lo\nconfig: other.yaml\n", {}, "--config {config}: unknown key 'config'"),
     ("iface: lo\nspat_9f8e7d6c5b4a3928: x\n", {}, "--config {config}: unknown key '(a field not shown"),

@@ -148,6 +148,15 @@ def test_a_base_merged_into_a_mapping_before_its_own_turn_is_no_repeated_key():
     assert parse_deck(text, "kong.yaml").table.lookup("hana-key").username == "hana"
 
 
+def test_a_key_repeated_in_one_json_object_is_refused(tmp_path):
+    path = tmp_path / "kong.json"
+    path.write_text('{"_format_version": "3.0", "consumers": [{"username": "alice", "username": "mallory", '
+                    '"keyauth_credentials": [{"key": "alice-secret-key"}]}]}')
+    with pytest.raises(CredentialError) as caught:
+        load_deck_file(path)
+    assert str(caught.value) == f"{path}: a key is repeated in one object; decK refuses such a file"
+
+
 def test_json_syntax_error(tmp_path):
     path = tmp_path / "kong.json"
     path.write_text('{"_format_version": "3.0", "consumers": [{"keyauth_credentials": [{"key": "json-secret"')
