@@ -72,6 +72,9 @@ struct Waiting {
     emitted: bool,
     /// a place kept for a request a previous run billed (`expect_answers`): its answer is not this run's
     previous_runs: bool,
+    /// it came after the gateway's end of the connection (an idle keep-alive closed as it was sent): the
+    /// gateway never read it
+    after_gateway_closed: bool,
 }
 
 impl Waiting {
@@ -266,13 +269,14 @@ impl Side<'_, '_> {
             earlier.any(|(index, _)| Some(index) != answering || had <= pairing.response_position)
         });
         let (method, head_end, peer_acked) = (RequestMethod::of(&message.method), message.head_end, message.peer_acked);
+        let after_gateway_closed = pairing.server_ended;
         if self.pairing.hand_over.as_ref().is_some_and(|hand_over| hand_over.next_runs(message.position)) {
             // its place is kept, so that its answer pairs with it and is not taken for another's
             self.output.counters.after_stop += 1;
             let request_done = false;
             let waiting = Waiting { exchange: None, has_request: true, method, head_end, peer_acked, request_done,
                                     body_cut_short: false, response_done: false, emitted: false,
-                                    previous_runs: false };
+                                    previous_runs: false, after_gateway_closed };
             return self.enqueue(waiting);
         }
         let exchange = Exchange {
@@ -295,6 +299,7 @@ impl Side<'_, '_> {
             response_done: false,
             emitted: false,
             previous_runs: false,
+            after_gateway_closed,
         });
     }
 
@@ -327,6 +332,7 @@ impl Side<'_, '_> {
             response_done: false,
             emitted: false,
             previous_runs: false,
+            after_gateway_closed: false,
         });
     }
 
@@ -710,7 +716,8 @@ impl HttpConnection {
         for waiting in pairing.pending.drain(..) {
             let had = u64::try_from(waiting.peer_acked).ok();
             let answer_maybe_unseen = unseen_up_to.is_some_and(|end| had.is_none_or(|had| had < end));
-            let at_it = !waiting.response_done && (answer_maybe_unseen || std::mem::take(&mut first));
+            let at_it = !waiting.response_done && !waiting.after_gateway_closed
+                && (answer_maybe_unseen || std::mem::take(&mut first));
             if let Some(mut exchange) = waiting.exchange {
                 // the gateway closed after an answer that said so, or while it was at an earlier request
                 // (the first waiting it may have read: a crash, nginx's 444), or the client left while it
@@ -718,7 +725,8 @@ impl HttpConnection {
                 // closed may have timed out, 408, and stays unanswered; one answered, a 101's, was read)
                 let whole = !waiting.body_cut_short;
                 let earlier_at = !waiting.response_done && !at_it;
-                let never_read = closed_after_answer || (server_left && whole && earlier_at) || (client_left && earlier_at);
+                let never_read = closed_after_answer || waiting.after_gateway_closed
+                    || (server_left && whole && earlier_at) || (client_left && earlier_at);
                 if seen_whole && !waiting.response_done && never_read {
                     output.counters.never_read += 1;
                     continue;
@@ -992,6 +1000,7 @@ impl StreamSink for HttpExchanges {
                 http.pairing.pending.push_back(Waiting {
                     exchange: None, has_request: true, method, head_end: 0, peer_acked: -1, request_done: true,
                     body_cut_short: false, response_done: false, emitted: false, previous_runs: true,
+                    after_gateway_closed: false,
                 });
             }
             *connections_held += http.held_bytes(); // its queue holds from the start
@@ -1797,6 +1806,17 @@ mod tests {
             assert_eq!(targets(&mut http), billed(expected));
             assert_eq!(http.counters.never_read, never_read, "{expected:?}");
         }
+        // requests sent as the gateway closed an idle keep-alive connection (its FIN came first)
+        let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
+        let mut conversation = Conversation::new(1);
+        conversation.send_having_all(&mut http, &get("/1"));
+        conversation.send(&mut http, false, 1.0, &answer(200));
+        http.event(&conversation.info, false, 2.0, StreamEvent::End { position: conversation.sent[1] });
+        conversation.send_having_all(&mut http, &[get("/2"), get("/3")].concat());
+        http.event(&conversation.info, true, 2.001, StreamEvent::End { position: conversation.sent[0] });
+        conversation.close(&mut http, 2.002);
+        assert_eq!(targets(&mut http), billed(&[("/1", 200)]));
+        assert_eq!(http.counters.never_read, 2);
         // after an answer that said Connection: close, a client that leaves first leaves nothing nginx read
         let mut http = HttpExchanges::new(60.0, MAX_HEAD_BYTES_FOR_TESTS);
         let mut conversation = Conversation::new(1);

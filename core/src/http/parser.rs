@@ -534,8 +534,8 @@ impl MessageParser {
         if self.is_request {
             let line = request_line(head)?;
             let lines = HeaderLines::read(head, true);
-            if lines.bad || memchr::memchr(0, head).is_some() {
-                return None; // (nginx: "client sent invalid header line", or request)
+            if lines.bad || lines.hosts > 1 || memchr::memchr(0, head).is_some() || refused_line(head, &line) {
+                return None; // (nginx: "client sent invalid header line", "duplicate host header", ...)
             }
             parsed.method = (0, line.method_end);
             parsed.target = line.target;
@@ -854,6 +854,8 @@ struct HeaderLines<'h> {
     /// FRAMING_HEADERS matches, how many (up to 2) and the first
     framing_count: u8,
     first_framing: Option<(bool, &'h [u8])>,
+    /// requests: `Host` lines, up to 2 (nginx refuses a second)
+    hosts: u8,
     /// the last Transfer-Encoding's value
     transfer_encoding: Option<&'h [u8]>,
     /// the first Content-Length value (each comma-separated part counts), and whether another differs
@@ -875,6 +877,9 @@ impl<'h> HeaderLines<'h> {
                 // the name runs to the first control character, space or colon
                 let name = line.iter().position(|&b| ENDS_NAME[usize::from(b)]).unwrap_or(line.len());
                 lines.bad |= is_bad_header_line(line, name);
+                if name == 4 && names(line, b"host") {
+                    lines.hosts = lines.hosts.saturating_add(1).min(2);
+                }
                 if name == 14 || name == 17 {
                     if let Some(framing) = framing_header(line) {
                         lines.add_framing(framing);
@@ -984,18 +989,42 @@ fn header_after_name(line: &[u8], length: usize) -> Option<&[u8]> {
     rest.get(rest.iter().take_while(blank).count()..)
 }
 
+/// A request line nginx answers with an error (400, 505) before Kong runs, though this parser reads it:
+/// a method not in capitals (`get`, nginx takes `A-Z`, `_` and `-`), a version past 1.x, an absolute-form
+/// target with user information (`http://user@h/`), or a path with an escaped NUL (`%00`).
+fn refused_line(head: &[u8], line: &RequestLine) -> bool {
+    let method = &head[..line.method_end];
+    let (start, end) = line.target;
+    let target = &head[start..end];
+    let path = &target[..memchr::memchr(b'?', target).unwrap_or(target.len())];
+    let version = line.version.map_or(&b""[..], |(start, end)| &head[start..end]);
+    let major = &version[..memchr::memchr(b'.', version).unwrap_or(version.len())];
+    let authority = absolute_form_authority(target).map_or(&b""[..], |(start, end)| &target[start..end]);
+    !method.iter().all(|&b| b.is_ascii_uppercase() || b == b'_' || b == b'-')
+        || major.iter().skip_while(|&&b| b == b'0').count() > 1
+        || major.iter().skip_while(|&&b| b == b'0').any(|&b| b > b'1')
+        || memchr::memchr(b'@', authority).is_some()
+        || memchr::memmem::find(path, b"%00").is_some()
+}
+
+/// Where the authority of an absolute-form target is (`h.example` of `http://h.example/a`).
+fn absolute_form_authority(target: &[u8]) -> Option<(usize, usize)> {
+    let scheme = target.iter().position(|b| !b.is_ascii_alphabetic()).unwrap_or(0);
+    if scheme == 0 || !target[scheme..].starts_with(b"://") {
+        return None;
+    }
+    let start = scheme + 3;
+    Some((start, start + target[start..].iter().position(|&b| b == b'/' || b == b'?').unwrap_or(target.len() - start)))
+}
+
 /// nginx's `$request_uri` of a target, which Kong routes on and logs: an absolute-form one (`http://h/a?q`,
 /// as a forward proxy's client sends it, and nginx accepts) from its path on, `/` when it has neither path
 /// nor query.
 fn request_uri(target: Vec<u8>) -> Vec<u8> {
-    let scheme = target.iter().position(|b| !b.is_ascii_alphabetic()).unwrap_or(0);
-    if scheme == 0 || !target[scheme..].starts_with(b"://") {
-        return target;
-    }
-    let authority = scheme + 3;
-    match target[authority..].iter().position(|&b| b == b'/' || b == b'?') {
-        Some(at) => target[authority + at..].to_vec(),
-        None => b"/".to_vec(),
+    match absolute_form_authority(&target) {
+        None => target,
+        Some((_, end)) if end == target.len() => b"/".to_vec(),
+        Some((_, end)) => target[end..].to_vec(),
     }
 }
 
@@ -1260,6 +1289,23 @@ mod tests {
         }
     }
 
+    /// What nginx answers 400 or 505 before Kong runs, though the request line reads: each is lost, and
+    /// the request after it is read.
+    #[test]
+    fn a_request_line_nginx_refuses_loses_the_request() {
+        for head in [&b"get /lower HTTP/1.1\r\n\r\n"[..], b"GET /x HTTP/2.0\r\n\r\n", b"GET /x HTTP/10.1\r\n\r\n",
+                     b"GET /x HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", b"GET http://user@h/a HTTP/1.1\r\n\r\n",
+                     b"GET /c8%00z HTTP/1.1\r\n\r\n"] {
+            let (_, recorder) = parse(true, true, &[head, GOOD].concat(), 1 << 16);
+            assert_eq!(recorder.calls, ["lost", "head", "complete"], "{:?}", String::from_utf8_lossy(head));
+        }
+        for head in [&b"M_SEARCH /x HTTP/1.1\r\n\r\n"[..], b"GET /x?q=%00 HTTP/1.1\r\n\r\n", b"GET /x HTTP/01.1\r\n\r\n",
+                     b"GET /x HTTP/1.1\r\nHost: a\r\nX-Host: b\r\n\r\n"] {
+            let (_, recorder) = parse(true, true, head, 1 << 16);
+            assert_eq!(recorder.calls, ["head", "complete"], "{:?}", String::from_utf8_lossy(head));
+        }
+    }
+
     #[test]
     fn a_repeated_content_length_loses_a_request_but_not_a_response() {
         let (_, request) =
@@ -1281,8 +1327,8 @@ mod tests {
 
     #[test]
     fn a_chunked_request_needs_http_1_1_or_later() {
-        for (version, calls) in [("1.0", &["lost"][..]), ("1.1", &["head", "complete"]), ("2.0", &["head", "complete"])]
-        {
+        // (2.0 over HTTP/1 nginx answers 505, whatever its framing)
+        for (version, calls) in [("1.0", &["lost"][..]), ("1.1", &["head", "complete"]), ("2.0", &["lost"])] {
             let wire = format!("POST /x HTTP/{version}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
             let (_, recorder) = parse(true, true, wire.as_bytes(), 1 << 16);
             assert_eq!(recorder.calls, calls, "HTTP/{version}");
