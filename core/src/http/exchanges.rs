@@ -48,9 +48,10 @@ pub struct ExchangeCounters {
     /// tell whose answer is whose (see `skip_answers_lost_unseen`), so each may carry a neighbour's status
     /// and size
     pub paired_in_doubt: u64,
-    /// requests the gateway never read, so never logs and is not billed: those still unanswered when it
-    /// closed the connection first (a keep-alive limit reached, a `Connection: close` answered before them,
-    /// a refused request), and those pipelined behind the one a leaving client gave up on
+    /// requests the gateway never read, so never logs and is not billed, on a connection whose bytes were
+    /// all seen: those still unanswered after an answer that said `Connection: close`, those sent after the
+    /// gateway's FIN, those after the one it was at when it closed first, and those pipelined behind the
+    /// one a leaving client gave up on (see `HttpConnection::close`)
     pub never_read: u64,
 }
 
@@ -710,14 +711,12 @@ impl HttpConnection {
         // server bytes went unseen since the last answer read: one sent before the client had them may be in
         // them (nginx answered it), and is not taken for one its client left
         let unseen_up_to = (pairing.server_gap && pairing.unseen_may_hold_answer).then_some(pairing.latest_server_gap_end);
-        // nginx reads a connection's requests one at a time: the first waiting is the one it was at (unless
-        // it may have been answered unseen: then the next may be)
+        // nginx reads a connection's requests one at a time: the first waiting is the one it was at
         let mut first = true;
         for waiting in pairing.pending.drain(..) {
             let had = u64::try_from(waiting.peer_acked).ok();
             let answer_maybe_unseen = unseen_up_to.is_some_and(|end| had.is_none_or(|had| had < end));
-            let at_it = !waiting.response_done && !waiting.after_gateway_closed
-                && (answer_maybe_unseen || std::mem::take(&mut first));
+            let at_it = !waiting.response_done && !waiting.after_gateway_closed && std::mem::take(&mut first);
             if let Some(mut exchange) = waiting.exchange {
                 // the gateway closed after an answer that said so, or while it was at an earlier request
                 // (the first waiting it may have read: a crash, nginx's 444), or the client left while it
@@ -1777,10 +1776,11 @@ mod tests {
     }
 
     /// nginx reads a connection's requests one at a time and logs none it never read: the requests still
-    /// waiting when it closes first after an answer that said so (its keep-alive limit, say), those after
-    /// the one it was at when it closed otherwise (a crash: that one stays unanswered), and those behind
-    /// the one a leaving client gave up on (that one 499) are not billed; a request still arriving when
-    /// the gateway closed is (it may have timed out, 408), with status 0.
+    /// waiting after an answer that said `Connection: close` (its keep-alive limit, say), those sent after
+    /// its FIN, those after the one it was at when it closed first otherwise (a crash: that one stays
+    /// unanswered), and those behind the one a leaving client gave up on (that one 499) are not billed; a
+    /// request still arriving when the gateway closed is (it may have timed out, 408), with status 0; after
+    /// a loss, none is taken for unread.
     #[test]
     fn the_requests_the_gateway_never_read_are_counted_not_billed() {
         let closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n".to_vec();
