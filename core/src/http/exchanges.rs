@@ -723,9 +723,8 @@ impl HttpConnection {
                 // was at an earlier one: it never read this one (a request still arriving when the gateway
                 // closed may have timed out, 408, and stays unanswered; one answered, a 101's, was read)
                 let whole = !waiting.body_cut_short;
-                let earlier_at = !waiting.response_done && !at_it;
                 let never_read = closed_after_answer || waiting.after_gateway_closed
-                    || (server_left && whole && earlier_at) || (client_left && earlier_at);
+                    || (server_left && whole && !at_it) || (client_left && !at_it);
                 if seen_whole && !waiting.response_done && never_read {
                     output.counters.never_read += 1;
                     continue;

@@ -893,7 +893,7 @@ impl<'h> HeaderLines<'h> {
                         lines.add_framing(framing);
                     }
                     lines.closes |= names(line, b"connection")
-                        && header_after_name(line, 10).is_some_and(|value| has_token(value, b"close"));
+                        && header_value(line, 10).is_some_and(|value| has_token(value, b"close"));
                 }
                 Some(b'x') => {
                     lines.proxied_by_kong |= names_header(line, b"x-kong-upstream-latency");
@@ -953,9 +953,7 @@ fn framing_header(line: &[u8]) -> Option<(bool, &[u8])> {
     } else {
         return None;
     };
-    let value = header_after_name(line, name)?;
-    let end = value.iter().position(|&b| b == b'\r' || b == b'\n').unwrap_or(value.len());
-    Some((is_length, &value[..end]))
+    Some((is_length, header_value(line, name)?))
 }
 
 /// `line` begins with `name`, case-insensitively.
@@ -987,6 +985,12 @@ fn header_after_name(line: &[u8], length: usize) -> Option<&[u8]> {
     let rest = line.get(length..)?;
     let rest = rest.get(rest.iter().take_while(blank).count()..)?.strip_prefix(b":")?;
     rest.get(rest.iter().take_while(blank).count()..)
+}
+
+/// The value of the header line `line` whose name is its first `length` bytes, to the line's end.
+fn header_value(line: &[u8], length: usize) -> Option<&[u8]> {
+    let value = header_after_name(line, length)?;
+    Some(&value[..value.iter().position(|&b| b == b'\r' || b == b'\n').unwrap_or(value.len())])
 }
 
 /// A request line nginx answers with an error (400, 505) before Kong runs, though this parser reads it:
@@ -1028,10 +1032,8 @@ fn request_uri(target: Vec<u8>) -> Vec<u8> {
     }
 }
 
-/// `token` among the comma-separated tokens of a header value (which runs to its line's end),
-/// case-insensitively.
+/// `token` among the comma-separated tokens of a header value, case-insensitively.
 fn has_token(value: &[u8], token: &[u8]) -> bool {
-    let value = value.split(|&b| b == b'\r' || b == b'\n').next().unwrap_or_default();
     value.split(|&b| b == b',').any(|part| trim_ascii_whitespace(part).eq_ignore_ascii_case(token))
 }
 
