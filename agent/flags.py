@@ -72,6 +72,19 @@ def whole_number(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def power_of_two(low: int, high: int) -> Callable[[str], int]:
+    """A whole number in range that is a power of two (what the kernel takes as a BPF ring buffer's size)."""
+    in_range = whole_number(low, high)
+
+    def parse(text: str) -> int:
+        value = in_range(text)
+        if value & (value - 1):
+            raise argparse.ArgumentTypeError(f"{value} is not a power of two")
+        return value
+
+    return parse
+
+
 def not_empty(text: str) -> str:
     """For names and paths: an empty one would quietly mean "not given" (`--iface ''` fell back to replay)."""
     if not text.strip():

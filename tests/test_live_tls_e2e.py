@@ -171,6 +171,67 @@ def test_https_events_match_the_access_log_one_for_one(gateway, start_agent, tmp
     assert group not in uprobe_events(), "an agent that stops removes its uprobes"
 
 
+def test_what_the_probes_ring_had_no_room_for_is_counted_lost_and_nothing_is_billed_wrongly(gateway,
+                                                                                             tmp_path: Path) -> None:
+    """The agent is stopped (SIGSTOP) while keep-alive clients go on, so its 1 MiB ring fills and the probes
+    drop what it has no room for, in the middle of those clients' connections. Each call the probes saw
+    carries its place in its stream, so the core knows how many bytes each connection lost, as TCP's sequence
+    numbers tell: no event pairs a request with another's response (the responses echo their paths, so a
+    mispairing shows in the sizes), the loss is counted and said, and the same connections' requests are
+    billed again once the agent has caught up."""
+    agent = LiveAgent(tmp_path / "events.jsonl", gateway.port, "--tls-port", str(gateway.tls_port),
+                      "--tls-ring-mb", "1", deck=DECK)
+    try:
+        agent.wait_for("metering HTTPS on port")
+        agent.wait_for("credentials: loaded")
+        clients = [httpx.Client(base_url=gateway.tls_url, timeout=20, verify=False) for _ in range(4)]
+
+        def requests_on_each(phase: str, count: int) -> None:
+            """Small answers between large ones: as the ring fills, a request's record still fits where its
+            large answer's no longer does, and the next answer that fits is another request's."""
+            for number in range(count):
+                for index, client in enumerate(clients):
+                    path = "/reports/export" if number % 2 else f"/ring/{phase}/{index}/{'x' * (number % 9)}"
+                    client.get(f"{path}?n={number}", headers={"apikey": ALICE})
+
+        requests_on_each("before", 5)
+        agent.process.send_signal(signal.SIGSTOP)
+        try:
+            # and a connection that ends while the agent is stopped, its close among the records dropped
+            bulk = [f"{gateway.tls_url}/bulk/{'y' * (number % 13)}{number}" for number in range(1000)]
+            closing = threading.Thread(target=curl, args=("-H", f"apikey: {BOB}", *bulk))
+            closing.start()
+            requests_on_each("while-stopped", 80)
+            closing.join()
+        finally:
+            agent.process.send_signal(signal.SIGCONT)
+        agent.wait_for("TLS probes' ring had no room for")
+        time.sleep(2)  # the ring read
+        requests_on_each("after", 5)
+        for client in clients:
+            client.close()
+        entries = gateway.access_log_entries(expect=4 * 90 + 1000)
+        time.sleep(1)
+        counters = stopped(agent)
+    finally:
+        agent.kill()
+    billed, metered = billed_rows(entries), metered_rows(agent.events())
+    assert counters["tls_ring_drops"] > 0 and counters["tls_truncated_bytes"] > 0, counters
+    # a request whose answer went with the records dropped, on a connection whose end went with them too, is
+    # billed with status 0 and counted unanswered, as at any end without an answer; any other event is a line
+    wrong = metered - billed
+    unanswered = Counter({row: n for row, n in wrong.items() if row[3] == 0 and row[5] == 0})
+    requests_logged = {row[:3] + row[4:5] for row in billed}
+    assert wrong == unanswered and all(row[:3] + row[4:5] in requests_logged for row in unanswered), \
+        f"events that are no log line: {list(wrong - unanswered)[:3]}"
+    assert sum(unanswered.values()) <= counters["unanswered"]
+    assert sum((billed - metered).values()) > 0, "the ring dropped records, yet every request was billed"
+    for phase in ("before", "after"):
+        rows = Counter({row: n for row, n in billed.items() if row[2].startswith(f"/ring/{phase}/")})
+        assert sum(rows.values()) == 12 and rows <= metered, (phase, rows - metered)
+    assert "a larger --tls-ring-mb holds more" in agent.stderr
+
+
 def test_the_gateways_own_tls_to_its_upstream_and_its_other_tls_ports_are_not_metered(start_agent) -> None:
     """A Kong service over HTTPS: the gateway's processes also write requests to the upstream and read its
     responses through the same TLS library, and here the upstream is a TLS server block of the same nginx

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from agent.flags import not_empty, whole_number
+from agent.flags import not_empty, power_of_two, whole_number
 
 DEFAULT_RING_MB = 256
+DEFAULT_TLS_RING_MB = 128    # about 4 s of a saturated stand-in's plaintext here (40k req/s, 800 bytes each)
+MAX_TLS_RING_MB = 1024
 MAX_WORKERS = 64
 
 
@@ -36,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="also meter HTTPS served on this port, repeatable: read from the gateway's own TLS "
                             "library (OpenSSL's SSL_read/SSL_write) by eBPF uprobes, without keys; needs root "
                             "(CAP_BPF, CAP_PERFMON and tracefs) and a kernel with uprobes and BTF")
+    group.add_argument("--tls-ring-mb", type=power_of_two(1, MAX_TLS_RING_MB), default=DEFAULT_TLS_RING_MB,
+                       metavar="MIB",
+                       help=f"the TLS probes' ring buffer, in MiB, a power of two (default {DEFAULT_TLS_RING_MB}): it "
+                            "holds the plaintext read and written while the agent is behind; larger responses "
+                            "need more")
     group.add_argument("--user", metavar="NAME", type=not_empty,
                        help="after opening the capture, switch to this user (e.g. nobody), keeping no privilege; the "
                             "data directory (spool, store) becomes that user's, the decK file must be readable by it")

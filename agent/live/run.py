@@ -133,7 +133,7 @@ def open_tls(args: argparse.Namespace) -> TlsCapture | None:
     if not args.tls_port:
         return None
     try:
-        return TlsCapture(set(args.tls_port))
+        return TlsCapture(set(args.tls_port), args.tls_ring_mb << 20)
     except TlsUnavailable as error:
         log.error("%s; plain capture goes on", error)
         return None

@@ -24,7 +24,6 @@ from agent.pipeline import Pipeline
 
 log = logging.getLogger("agent.tls")
 
-RING_BYTES = 128 << 20       # the probes' ring buffer: about 8 s of a saturated gateway's plaintext (20k req/s)
 RESCAN_SECONDS = 5.0         # how often the listeners are looked for again
 EXEC_RESCAN_SECONDS = 0.5    # how soon after a gateway process exec'd (an nginx binary upgrade)
 RECORDS_PER_CALL = 8192      # records the core reads per call, between looks at the forks and the clock
@@ -122,11 +121,12 @@ def raise_descriptor_limit() -> None:
 class TlsCapture:
     """The probes, attached to the gateway's processes, read into the capture loop's pipeline."""
 
-    def __init__(self, ports: set[int]) -> None:
+    def __init__(self, ports: set[int], ring_bytes: int) -> None:
         self.ports = ports
+        self.ring_bytes = ring_bytes
         raise_descriptor_limit()
         try:
-            self.probes = _core.TlsProbes(RING_BYTES, sorted(ports))
+            self.probes = _core.TlsProbes(ring_bytes, sorted(ports))
         except OSError as error:
             hint = (" (the agent needs root: CAP_BPF, CAP_PERFMON, write access to tracefs and, to mount it, "
                     "CAP_SYS_ADMIN)" if "not permitted" in str(error) else "")
@@ -140,6 +140,7 @@ class TlsCapture:
         self.execed: set[int] = set()  # exec'd and still listening (see rescan)
         self.next_scan = 0.0
         self.http2_warned = 0
+        self.drops_warned = 0
         self.unread_bytes = 0  # left in the ring at a stop's deadline
         self.rescan()
         if not self.attached:
@@ -219,12 +220,19 @@ class TlsCapture:
         return lines, records
 
     def warn(self, counters: dict[str, int]) -> None:
-        """Once a second: say when new HTTP/2 connections were seen (their requests are not metered)."""
+        """Once a second: say when new HTTP/2 connections were seen (their requests are not metered), and when
+        the ring had no room for records (their requests are counted lost, not billed)."""
         seen = counters.get("http2_connections", 0)
         if seen > self.http2_warned:
             log.warning("%d HTTP/2 connections (ALPN h2) on the TLS port so far: counted as http2_connections, "
                         "their requests not metered (HTTP/2 is not decoded yet)", seen)
             self.http2_warned = seen
+        drops = self.probes.losses()[0]
+        if drops > self.drops_warned:
+            log.warning("the TLS probes' ring had no room for %d records (%d in all): the agent was behind, and "
+                        "the requests in them are counted lost (tls_ring_drops, lost_exchanges); a larger "
+                        "--tls-ring-mb holds more", drops - self.drops_warned, drops)
+            self.drops_warned = drops
 
     def counters(self) -> dict[str, int]:
         """The probes' own losses, for the summary line."""
@@ -236,4 +244,4 @@ class TlsCapture:
 
     def backlog_bytes(self) -> int:
         """Bytes of records the ring holds now."""
-        return int(self.probes.ready_fraction() * RING_BYTES)
+        return int(self.probes.ready_fraction() * self.ring_bytes)

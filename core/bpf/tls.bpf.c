@@ -65,6 +65,14 @@ struct chunk_header {
 	/* a write sent at its call's entry, before its outcome is known: the core holds it until the thread
 	 * goes on (or a KIND_WRITE_FAILED for it comes) */
 	__u32 at_entry;
+	/* stream_pos is known: the stream's socket was (see struct endpoint's position) */
+	__u32 positioned;
+	/* where this call's plaintext begins in its direction of the stream: the bytes of the calls before
+	 * it since its socket was known. A call the ring had no room for is then a gap of known length in
+	 * the core, as a lost segment is in TCP, and a write sent again one it already has. At SSL_free: the
+	 * bytes read in all, and `written` the bytes written (what the stream's last records may have lost) */
+	__u64 stream_pos;
+	__u64 written;
 };
 
 /* the scratch record: twice a piece, so that the verifier can bound a length by a mask */
@@ -83,7 +91,9 @@ struct call {
 	__u32 learned; /* this call's stream has its socket: the sock tracepoints need not look */
 	/* a write sent at entry: how far the gateway had read its socket then (tcp_sock's copied_seq) */
 	__u32 copied_seq;
-	__u32 pad;
+	/* a write sent at entry whose stream was positioned: its length, taken back from the position if the
+	 * write fails (the gateway sends the same bytes again) */
+	__u32 positioned_len;
 };
 
 struct stream_key {
@@ -100,6 +110,8 @@ struct endpoint {
 	__u16 metered; /* local_port is one of the TLS ports */
 	__u8 local_addr[16];
 	__u8 remote_addr[16];
+	/* plaintext bytes read and written since the socket was known, by KIND_READ and KIND_WRITE */
+	__u64 position[2];
 };
 
 struct {
@@ -249,6 +261,9 @@ static __always_inline void fill_header(struct chunk_header *h, __u64 ssl, __u32
 	h->client_left = 0;
 	h->tid = (__u32)bpf_get_current_pid_tgid();
 	h->at_entry = 0;
+	h->positioned = 0;
+	h->stream_pos = 0;
+	h->written = 0;
 	if (endpoint) {
 		h->family = endpoint->family;
 		h->local_port = endpoint->local_port;
@@ -365,6 +380,8 @@ static __always_inline int send_call(__u64 ssl, __u32 kind, __u64 buf, __u64 len
 	fill_header(&chunk->h, ssl, kind, endpoint);
 	chunk->h.call_len = length;
 	chunk->h.at_entry = at_entry;
+	chunk->h.positioned = endpoint != 0;
+	chunk->h.stream_pos = endpoint ? __sync_fetch_and_add(&endpoint->position[kind & 1], length) : 0;
 	struct pieces call = { .buf = buf, .length = length };
 	bpf_loop(PIECES, send_piece, &call, 0);
 	if (length > (__u64)PIECES * PIECE)
@@ -401,6 +418,12 @@ static __always_inline void send_marker(__u64 ssl, __u32 kind, __u16 client_left
 	struct chunk_header h = {};
 	fill_header(&h, ssl, kind, endpoint);
 	h.client_left = client_left;
+	/* at SSL_set_fd the counts begin (both 0); at SSL_free they are the stream's totals */
+	if ((kind == KIND_OPEN || kind == KIND_CLOSE) && endpoint) {
+		h.positioned = 1;
+		h.stream_pos = endpoint->position[KIND_READ];
+		h.written = endpoint->position[KIND_WRITE];
+	}
 	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), QUIET))
 		count(0, 1);
 }
@@ -555,9 +578,12 @@ int BPF_KPROBE(ssl_write_worker, void *ssl, const void *buf, size_t num)
 	call->active = 1;
 	call->at_entry = 1;
 	call->copied_seq = 0;
+	call->positioned_len = 0;
 	if (endpoint) {
 		struct tcp_sock *tp = (struct tcp_sock *)endpoint->sk;
 		call->copied_seq = BPF_CORE_READ(tp, copied_seq);
+		if (endpoint->metered && num > 0 && num <= 0xffffffff)
+			call->positioned_len = num;
 	}
 	return send_call((__u64)ssl, KIND_WRITE, (__u64)buf, num, 1, endpoint);
 }
@@ -631,6 +657,8 @@ static __always_inline void write_failed(struct call *call, struct sock *sk)
 	struct tcp_sock *tp = (struct tcp_sock *)sk;
 	if (BPF_CORE_READ(tp, copied_seq) != call->copied_seq)
 		return;
+	if (call->positioned_len)
+		__sync_fetch_and_add(&endpoint->position[KIND_WRITE], -(__u64)call->positioned_len);
 	if (endpoint->metered)
 		send_marker(call->ssl, KIND_WRITE_FAILED, 0, endpoint);
 }

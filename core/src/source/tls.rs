@@ -25,8 +25,8 @@ use crate::tcp::reassembly::{ConnectionInfo, StreamEvent, StreamSink};
 /// Plaintext bytes one record carries at most, and the pieces one call is cut into at most (tls.bpf.c).
 pub const PIECE: u32 = 8192;
 pub const PIECES: u32 = 128;
-/// The record header's size (struct chunk_header, padded to 8 bytes).
-pub const HEADER: usize = 96;
+/// The record header's size (struct chunk_header).
+pub const HEADER: usize = 112;
 
 const KIND_READ: u32 = 0;
 const KIND_WRITE: u32 = 1;
@@ -64,7 +64,8 @@ pub struct TlsCounters {
     pub streams: u64,
     /// streams whose beginning the probes missed (attached mid-connection)
     pub midstream: u64,
-    /// calls longer than the probes copy, or whose buffer could not be read: bytes the stream lost
+    /// calls longer than the probes copy, whose buffer could not be read, or whose records (some or all)
+    /// the ring had no room for: bytes the stream lost
     pub truncated_chunks: u64,
     pub truncated_bytes: u64,
     /// streams that began with HTTP/2's preface (ALPN h2): counted, not parsed
@@ -101,6 +102,11 @@ pub struct Record<'a> {
     pub tid: u32,
     /// a write sent at its call's entry, before its outcome is known
     pub at_entry: bool,
+    /// where the call begins in its direction's plaintext, counted by the probes since the stream's socket
+    /// was known (None before: the count began later); at `SSL_free`, the bytes read in all
+    pub stream_pos: Option<u64>,
+    /// at `SSL_free`, the bytes written in all
+    pub written: u64,
     pub data: &'a [u8],
 }
 
@@ -141,6 +147,8 @@ impl<'a> Record<'a> {
             remote_addr: bytes[68..84].try_into().unwrap_or_default(),
             tid: u32_at(bytes, 84),
             at_entry: u32_at(bytes, 88) != 0,
+            stream_pos: (u32_at(bytes, 92) != 0).then(|| u64_at(bytes, 96)),
+            written: u64_at(bytes, 104),
             data,
         })
     }
@@ -160,6 +168,44 @@ struct Direction {
     position: u64,
     call_len: u32,
     call_next: u32,
+    /// what turns a record's `stream_pos` into `position`, from the first positioned call: a call that
+    /// begins past `position` follows calls the ring had no room for, a gap of that many bytes
+    base: Option<u64>,
+    /// the current call is a write already had (sent again: see `Direction::place`), its pieces skipped
+    repeated: bool,
+}
+
+/// Where a call that begins at `stream_pos` goes, against what the direction has so far.
+#[derive(Debug, PartialEq, Eq)]
+enum Place {
+    /// right after what came before, or its place unknown
+    Next,
+    /// after this many bytes of calls the ring had no room for
+    After(u64),
+    /// a write the direction already has: its first attempt failed, and the record saying so was lost
+    Repeated,
+}
+
+impl Direction {
+    fn place(&mut self, stream_pos: Option<u64>, call_len: u32, write: bool) -> Place {
+        let Some(stream_pos) = stream_pos else { return Place::Next };
+        let Some(base) = self.base else {
+            self.base = Some(self.position.wrapping_sub(stream_pos));
+            return Place::Next;
+        };
+        let start = stream_pos.wrapping_add(base);
+        if start > self.position && start - self.position < 1 << 40 {
+            let lost = start - self.position;
+            return Place::After(lost);
+        }
+        if start < self.position && write && start + u64::from(call_len) <= self.position {
+            return Place::Repeated;
+        }
+        // anything else the probes' count can no longer say (the socket's entry was evicted and learned
+        // again, counting from 0): counted from here
+        self.base = Some(self.position.wrapping_sub(stream_pos));
+        Place::Next
+    }
 }
 
 struct Stream {
@@ -316,11 +362,26 @@ impl TlsStreams {
                 if let Some(old) = self.streams.remove(&key) {
                     sink.event(&old.info, true, time, StreamEvent::Closed);
                 }
-                let stream = self.new_stream(time, true);
+                let mut stream = self.new_stream(time, true);
+                if record.stream_pos.is_some() {
+                    // the probes count the stream's bytes from here: from its first byte
+                    for direction in &mut stream.directions {
+                        direction.base = Some(0);
+                    }
+                }
                 self.streams.insert(key, stream);
             }
             KIND_CLOSE => {
-                if let Some(old) = self.streams.remove(&key) {
+                if let Some(mut old) = self.streams.remove(&key) {
+                    if let (Some(read), false) = (record.stream_pos, old.http2) {
+                        // what the stream's last calls sent that never came: a gap up to its end
+                        for (index, total) in [read, record.written].into_iter().enumerate() {
+                            let direction = &mut old.directions[index];
+                            if let Place::After(lost) = direction.place(Some(total), 0, false) {
+                                Self::gap(&old.info, direction, index == 0, time, lost, &mut self.counters, sink);
+                            }
+                        }
+                    }
                     if record.client_left && !old.http2 {
                         // as TCP's FIN from the client before the server's: a request waiting is a 499
                         let [client, server] = &old.directions;
@@ -400,13 +461,25 @@ impl TlsStreams {
         }
         let direction = &mut stream.directions[usize::from(!to_server)];
         // a new call ends the previous one: what it did not deliver is lost
-        if record.offset == 0 && direction.call_next < direction.call_len {
+        if record.offset == 0 && direction.call_next < direction.call_len && !direction.repeated {
             let lost = u64::from(direction.call_len - direction.call_next);
             Self::gap(&stream.info, direction, to_server, time, lost, counters, sink);
         }
         if record.offset == 0 {
+            direction.repeated = false;
+            match direction.place(record.stream_pos, record.call_len, !to_server) {
+                Place::Next => {}
+                Place::After(lost) => Self::gap(&stream.info, direction, to_server, time, lost, counters, sink),
+                Place::Repeated => {
+                    direction.repeated = true;
+                    counters.write_retries += 1;
+                }
+            }
             direction.call_len = record.call_len;
             direction.call_next = 0;
+        }
+        if direction.repeated {
+            return;
         }
         if record.offset > direction.call_next {
             // a piece of this call never arrived (the ring had no room)
@@ -600,6 +673,84 @@ mod tests {
         // a failure for a write no longer held (or never held) changes nothing
         streams.feed(&record(KIND_WRITE_FAILED, 7, 5, 0, 0, b""), &mut sink);
         assert_eq!(streams.counters.write_retries, 0);
+    }
+
+    /// `bytes` with the probes' count of its direction so far (tls.bpf.c's stream_pos)
+    fn at(mut bytes: Vec<u8>, stream_pos: u64) -> Vec<u8> {
+        bytes[92..96].copy_from_slice(&1u32.to_ne_bytes());
+        bytes[96..104].copy_from_slice(&stream_pos.to_ne_bytes());
+        bytes
+    }
+
+    #[test]
+    fn calls_the_ring_had_no_room_for_are_a_gap_of_their_length() {
+        let (mut streams, mut sink) = (TlsStreams::new(0.0), Collect::default());
+        streams.feed(&record(KIND_OPEN, 7, 1, 0, 0, b""), &mut sink);
+        streams.feed(&at(record(KIND_READ, 7, 1, 0, 6, b"GET /a"), 0), &mut sink);
+        streams.feed(&at(record(KIND_WRITE, 7, 1, 0, 2, b"ok"), 0), &mut sink);
+        // the next request's read and its answer's write were dropped; a piece of a long call too
+        let long = PIECE + 4;
+        streams.feed(&at(record(KIND_READ, 7, 1, 0, long, &vec![b'x'; PIECE as usize]), 12), &mut sink);
+        streams.feed(&at(record(KIND_READ, 7, 1, 0, 6, b"GET /d"), 12 + u64::from(long) + 10), &mut sink);
+        streams.feed(&at(record(KIND_WRITE, 7, 1, 0, 2, b"ok"), 5), &mut sink);
+        let events = texts(&sink);
+        assert_eq!(events[..2], ["data 0 -1 GET /a", "data 0 6 ok"]);
+        assert_eq!(events[2], "gap 6 6");
+        assert!(events[3].starts_with("data 12 -1 xxx"));
+        assert_eq!(events[4..], [format!("gap {} 4", 12 + PIECE), format!("gap {} 10", 12 + long),
+                                  format!("data {} -1 GET /d", 22 + long), "gap 2 3".to_string(),
+                                  format!("data 5 {} ok", 28 + long)]);
+        assert_eq!((streams.counters.truncated_chunks, streams.counters.truncated_bytes), (4, 6 + 4 + 10 + 3));
+    }
+
+    #[test]
+    fn what_a_stream_sent_that_never_came_is_a_gap_up_to_the_totals_at_its_close() {
+        let (mut streams, mut sink) = (TlsStreams::new(0.0), Collect::default());
+        // its first request's read was dropped, then its answer's write
+        streams.feed(&at(record(KIND_OPEN, 7, 1, 0, 0, b""), 0), &mut sink);
+        streams.feed(&at(record(KIND_READ, 7, 1, 0, 5, b"GET /"), 6), &mut sink);
+        let mut close = at(record(KIND_CLOSE, 7, 1, 0, 0, b""), 11);
+        close[104..112].copy_from_slice(&40u64.to_ne_bytes());
+        streams.feed(&close, &mut sink);
+        let events: Vec<(bool, &str)> = sink.events.iter().map(|(_, to_server, text)| (*to_server, text.as_str())).collect();
+        assert_eq!(events, [(true, "gap 0 6"), (true, "data 6 -1 GET /"), (false, "gap 0 40"), (true, "closed")]);
+        // a close whose totals are all there adds nothing
+        streams.feed(&at(record(KIND_OPEN, 7, 2, 0, 0, b""), 0), &mut sink);
+        streams.feed(&at(record(KIND_READ, 7, 2, 0, 2, b"GE"), 0), &mut sink);
+        streams.feed(&at(record(KIND_CLOSE, 7, 2, 0, 0, b""), 2), &mut sink);
+        assert_eq!(texts(&sink)[4..], ["data 0 -1 GE", "closed"]);
+        assert_eq!(streams.counters.truncated_bytes, 46);
+    }
+
+    #[test]
+    fn a_write_sent_again_whose_failure_went_unseen_is_taken_once() {
+        let (mut streams, mut sink) = (TlsStreams::new(0.0), Collect::default());
+        streams.feed(&record(KIND_OPEN, 7, 1, 0, 0, b""), &mut sink);
+        streams.feed(&at(at_entry(KIND_WRITE, 70, 1, 0, 4, b"HTTP"), 0), &mut sink);
+        // its KIND_WRITE_FAILED was lost: the second attempt, at the same place, releases the first
+        let long = PIECE + 2;
+        streams.feed(&at(at_entry(KIND_WRITE, 70, 1, 0, 4, b"HTTP"), 0), &mut sink);
+        streams.feed(&at(at_entry(KIND_WRITE, 70, 1, 0, long, &vec![b'b'; PIECE as usize]), 4), &mut sink);
+        streams.feed(&at(at_entry(KIND_WRITE, 70, 1, PIECE, long, b"!!"), 4), &mut sink);
+        streams.close_all(2.0, &mut sink);
+        let events = texts(&sink);
+        assert_eq!(events[0], "data 0 0 HTTP");
+        assert!(events[1].starts_with("data 4 0 bbb"));
+        assert_eq!(events[2..], [format!("data {} 0 !!", 4 + PIECE), "closed".to_string()]);
+        assert_eq!((streams.counters.write_retries, streams.counters.truncated_chunks), (1, 0));
+    }
+
+    #[test]
+    fn a_count_that_starts_again_is_followed_from_there() {
+        let (mut streams, mut sink) = (TlsStreams::new(0.0), Collect::default());
+        // a stream begun before the probes: its first call is not positioned, its socket known later
+        streams.feed(&record(KIND_READ, 7, 1, 0, 2, b"GE"), &mut sink);
+        streams.feed(&at(record(KIND_READ, 7, 1, 0, 2, b"T "), 0), &mut sink);
+        // the socket's entry was evicted and learned again: its count starts at 0 once more
+        streams.feed(&at(record(KIND_READ, 7, 1, 0, 2, b"/x"), 0), &mut sink);
+        streams.feed(&at(record(KIND_READ, 7, 1, 0, 2, b" H"), 2), &mut sink);
+        assert_eq!(texts(&sink), ["data 0 -1 GE", "data 2 -1 T ", "data 4 -1 /x", "data 6 -1  H"]);
+        assert_eq!(streams.counters.truncated_chunks, 0);
     }
 
     #[test]
