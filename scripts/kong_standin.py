@@ -550,6 +550,11 @@ http {{
             add_header X-Kong-Response-Latency 0 always;
             return 429 '{{"message":"API rate limit exceeded"}}';
         }}
+        # a plugin's ngx.exit(444): key-auth passes, then the connection is closed without an answer
+        location ^~ /no-answer/ {{
+{_KEY_AUTH}
+            return 444;
+        }}
 {self._other_upstream_locations()}
 
 {body}

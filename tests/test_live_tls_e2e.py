@@ -359,6 +359,24 @@ def test_a_large_response_to_a_slow_client_is_metered_once(gateway, start_agent)
     assert counters["tls_write_retries"] > 0, "the socket never filled: this test did not test retries"
 
 
+def test_requests_pipelined_behind_one_the_gateway_closed_on_unanswered_are_not_billed(gateway,
+                                                                                       start_agent) -> None:
+    """A plugin's ngx.exit(444) closes the connection without an answer: nginx logs that request and never
+    reads the ones pipelined behind it (its client sends them again). Over TLS the gateway's close shows as
+    SSL_free with the socket still open both ways, as its FIN first does in TCP."""
+    agent = start_agent(gateway)
+    pipelined(gateway.tls_port, request("GET", "/no-answer/1", ALICE) + request("GET", "/behind/2", ALICE)
+              + request("GET", "/behind/3", BOB, close=True))
+    curl("-H", f"apikey: {ALICE}", f"{gateway.tls_url}/behind/2")  # sent again, on a new connection
+    entries = gateway.access_log_entries(expect=2)
+    counters = stopped(agent)
+    assert [(e["request_uri"], e["status"]) for e in entries] == [("/no-answer/1", 444), ("/behind/2", 200)]
+    events = agent.events()
+    # the request it closed on is billed once (with status 0: nothing on the wire tells a 444 from a crash)
+    assert sorted(event["data"]["request_uri"] for event in events) == ["/behind/2", "/no-answer/1"], events
+    assert counters["never_read"] == 2, counters
+
+
 def test_an_h2_client_is_counted_not_billed_as_http1(h2_gateway, start_agent) -> None:
     agent = start_agent(h2_gateway)
     base = h2_gateway.tls_url

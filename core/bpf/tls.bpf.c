@@ -69,10 +69,12 @@ struct chunk_header {
 	__u32 positioned;
 	/* where this call's plaintext begins in its direction of the stream: the bytes of the calls before
 	 * it since its socket was known. A call the ring had no room for is then a gap of known length in
-	 * the core, as a lost segment is in TCP, and a write sent again one it already has. At SSL_free: the
-	 * bytes read in all, and `written` the bytes written (what the stream's last records may have lost) */
+	 * the core, as a lost segment is in TCP, and a write sent again one it already has. `other_pos`: the
+	 * other direction's count then, as TCP's ACK (what the gateway had written when it read, what it had
+	 * read when it wrote), by which the core tells which answers a gap held. At SSL_free: the bytes read
+	 * in all, and in `other_pos` those written (what the stream's last records may have lost) */
 	__u64 stream_pos;
-	__u64 written;
+	__u64 other_pos;
 };
 
 /* the scratch record: twice a piece, so that the verifier can bound a length by a mask */
@@ -263,7 +265,7 @@ static __always_inline void fill_header(struct chunk_header *h, __u64 ssl, __u32
 	h->at_entry = 0;
 	h->positioned = 0;
 	h->stream_pos = 0;
-	h->written = 0;
+	h->other_pos = 0;
 	if (endpoint) {
 		h->family = endpoint->family;
 		h->local_port = endpoint->local_port;
@@ -382,6 +384,7 @@ static __always_inline int send_call(__u64 ssl, __u32 kind, __u64 buf, __u64 len
 	chunk->h.at_entry = at_entry;
 	chunk->h.positioned = endpoint != 0;
 	chunk->h.stream_pos = endpoint ? __sync_fetch_and_add(&endpoint->position[kind & 1], length) : 0;
+	chunk->h.other_pos = endpoint ? endpoint->position[(kind & 1) ^ 1] : 0;
 	struct pieces call = { .buf = buf, .length = length };
 	bpf_loop(PIECES, send_piece, &call, 0);
 	if (length > (__u64)PIECES * PIECE)
@@ -422,7 +425,7 @@ static __always_inline void send_marker(__u64 ssl, __u32 kind, __u16 client_left
 	if ((kind == KIND_OPEN || kind == KIND_CLOSE) && endpoint) {
 		h.positioned = 1;
 		h.stream_pos = endpoint->position[KIND_READ];
-		h.written = endpoint->position[KIND_WRITE];
+		h.other_pos = endpoint->position[KIND_WRITE];
 	}
 	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), QUIET))
 		count(0, 1);

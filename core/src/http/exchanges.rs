@@ -267,7 +267,10 @@ impl Side<'_, '_> {
         let answering = pairing.first_unanswered().filter(|_| pairing.answering);
         pairing.client_pipelines |= had.is_some_and(|had| {
             let mut earlier = pairing.pending.iter().enumerate().filter(|(_, waiting)| waiting.has_request && !waiting.response_done);
-            earlier.any(|(index, _)| Some(index) != answering || had <= pairing.response_position)
+            // (not where it had more of the server's stream than was seen: the answers it had are in what
+            // went unseen, a gap yet to show)
+            had <= pairing.server_end
+                && earlier.any(|(index, _)| Some(index) != answering || had <= pairing.response_position)
         });
         let (method, head_end, peer_acked) = (RequestMethod::of(&message.method), message.head_end, message.peer_acked);
         let after_gateway_closed = pairing.server_ended;

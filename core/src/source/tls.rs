@@ -105,8 +105,9 @@ pub struct Record<'a> {
     /// where the call begins in its direction's plaintext, counted by the probes since the stream's socket
     /// was known (None before: the count began later); at `SSL_free`, the bytes read in all
     pub stream_pos: Option<u64>,
-    /// at `SSL_free`, the bytes written in all
-    pub written: u64,
+    /// the other direction's count then (at `SSL_free`, the bytes written in all): what the gateway had
+    /// written when it read, what it had read when it wrote
+    pub other_pos: u64,
     pub data: &'a [u8],
 }
 
@@ -148,7 +149,7 @@ impl<'a> Record<'a> {
             tid: u32_at(bytes, 84),
             at_entry: u32_at(bytes, 88) != 0,
             stream_pos: (u32_at(bytes, 92) != 0).then(|| u64_at(bytes, 96)),
-            written: u64_at(bytes, 104),
+            other_pos: u64_at(bytes, 104),
             data,
         })
     }
@@ -198,7 +199,7 @@ impl Direction {
             let lost = start - self.position;
             return Place::After(lost);
         }
-        if start < self.position && write && start + u64::from(call_len) <= self.position {
+        if start < self.position && write && start.saturating_add(u64::from(call_len)) <= self.position {
             return Place::Repeated;
         }
         // anything else the probes' count can no longer say (the socket's entry was evicted and learned
@@ -375,17 +376,21 @@ impl TlsStreams {
                 if let Some(mut old) = self.streams.remove(&key) {
                     if let (Some(read), false) = (record.stream_pos, old.http2) {
                         // what the stream's last calls sent that never came: a gap up to its end
-                        for (index, total) in [read, record.written].into_iter().enumerate() {
+                        for (index, total) in [read, record.other_pos].into_iter().enumerate() {
                             let direction = &mut old.directions[index];
                             if let Place::After(lost) = direction.place(Some(total), 0, false) {
                                 Self::gap(&old.info, direction, index == 0, time, lost, &mut self.counters, sink);
                             }
                         }
                     }
+                    let [client, server] = &old.directions;
                     if record.client_left && !old.http2 {
                         // as TCP's FIN from the client before the server's: a request waiting is a 499
-                        let [client, server] = &old.directions;
                         sink.event(&old.info, true, time, StreamEvent::End { position: client.position });
+                        sink.event(&old.info, false, time, StreamEvent::End { position: server.position });
+                    } else if record.family != 0 && !old.http2 {
+                        // the socket still open both ways at SSL_free: the gateway closes first, as with its
+                        // FIN first (nginx's 444, a request it timed out): it never read the requests behind
                         sink.event(&old.info, false, time, StreamEvent::End { position: server.position });
                     }
                     sink.event(&old.info, true, time, StreamEvent::Closed);
@@ -488,8 +493,15 @@ impl TlsStreams {
         }
         let expected = PIECE.min(record.call_len.saturating_sub(record.offset));
         if !record.data.is_empty() {
-            // what the gateway had read when it wrote: all of the client's stream so far
-            let peer_acked = if to_server { -1 } else { stream.directions[0].position as i64 };
+            // as TCP's ACK: what the gateway had written when it read, what it had read when it wrote (all of
+            // the client's stream so far, where the probes' count is unknown)
+            let other = &stream.directions[usize::from(to_server)];
+            let counted = record.stream_pos.and(other.base).map(|base| record.other_pos.wrapping_add(base));
+            let peer_acked = match counted.and_then(|position| i64::try_from(position).ok()) {
+                Some(position) => position,
+                None if to_server => -1,
+                None => other.position as i64,
+            };
             let direction = &mut stream.directions[usize::from(!to_server)];
             let payload = record.data;
             sink.event(&stream.info, to_server, time,
@@ -666,10 +678,10 @@ mod tests {
         // the same stream's next record, from another thread, comes after it
         streams.feed(&at_entry(KIND_WRITE, 70, 1, 0, 2, b"no"), &mut sink);
         streams.feed(&record(KIND_CLOSE, 7, 1, 0, 0, b""), &mut sink);
-        assert_eq!(&texts(&sink)[1..], ["data 2 0 no", "closed"]);
+        assert_eq!(&texts(&sink)[1..], ["data 2 0 no", "end 4", "closed"]);
         streams.feed(&at_entry(KIND_WRITE, 70, 5, 0, 3, b"end"), &mut sink);
         streams.close_all(2.0, &mut sink);
-        assert_eq!(&texts(&sink)[3..], ["data 0 0 end", "closed"]);
+        assert_eq!(&texts(&sink)[4..], ["data 0 0 end", "closed"]);
         // a failure for a write no longer held (or never held) changes nothing
         streams.feed(&record(KIND_WRITE_FAILED, 7, 5, 0, 0, b""), &mut sink);
         assert_eq!(streams.counters.write_retries, 0);
@@ -682,25 +694,62 @@ mod tests {
         bytes
     }
 
+    /// `bytes` with the probes' count of the other direction (other_pos)
+    fn acked(mut bytes: Vec<u8>, other_pos: u64) -> Vec<u8> {
+        bytes[104..112].copy_from_slice(&other_pos.to_ne_bytes());
+        bytes
+    }
+
     #[test]
     fn calls_the_ring_had_no_room_for_are_a_gap_of_their_length() {
         let (mut streams, mut sink) = (TlsStreams::new(0.0), Collect::default());
         streams.feed(&record(KIND_OPEN, 7, 1, 0, 0, b""), &mut sink);
         streams.feed(&at(record(KIND_READ, 7, 1, 0, 6, b"GET /a"), 0), &mut sink);
-        streams.feed(&at(record(KIND_WRITE, 7, 1, 0, 2, b"ok"), 0), &mut sink);
-        // the next request's read and its answer's write were dropped; a piece of a long call too
+        streams.feed(&acked(at(record(KIND_WRITE, 7, 1, 0, 2, b"ok"), 0), 6), &mut sink);
+        // the next request's read (6 bytes) and its answer's write (3) were dropped; a piece of a long call too
         let long = PIECE + 4;
-        streams.feed(&at(record(KIND_READ, 7, 1, 0, long, &vec![b'x'; PIECE as usize]), 12), &mut sink);
-        streams.feed(&at(record(KIND_READ, 7, 1, 0, 6, b"GET /d"), 12 + u64::from(long) + 10), &mut sink);
-        streams.feed(&at(record(KIND_WRITE, 7, 1, 0, 2, b"ok"), 5), &mut sink);
+        streams.feed(&acked(at(record(KIND_READ, 7, 1, 0, long, &vec![b'x'; PIECE as usize]), 12), 5), &mut sink);
+        let last_read = 12 + u64::from(long) + 10;
+        streams.feed(&acked(at(record(KIND_READ, 7, 1, 0, 6, b"GET /d"), last_read), 5), &mut sink);
+        streams.feed(&acked(at(record(KIND_WRITE, 7, 1, 0, 2, b"ok"), 5), last_read + 6), &mut sink);
         let events = texts(&sink);
+        // (the first read's ACK is unknown: the probes' count of the writes is, from the first write on)
         assert_eq!(events[..2], ["data 0 -1 GET /a", "data 0 6 ok"]);
         assert_eq!(events[2], "gap 6 6");
-        assert!(events[3].starts_with("data 12 -1 xxx"));
+        assert!(events[3].starts_with("data 12 5 xxx"));
         assert_eq!(events[4..], [format!("gap {} 4", 12 + PIECE), format!("gap {} 10", 12 + long),
-                                  format!("data {} -1 GET /d", 22 + long), "gap 2 3".to_string(),
+                                  format!("data {} 5 GET /d", 22 + long), "gap 2 3".to_string(),
                                   format!("data 5 {} ok", 28 + long)]);
         assert_eq!((streams.counters.truncated_chunks, streams.counters.truncated_bytes), (4, 6 + 4 + 10 + 3));
+    }
+
+    #[test]
+    fn after_the_ring_dropped_answers_each_request_later_seen_gets_its_own() {
+        let (mut streams, mut http) = (TlsStreams::new(0.0), crate::http::exchanges::HttpExchanges::new(60.0, 65536));
+        streams.feed(&at(record(KIND_OPEN, 7, 1, 0, 0, b""), 0), &mut http);
+        let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").into_bytes();
+        let answer = |status: u16, body: &str| {
+            format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{body}", body.len()).into_bytes()
+        };
+        let (mut read, mut written) = (0u64, 0u64);
+        // a keep-alive client, one request at a time: /2's answer, /3 and its answer, were dropped
+        for (path, status, body, kept) in [("/1", 200, "one", (true, true)), ("/2", 201, "two!", (true, false)),
+                                           ("/3", 202, "three", (false, false)), ("/4", 203, "4", (true, true))] {
+            let (request, response) = (get(path), answer(status, body));
+            if kept.0 {
+                let bytes = acked(at(record(KIND_READ, 7, 1, 0, request.len() as u32, &request), read), written);
+                streams.feed(&bytes, &mut http);
+            }
+            read += request.len() as u64;
+            if kept.1 {
+                let bytes = acked(at(record(KIND_WRITE, 7, 1, 0, response.len() as u32, &response), written), read);
+                streams.feed(&bytes, &mut http);
+            }
+            written += response.len() as u64;
+        }
+        let exchanges: Vec<(Vec<u8>, u16)> = http.take().map(|exchange| (exchange.request.target, exchange.status)).collect();
+        assert_eq!(exchanges, [(b"/1".to_vec(), 200), (b"/4".to_vec(), 203)]);
+        assert_eq!(http.counters.lost_exchanges, 2);
     }
 
     #[test]
@@ -713,12 +762,13 @@ mod tests {
         close[104..112].copy_from_slice(&40u64.to_ne_bytes());
         streams.feed(&close, &mut sink);
         let events: Vec<(bool, &str)> = sink.events.iter().map(|(_, to_server, text)| (*to_server, text.as_str())).collect();
-        assert_eq!(events, [(true, "gap 0 6"), (true, "data 6 -1 GET /"), (false, "gap 0 40"), (true, "closed")]);
+        assert_eq!(events, [(true, "gap 0 6"), (true, "data 6 0 GET /"), (false, "gap 0 40"), (false, "end 40"),
+                            (true, "closed")]);
         // a close whose totals are all there adds nothing
         streams.feed(&at(record(KIND_OPEN, 7, 2, 0, 0, b""), 0), &mut sink);
         streams.feed(&at(record(KIND_READ, 7, 2, 0, 2, b"GE"), 0), &mut sink);
         streams.feed(&at(record(KIND_CLOSE, 7, 2, 0, 0, b""), 2), &mut sink);
-        assert_eq!(texts(&sink)[4..], ["data 0 -1 GE", "closed"]);
+        assert_eq!(texts(&sink)[5..], ["data 0 0 GE", "end 0", "closed"]);
         assert_eq!(streams.counters.truncated_bytes, 46);
     }
 
@@ -762,7 +812,7 @@ mod tests {
         streams.feed(&record(KIND_READ, 7, 0xAB, 0, 3, b"abc"), &mut sink);
         streams.feed(&record(KIND_CLOSE, 7, 0xAB, 0, 0, b""), &mut sink);
         let texts: Vec<&str> = sink.events.iter().map(|(_, _, text)| text.as_str()).collect();
-        assert_eq!(texts, ["data 0 -1 GET /", "data 0 5 HTTP", "data 5 -1 abc", "closed"]);
+        assert_eq!(texts, ["data 0 -1 GET /", "data 0 5 HTTP", "data 5 -1 abc", "end 4", "closed"]);
         assert_eq!((streams.counters.streams, streams.counters.midstream), (1, 0));
         assert!(streams.is_empty());
     }
@@ -854,6 +904,19 @@ mod tests {
         streams.feed(&close, &mut http);
         let statuses: Vec<u16> = http.take().map(|exchange| exchange.status).collect();
         assert_eq!(statuses, [200]);
+    }
+
+    #[test]
+    fn requests_behind_the_one_the_gateway_closed_on_were_never_read() {
+        let (mut streams, mut http) = (TlsStreams::new(0.0), crate::http::exchanges::HttpExchanges::new(60.0, 65536));
+        streams.feed(&record(KIND_OPEN, 7, 1, 0, 0, b""), &mut http);
+        // nginx's `return 444` for the first of three pipelined requests: no answer, the connection closed
+        let requests = b"GET /444 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\nGET /3 HTTP/1.1\r\nHost: a\r\n\r\n";
+        streams.feed(&record(KIND_READ, 7, 1, 0, requests.len() as u32, requests), &mut http);
+        streams.feed(&record(KIND_CLOSE, 7, 1, 0, 0, b""), &mut http);
+        let exchanges: Vec<(Vec<u8>, u16)> = http.take().map(|exchange| (exchange.request.target, exchange.status)).collect();
+        assert_eq!(exchanges, [(b"/444".to_vec(), 0)]);
+        assert_eq!(http.counters.never_read, 2);
     }
 
     #[test]
