@@ -225,7 +225,18 @@ impl Pipeline {
             if waiting_hold_most && self.meter.drop_oldest_held() {
                 continue;
             }
-            if !self.reassembler.shed_oldest(self.last_time, &mut self.http) && !self.meter.drop_oldest_held() {
+            // the least recently active connection, packets' or TLS's, goes first
+            let tls_older = match (self.reassembler.oldest_seen(), self.tls.oldest_seen()) {
+                (Some(packets), Some(tls)) => tls < packets,
+                (None, tls) => tls.is_some(),
+                (Some(_), None) => false,
+            };
+            let shed = if tls_older {
+                self.tls.shed_oldest(&mut self.http)
+            } else {
+                self.reassembler.shed_oldest(self.last_time, &mut self.http)
+            };
+            if !shed && !self.meter.drop_oldest_held() {
                 break;
             }
             self.meter_finished();
@@ -254,7 +265,7 @@ impl Pipeline {
     /// Bytes the pipeline's state holds now (what the budget limits). The replay dealer's table is not
     /// in it: nothing can be shed from it, and it bounds itself (`MAX_DEALT_FLOWS`, about 15 MB).
     pub fn held_bytes(&self) -> usize {
-        self.reassembler.held_bytes() + self.http.held_bytes() + self.meter.held_bytes()
+        self.reassembler.held_bytes() + self.tls.held_bytes() + self.http.held_bytes() + self.meter.held_bytes()
     }
 
     /// Everything counted along the way, by stage, in the summary line's order.
@@ -297,7 +308,7 @@ impl Pipeline {
             ("unpaired_overflows", http.unpaired_overflows),
             ("expired_connections", tcp.expired_connections),
             ("evicted_connections", tcp.evicted_connections),
-            ("shed_connections", tcp.shed_connections),
+            ("shed_connections", tcp.shed_connections + tls.shed),
             ("ip_fragments", decoder.fragments),
             ("held_overflow", meter.held_overflow),
             ("internal_errors", self.internal_errors),
@@ -501,6 +512,35 @@ mod tests {
             let port = 10_000 + index;
             feed(&mut pipeline, 1.0, &frame(true, port, 1000, 0, TCP_SYN, b""));
             feed(&mut pipeline, 1.0, &frame(true, port, 1001, 0, TCP_ACK, &partial));
+        }
+        let mut out = Vec::new();
+        pipeline.end_batch(&mut out);
+        assert!(counter(&pipeline, "shed_connections") > 0);
+        assert!(pipeline.held_bytes() <= budget, "{} held", pipeline.held_bytes());
+    }
+
+    /// A TLS probes' read record of stream `ssl` (struct chunk_header in tls.bpf.c), `data` its whole call.
+    fn tls_read(ssl: u64, data: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![0u8; crate::source::tls::HEADER];
+        bytes[0..8].copy_from_slice(&ssl.to_ne_bytes());
+        bytes[8..16].copy_from_slice(&1_000_000_000u64.to_ne_bytes());
+        bytes[16..20].copy_from_slice(&7u32.to_ne_bytes());
+        bytes[28..32].copy_from_slice(&(data.len() as u32).to_ne_bytes());
+        bytes[32..36].copy_from_slice(&(data.len() as u32).to_ne_bytes());
+        bytes.extend_from_slice(data);
+        bytes
+    }
+
+    #[test]
+    fn over_budget_the_oldest_tls_streams_are_shed_too() {
+        let budget = 4 << 20;
+        let mut pipeline = pipeline(budget);
+        let filler = [b'a'; 7_500];
+        for ssl in 0..400u64 {
+            pipeline.feed_tls(&tls_read(ssl, b"GET / HTTP/1.1\r\nX-Filler: "));
+            for _ in 0..8 {
+                pipeline.feed_tls(&tls_read(ssl, &filler));
+            }
         }
         let mut out = Vec::new();
         pipeline.end_batch(&mut out);

@@ -78,6 +78,8 @@ pub struct TlsCounters {
     pub write_retries: u64,
     /// connections begun before the probes that turned out to be on a port not metered: dropped
     pub unmetered: u64,
+    /// streams closed to keep the pipeline within its memory budget (as TCP's shed connections)
+    pub shed: u64,
 }
 
 /// One record from the ring, decoded.
@@ -286,6 +288,33 @@ impl TlsStreams {
 
     pub fn is_empty(&self) -> bool {
         self.streams.is_empty()
+    }
+
+    /// Bytes held here: the streams' state and the writes held for their threads to go on, for the budget.
+    pub fn held_bytes(&self) -> usize {
+        let held: usize = self.held.iter().flat_map(|held| &held.records).map(Vec::len).sum();
+        self.streams.len() * size_of::<Stream>() + self.held.len() * size_of::<Held>() + held
+    }
+
+    fn oldest(&self) -> Option<((u32, u64), f64)> {
+        self.streams.iter().map(|(key, stream)| (*key, stream.last_time)).min_by(|a, b| a.1.total_cmp(&b.1))
+    }
+
+    /// When the least recently active stream last had a record (the one `shed_oldest` would close).
+    pub fn oldest_seen(&self) -> Option<f64> {
+        self.oldest().map(|(_, time)| time)
+    }
+
+    /// Closes the least recently active stream, its held write first, to stay within the memory budget;
+    /// false if there is none. Its later records begin a stream joined mid-way.
+    pub fn shed_oldest(&mut self, sink: &mut impl StreamSink) -> bool {
+        let Some((key, time)) = self.oldest() else { return false };
+        self.release(|held| held.key == key, sink);
+        if let Some(stream) = self.streams.remove(&key) {
+            self.counters.shed += 1;
+            sink.event(&stream.info, true, time, StreamEvent::Closed);
+        }
+        true
     }
 
     /// A record's monotonic time on the wall clock.

@@ -601,6 +601,11 @@ impl TcpReassembler {
         true
     }
 
+    /// When the least recently seen connection was last seen (the one `shed_oldest` would close).
+    pub fn oldest_seen(&self) -> Option<f64> {
+        self.connection(self.oldest).map(|connection| connection.last_seen)
+    }
+
     /// Connections open now.
     pub fn len(&self) -> usize {
         self.index.len()
