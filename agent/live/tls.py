@@ -229,9 +229,9 @@ class TlsCapture:
             self.http2_warned = seen
         drops = self.probes.losses()[0]
         if drops > self.drops_warned:
-            log.warning("the TLS probes' ring had no room for %d records (%d in all): the agent was behind, and "
-                        "the requests in them are counted lost (tls_ring_drops, lost_exchanges); a larger "
-                        "--tls-ring-mb holds more", drops - self.drops_warned, drops)
+            log.warning("the TLS probes' ring had no room for %d records (%d in all): the agent was behind; what "
+                        "they held is counted lost (tls_ring_drops, tls_truncated_bytes, lost_exchanges); a "
+                        "larger --tls-ring-mb holds more", drops - self.drops_warned, drops)
             self.drops_warned = drops
 
     def counters(self) -> dict[str, int]:

@@ -65,7 +65,8 @@ struct chunk_header {
 	/* a write sent at its call's entry, before its outcome is known: the core holds it until the thread
 	 * goes on (or a KIND_WRITE_FAILED for it comes) */
 	__u32 at_entry;
-	/* stream_pos is known: the stream's socket was (see struct endpoint's position) */
+	/* stream_pos is known (the stream's socket was): the count's generation, never 0 (see struct
+	 * endpoint's); 0 when it is not */
 	__u32 positioned;
 	/* where this call's plaintext begins in its direction of the stream: the bytes of the calls before
 	 * it since its socket was known. A call the ring had no room for is then a gap of known length in
@@ -75,6 +76,8 @@ struct chunk_header {
 	 * in all, and in `other_pos` those written (what the stream's last records may have lost) */
 	__u64 stream_pos;
 	__u64 other_pos;
+	/* the records the ring had had no room for when this one was made (see `dropped`) */
+	__u64 drops;
 };
 
 /* the scratch record: twice a piece, so that the verifier can bound a length by a mask */
@@ -114,6 +117,10 @@ struct endpoint {
 	__u8 remote_addr[16];
 	/* plaintext bytes read and written since the socket was known, by KIND_READ and KIND_WRITE */
 	__u64 position[2];
+	/* which count this is, never 0: an entry evicted and learned again counts from 0 anew, and the core
+	 * must not take its small numbers for bytes it already has */
+	__u32 generation;
+	__u32 pad;
 };
 
 struct {
@@ -207,11 +214,32 @@ struct {
  * CPU (as asking how full the ring is would be a cache line shared with the consumer's). */
 #define QUIET BPF_RB_NO_WAKEUP
 
+/* The ring's drops, one count for all CPUs, which every record carries: a stream whose end the core never
+ * sees (its SSL_free dropped) and that began before the latest drop may have lost its last records. Written
+ * only on a drop, so its cache line stays shared, not moved, while the ring has room. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} dropped SEC(".maps");
+
 static __always_inline void count(__u32 which, __u64 amount)
 {
 	__u64 *value = bpf_map_lookup_elem(&losses, &which);
 	if (value)
 		*value += amount;
+	__u32 zero = 0;
+	__u64 *all = which == 0 ? bpf_map_lookup_elem(&dropped, &zero) : 0;
+	if (all)
+		__sync_fetch_and_add(all, amount);
+}
+
+static __always_inline __u64 drops_so_far(void)
+{
+	__u32 zero = 0;
+	__u64 *all = bpf_map_lookup_elem(&dropped, &zero);
+	return all ? *all : 0;
 }
 
 static __always_inline int is_watched(void)
@@ -266,6 +294,7 @@ static __always_inline void fill_header(struct chunk_header *h, __u64 ssl, __u32
 	h->positioned = 0;
 	h->stream_pos = 0;
 	h->other_pos = 0;
+	h->drops = drops_so_far();
 	if (endpoint) {
 		h->family = endpoint->family;
 		h->local_port = endpoint->local_port;
@@ -305,6 +334,7 @@ static __always_inline int describe(struct sock *sk, struct endpoint *endpoint)
 	endpoint->local_port = BPF_CORE_READ(sk, __sk_common.skc_num);
 	endpoint->remote_port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	endpoint->metered = bpf_map_lookup_elem(&tls_ports, &endpoint->local_port) != 0;
+	endpoint->generation = (__u32)bpf_ktime_get_ns() | 1;
 	if (family == AF_INET) {
 		__u32 local = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
 		__u32 remote = BPF_CORE_READ(sk, __sk_common.skc_daddr);
@@ -382,7 +412,7 @@ static __always_inline int send_call(__u64 ssl, __u32 kind, __u64 buf, __u64 len
 	fill_header(&chunk->h, ssl, kind, endpoint);
 	chunk->h.call_len = length;
 	chunk->h.at_entry = at_entry;
-	chunk->h.positioned = endpoint != 0;
+	chunk->h.positioned = endpoint ? endpoint->generation : 0;
 	chunk->h.stream_pos = endpoint ? __sync_fetch_and_add(&endpoint->position[kind & 1], length) : 0;
 	chunk->h.other_pos = endpoint ? endpoint->position[(kind & 1) ^ 1] : 0;
 	struct pieces call = { .buf = buf, .length = length };
@@ -423,7 +453,7 @@ static __always_inline void send_marker(__u64 ssl, __u32 kind, __u16 client_left
 	h.client_left = client_left;
 	/* at SSL_set_fd the counts begin (both 0); at SSL_free they are the stream's totals */
 	if ((kind == KIND_OPEN || kind == KIND_CLOSE) && endpoint) {
-		h.positioned = 1;
+		h.positioned = endpoint->generation;
 		h.stream_pos = endpoint->position[KIND_READ];
 		h.other_pos = endpoint->position[KIND_WRITE];
 	}
@@ -748,7 +778,7 @@ int BPF_PROG(process_exit, struct task_struct *task)
 	if (BPF_CORE_READ(task, pid) != pid || !bpf_map_lookup_elem(&watched, &pid))
 		return 0;
 	bpf_map_delete_elem(&watched, &pid);
-	struct chunk_header h = { .pid = pid, .kind = KIND_EXIT, .time_ns = bpf_ktime_get_ns() };
+	struct chunk_header h = { .pid = pid, .kind = KIND_EXIT, .time_ns = bpf_ktime_get_ns(), .drops = drops_so_far() };
 	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), 0))
 		count(0, 1);
 	return 0;

@@ -42,8 +42,10 @@ fn record(input: &mut Input<'_>, time_ns: u64) -> Vec<u8> {
     bytes[84..88].copy_from_slice(&(200 + u32::from(control >> 5 & 1)).to_ne_bytes()); // the thread
     bytes[88..92].copy_from_slice(&u32::from(control >> 6 & 1).to_ne_bytes()); // sent at its entry
     bytes[92..96].copy_from_slice(&u32::from(control >> 7).to_ne_bytes()); // positioned
-    bytes[96..104].copy_from_slice(&u64::from(input.u32()).to_ne_bytes());
-    bytes[104..112].copy_from_slice(&u64::from(input.u32()).to_ne_bytes());
+    // the probes' counts, now and then past 32 bits (and past the largest gap taken for one)
+    let high = u64::from(input.byte() % 4) << 38;
+    bytes[96..104].copy_from_slice(&(high | u64::from(input.u32())).to_ne_bytes());
+    bytes[104..112].copy_from_slice(&(high | u64::from(input.u32())).to_ne_bytes());
     bytes.extend_from_slice(data);
     if input.byte() == 0xFF {
         bytes.truncate(usize::from(input.byte())); // a record cut short

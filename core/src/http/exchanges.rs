@@ -709,7 +709,7 @@ impl HttpConnection {
         // seen may have been paired with another request, and its own request taken for one not read
         let seen_whole = !pairing.lost_bytes;
         // the gateway said it closes after its latest answer: it reads none of the requests still waiting,
-        // whoever is seen to close first (a TLS stream shows no end when the gateway closes first)
+        // whoever is seen to close first
         let closed_after_answer = pairing.answer_closes;
         // server bytes went unseen since the last answer read: one sent before the client had them may be in
         // them (nginx answered it), and is not taken for one its client left
@@ -2119,7 +2119,7 @@ mod tests {
         c.send(&mut http, false, 1.0, &[b'x'; 100]);
         c.lose(&mut http, false, 500);
         c.send(&mut http, false, 1.0, &[b'x'; 400]);
-        c.send(&mut http, true, 1.5, &get("/2")); // peer_acked -1, as tls.rs sends every request
+        c.send(&mut http, true, 1.5, &get("/2")); // peer_acked -1, as tls.rs sends a request when it cannot tell
         c.client_then_server_leave(&mut http);
         assert_eq!(targets(&mut http), billed(&[("/1", 201), ("/2", CLIENT_CLOSED_REQUEST)]));
     }

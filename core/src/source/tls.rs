@@ -26,7 +26,7 @@ use crate::tcp::reassembly::{ConnectionInfo, StreamEvent, StreamSink};
 pub const PIECE: u32 = 8192;
 pub const PIECES: u32 = 128;
 /// The record header's size (struct chunk_header).
-pub const HEADER: usize = 112;
+pub const HEADER: usize = 120;
 
 const KIND_READ: u32 = 0;
 const KIND_WRITE: u32 = 1;
@@ -78,6 +78,9 @@ pub struct TlsCounters {
     pub write_retries: u64,
     /// connections begun before the probes that turned out to be on a port not metered: dropped
     pub unmetered: u64,
+    /// streams that ended unseen (their process exited, they went idle, the capture ended) after the ring
+    /// had dropped records since they began: their end may have been among them
+    pub ends_unseen: u64,
     /// streams closed to keep the pipeline within its memory budget (as TCP's shed connections)
     pub shed: u64,
 }
@@ -107,9 +110,13 @@ pub struct Record<'a> {
     /// where the call begins in its direction's plaintext, counted by the probes since the stream's socket
     /// was known (None before: the count began later); at `SSL_free`, the bytes read in all
     pub stream_pos: Option<u64>,
+    /// which count `stream_pos` is of (a socket evicted from the probes' map and learned again counts anew)
+    pub generation: u32,
     /// the other direction's count then (at `SSL_free`, the bytes written in all): what the gateway had
     /// written when it read, what it had read when it wrote
     pub other_pos: u64,
+    /// the records the ring had had no room for when this one was made
+    pub drops: u64,
     pub data: &'a [u8],
 }
 
@@ -151,7 +158,9 @@ impl<'a> Record<'a> {
             tid: u32_at(bytes, 84),
             at_entry: u32_at(bytes, 88) != 0,
             stream_pos: (u32_at(bytes, 92) != 0).then(|| u64_at(bytes, 96)),
+            generation: u32_at(bytes, 92),
             other_pos: u64_at(bytes, 104),
+            drops: u64_at(bytes, 112),
             data,
         })
     }
@@ -165,17 +174,31 @@ impl<'a> Record<'a> {
     }
 }
 
+/// The gap that ends a stream whose last records may have been dropped (`TlsStreams::end_unseen`): longer
+/// than any body, so that one arriving ends in it at the length its head gave.
+const UNSEEN_END: u64 = 1 << 41;
+
+/// The most bytes one gap of whole calls may be: past it, the probes' count is taken to have started
+/// again rather than to say that much was lost.
+const MAX_GAP: u64 = 1 << 40;
+
 /// One direction's place: where its next byte goes, and how far into the current call it is.
 #[derive(Default)]
 struct Direction {
     position: u64,
     call_len: u32,
     call_next: u32,
-    /// what turns a record's `stream_pos` into `position`, from the first positioned call: a call that
-    /// begins past `position` follows calls the ring had no room for, a gap of that many bytes
+    /// what turns a record's `stream_pos` into `position`, from the first positioned call of the probes'
+    /// count `generation`: a call that begins past `position` follows calls the ring had no room for, a gap
+    /// of that many bytes
     base: Option<u64>,
-    /// the current call is a write already had (sent again: see `Direction::place`), its pieces skipped
-    repeated: bool,
+    generation: u32,
+    /// where the current call began (`position` then), and its `stream_pos`: a piece whose `stream_pos`
+    /// is another is a new call's, its first piece dropped
+    call_start: u64,
+    call_pos: Option<u64>,
+    /// bytes the current call begins with that the direction already has (see `Place::Overlap`)
+    had: u64,
 }
 
 /// Where a call that begins at `stream_pos` goes, against what the direction has so far.
@@ -185,29 +208,36 @@ enum Place {
     Next,
     /// after this many bytes of calls the ring had no room for
     After(u64),
-    /// a write the direction already has: its first attempt failed, and the record saying so was lost
-    Repeated,
+    /// the previous write again, as long or longer (nginx adds to a write it makes again): its first
+    /// attempt failed, the record saying so was dropped, and this many of its bytes are had already
+    Overlap(u64),
 }
 
 impl Direction {
-    fn place(&mut self, stream_pos: Option<u64>, call_len: u32, write: bool) -> Place {
+    fn place(&mut self, stream_pos: Option<u64>, generation: u32, write: bool) -> Place {
         let Some(stream_pos) = stream_pos else { return Place::Next };
-        let Some(base) = self.base else {
-            self.base = Some(self.position.wrapping_sub(stream_pos));
+        let Some(base) = self.base.filter(|_| self.generation == generation) else {
+            // the first of this count: counted from here
+            (self.base, self.generation) = (Some(self.position.wrapping_sub(stream_pos)), generation);
             return Place::Next;
         };
         let start = stream_pos.wrapping_add(base);
-        if start > self.position && start - self.position < 1 << 40 {
-            let lost = start - self.position;
-            return Place::After(lost);
+        if start > self.position && start - self.position < MAX_GAP {
+            return Place::After(start - self.position);
         }
-        if start < self.position && write && start.saturating_add(u64::from(call_len)) <= self.position {
-            return Place::Repeated;
+        if write && start < self.position && start == self.call_start {
+            return Place::Overlap(self.position - start);
         }
-        // anything else the probes' count can no longer say (the socket's entry was evicted and learned
-        // again, counting from 0): counted from here
-        self.base = Some(self.position.wrapping_sub(stream_pos));
+        if start != self.position {
+            // what the count cannot say (a write made again that is not the previous one): from here
+            self.base = Some(self.position.wrapping_sub(stream_pos));
+        }
         Place::Next
+    }
+
+    /// Of the call's bytes from `from` to `to` (offsets in it), how many the direction does not have yet.
+    fn unhad(&self, from: u32, to: u32) -> u64 {
+        u64::from(to).max(self.had).saturating_sub(u64::from(from).max(self.had))
     }
 }
 
@@ -221,6 +251,8 @@ struct Stream {
     first_data: bool,
     directions: [Direction; 2],
     last_time: f64,
+    /// the ring's drops when the stream's first record was made (see `TlsStreams::end_unseen`)
+    drops_before: u64,
 }
 
 /// Whether a stream's first bytes are HTTP/2's, as they are after ALPN chose h2: the client's preface,
@@ -267,6 +299,8 @@ pub struct TlsStreams {
     pub last_time: f64,
     /// processes an exit was reported for, for the loader to forget
     pub exited: Vec<u32>,
+    /// records the ring had no room for, as the latest record made says
+    ring_drops: u64,
 }
 
 impl TlsStreams {
@@ -279,6 +313,7 @@ impl TlsStreams {
             clock_offset,
             last_time: 0.0,
             exited: Vec::new(),
+            ring_drops: 0,
         }
     }
 
@@ -330,6 +365,7 @@ impl TlsStreams {
         };
         let time = self.wall_time(record.time_ns);
         self.last_time = self.last_time.max(time);
+        self.ring_drops = self.ring_drops.max(record.drops);
         let key = (record.pid, record.ssl);
         let (tid, kind) = (record.tid, record.kind);
         if kind == KIND_UNMETERED {
@@ -392,11 +428,11 @@ impl TlsStreams {
                 if let Some(old) = self.streams.remove(&key) {
                     sink.event(&old.info, true, time, StreamEvent::Closed);
                 }
-                let mut stream = self.new_stream(time, true);
+                let mut stream = self.new_stream(time, true, record.drops);
                 if record.stream_pos.is_some() {
                     // the probes count the stream's bytes from here: from its first byte
                     for direction in &mut stream.directions {
-                        direction.base = Some(0);
+                        (direction.base, direction.generation) = (Some(0), record.generation);
                     }
                 }
                 self.streams.insert(key, stream);
@@ -407,7 +443,7 @@ impl TlsStreams {
                         // what the stream's last calls sent that never came: a gap up to its end
                         for (index, total) in [read, record.other_pos].into_iter().enumerate() {
                             let direction = &mut old.directions[index];
-                            if let Place::After(lost) = direction.place(Some(total), 0, false) {
+                            if let Place::After(lost) = direction.place(Some(total), record.generation, false) {
                                 Self::gap(&old.info, direction, index == 0, time, lost, &mut self.counters, sink);
                             }
                         }
@@ -418,8 +454,8 @@ impl TlsStreams {
                         sink.event(&old.info, true, time, StreamEvent::End { position: client.position });
                         sink.event(&old.info, false, time, StreamEvent::End { position: server.position });
                     } else if record.family != 0 && !old.http2 {
-                        // the socket still open both ways at SSL_free: the gateway closes first, as with its
-                        // FIN first (nginx's 444, a request it timed out): it never read the requests behind
+                        // the client had not closed its side at SSL_free: the gateway closes first, as with
+                        // its FIN first (nginx's 444, a request it timed out): it never read the requests behind
                         sink.event(&old.info, false, time, StreamEvent::End { position: server.position });
                     }
                     sink.event(&old.info, true, time, StreamEvent::Closed);
@@ -434,7 +470,7 @@ impl TlsStreams {
                 self.counters.chunks += 1;
                 if !self.streams.contains_key(&key) {
                     self.counters.midstream += 1;
-                    let stream = self.new_stream(time, false);
+                    let stream = self.new_stream(time, false, record.drops);
                     self.streams.insert(key, stream);
                 }
                 let stream = self.streams.get_mut(&key).expect("inserted above");
@@ -444,7 +480,7 @@ impl TlsStreams {
         }
     }
 
-    fn new_stream(&mut self, time: f64, opened: bool) -> Stream {
+    fn new_stream(&mut self, time: f64, opened: bool, drops_before: u64) -> Stream {
         self.counters.streams += 1;
         self.next_id += 1;
         let unknown = Address::new(&[0, 0, 0, 0]);
@@ -464,7 +500,21 @@ impl TlsStreams {
             first_data: true,
             directions: [Direction::default(), Direction::default()],
             last_time: time,
+            drops_before,
         }
+    }
+
+    /// A stream ends without its close seen (its process exited, it went idle, the capture is over). If
+    /// the ring dropped records since it began, its last ones may be among them, and what the gateway sent
+    /// last is a gap of unknown length: an answer arriving ends at the length its head gave, and the one
+    /// waiting for an answer is lost, not taken for one never answered.
+    fn end_unseen(&mut self, stream: Stream, time: f64, sink: &mut impl StreamSink) {
+        if self.ring_drops > stream.drops_before && !stream.http2 {
+            self.counters.ends_unseen += 1;
+            let position = stream.directions[1].position;
+            sink.event(&stream.info, false, time, StreamEvent::Gap { lost: UNSEEN_END, position });
+        }
+        sink.event(&stream.info, true, time, StreamEvent::Closed);
     }
 
     fn data(stream: &mut Stream, record: &Record<'_>, time: f64, counters: &mut TlsCounters,
@@ -493,46 +543,65 @@ impl TlsStreams {
         if stream.http2 {
             return;
         }
-        let direction = &mut stream.directions[usize::from(!to_server)];
-        // a new call ends the previous one: what it did not deliver is lost
-        if record.offset == 0 && direction.call_next < direction.call_len && !direction.repeated {
-            let lost = u64::from(direction.call_len - direction.call_next);
-            Self::gap(&stream.info, direction, to_server, time, lost, counters, sink);
+        // what the gateway had of the other direction by then, past what came of it: dropped (as data that
+        // TCP's ACK covers, never captured), and the other direction's current call is over
+        let other = &mut stream.directions[usize::from(to_server)];
+        if let Some(base) = other.base.filter(|_| record.stream_pos.is_some() && other.generation == record.generation) {
+            let acked = record.other_pos.wrapping_add(base);
+            if acked > other.position && acked - other.position < MAX_GAP {
+                other.call_next = other.call_len;
+                Self::gap(&stream.info, other, !to_server, time, acked - other.position, counters, sink);
+            }
         }
-        if record.offset == 0 {
-            direction.repeated = false;
-            match direction.place(record.stream_pos, record.call_len, !to_server) {
+        let direction = &mut stream.directions[usize::from(!to_server)];
+        // a piece of another call than the current one (its first piece dropped, where the count says so)
+        let new_call = record.offset == 0 || (record.stream_pos.is_some() && record.stream_pos != direction.call_pos);
+        if new_call {
+            // a new call ends the previous one: what it did not deliver is lost
+            let lost = direction.unhad(direction.call_next, direction.call_len);
+            if lost > 0 {
+                Self::gap(&stream.info, direction, to_server, time, lost, counters, sink);
+            }
+            direction.had = 0;
+            match direction.place(record.stream_pos, record.generation, !to_server) {
                 Place::Next => {}
                 Place::After(lost) => Self::gap(&stream.info, direction, to_server, time, lost, counters, sink),
-                Place::Repeated => {
-                    direction.repeated = true;
+                Place::Overlap(had) => {
+                    direction.had = had;
                     counters.write_retries += 1;
                 }
             }
+            direction.call_start = direction.position - direction.had;
+            direction.call_pos = record.stream_pos;
             direction.call_len = record.call_len;
             direction.call_next = 0;
         }
-        if direction.repeated {
-            return;
-        }
         if record.offset > direction.call_next {
             // a piece of this call never arrived (the ring had no room)
-            let lost = u64::from(record.offset - direction.call_next);
-            Self::gap(&stream.info, direction, to_server, time, lost, counters, sink);
+            let lost = direction.unhad(direction.call_next, record.offset);
+            if lost > 0 {
+                Self::gap(&stream.info, direction, to_server, time, lost, counters, sink);
+            }
         }
+        // (the part of the piece the direction has already: a write made again)
+        let had_here = usize::try_from(direction.had.saturating_sub(u64::from(record.offset))).unwrap_or(usize::MAX);
+        let fresh = &record.data[had_here.min(record.data.len())..];
         let expected = PIECE.min(record.call_len.saturating_sub(record.offset));
-        if !record.data.is_empty() {
+        if !fresh.is_empty() {
             // as TCP's ACK: what the gateway had written when it read, what it had read when it wrote (all of
-            // the client's stream so far, where the probes' count is unknown)
+            // the client's stream so far, where the probes' count is unknown). It is the gateway's, at least
+            // what the client had: a request pipelined, which nginx reads once it has answered the one
+            // before, does not show as pipelined
             let other = &stream.directions[usize::from(to_server)];
-            let counted = record.stream_pos.and(other.base).map(|base| record.other_pos.wrapping_add(base));
+            let other_base = other.base.filter(|_| other.generation == record.generation);
+            let counted = record.stream_pos.and(other_base).map(|base| record.other_pos.wrapping_add(base));
             let peer_acked = match counted.and_then(|position| i64::try_from(position).ok()) {
                 Some(position) => position,
                 None if to_server => -1,
                 None => other.position as i64,
             };
             let direction = &mut stream.directions[usize::from(!to_server)];
-            let payload = record.data;
+            let payload = fresh;
             sink.event(&stream.info, to_server, time,
                        StreamEvent::Data { payload, position: direction.position, peer_acked });
             direction.position += payload.len() as u64;
@@ -540,15 +609,19 @@ impl TlsStreams {
         let direction = &mut stream.directions[usize::from(!to_server)];
         direction.call_next = record.offset + record.data.len() as u32;
         if (record.data.len() as u32) < expected {
-            let lost = u64::from(expected - record.data.len() as u32);
+            let lost = direction.unhad(direction.call_next, record.offset + expected);
             direction.call_next = record.offset + expected;
-            Self::gap(&stream.info, direction, to_server, time, lost, counters, sink);
+            if lost > 0 {
+                Self::gap(&stream.info, direction, to_server, time, lost, counters, sink);
+            }
         }
         let last_copied = PIECES * PIECE;
         if direction.call_next >= last_copied && direction.call_len > last_copied {
-            let lost = u64::from(direction.call_len - direction.call_next);
+            let lost = direction.unhad(direction.call_next, direction.call_len);
             direction.call_next = direction.call_len;
-            Self::gap(&stream.info, direction, to_server, time, lost, counters, sink);
+            if lost > 0 {
+                Self::gap(&stream.info, direction, to_server, time, lost, counters, sink);
+            }
         }
     }
 
@@ -564,7 +637,7 @@ impl TlsStreams {
         let keys: Vec<(u32, u64)> = self.streams.keys().filter(|(owner, _)| *owner == pid).copied().collect();
         for key in keys {
             if let Some(stream) = self.streams.remove(&key) {
-                sink.event(&stream.info, true, time, StreamEvent::Closed);
+                self.end_unseen(stream, time, sink);
             }
         }
     }
@@ -576,7 +649,7 @@ impl TlsStreams {
         self.release(|held| keys.contains(&held.key), sink); // a response still held is the stream's last
         for key in keys {
             if let Some(stream) = self.streams.remove(&key) {
-                sink.event(&stream.info, true, older_than, StreamEvent::Closed);
+                self.end_unseen(stream, older_than, sink);
             }
         }
     }
@@ -584,8 +657,8 @@ impl TlsStreams {
     /// The capture is over: every stream is closed.
     pub fn close_all(&mut self, time: f64, sink: &mut impl StreamSink) {
         self.release(|_| true, sink);
-        for (_, stream) in self.streams.drain() {
-            sink.event(&stream.info, true, time, StreamEvent::Closed);
+        for (_, stream) in std::mem::take(&mut self.streams) {
+            self.end_unseen(stream, time, sink);
         }
     }
 }
@@ -717,8 +790,13 @@ mod tests {
     }
 
     /// `bytes` with the probes' count of its direction so far (tls.bpf.c's stream_pos)
-    fn at(mut bytes: Vec<u8>, stream_pos: u64) -> Vec<u8> {
-        bytes[92..96].copy_from_slice(&1u32.to_ne_bytes());
+    fn at(bytes: Vec<u8>, stream_pos: u64) -> Vec<u8> {
+        at_count(bytes, stream_pos, 1)
+    }
+
+    /// `bytes` with the probes' count of its direction so far, of count `generation`
+    fn at_count(mut bytes: Vec<u8>, stream_pos: u64, generation: u32) -> Vec<u8> {
+        bytes[92..96].copy_from_slice(&generation.to_ne_bytes());
         bytes[96..104].copy_from_slice(&stream_pos.to_ne_bytes());
         bytes
     }
@@ -744,11 +822,11 @@ mod tests {
         let events = texts(&sink);
         // (the first read's ACK is unknown: the probes' count of the writes is, from the first write on)
         assert_eq!(events[..2], ["data 0 -1 GET /a", "data 0 6 ok"]);
-        assert_eq!(events[2], "gap 6 6");
-        assert!(events[3].starts_with("data 12 5 xxx"));
-        assert_eq!(events[4..], [format!("gap {} 4", 12 + PIECE), format!("gap {} 10", 12 + long),
-                                  format!("data {} 5 GET /d", 22 + long), "gap 2 3".to_string(),
-                                  format!("data 5 {} ok", 28 + long)]);
+        // the dropped write shows first, by what the gateway had written when it read on
+        assert_eq!(events[2..4], ["gap 2 3", "gap 6 6"]);
+        assert!(events[4].starts_with("data 12 5 xxx"));
+        assert_eq!(events[5..], [format!("gap {} 4", 12 + PIECE), format!("gap {} 10", 12 + long),
+                                  format!("data {} 5 GET /d", 22 + long), format!("data 5 {} ok", 28 + long)]);
         assert_eq!((streams.counters.truncated_chunks, streams.counters.truncated_bytes), (4, 6 + 4 + 10 + 3));
     }
 
@@ -779,6 +857,48 @@ mod tests {
         let exchanges: Vec<(Vec<u8>, u16)> = http.take().map(|exchange| (exchange.request.target, exchange.status)).collect();
         assert_eq!(exchanges, [(b"/1".to_vec(), 200), (b"/4".to_vec(), 203)]);
         assert_eq!(http.counters.lost_exchanges, 2);
+    }
+
+    #[test]
+    fn an_upload_whose_end_was_dropped_is_billed_whole_as_its_answer_shows() {
+        let (mut streams, mut http) = (TlsStreams::new(0.0), crate::http::exchanges::HttpExchanges::new(60.0, 65536));
+        streams.feed(&at(record(KIND_OPEN, 7, 1, 0, 0, b""), 0), &mut http);
+        let head = b"POST /u HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n";
+        let first = [head.as_slice(), &[b'x'; 40]].concat();
+        streams.feed(&at(record(KIND_READ, 7, 1, 0, first.len() as u32, &first), 0), &mut http);
+        // the read of the body's last 60 bytes was dropped; the answer's write says the gateway had them
+        let answer = b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok";
+        let had = (head.len() + 100) as u64;
+        streams.feed(&acked(at(record(KIND_WRITE, 7, 1, 0, answer.len() as u32, answer), 0), had), &mut http);
+        let exchanges: Vec<(u16, u64)> = http.take().map(|exchange| (exchange.status, exchange.request.size)).collect();
+        assert_eq!(exchanges, [(201, had)]);
+        assert_eq!(streams.counters.truncated_bytes, 60);
+    }
+
+    #[test]
+    fn a_stream_that_ends_unseen_after_the_ring_dropped_records_ends_in_a_gap() {
+        let (mut streams, mut http) = (TlsStreams::new(0.0), crate::http::exchanges::HttpExchanges::new(60.0, 65536));
+        let stamped = |mut bytes: Vec<u8>, drops: u64| {
+            bytes[112..120].copy_from_slice(&drops.to_ne_bytes());
+            bytes
+        };
+        let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").into_bytes();
+        // stream 1: an answer whose tail was dropped, with its SSL_free; stream 2: a request whose answer
+        // was; stream 3 began after the drops, and its request is unanswered at the end
+        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nfirst forty bytes of the body, then none";
+        for (ssl, drops) in [(1, 2), (2, 2), (3, 5)] {
+            let request = get(&format!("/{ssl}"));
+            streams.feed(&stamped(record(KIND_OPEN, 7, ssl, 0, 0, b""), drops), &mut http);
+            streams.feed(&stamped(record(KIND_READ, 7, ssl, 0, request.len() as u32, &request), drops), &mut http);
+        }
+        streams.feed(&stamped(record(KIND_WRITE, 7, 1, 0, answer.len() as u32, answer), 5), &mut http);
+        streams.close_all(2.0, &mut http);
+        let mut exchanges: Vec<(Vec<u8>, u16, u64)> =
+            http.take().map(|exchange| (exchange.request.target, exchange.status, exchange.response_size)).collect();
+        exchanges.sort();
+        let head = answer.len() as u64 - 40;
+        assert_eq!(exchanges, [(b"/1".to_vec(), 200, head + 100), (b"/3".to_vec(), 0, 0)]);
+        assert_eq!((streams.counters.ends_unseen, http.counters.lost_exchanges), (2, 1));
     }
 
     #[test]
@@ -823,13 +943,49 @@ mod tests {
     fn a_count_that_starts_again_is_followed_from_there() {
         let (mut streams, mut sink) = (TlsStreams::new(0.0), Collect::default());
         // a stream begun before the probes: its first call is not positioned, its socket known later
-        streams.feed(&record(KIND_READ, 7, 1, 0, 2, b"GE"), &mut sink);
-        streams.feed(&at(record(KIND_READ, 7, 1, 0, 2, b"T "), 0), &mut sink);
-        // the socket's entry was evicted and learned again: its count starts at 0 once more
-        streams.feed(&at(record(KIND_READ, 7, 1, 0, 2, b"/x"), 0), &mut sink);
-        streams.feed(&at(record(KIND_READ, 7, 1, 0, 2, b" H"), 2), &mut sink);
-        assert_eq!(texts(&sink), ["data 0 -1 GE", "data 2 -1 T ", "data 4 -1 /x", "data 6 -1  H"]);
-        assert_eq!(streams.counters.truncated_chunks, 0);
+        streams.feed(&record(KIND_READ, 7, 1, 0, 6, b"GET /a"), &mut sink);
+        streams.feed(&acked(at_count(record(KIND_WRITE, 7, 1, 0, 3, b"ok1"), 0, 5), 0), &mut sink);
+        streams.feed(&acked(at_count(record(KIND_READ, 7, 1, 0, 6, b"GET /b"), 0, 5), 3), &mut sink);
+        streams.feed(&acked(at_count(record(KIND_WRITE, 7, 1, 0, 3, b"ok2"), 3, 5), 6), &mut sink);
+        // the socket's entry was evicted and learned again: a new count, from 0 once more, whose first
+        // write is not taken for the first write made again
+        streams.feed(&acked(at_count(record(KIND_READ, 7, 1, 0, 6, b"GET /c"), 0, 9), 0), &mut sink);
+        streams.feed(&acked(at_count(record(KIND_WRITE, 7, 1, 0, 3, b"ok3"), 0, 9), 6), &mut sink);
+        assert_eq!(texts(&sink), ["data 0 -1 GET /a", "data 0 6 ok1", "data 6 3 GET /b", "data 3 12 ok2",
+                                  "data 12 -1 GET /c", "data 6 18 ok3"]);
+        assert_eq!((streams.counters.truncated_chunks, streams.counters.write_retries), (0, 0));
+    }
+
+    #[test]
+    fn a_write_made_again_longer_delivers_only_what_is_new() {
+        let (mut streams, mut sink) = (TlsStreams::new(0.0), Collect::default());
+        streams.feed(&at(record(KIND_OPEN, 7, 1, 0, 0, b""), 0), &mut sink);
+        streams.feed(&at(at_entry(KIND_WRITE, 70, 1, 0, 4, b"HTTP"), 0), &mut sink);
+        // its failure's record was dropped; nginx makes it again with more of its chain (in two pieces)
+        let long = PIECE + 3;
+        let first = [b"HTTP".as_slice(), &vec![b'b'; PIECE as usize - 4]].concat();
+        streams.feed(&at(at_entry(KIND_WRITE, 70, 1, 0, long, &first), 0), &mut sink);
+        streams.feed(&at(at_entry(KIND_WRITE, 70, 1, PIECE, long, b"end"), 0), &mut sink);
+        streams.close_all(2.0, &mut sink);
+        let events = texts(&sink);
+        assert_eq!(events[0], "data 0 0 HTTP");
+        assert_eq!(events[1], format!("data 4 0 {}", "b".repeat(PIECE as usize - 4)));
+        assert_eq!(events[2..], [format!("data {PIECE} 0 end"), "closed".to_string()]);
+        assert_eq!((streams.counters.write_retries, streams.counters.truncated_chunks), (1, 0));
+    }
+
+    #[test]
+    fn a_long_call_whose_first_piece_was_dropped_is_placed_by_its_count() {
+        let (mut streams, mut sink) = (TlsStreams::new(0.0), Collect::default());
+        streams.feed(&at(record(KIND_OPEN, 7, 1, 0, 0, b""), 0), &mut sink);
+        let long = PIECE + 2;
+        streams.feed(&at(record(KIND_WRITE, 7, 1, 0, long, &vec![b'a'; PIECE as usize]), 0), &mut sink);
+        streams.feed(&at(record(KIND_WRITE, 7, 1, PIECE, long, b"aa"), 0), &mut sink);
+        // the next call's first piece was dropped: its second follows the first call's end and a gap
+        streams.feed(&at(record(KIND_WRITE, 7, 1, PIECE, long, b"bb"), u64::from(long)), &mut sink);
+        let events = texts(&sink);
+        assert_eq!(events[1..], [format!("data {PIECE} 0 aa"), format!("gap {long} {PIECE}"),
+                                 format!("data {} 0 bb", long + PIECE)]);
     }
 
     #[test]
