@@ -76,8 +76,6 @@ struct chunk_header {
 	 * in all, and in `other_pos` those written (what the stream's last records may have lost) */
 	__u64 stream_pos;
 	__u64 other_pos;
-	/* the records the ring had had no room for when this one was made (see `dropped`) */
-	__u64 drops;
 };
 
 /* the scratch record: twice a piece, so that the verifier can bound a length by a mask */
@@ -214,32 +212,11 @@ struct {
  * CPU (as asking how full the ring is would be a cache line shared with the consumer's). */
 #define QUIET BPF_RB_NO_WAKEUP
 
-/* The ring's drops, one count for all CPUs, which every record carries: a stream whose end the core never
- * sees (its SSL_free dropped) and that began before the latest drop may have lost its last records. Written
- * only on a drop, so its cache line stays shared, not moved, while the ring has room. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u64);
-} dropped SEC(".maps");
-
 static __always_inline void count(__u32 which, __u64 amount)
 {
 	__u64 *value = bpf_map_lookup_elem(&losses, &which);
 	if (value)
 		*value += amount;
-	__u32 zero = 0;
-	__u64 *all = which == 0 ? bpf_map_lookup_elem(&dropped, &zero) : 0;
-	if (all)
-		__sync_fetch_and_add(all, amount);
-}
-
-static __always_inline __u64 drops_so_far(void)
-{
-	__u32 zero = 0;
-	__u64 *all = bpf_map_lookup_elem(&dropped, &zero);
-	return all ? *all : 0;
 }
 
 static __always_inline int is_watched(void)
@@ -294,7 +271,6 @@ static __always_inline void fill_header(struct chunk_header *h, __u64 ssl, __u32
 	h->positioned = 0;
 	h->stream_pos = 0;
 	h->other_pos = 0;
-	h->drops = drops_so_far();
 	if (endpoint) {
 		h->family = endpoint->family;
 		h->local_port = endpoint->local_port;
@@ -778,7 +754,7 @@ int BPF_PROG(process_exit, struct task_struct *task)
 	if (BPF_CORE_READ(task, pid) != pid || !bpf_map_lookup_elem(&watched, &pid))
 		return 0;
 	bpf_map_delete_elem(&watched, &pid);
-	struct chunk_header h = { .pid = pid, .kind = KIND_EXIT, .time_ns = bpf_ktime_get_ns(), .drops = drops_so_far() };
+	struct chunk_header h = { .pid = pid, .kind = KIND_EXIT, .time_ns = bpf_ktime_get_ns() };
 	if (bpf_ringbuf_output(&chunks, &h, sizeof(h), 0))
 		count(0, 1);
 	return 0;

@@ -322,7 +322,6 @@ impl Pipeline {
             ("tls_bad_records", tls.bad_records),
             ("tls_write_retries", tls.write_retries),
             ("tls_unmetered", tls.unmetered),
-            ("tls_ends_unseen", tls.ends_unseen),
         ]
     }
 }

@@ -41,7 +41,9 @@ fn record(input: &mut Input<'_>, time_ns: u64) -> Vec<u8> {
     bytes[68..72].copy_from_slice(&[127, 0, 0, 2]);
     bytes[84..88].copy_from_slice(&(200 + u32::from(control >> 5 & 1)).to_ne_bytes()); // the thread
     bytes[88..92].copy_from_slice(&u32::from(control >> 6 & 1).to_ne_bytes()); // sent at its entry
-    bytes[92..96].copy_from_slice(&u32::from(control >> 7).to_ne_bytes()); // positioned
+    // positioned, in one of a few generations of the probes' count (0: not positioned)
+    let generation = if control >> 7 == 0 { 0 } else { 1 + u32::from(input.byte() % 3) };
+    bytes[92..96].copy_from_slice(&generation.to_ne_bytes());
     // the probes' counts, now and then past 32 bits (and past the largest gap taken for one)
     let high = u64::from(input.byte() % 4) << 38;
     bytes[96..104].copy_from_slice(&(high | u64::from(input.u32())).to_ne_bytes());

@@ -26,7 +26,7 @@ use crate::tcp::reassembly::{ConnectionInfo, StreamEvent, StreamSink};
 pub const PIECE: u32 = 8192;
 pub const PIECES: u32 = 128;
 /// The record header's size (struct chunk_header).
-pub const HEADER: usize = 120;
+pub const HEADER: usize = 112;
 
 const KIND_READ: u32 = 0;
 const KIND_WRITE: u32 = 1;
@@ -78,9 +78,6 @@ pub struct TlsCounters {
     pub write_retries: u64,
     /// connections begun before the probes that turned out to be on a port not metered: dropped
     pub unmetered: u64,
-    /// streams that ended unseen (their process exited, they went idle, the capture ended) after the ring
-    /// had dropped records since they began: their end may have been among them
-    pub ends_unseen: u64,
     /// streams closed to keep the pipeline within its memory budget (as TCP's shed connections)
     pub shed: u64,
 }
@@ -115,8 +112,6 @@ pub struct Record<'a> {
     /// the other direction's count then (at `SSL_free`, the bytes written in all): what the gateway had
     /// written when it read, what it had read when it wrote
     pub other_pos: u64,
-    /// the records the ring had had no room for when this one was made
-    pub drops: u64,
     pub data: &'a [u8],
 }
 
@@ -160,7 +155,6 @@ impl<'a> Record<'a> {
             stream_pos: (u32_at(bytes, 92) != 0).then(|| u64_at(bytes, 96)),
             generation: u32_at(bytes, 92),
             other_pos: u64_at(bytes, 104),
-            drops: u64_at(bytes, 112),
             data,
         })
     }
@@ -173,10 +167,6 @@ impl<'a> Record<'a> {
         }
     }
 }
-
-/// The gap that ends a stream whose last records may have been dropped (`TlsStreams::end_unseen`): longer
-/// than any body, so that one arriving ends in it at the length its head gave.
-const UNSEEN_END: u64 = 1 << 41;
 
 /// The most bytes one gap of whole calls may be: past it, the probes' count is taken to have started
 /// again rather than to say that much was lost.
@@ -251,8 +241,6 @@ struct Stream {
     first_data: bool,
     directions: [Direction; 2],
     last_time: f64,
-    /// the ring's drops when the stream's first record was made (see `TlsStreams::end_unseen`)
-    drops_before: u64,
 }
 
 /// Whether a stream's first bytes are HTTP/2's, as they are after ALPN chose h2: the client's preface,
@@ -299,8 +287,6 @@ pub struct TlsStreams {
     pub last_time: f64,
     /// processes an exit was reported for, for the loader to forget
     pub exited: Vec<u32>,
-    /// records the ring had no room for, as the latest record made says
-    ring_drops: u64,
 }
 
 impl TlsStreams {
@@ -313,7 +299,6 @@ impl TlsStreams {
             clock_offset,
             last_time: 0.0,
             exited: Vec::new(),
-            ring_drops: 0,
         }
     }
 
@@ -365,7 +350,6 @@ impl TlsStreams {
         };
         let time = self.wall_time(record.time_ns);
         self.last_time = self.last_time.max(time);
-        self.ring_drops = self.ring_drops.max(record.drops);
         let key = (record.pid, record.ssl);
         let (tid, kind) = (record.tid, record.kind);
         if kind == KIND_UNMETERED {
@@ -428,7 +412,7 @@ impl TlsStreams {
                 if let Some(old) = self.streams.remove(&key) {
                     sink.event(&old.info, true, time, StreamEvent::Closed);
                 }
-                let mut stream = self.new_stream(time, true, record.drops);
+                let mut stream = self.new_stream(time, true);
                 if record.stream_pos.is_some() {
                     // the probes count the stream's bytes from here: from its first byte
                     for direction in &mut stream.directions {
@@ -470,7 +454,7 @@ impl TlsStreams {
                 self.counters.chunks += 1;
                 if !self.streams.contains_key(&key) {
                     self.counters.midstream += 1;
-                    let stream = self.new_stream(time, false, record.drops);
+                    let stream = self.new_stream(time, false);
                     self.streams.insert(key, stream);
                 }
                 let stream = self.streams.get_mut(&key).expect("inserted above");
@@ -480,7 +464,7 @@ impl TlsStreams {
         }
     }
 
-    fn new_stream(&mut self, time: f64, opened: bool, drops_before: u64) -> Stream {
+    fn new_stream(&mut self, time: f64, opened: bool) -> Stream {
         self.counters.streams += 1;
         self.next_id += 1;
         let unknown = Address::new(&[0, 0, 0, 0]);
@@ -500,21 +484,7 @@ impl TlsStreams {
             first_data: true,
             directions: [Direction::default(), Direction::default()],
             last_time: time,
-            drops_before,
         }
-    }
-
-    /// A stream ends without its close seen (its process exited, it went idle, the capture is over). If
-    /// the ring dropped records since it began, its last ones may be among them, and what the gateway sent
-    /// last is a gap of unknown length: an answer arriving ends at the length its head gave, and the one
-    /// waiting for an answer is lost, not taken for one never answered.
-    fn end_unseen(&mut self, stream: Stream, time: f64, sink: &mut impl StreamSink) {
-        if self.ring_drops > stream.drops_before && !stream.http2 {
-            self.counters.ends_unseen += 1;
-            let position = stream.directions[1].position;
-            sink.event(&stream.info, false, time, StreamEvent::Gap { lost: UNSEEN_END, position });
-        }
-        sink.event(&stream.info, true, time, StreamEvent::Closed);
     }
 
     fn data(stream: &mut Stream, record: &Record<'_>, time: f64, counters: &mut TlsCounters,
@@ -637,7 +607,7 @@ impl TlsStreams {
         let keys: Vec<(u32, u64)> = self.streams.keys().filter(|(owner, _)| *owner == pid).copied().collect();
         for key in keys {
             if let Some(stream) = self.streams.remove(&key) {
-                self.end_unseen(stream, time, sink);
+                sink.event(&stream.info, true, time, StreamEvent::Closed);
             }
         }
     }
@@ -649,7 +619,7 @@ impl TlsStreams {
         self.release(|held| keys.contains(&held.key), sink); // a response still held is the stream's last
         for key in keys {
             if let Some(stream) = self.streams.remove(&key) {
-                self.end_unseen(stream, older_than, sink);
+                sink.event(&stream.info, true, older_than, StreamEvent::Closed);
             }
         }
     }
@@ -657,8 +627,8 @@ impl TlsStreams {
     /// The capture is over: every stream is closed.
     pub fn close_all(&mut self, time: f64, sink: &mut impl StreamSink) {
         self.release(|_| true, sink);
-        for (_, stream) in std::mem::take(&mut self.streams) {
-            self.end_unseen(stream, time, sink);
+        for (_, stream) in self.streams.drain() {
+            sink.event(&stream.info, true, time, StreamEvent::Closed);
         }
     }
 }
@@ -873,32 +843,6 @@ mod tests {
         let exchanges: Vec<(u16, u64)> = http.take().map(|exchange| (exchange.status, exchange.request.size)).collect();
         assert_eq!(exchanges, [(201, had)]);
         assert_eq!(streams.counters.truncated_bytes, 60);
-    }
-
-    #[test]
-    fn a_stream_that_ends_unseen_after_the_ring_dropped_records_ends_in_a_gap() {
-        let (mut streams, mut http) = (TlsStreams::new(0.0), crate::http::exchanges::HttpExchanges::new(60.0, 65536));
-        let stamped = |mut bytes: Vec<u8>, drops: u64| {
-            bytes[112..120].copy_from_slice(&drops.to_ne_bytes());
-            bytes
-        };
-        let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").into_bytes();
-        // stream 1: an answer whose tail was dropped, with its SSL_free; stream 2: a request whose answer
-        // was; stream 3 began after the drops, and its request is unanswered at the end
-        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nfirst forty bytes of the body, then none";
-        for (ssl, drops) in [(1, 2), (2, 2), (3, 5)] {
-            let request = get(&format!("/{ssl}"));
-            streams.feed(&stamped(record(KIND_OPEN, 7, ssl, 0, 0, b""), drops), &mut http);
-            streams.feed(&stamped(record(KIND_READ, 7, ssl, 0, request.len() as u32, &request), drops), &mut http);
-        }
-        streams.feed(&stamped(record(KIND_WRITE, 7, 1, 0, answer.len() as u32, answer), 5), &mut http);
-        streams.close_all(2.0, &mut http);
-        let mut exchanges: Vec<(Vec<u8>, u16, u64)> =
-            http.take().map(|exchange| (exchange.request.target, exchange.status, exchange.response_size)).collect();
-        exchanges.sort();
-        let head = answer.len() as u64 - 40;
-        assert_eq!(exchanges, [(b"/1".to_vec(), 200, head + 100), (b"/3".to_vec(), 0, 0)]);
-        assert_eq!((streams.counters.ends_unseen, http.counters.lost_exchanges), (2, 1));
     }
 
     #[test]
