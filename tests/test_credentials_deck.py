@@ -124,15 +124,21 @@ def test_syntax_error_message_does_not_quote_the_line(tmp_path):
     assert "secret-key" not in message and "\n" not in message
 
 
-def test_a_key_repeated_in_one_mapping_is_refused_as_deck_refuses_it(tmp_path):
-    """PyYAML alone keeps the last `username`, so mallory would be billed for alice's key."""
-    path = tmp_path / "kong.yaml"
-    path.write_text('_format_version: "3.0"\nconsumers:\n- username: alice\n  keyauth_credentials:\n'
-                    '  - key: alice-secret-key\n  username: mallory\n')
+@pytest.mark.parametrize("name, text, refusal", [
+    # PyYAML alone keeps the last `username`, so mallory would be billed for alice's key
+    ("kong.yaml", '_format_version: "3.0"\nconsumers:\n- username: alice\n  keyauth_credentials:\n'
+                  '  - key: alice-secret-key\n  username: mallory\n',
+     "a key is repeated in one mapping at line 6, column 3 (first at line 3); decK refuses such a file"),
+    ("kong.json", '{"_format_version": "3.0", "consumers": [{"username": "alice", "username": "mallory", '
+                  '"keyauth_credentials": [{"key": "alice-secret-key"}]}]}',
+     "a key is repeated in one object; decK refuses such a file"),
+])
+def test_a_key_repeated_in_one_mapping_is_refused_as_deck_refuses_it(tmp_path, name, text, refusal):
+    path = tmp_path / name
+    path.write_text(text)
     with pytest.raises(CredentialError) as caught:
         load_deck_file(path)
-    assert str(caught.value) == (f"{path}: a key is repeated in one mapping at line 6, column 3 "
-                                 "(first at line 3); decK refuses such a file")
+    assert str(caught.value) == f"{path}: {refusal}"
 
 
 def test_keys_given_beside_a_yaml_merge_override_the_merged_ones():
@@ -146,15 +152,6 @@ def test_a_base_merged_into_a_mapping_before_its_own_turn_is_no_repeated_key():
     text = ('_format_version: "3.0"\nc0: &c {x: 0}\nnested: {deeper: {base: &b {<<: *c, x: 1}}}\n'
             'a: {<<: *b, x: 2}\nconsumers:\n- username: hana\n  keyauth_credentials: [{key: hana-key}]\n')
     assert parse_deck(text, "kong.yaml").table.lookup("hana-key").username == "hana"
-
-
-def test_a_key_repeated_in_one_json_object_is_refused(tmp_path):
-    path = tmp_path / "kong.json"
-    path.write_text('{"_format_version": "3.0", "consumers": [{"username": "alice", "username": "mallory", '
-                    '"keyauth_credentials": [{"key": "alice-secret-key"}]}]}')
-    with pytest.raises(CredentialError) as caught:
-        load_deck_file(path)
-    assert str(caught.value) == f"{path}: a key is repeated in one object; decK refuses such a file"
 
 
 def test_json_syntax_error(tmp_path):
