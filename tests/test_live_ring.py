@@ -17,14 +17,14 @@ from agent.live import startup_checks
 from agent.live.ring_store import RingStore, ring_names
 from agent.live.startup_checks import Link, LiveCaptureError
 from agent.source.kernel_filter import capture_filter
-from agent.source.packet_ring import BLOCK_BYTES, PacketRing
+from agent.source.packet_ring import BLOCK_BYTES, PACKET_FANOUT, PACKET_IGNORE_OUTGOING, SOL_PACKET, PacketRing
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: packet sockets")]
 
 
-def open_ring(port: int, ring_bytes: int = 64 << 20, group: int | None = None) -> PacketRing:
+def open_ring(port: int, ring_bytes: int = 64 << 20, group: int | None = None, shared: bool = False) -> PacketRing:
     return PacketRing("lo", DLT_EN10MB, capture_filter([port], 14, drop_outgoing=True), ring_bytes,
-                      fanout_group=group, ignore_outgoing=True)
+                      fanout_group=group, ignore_outgoing=True, shared=shared)
 
 
 def read_until_quiet(ring: PacketRing, quiet: float = 0.3, limit: float = 10.0) -> list[tuple[float, int, bytes]]:
@@ -123,10 +123,28 @@ def test_offloaded_super_frames_arrive_whole_and_each_packet_once() -> None:
     assert all(before - 1 <= timestamp <= after + 1 for timestamp, _, _ in frames)
 
 
+def test_a_ring_alone_joins_no_fanout_group_and_the_kernel_skips_loopbacks_outgoing_copies() -> None:
+    """A fanout group's demultiplexing runs on every packet of the interface and costs the gateway CPU per
+    request (scripts/bench_tls.py): one ring does without it, and the outgoing copies are not even cloned."""
+    ring = open_ring(80, ring_bytes=4 * BLOCK_BYTES)
+    try:
+        sock = socket.socket(fileno=os.dup(ring.fileno()))
+        try:
+            in_group = sock.getsockopt(SOL_PACKET, PACKET_FANOUT)
+            skips_outgoing = sock.getsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING)
+        finally:
+            sock.close()
+    finally:
+        ring.close()
+    assert (in_group, skips_outgoing) == (0, 1)
+    assert (ring.fanout_group, ring.ignores_outgoing) == (0, True)
+
+
 def test_fanout_keeps_each_connection_in_one_ring_and_misses_none() -> None:
     server = Server(reply=b"HTTP/1.1 200 OK\r\n\r\n")
-    first = open_ring(server.port)
+    first = open_ring(server.port, shared=True)
     second = open_ring(server.port, group=first.fanout_group)
+    assert first.fanout_group != 0
     try:
         client_ports = [server.send(b"GET /%d HTTP/1.1\r\n\r\n" % n) for n in range(24)]
         seen = [payloads(read_until_quiet(ring), server.port) for ring in (first, second)]

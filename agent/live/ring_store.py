@@ -246,7 +246,7 @@ def _owed_answers(entry: object) -> HandedOver:
 
 def open_rings(link: Link, program: list[tuple[int, int, int, int]], ring_bytes: int,
                workers: int) -> list[PacketRing]:
-    """One new ring per worker, all in one fanout group; opened before any privilege is dropped."""
+    """One new ring per worker, several in one fanout group; opened before any privilege is dropped."""
     rings: list[PacketRing] = []
     try:
         for _ in range(workers):
@@ -254,7 +254,7 @@ def open_rings(link: Link, program: list[tuple[int, int, int, int]], ring_bytes:
             rings.append(PacketRing(
                 link.interface, link.linktype, program, ring_bytes,
                 fanout_group=first.fanout_group if first else None,
-                ignore_outgoing=first.ignores_outgoing if first else link.loopback))
+                ignore_outgoing=first.ignores_outgoing if first else link.loopback, shared=workers > 1))
     except OSError as error:
         for ring in rings:
             ring.close()

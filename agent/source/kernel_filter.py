@@ -11,8 +11,9 @@ host's other traffic. Two more cuts halve the packet rate on a busy loopback:
   zero IP length (what segmentation offload leaves in a super-frame) wraps around and is kept.
 
 Not matched, by design: IPv6 packets with extension headers before TCP, IPv4 non-first fragments (they
-hold no ports; the fanout's DEFRAG flag reassembles IPv4 before this program runs), frames with an
-in-band VLAN tag (capture on the VLAN interface instead). Every accepted packet is kept whole.
+hold no ports; with `--workers N` the fanout's DEFRAG flag reassembles IPv4 before this program runs, and
+a lone socket's first fragments reach the core, which counts them), frames with an in-band VLAN tag
+(capture on the VLAN interface instead). Every accepted packet is kept whole.
 """
 
 from __future__ import annotations

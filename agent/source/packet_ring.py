@@ -3,8 +3,11 @@
 The kernel fills whole blocks of packets and hands each block over by flipping its status word, so the
 agent takes a block of thousands of packets per wake-up instead of one system call per packet. A block
 that is not full is handed over anyway after `retire_ms`, so a quiet interface still delivers promptly.
-Every socket joins a PACKET_FANOUT group (hash by flow, IPv4 defragmented first), also when it is alone,
-so one worker or several see the same packets the same way.
+Several sockets (`--workers N`) share the traffic in a PACKET_FANOUT group: hash by flow, IPv4
+defragmented first. A socket alone joins none: a group's demultiplexing runs on every packet of the
+interface, the gateway's whole loopback traffic included, and cost the gateway about 1 µs of CPU per
+HTTPS request it served (scripts/bench_tls.py), whatever the mode. Alone, the kernel leaves IPv4
+fragments as they came (the core counts them, `ip_fragments`; TCP sets Don't Fragment).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
 PACKET_VERSION = 10
 PACKET_FANOUT = 18
+PACKET_IGNORE_OUTGOING = 23
 TPACKET_V3 = 2
 ETH_P_ALL = 0x0003
 
@@ -57,10 +61,12 @@ class PacketRing:
 
     def __init__(self, interface: str, linktype: int, program: list[tuple[int, int, int, int]],
                  ring_bytes: int, fanout_group: int | None = None, ignore_outgoing: bool = False,
-                 block_bytes: int = BLOCK_BYTES, retire_ms: int = RETIRE_MS, inherited: int | None = None) -> None:
-        """With `inherited`, the descriptor of a socket a previous run set up with the same interface and ring
-        shape (kept by the service manager): its ring is taken over, with what it captured meanwhile, and only
-        the filter is replaced (the ports may have changed)."""
+                 block_bytes: int = BLOCK_BYTES, retire_ms: int = RETIRE_MS, inherited: int | None = None,
+                 shared: bool = False) -> None:
+        """`shared`: the socket shares the traffic with others in a fanout group (`fanout_group`, or a new
+        one). With `inherited`, the descriptor of a socket a previous run set up with the same interface and
+        ring shape (kept by the service manager): its ring is taken over, with what it captured meanwhile,
+        and only the filter is replaced (the ports may have changed)."""
         self.interface = interface
         self.linktype = linktype
         self.block_bytes = block_bytes
@@ -78,7 +84,7 @@ class PacketRing:
                         else socket.socket(fileno=inherited))
         try:
             if inherited is None:
-                self._setup(program, fanout_group, ignore_outgoing)
+                self._setup(program, fanout_group, ignore_outgoing, shared or fanout_group is not None)
             else:
                 self._take_over(program)
         except BaseException:
@@ -89,7 +95,7 @@ class PacketRing:
         self._poll.register(self._socket.fileno(), select.POLLIN | select.POLLERR)
 
     def _setup(self, program: list[tuple[int, int, int, int]], fanout_group: int | None,
-               ignore_outgoing: bool) -> None:
+               ignore_outgoing: bool, shared: bool) -> None:
         sock = self._socket
         sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
         kernel_filter.attach(sock, program)
@@ -99,7 +105,10 @@ class PacketRing:
             self.retire_ms, 0, 0))
         self.core_ring = _core.Ring(sock.fileno(), self.block_bytes, self.block_count, self.linktype)
         sock.bind((self.interface, ETH_P_ALL))
-        self._join_fanout(fanout_group, ignore_outgoing)
+        if shared:
+            self._join_fanout(fanout_group, ignore_outgoing)
+        elif ignore_outgoing:
+            self._ignore_outgoing()
 
     def _take_over(self, program: list[tuple[int, int, int, int]]) -> None:
         sock = self._socket
@@ -109,19 +118,33 @@ class PacketRing:
         kernel_filter.attach(sock, program)
         # the kernel maps a ring only at its exact size, so a socket with a ring of another size fails here
         self.core_ring = _core.Ring(sock.fileno(), self.block_bytes, self.block_count, self.linktype)
-        fanout = sock.getsockopt(SOL_PACKET, PACKET_FANOUT)  # id | type << 16 | flags >> 8 << 24
+        fanout = sock.getsockopt(SOL_PACKET, PACKET_FANOUT)  # id | type << 16 | flags >> 8 << 24; 0 alone
         self.fanout_group = fanout & 0xFFFF
         self.ignores_outgoing = bool(fanout >> 24 & PACKET_FANOUT_FLAG_IGNORE_OUTGOING >> 8)
+        if not self.fanout_group:
+            try:
+                self.ignores_outgoing = bool(sock.getsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING))
+            except OSError:
+                self.ignores_outgoing = False  # a kernel before 4.20
 
     def fileno(self) -> int:
         return self._socket.fileno()
+
+    def _ignore_outgoing(self) -> None:
+        """On loopback, where every packet also arrives: the kernel skips the outgoing copies before
+        cloning them (Linux 4.20 and later; before, the filter drops them)."""
+        try:
+            self._socket.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            self.ignores_outgoing = True
+        except OSError:
+            self.ignores_outgoing = False
 
     def _join_fanout(self, group: int | None, ignore_outgoing: bool) -> None:
         """Join `group`, or found a new one with an id the kernel picks (so two agents never share one)."""
         for ignore in (True, False) if ignore_outgoing else (False,):
             flags = PACKET_FANOUT_FLAG_DEFRAG | (PACKET_FANOUT_FLAG_IGNORE_OUTGOING if ignore else 0)
             if group is None:
-                value = PACKET_FANOUT_HASH | (flags | PACKET_FANOUT_FLAG_UNIQUEID) << 16
+                value = (PACKET_FANOUT_HASH | flags | PACKET_FANOUT_FLAG_UNIQUEID) << 16
             else:
                 value = group | (PACKET_FANOUT_HASH | flags) << 16
             try:
