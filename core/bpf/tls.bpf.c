@@ -118,7 +118,8 @@ struct endpoint {
 	/* which count this is, never 0: an entry evicted and learned again counts from 0 anew, and the core
 	 * must not take its small numbers for bytes it already has */
 	__u32 generation;
-	__u32 pad;
+	/* the client's initial sequence number + 1, read once when the socket is learned (not at each read) */
+	__u32 client_isn;
 };
 
 struct {
@@ -283,9 +284,7 @@ static __always_inline void fill_header(struct chunk_header *h, __u64 ssl, __u32
 		 * first it gets, which may be a later one (a record dropped, a stream the core re-created) */
 		if (kind == KIND_READ) {
 			struct tcp_sock *tp = (struct tcp_sock *)endpoint->sk;
-			__u32 rcv_nxt = BPF_CORE_READ(tp, rcv_nxt);
-			__u64 received = BPF_CORE_READ(tp, bytes_received);
-			h->client_isn = rcv_nxt - (__u32)received;
+			h->client_isn = endpoint->client_isn;
 			h->copied_seq = BPF_CORE_READ(tp, copied_seq);
 		}
 	} else {
@@ -311,6 +310,9 @@ static __always_inline int describe(struct sock *sk, struct endpoint *endpoint)
 	endpoint->remote_port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	endpoint->metered = bpf_map_lookup_elem(&tls_ports, &endpoint->local_port) != 0;
 	endpoint->generation = (__u32)bpf_ktime_get_ns() | 1;
+	/* rcv_nxt less the bytes received: the same all along the connection, but for the FIN's 1 */
+	struct tcp_sock *tp = (struct tcp_sock *)sk;
+	endpoint->client_isn = BPF_CORE_READ(tp, rcv_nxt) - (__u32)BPF_CORE_READ(tp, bytes_received);
 	if (family == AF_INET) {
 		__u32 local = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
 		__u32 remote = BPF_CORE_READ(sk, __sk_common.skc_daddr);
@@ -565,7 +567,7 @@ int ngx_read_delivered(struct pt_regs *ctx)
 /* ssl_write_internal(s, buf, num, ...), without a uretprobe: the bytes are all in buf at entry, and
  * a write either sends them all or fails (OpenSSL's writes are not partial unless the gateway asks, and
  * nginx does not); a failure shows as a failed send on the stream's socket while the call is the
- * thread's latest (sock_send below), and the gateway then calls again with the same bytes. This saves
+ * thread's latest (sock_send_failed below), and the gateway then calls again with the same bytes. This saves
  * the return's trap into the kernel on every response. */
 SEC("uprobe")
 int BPF_KPROBE(ssl_write_worker, void *ssl, const void *buf, size_t num)
@@ -702,10 +704,20 @@ int BPF_PROG(sock_recv, struct sock *sk, int ret, int flags)
 	return learn_socket(sk, 0);
 }
 
+/* A send that failed: what an nginx's writes need of the sends (see ssl_write_worker), attached always. */
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(sock_send_failed, struct sock *sk, int ret, int flags)
+{
+	return ret < 0 ? learn_socket(sk, ret) : 0;
+}
+
+/* The other sends, which learn a library call's socket: attached with sock_recv. Every send of the host
+ * runs the two tracepoints' programs, some four per HTTPS request (the client's, the gateway's, its
+ * upstream's), so an nginx alone is spared this one. */
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(sock_send, struct sock *sk, int ret, int flags)
 {
-	return learn_socket(sk, ret);
+	return ret >= 0 ? learn_socket(sk, 0) : 0;
 }
 
 /* A watched process forks (nginx's master starting workers on a reload): the child, which inherited its

@@ -33,17 +33,19 @@ const WRITE_WORKER: &str = "ssl_write_worker";
 const NGINX_DELIVERED: &str = "ngx_read_delivered";
 const MARKERS: [(&str, &str); 3] =
     [("ssl_set_fd", "SSL_set_fd"), ("ssl_free", "SSL_free"), ("ssl_shutdown", "SSL_shutdown")];
-const TRACEPOINTS: [(&str, &str); 5] = [
+const TRACEPOINTS: [(&str, &str); 6] = [
     ("sock_recv", "sock_recv_length"),
     ("sock_send", "sock_send_length"),
+    ("sock_send_failed", "sock_send_length"),
     ("process_fork", "sched_process_fork"),
     ("process_exec", "sched_process_exec"),
     ("process_exit", "sched_process_exit"),
 ];
-/// The receive tracepoint learns the socket of a library read worker's call (an nginx's read probe reads
-/// it from `c->fd`): attached with the first process read that way, since it runs on every receive of the
-/// host (some 50 per request when each request is a new TLS connection).
-const LEARNING: &str = "sock_recv";
+/// The sock tracepoints' programs that learn the socket of a library call (an nginx's read probe reads it
+/// from `c->fd`): attached with the first process read that way, since they run on every receive and
+/// send of the host (some 50 per request when each request is a new TLS connection). An nginx's writes
+/// need only the failed sends (`sock_send_failed`, attached always).
+const LEARNING: [&str; 2] = ["sock_recv", "sock_send"];
 
 /// The value of the `watched` map (struct nginx_layout in tls.bpf.c): where an nginx keeps what its read
 /// probe reads; all zero for another process.
@@ -270,7 +272,7 @@ impl TlsProbes {
             trace.load(tracepoint, &btf).map_err(|error| {
                 refused(&format!("the kernel refused the tracepoint program {program}"), verbose(&error))
             })?;
-            if program != LEARNING {
+            if !LEARNING.contains(&program) {
                 trace.attach().map_err(|error| {
                     refused(&format!("cannot attach to tracepoint {tracepoint}"), verbose(&error))
                 })?;
@@ -449,9 +451,13 @@ impl TlsProbes {
         }
         // last, once the process's own probes are in: a process refused above does not leave it running
         if nginx_read.is_none() && !self.learning {
-            let trace: &mut BtfTracePoint =
-                self.ebpf.program_mut(LEARNING).and_then(|p| p.try_into().ok()).ok_or("no tracepoint program")?;
-            trace.attach().map_err(|error| refused("cannot attach to tracepoint sock_recv_length", verbose(&error)))?;
+            for program in LEARNING {
+                let trace: &mut BtfTracePoint = self.ebpf.program_mut(program).and_then(|p| p.try_into().ok())
+                    .ok_or("no tracepoint program")?;
+                // (one attached twice after a refusal of the other runs twice: learning is done once per call)
+                trace.attach().map_err(|error| refused(&format!("cannot attach the tracepoint program {program}"),
+                                                       verbose(&error)))?;
+            }
             self.learning = true;
         }
         Ok(reads)
