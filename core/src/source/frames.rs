@@ -105,7 +105,8 @@ pub struct DecodeCounters {
     /// Frames the capture recorded only in part (its record shorter than the frame on the wire, as a
     /// small snap length leaves them) and that cannot be decoded from what it kept: their bytes are lost.
     pub cut_short: u64,
-    /// IP fragments: not reassembled (a gateway's loopback traffic has none).
+    /// IP fragments: not reassembled (TCP senders set Don't Fragment; live with several workers, the
+    /// kernel reassembles IPv4 before the ring).
     pub fragments: u64,
     /// Other protocols (and ethertypes) we do not meter.
     pub not_tcp: u64,

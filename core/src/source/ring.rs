@@ -2,9 +2,9 @@
 //!
 //! The kernel fills whole blocks of packets and hands each block over by flipping its status word, so a
 //! block of thousands of packets costs one wake-up instead of one system call per packet. The Python
-//! control plane sets the socket up (version, filter, ring size, bind, fanout); this maps the ring from the
-//! socket's descriptor and reads it. The map does not keep the descriptor: a process that only watches how
-//! full the ring is (a forked watcher) keeps the map alone.
+//! control plane sets the socket up (version, filter, ring size, bind, a fanout group for several); this
+//! maps the ring from the socket's descriptor and reads it. The map does not keep the descriptor: a
+//! process that only watches how full the ring is (a forked watcher) keeps the map alone.
 //!
 //! A ring can outlive the process that read it (a service manager keeps the socket across a restart), so
 //! a map starts where the kernel's hand-over is: at the oldest block handed over and not read, or at the

@@ -41,10 +41,11 @@ const TRACEPOINTS: [(&str, &str); 6] = [
     ("process_exec", "sched_process_exec"),
     ("process_exit", "sched_process_exit"),
 ];
-/// The sock tracepoints' programs that learn the socket of a library call (an nginx's read probe reads it
-/// from `c->fd`): attached with the first process read that way, since they run on every receive and
-/// send of the host (some 50 per request when each request is a new TLS connection). An nginx's writes
-/// need only the failed sends (`sock_send_failed`, attached always).
+/// The sock tracepoints' programs that learn the socket of a library call with a return probe (an
+/// nginx's read probe reads it from `c->fd`): attached with the first process probed that way, since they
+/// run on every receive and send of the host (some 50 per request when each request is a new TLS
+/// connection). The write worker, probed at its entry alone, needs only the failed sends
+/// (`sock_send_failed`, attached always).
 const LEARNING: [&str; 2] = ["sock_recv", "sock_send"];
 
 /// The value of the `watched` map (struct nginx_layout in tls.bpf.c): where an nginx keeps what its read
@@ -413,7 +414,8 @@ impl TlsProbes {
                 .ok_or_else(|| format!("{library} has no {symbol}"))
         };
         let mut reads = ReadProbes::Nginx;
-        match internal_workers(&code) {
+        let workers = internal_workers(&code);
+        match workers {
             Some([read, write]) => {
                 links.push(self.attach_one(WRITE_WORKER, write, library, pid)?);
                 if nginx_read.is_none() {
@@ -449,8 +451,10 @@ impl TlsProbes {
         if let Ok(at) = symbol_at("SSL_sendfile") {
             links.push(self.attach_one("ssl_shutdown", at, library, pid)?);
         }
-        // last, once the process's own probes are in: a process refused above does not leave it running
-        if nginx_read.is_none() && !self.learning {
+        // last, once the process's own probes are in: a process refused above does not leave it running.
+        // A call with a return probe (every one but an nginx's read and the write worker's) learns its
+        // socket from its sends and receives.
+        if (nginx_read.is_none() || workers.is_none()) && !self.learning {
             for program in LEARNING {
                 let trace: &mut BtfTracePoint = self.ebpf.program_mut(program).and_then(|p| p.try_into().ok())
                     .ok_or("no tracepoint program")?;
