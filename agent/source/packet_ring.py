@@ -118,10 +118,11 @@ class PacketRing:
         kernel_filter.attach(sock, program)
         # the kernel maps a ring only at its exact size, so a socket with a ring of another size fails here
         self.core_ring = _core.Ring(sock.fileno(), self.block_bytes, self.block_count, self.linktype)
-        fanout = sock.getsockopt(SOL_PACKET, PACKET_FANOUT)  # id | type << 16 | flags >> 8 << 24; 0 alone
+        # id | type << 16 | flags >> 8 << 24, never 0 in a group (the agent's set DEFRAG; an id may be 0)
+        fanout = sock.getsockopt(SOL_PACKET, PACKET_FANOUT)
         self.fanout_group = fanout & 0xFFFF
         self.ignores_outgoing = bool(fanout >> 24 & PACKET_FANOUT_FLAG_IGNORE_OUTGOING >> 8)
-        if not self.fanout_group:
+        if not fanout:
             try:
                 self.ignores_outgoing = bool(sock.getsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING))
             except OSError:
