@@ -14,7 +14,7 @@ import pytest
 
 from agent._core import DLT_EN10MB, FrameDecoder
 from agent.live import startup_checks
-from agent.live.ring_store import RingStore, ring_names
+from agent.live.ring_store import RingStore, open_rings, ring_names
 from agent.live.startup_checks import Link, LiveCaptureError
 from agent.source.kernel_filter import capture_filter
 from agent.source.packet_ring import BLOCK_BYTES, PACKET_FANOUT, PACKET_IGNORE_OUTGOING, SOL_PACKET, PacketRing
@@ -157,6 +157,57 @@ def test_fanout_keeps_each_connection_in_one_ring_and_misses_none() -> None:
         assert len(holders) == 1, client_port  # request and response in the same ring
         assert (client_port, False) in seen[holders[0]]
     assert all(seen), "the flow hash sent every connection to one ring"
+
+
+def test_rings_opened_while_connections_run_keep_each_connection_in_one_ring() -> None:
+    """A fanout group spreads the flows over the sockets it has, and they move as each socket joins: rings
+    that took packets before the last joined had a connection's request in one ring and its response in
+    the other (a request billed unanswered and a response unmatched, at a start with --workers 2)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    running = threading.Event()
+    running.set()
+
+    def echo(connection: socket.socket) -> None:
+        with connection:
+            while chunk := connection.recv(4096):
+                connection.sendall(chunk)
+
+    def accept() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=echo, args=(connection,), daemon=True).start()
+
+    def client() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            while running.is_set():
+                connection.sendall(b"ping")
+                connection.recv(4096)
+
+    threading.Thread(target=accept, daemon=True).start()
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(16)]
+    for thread in clients:
+        thread.start()
+    time.sleep(0.2)  # every connection under way when the rings open
+    rings = open_rings(Link("lo", DLT_EN10MB, 14, True), capture_filter([port], 14, drop_outgoing=True),
+                       16 * BLOCK_BYTES, 2)
+    try:
+        time.sleep(0.5)
+        running.clear()
+        for thread in clients:
+            thread.join(timeout=10)
+        seen = [{key[0] for key in payloads(read_until_quiet(ring), port)} for ring in rings]
+    finally:
+        for ring in rings:
+            ring.close()
+        listener.close()
+    assert len(seen[0] | seen[1]) == len(clients), seen
+    assert not seen[0] & seen[1], "a connection's packets went to both rings"
 
 
 def test_a_socket_taken_over_is_read_on_from_where_its_previous_reader_stopped() -> None:

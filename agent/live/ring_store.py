@@ -30,6 +30,7 @@ from pathlib import Path
 from agent.live.service_manager import ServiceManager
 from agent.live.startup_checks import Link, check_ring_memory, socket_error
 from agent.pipeline import HandedOver
+from agent.source import kernel_filter
 from agent.source.packet_ring import BLOCK_BYTES, RETIRE_MS, PacketRing
 
 log = logging.getLogger("agent.live")
@@ -246,15 +247,24 @@ def _owed_answers(entry: object) -> HandedOver:
 
 def open_rings(link: Link, program: list[tuple[int, int, int, int]], ring_bytes: int,
                workers: int) -> list[PacketRing]:
-    """One new ring per worker, several in one fanout group; opened before any privilege is dropped."""
+    """One new ring per worker, several in one fanout group; opened before any privilege is dropped.
+
+    A group spreads the flows over the sockets it has, so as each joins, the flows move: a connection whose
+    request went to the first ring alone could have its response in the second. So several rings take
+    nothing until the last has joined, then all get the capture filter (each connection then starts in
+    the one ring it stays in, mid-connection for those under way, as at any start)."""
+    shared = workers > 1
     rings: list[PacketRing] = []
     try:
         for _ in range(workers):
             first = rings[0] if rings else None
             rings.append(PacketRing(
-                link.interface, link.linktype, program, ring_bytes,
+                link.interface, link.linktype, kernel_filter.REJECT_ALL if shared else program, ring_bytes,
                 fanout_group=first.fanout_group if first else None,
-                ignore_outgoing=first.ignores_outgoing if first else link.loopback, shared=workers > 1))
+                ignore_outgoing=first.ignores_outgoing if first else link.loopback, shared=shared))
+        if shared:
+            for ring in rings:
+                ring.replace_filter(program)
     except OSError as error:
         for ring in rings:
             ring.close()

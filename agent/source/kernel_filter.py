@@ -145,6 +145,10 @@ def _match_ports(a: Assembler, ports: list[int], mode: int, tcp_offset: int, mat
     a.jump("drop")
 
 
+# Takes nothing: what sockets that will share a fanout group hold until the last has joined (see ring_store.py)
+REJECT_ALL = [(BPF_RET | BPF_K, 0, 0, 0)]
+
+
 def attach(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
     """SO_ATTACH_FILTER: the kernel copies the program, so the buffer only has to live through the call."""
     code = b"".join(struct.pack("=HBBI", *instruction) for instruction in program)

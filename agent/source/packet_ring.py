@@ -131,6 +131,9 @@ class PacketRing:
     def fileno(self) -> int:
         return self._socket.fileno()
 
+    def replace_filter(self, program: list[tuple[int, int, int, int]]) -> None:
+        kernel_filter.attach(self._socket, program)
+
     def _ignore_outgoing(self) -> None:
         """On loopback, where every packet also arrives: the kernel skips the outgoing copies before
         cloning them (Linux 4.20 and later; before, the filter drops them)."""
