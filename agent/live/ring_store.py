@@ -250,21 +250,25 @@ def open_rings(link: Link, program: list[tuple[int, int, int, int]], ring_bytes:
     """One new ring per worker, several in one fanout group; opened before any privilege is dropped.
 
     A group spreads the flows over the sockets it has, so as each joins, the flows move: a connection whose
-    request went to the first ring alone could have its response in the second. So several rings take
-    nothing until the last has joined, then all get the capture filter (each connection then starts in
-    the one ring it stays in, mid-connection for those under way, as at any start)."""
-    shared = workers > 1
+    request went to the first ring alone could have its response in the second. So several rings are all
+    made first (a ring's memory takes a while to set up), then joined at once, taking nothing until the
+    last has joined; then all get the capture filter (each connection starts in the one ring it stays in,
+    mid-connection for those under way, as at any start)."""
     rings: list[PacketRing] = []
     try:
+        if workers == 1:
+            rings.append(PacketRing(link.interface, link.linktype, program, ring_bytes,
+                                    ignore_outgoing=link.loopback))
+            return rings
         for _ in range(workers):
-            first = rings[0] if rings else None
-            rings.append(PacketRing(
-                link.interface, link.linktype, kernel_filter.REJECT_ALL if shared else program, ring_bytes,
-                fanout_group=first.fanout_group if first else None,
-                ignore_outgoing=first.ignores_outgoing if first else link.loopback, shared=shared))
-        if shared:
-            for ring in rings:
-                ring.replace_filter(program)
+            rings.append(PacketRing(link.interface, link.linktype, kernel_filter.REJECT_ALL, ring_bytes,
+                                    bound=False))
+        first = rings[0]
+        first.join(None, link.loopback)
+        for ring in rings[1:]:
+            ring.join(first.fanout_group, first.ignores_outgoing)
+        for ring in rings:
+            ring.replace_filter(program)
     except OSError as error:
         for ring in rings:
             ring.close()

@@ -62,11 +62,12 @@ class PacketRing:
     def __init__(self, interface: str, linktype: int, program: list[tuple[int, int, int, int]],
                  ring_bytes: int, fanout_group: int | None = None, ignore_outgoing: bool = False,
                  block_bytes: int = BLOCK_BYTES, retire_ms: int = RETIRE_MS, inherited: int | None = None,
-                 shared: bool = False) -> None:
+                 shared: bool = False, bound: bool = True) -> None:
         """`shared`: the socket shares the traffic with others in a fanout group (`fanout_group`, or a new
-        one). With `inherited`, the descriptor of a socket a previous run set up with the same interface and
-        ring shape (kept by the service manager): its ring is taken over, with what it captured meanwhile,
-        and only the filter is replaced (the ports may have changed)."""
+        one). Not `bound`: the ring is made, and takes packets from `join` on. With `inherited`, the
+        descriptor of a socket a previous run set up with the same interface and ring shape (kept by the
+        service manager): its ring is taken over, with what it captured meanwhile, and only the filter is
+        replaced (the ports may have changed)."""
         self.interface = interface
         self.linktype = linktype
         self.block_bytes = block_bytes
@@ -84,7 +85,9 @@ class PacketRing:
                         else socket.socket(fileno=inherited))
         try:
             if inherited is None:
-                self._setup(program, fanout_group, ignore_outgoing, shared or fanout_group is not None)
+                self._setup(program)
+                if bound:
+                    self._bind(fanout_group, ignore_outgoing, shared or fanout_group is not None)
             else:
                 self._take_over(program)
         except BaseException:
@@ -94,8 +97,7 @@ class PacketRing:
         self._poll = select.poll()
         self._poll.register(self._socket.fileno(), select.POLLIN | select.POLLERR)
 
-    def _setup(self, program: list[tuple[int, int, int, int]], fanout_group: int | None,
-               ignore_outgoing: bool, shared: bool) -> None:
+    def _setup(self, program: list[tuple[int, int, int, int]]) -> None:
         sock = self._socket
         sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
         kernel_filter.attach(sock, program)
@@ -104,11 +106,18 @@ class PacketRing:
             self.block_bytes, self.block_count, FRAME_BYTES, frames_per_block * self.block_count,
             self.retire_ms, 0, 0))
         self.core_ring = _core.Ring(sock.fileno(), self.block_bytes, self.block_count, self.linktype)
-        sock.bind((self.interface, ETH_P_ALL))
+
+    def _bind(self, fanout_group: int | None, ignore_outgoing: bool, shared: bool) -> None:
+        self._socket.bind((self.interface, ETH_P_ALL))
         if shared:
             self._join_fanout(fanout_group, ignore_outgoing)
         elif ignore_outgoing:
             self._ignore_outgoing()
+
+    def join(self, fanout_group: int | None, ignore_outgoing: bool) -> None:
+        """A ring made not `bound`: bound to the interface and in fanout group `fanout_group` (None: a new
+        one), packets arrive from now on."""
+        self._bind(fanout_group, ignore_outgoing, shared=True)
 
     def _take_over(self, program: list[tuple[int, int, int, int]]) -> None:
         sock = self._socket
