@@ -22,9 +22,19 @@ from agent.source.packet_ring import BLOCK_BYTES, PACKET_FANOUT, PACKET_IGNORE_O
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: packet sockets")]
 
 
-def open_ring(port: int, ring_bytes: int = 64 << 20, group: int | None = None, shared: bool = False) -> PacketRing:
+def open_ring(port: int, ring_bytes: int = 64 << 20) -> PacketRing:
     return PacketRing("lo", DLT_EN10MB, capture_filter([port], 14, drop_outgoing=True), ring_bytes,
-                      fanout_group=group, ignore_outgoing=True, shared=shared)
+                      ignore_outgoing=True)
+
+
+def socket_option(ring: PacketRing, option: int) -> int:
+    """One of the ring's socket's SOL_PACKET options, as the kernel has it (PACKET_FANOUT: 0 alone, never 0
+    in a group, whose id may be)."""
+    sock = socket.socket(fileno=os.dup(ring.fileno()))
+    try:
+        return sock.getsockopt(SOL_PACKET, option)
+    finally:
+        sock.close()
 
 
 def read_until_quiet(ring: PacketRing, quiet: float = 0.3, limit: float = 10.0) -> list[tuple[float, int, bytes]]:
@@ -128,12 +138,7 @@ def test_a_ring_alone_joins_no_fanout_group_and_the_kernel_skips_loopbacks_outgo
     request (scripts/bench_tls.py): one ring does without it, and the outgoing copies are not even cloned."""
     ring = open_ring(80, ring_bytes=4 * BLOCK_BYTES)
     try:
-        sock = socket.socket(fileno=os.dup(ring.fileno()))
-        try:
-            in_group = sock.getsockopt(SOL_PACKET, PACKET_FANOUT)
-            skips_outgoing = sock.getsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING)
-        finally:
-            sock.close()
+        in_group, skips_outgoing = socket_option(ring, PACKET_FANOUT), socket_option(ring, PACKET_IGNORE_OUTGOING)
     finally:
         ring.close()
     assert (in_group, skips_outgoing) == (0, 1)
@@ -142,9 +147,10 @@ def test_a_ring_alone_joins_no_fanout_group_and_the_kernel_skips_loopbacks_outgo
 
 def test_fanout_keeps_each_connection_in_one_ring_and_misses_none() -> None:
     server = Server(reply=b"HTTP/1.1 200 OK\r\n\r\n")
-    first = open_ring(server.port, shared=True)
-    second = open_ring(server.port, group=first.fanout_group)
-    assert first.fanout_group != 0
+    first, second = open_rings(Link("lo", DLT_EN10MB, 14, True), capture_filter([server.port], 14, drop_outgoing=True),
+                               64 << 20, 2)
+    assert socket_option(first, PACKET_FANOUT) and socket_option(second, PACKET_FANOUT)
+    assert first.fanout_group == second.fanout_group
     try:
         client_ports = [server.send(b"GET /%d HTTP/1.1\r\n\r\n" % n) for n in range(24)]
         seen = [payloads(read_until_quiet(ring), server.port) for ring in (first, second)]

@@ -60,14 +60,12 @@ class PacketRing:
     (`core_ring`, which the pipeline reads a block at a time without the GIL)."""
 
     def __init__(self, interface: str, linktype: int, program: list[tuple[int, int, int, int]],
-                 ring_bytes: int, fanout_group: int | None = None, ignore_outgoing: bool = False,
-                 block_bytes: int = BLOCK_BYTES, retire_ms: int = RETIRE_MS, inherited: int | None = None,
-                 shared: bool = False, bound: bool = True) -> None:
-        """`shared`: the socket shares the traffic with others in a fanout group (`fanout_group`, or a new
-        one). Not `bound`: the ring is made, and takes packets from `join` on. With `inherited`, the
-        descriptor of a socket a previous run set up with the same interface and ring shape (kept by the
-        service manager): its ring is taken over, with what it captured meanwhile, and only the filter is
-        replaced (the ports may have changed)."""
+                 ring_bytes: int, ignore_outgoing: bool = False, block_bytes: int = BLOCK_BYTES,
+                 retire_ms: int = RETIRE_MS, inherited: int | None = None, bound: bool = True) -> None:
+        """`bound`: the socket takes the interface's packets alone; else the ring is made, and takes its
+        share from `join` on. With `inherited`, the descriptor of a socket a previous run set up with the
+        same interface and ring shape (kept by the service manager): its ring is taken over, with what it
+        captured meanwhile, and only the filter is replaced (the ports may have changed)."""
         self.interface = interface
         self.linktype = linktype
         self.block_bytes = block_bytes
@@ -87,7 +85,9 @@ class PacketRing:
             if inherited is None:
                 self._setup(program)
                 if bound:
-                    self._bind(fanout_group, ignore_outgoing, shared or fanout_group is not None)
+                    self._socket.bind((self.interface, ETH_P_ALL))
+                    if ignore_outgoing:
+                        self._ignore_outgoing()
             else:
                 self._take_over(program)
         except BaseException:
@@ -107,17 +107,11 @@ class PacketRing:
             self.retire_ms, 0, 0))
         self.core_ring = _core.Ring(sock.fileno(), self.block_bytes, self.block_count, self.linktype)
 
-    def _bind(self, fanout_group: int | None, ignore_outgoing: bool, shared: bool) -> None:
-        self._socket.bind((self.interface, ETH_P_ALL))
-        if shared:
-            self._join_fanout(fanout_group, ignore_outgoing)
-        elif ignore_outgoing:
-            self._ignore_outgoing()
-
     def join(self, fanout_group: int | None, ignore_outgoing: bool) -> None:
         """A ring made not `bound`: bound to the interface and in fanout group `fanout_group` (None: a new
         one), packets arrive from now on."""
-        self._bind(fanout_group, ignore_outgoing, shared=True)
+        self._socket.bind((self.interface, ETH_P_ALL))
+        self._join_fanout(fanout_group, ignore_outgoing)
 
     def _take_over(self, program: list[tuple[int, int, int, int]]) -> None:
         sock = self._socket

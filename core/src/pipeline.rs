@@ -226,15 +226,12 @@ impl Pipeline {
                 continue;
             }
             // the least recently active connection, packets' or TLS's, goes first
-            let tls_older = match (self.reassembler.oldest_seen(), self.tls.oldest_seen()) {
-                (Some(packets), Some(tls)) => tls < packets,
-                (None, tls) => tls.is_some(),
-                (Some(_), None) => false,
-            };
-            let shed = if tls_older {
-                self.tls.shed_oldest(&mut self.http)
-            } else {
-                self.reassembler.shed_oldest(self.last_time, &mut self.http)
+            let shed = match (self.tls.oldest(), self.reassembler.oldest_seen()) {
+                (Some(oldest), packets) if packets.is_none_or(|packets| oldest.1 < packets) => {
+                    self.tls.shed(oldest, &mut self.http);
+                    true
+                }
+                _ => self.reassembler.shed_oldest(self.last_time, &mut self.http),
             };
             if !shed && !self.meter.drop_oldest_held() {
                 break;
@@ -519,16 +516,9 @@ mod tests {
         assert!(pipeline.held_bytes() <= budget, "{} held", pipeline.held_bytes());
     }
 
-    /// A TLS probes' read record of stream `ssl` (struct chunk_header in tls.bpf.c), `data` its whole call.
+    /// A TLS probes' read record of stream `ssl`, `data` its whole call.
     fn tls_read(ssl: u64, data: &[u8]) -> Vec<u8> {
-        let mut bytes = vec![0u8; crate::source::tls::HEADER];
-        bytes[0..8].copy_from_slice(&ssl.to_ne_bytes());
-        bytes[8..16].copy_from_slice(&1_000_000_000u64.to_ne_bytes());
-        bytes[16..20].copy_from_slice(&7u32.to_ne_bytes());
-        bytes[28..32].copy_from_slice(&(data.len() as u32).to_ne_bytes());
-        bytes[32..36].copy_from_slice(&(data.len() as u32).to_ne_bytes());
-        bytes.extend_from_slice(data);
-        bytes
+        crate::source::tls::tests::record(crate::source::tls::KIND_READ, 7, ssl, 0, data.len() as u32, data)
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub const PIECES: u32 = 128;
 /// The record header's size (struct chunk_header).
 pub const HEADER: usize = 112;
 
-const KIND_READ: u32 = 0;
+pub(crate) const KIND_READ: u32 = 0;
 const KIND_WRITE: u32 = 1;
 const KIND_OPEN: u32 = 2;
 const KIND_CLOSE: u32 = 3;
@@ -316,25 +316,19 @@ impl TlsStreams {
         self.streams.len() * size_of::<Stream>() + self.held.len() * size_of::<Held>() + held
     }
 
-    fn oldest(&self) -> Option<((u32, u64), f64)> {
+    /// The least recently active stream, and when it last had a record: the one to shed first.
+    pub fn oldest(&self) -> Option<((u32, u64), f64)> {
         self.streams.iter().map(|(key, stream)| (*key, stream.last_time)).min_by(|a, b| a.1.total_cmp(&b.1))
     }
 
-    /// When the least recently active stream last had a record (the one `shed_oldest` would close).
-    pub fn oldest_seen(&self) -> Option<f64> {
-        self.oldest().map(|(_, time)| time)
-    }
-
-    /// Closes the least recently active stream, its held write first, to stay within the memory budget;
-    /// false if there is none. Its later records begin a stream joined mid-way.
-    pub fn shed_oldest(&mut self, sink: &mut impl StreamSink) -> bool {
-        let Some((key, time)) = self.oldest() else { return false };
+    /// Closes stream `key` (last active at `time`), its held write first, to stay within the memory budget.
+    /// Its later records begin a stream joined mid-way.
+    pub fn shed(&mut self, (key, time): ((u32, u64), f64), sink: &mut impl StreamSink) {
         self.release(|held| held.key == key, sink);
         if let Some(stream) = self.streams.remove(&key) {
             self.counters.shed += 1;
             sink.event(&stream.info, true, time, StreamEvent::Closed);
         }
-        true
     }
 
     /// A record's monotonic time on the wall clock.
@@ -634,7 +628,7 @@ impl TlsStreams {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[derive(Default)]
@@ -660,7 +654,7 @@ mod tests {
         }
     }
 
-    fn record(kind: u32, pid: u32, ssl: u64, offset: u32, call_len: u32, data: &[u8]) -> Vec<u8> {
+    pub(crate) fn record(kind: u32, pid: u32, ssl: u64, offset: u32, call_len: u32, data: &[u8]) -> Vec<u8> {
         let mut bytes = vec![0u8; HEADER];
         bytes[0..8].copy_from_slice(&ssl.to_ne_bytes());
         bytes[8..16].copy_from_slice(&1_000_000_000u64.to_ne_bytes());
@@ -851,9 +845,7 @@ mod tests {
         // its first request's read was dropped, then its answer's write
         streams.feed(&at(record(KIND_OPEN, 7, 1, 0, 0, b""), 0), &mut sink);
         streams.feed(&at(record(KIND_READ, 7, 1, 0, 5, b"GET /"), 6), &mut sink);
-        let mut close = at(record(KIND_CLOSE, 7, 1, 0, 0, b""), 11);
-        close[104..112].copy_from_slice(&40u64.to_ne_bytes());
-        streams.feed(&close, &mut sink);
+        streams.feed(&acked(at(record(KIND_CLOSE, 7, 1, 0, 0, b""), 11), 40), &mut sink);
         let events: Vec<(bool, &str)> = sink.events.iter().map(|(_, to_server, text)| (*to_server, text.as_str())).collect();
         assert_eq!(events, [(true, "gap 0 6"), (true, "data 6 0 GET /"), (false, "gap 0 40"), (false, "end 40"),
                             (true, "closed")]);
