@@ -42,8 +42,11 @@ def recorded(tmp_path_factory) -> tuple[Path, int, dict[str, dict]]:
     workdir = tmp_path_factory.mktemp("lost-packets")
     capture = workdir / "keepalive.pcap"
     with KongStandin(port=free_loopback_port()) as gateway:
-        tcpdump = subprocess.Popen(["tcpdump", "-i", "lo", "-s", "0", "-U", "--immediate-mode", "-w", str(capture),
-                                    "tcp", "port", str(gateway.port)], stderr=subprocess.PIPE, text=True)
+        # a ring of its own as large as the live tests' tcpdump's: libpcap's default, in immediate mode with
+        # -s 0, holds a handful of loopback frames, and a busy host made it drop some (a fresh-clone CI run)
+        tcpdump = subprocess.Popen(["tcpdump", "-i", "lo", "-s", "0", "-B", str(256 << 10), "-U", "--immediate-mode",
+                                    "-w", str(capture), "tcp", "port", str(gateway.port)],
+                                   stderr=subprocess.PIPE, text=True)
         try:
             assert tcpdump.stderr is not None
             assert "listening on" in tcpdump.stderr.readline()
